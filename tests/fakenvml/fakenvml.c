@@ -1,0 +1,533 @@
+/*
+ * A fake libnvidia-ml.so.1 for tests and the simulated node.
+ *
+ * It exports the C symbols that nvidia-ml-py (module pynvml) resolves for the calls the agent
+ * makes, with the same signatures and struct layouts as NVML's nvml.h, so the real ctypes
+ * bindings run unchanged against it. Its GPUs, MIG devices, processes and faults come from a
+ * scenario file named by $FAKE_NVML_SCENARIO, which is re-read whenever it changes (write it
+ * with rename() so a reader never sees half a file). One line per object, tab-separated
+ * key=value fields:
+ *
+ *   driver  init=<rc>  version=<string>
+ *   gpu     uuid= name= minor= util= memutil= total= used= reserved= temp= power= mig=0|1
+ *           lost=0|1  unsupported=<call>,<call>  fail=<call>:<rc>,...  block=<call>:<seconds>
+ *   mig     parent=<gpu index> uuid= name= gi= ci= total= used=
+ *   proc    gpu=<gpu index> pid= mem=<bytes|na> sm=<percent> gi= ci=
+ *
+ * Call names for unsupported/fail/block: name uuid minor util mem memv2 temp tempv power procs
+ * procutil mig.
+ */
+#include <errno.h>
+#include <limits.h>
+#include <pthread.h>
+#include <stdio.h>
+#include <stdlib.h>
+#include <string.h>
+#include <sys/stat.h>
+#include <sys/time.h>
+#include <time.h>
+#include <unistd.h>
+
+#define NVML_SUCCESS 0
+#define NVML_ERROR_UNINITIALIZED 1
+#define NVML_ERROR_INVALID_ARGUMENT 2
+#define NVML_ERROR_NOT_SUPPORTED 3
+#define NVML_ERROR_NOT_FOUND 6
+#define NVML_ERROR_INSUFFICIENT_SIZE 7
+#define NVML_ERROR_GPU_IS_LOST 15
+#define NVML_ERROR_ARGUMENT_VERSION_MISMATCH 25
+#define NVML_ERROR_UNKNOWN 999
+
+#define MAX_GPUS 64
+#define MAX_MIGS_PER_GPU 7
+#define MAX_PROCS 4096
+#define MAX_CALLS 16
+#define NO_INSTANCE 0xFFFFFFFFu
+
+typedef struct {
+    unsigned int gpu;
+    unsigned int memory;
+} nvmlUtilization_t;
+
+typedef struct {
+    unsigned long long total, free, used;
+} nvmlMemory_t;
+
+typedef struct {
+    unsigned int version;
+    unsigned long long total, reserved, free, used;
+} nvmlMemory_v2_t;
+
+typedef struct {
+    unsigned int version;
+    int sensorType;
+    int temperature;
+} nvmlTemperature_v1_t;
+
+typedef struct {
+    unsigned int pid;
+    unsigned long long usedGpuMemory;
+    unsigned int gpuInstanceId;
+    unsigned int computeInstanceId;
+} nvmlProcessInfo_t;
+
+typedef struct {
+    unsigned int pid;
+    unsigned long long timeStamp;
+    unsigned int smUtil, memUtil, encUtil, decUtil;
+} nvmlProcessUtilizationSample_t;
+
+static const char *CALLS[MAX_CALLS] = {"name", "uuid",  "minor", "util",  "mem",      "memv2",
+                                       "temp", "tempv", "power", "procs", "procutil", "mig"};
+enum { C_NAME, C_UUID, C_MINOR, C_UTIL, C_MEM, C_MEMV2, C_TEMP, C_TEMPV, C_POWER, C_PROCS,
+       C_PROCUTIL, C_MIG };
+
+struct device {
+    int present, is_mig, parent, index;
+    char uuid[96], name[96];
+    unsigned minor, util, memutil, gi, ci, mig_enabled;
+    unsigned long long total, used, reserved;
+    int temp;
+    unsigned power;
+    int lost;
+    int fail_rc[MAX_CALLS];     /* 0: no injected failure */
+    unsigned block_s[MAX_CALLS]; /* seconds to block in that call */
+};
+
+struct proc {
+    unsigned gpu, pid, sm, gi, ci;
+    unsigned long long mem;
+};
+
+static pthread_mutex_t lock = PTHREAD_MUTEX_INITIALIZER;
+static struct device gpus[MAX_GPUS];
+static struct device migs[MAX_GPUS][MAX_MIGS_PER_GPU];
+static struct proc procs[MAX_PROCS];
+static unsigned gpu_count, proc_count;
+static int init_rc;
+static char driver_version[80] = "fake";
+static int initialised;
+static struct stat loaded;
+
+static int call_id(const char *name) {
+    for (int i = 0; i < MAX_CALLS && CALLS[i]; i++)
+        if (strcmp(CALLS[i], name) == 0) return i;
+    return -1;
+}
+
+/* Parses "call:value,call:value" (or "call,call" with a default value) into per-call slots. */
+static void parse_call_list(char *value, int *out_int, unsigned *out_uint, int dflt) {
+    for (char *save = NULL, *tok = strtok_r(value, ",", &save); tok; tok = strtok_r(NULL, ",", &save)) {
+        char *colon = strchr(tok, ':');
+        long v = dflt;
+        if (colon) {
+            *colon = '\0';
+            v = strtol(colon + 1, NULL, 10);
+        }
+        int id = call_id(tok);
+        if (id < 0) continue;
+        if (out_int) out_int[id] = (int)v;
+        if (out_uint) out_uint[id] = (unsigned)v;
+    }
+}
+
+static void parse_device(struct device *d, char *fields) {
+    memset(d, 0, sizeof *d);
+    d->present = 1;
+    d->gi = d->ci = NO_INSTANCE;
+    for (char *save = NULL, *kv = strtok_r(fields, "\t\n", &save); kv; kv = strtok_r(NULL, "\t\n", &save)) {
+        char *eq = strchr(kv, '=');
+        if (!eq) continue;
+        *eq = '\0';
+        char *k = kv, *v = eq + 1;
+        if (!strcmp(k, "uuid")) snprintf(d->uuid, sizeof d->uuid, "%s", v);
+        else if (!strcmp(k, "name")) snprintf(d->name, sizeof d->name, "%s", v);
+        else if (!strcmp(k, "minor")) d->minor = strtoul(v, NULL, 10);
+        else if (!strcmp(k, "util")) d->util = strtoul(v, NULL, 10);
+        else if (!strcmp(k, "memutil")) d->memutil = strtoul(v, NULL, 10);
+        else if (!strcmp(k, "total")) d->total = strtoull(v, NULL, 10);
+        else if (!strcmp(k, "used")) d->used = strtoull(v, NULL, 10);
+        else if (!strcmp(k, "reserved")) d->reserved = strtoull(v, NULL, 10);
+        else if (!strcmp(k, "temp")) d->temp = (int)strtol(v, NULL, 10);
+        else if (!strcmp(k, "power")) d->power = strtoul(v, NULL, 10);
+        else if (!strcmp(k, "mig")) d->mig_enabled = strtoul(v, NULL, 10);
+        else if (!strcmp(k, "lost")) d->lost = (int)strtol(v, NULL, 10);
+        else if (!strcmp(k, "parent")) d->parent = (int)strtol(v, NULL, 10);
+        else if (!strcmp(k, "gi")) d->gi = strtoul(v, NULL, 10);
+        else if (!strcmp(k, "ci")) d->ci = strtoul(v, NULL, 10);
+        else if (!strcmp(k, "unsupported")) parse_call_list(v, d->fail_rc, NULL, NVML_ERROR_NOT_SUPPORTED);
+        else if (!strcmp(k, "fail")) parse_call_list(v, d->fail_rc, NULL, NVML_ERROR_UNKNOWN);
+        else if (!strcmp(k, "block")) parse_call_list(v, NULL, d->block_s, 0);
+    }
+}
+
+static void parse_proc(struct proc *p, char *fields) {
+    memset(p, 0, sizeof *p);
+    p->gi = p->ci = NO_INSTANCE;
+    for (char *save = NULL, *kv = strtok_r(fields, "\t\n", &save); kv; kv = strtok_r(NULL, "\t\n", &save)) {
+        char *eq = strchr(kv, '=');
+        if (!eq) continue;
+        *eq = '\0';
+        char *k = kv, *v = eq + 1;
+        if (!strcmp(k, "gpu")) p->gpu = strtoul(v, NULL, 10);
+        else if (!strcmp(k, "pid")) p->pid = strtoul(v, NULL, 10);
+        else if (!strcmp(k, "sm")) p->sm = strtoul(v, NULL, 10);
+        else if (!strcmp(k, "gi")) p->gi = strtoul(v, NULL, 10);
+        else if (!strcmp(k, "ci")) p->ci = strtoul(v, NULL, 10);
+        else if (!strcmp(k, "mem")) p->mem = strcmp(v, "na") ? strtoull(v, NULL, 10) : ULLONG_MAX;
+    }
+}
+
+/* Re-reads the scenario if the file changed since the last read. Caller holds the lock. */
+static void reload_locked(void) {
+    const char *path = getenv("FAKE_NVML_SCENARIO");
+    struct stat st;
+    if (!path || stat(path, &st) != 0) return;
+    if (st.st_ino == loaded.st_ino && st.st_size == loaded.st_size &&
+        st.st_mtim.tv_sec == loaded.st_mtim.tv_sec && st.st_mtim.tv_nsec == loaded.st_mtim.tv_nsec)
+        return;
+    FILE *f = fopen(path, "r");
+    if (!f) return;
+    loaded = st;
+    /* Slots keep their addresses (handles stay valid); a GPU gone from the file reads as lost. */
+    for (unsigned i = 0; i < MAX_GPUS; i++) {
+        gpus[i].present = 0;
+        for (unsigned j = 0; j < MAX_MIGS_PER_GPU; j++) migs[i][j].present = 0;
+    }
+    unsigned mig_fill[MAX_GPUS] = {0};
+    gpu_count = proc_count = 0;
+    init_rc = NVML_SUCCESS;
+    char line[4096];
+    while (fgets(line, sizeof line, f)) {
+        char *tab = strchr(line, '\t');
+        if (!tab) continue;
+        *tab = '\0';
+        char *rest = tab + 1;
+        if (!strcmp(line, "driver")) {
+            char copy[4096];
+            snprintf(copy, sizeof copy, "%s", rest);
+            for (char *save = NULL, *kv = strtok_r(copy, "\t\n", &save); kv; kv = strtok_r(NULL, "\t\n", &save)) {
+                if (!strncmp(kv, "init=", 5)) init_rc = (int)strtol(kv + 5, NULL, 10);
+                else if (!strncmp(kv, "version=", 8)) snprintf(driver_version, sizeof driver_version, "%s", kv + 8);
+            }
+        } else if (!strcmp(line, "gpu") && gpu_count < MAX_GPUS) {
+            parse_device(&gpus[gpu_count], rest);
+            gpus[gpu_count].index = (int)gpu_count;
+            gpu_count++;
+        } else if (!strcmp(line, "mig")) {
+            struct device d;
+            parse_device(&d, rest);
+            if (d.parent >= 0 && d.parent < MAX_GPUS && mig_fill[d.parent] < MAX_MIGS_PER_GPU) {
+                d.is_mig = 1;
+                d.index = (int)mig_fill[d.parent];
+                migs[d.parent][mig_fill[d.parent]++] = d;
+            }
+        } else if (!strcmp(line, "proc") && proc_count < MAX_PROCS) {
+            parse_proc(&procs[proc_count++], rest);
+        }
+    }
+    fclose(f);
+}
+
+/* Looks up a handle and an injected fault for one call; copies the device out under the lock. */
+static int enter(const void *handle, int call, struct device *out) {
+    pthread_mutex_lock(&lock);
+    reload_locked();
+    if (!initialised) {
+        pthread_mutex_unlock(&lock);
+        return NVML_ERROR_UNINITIALIZED;
+    }
+    const struct device *d = handle;
+    if (!d) {
+        pthread_mutex_unlock(&lock);
+        return NVML_ERROR_INVALID_ARGUMENT;
+    }
+    *out = *d;
+    int lost = !d->present || d->lost || (d->is_mig && (gpus[d->parent].lost || !gpus[d->parent].present));
+    pthread_mutex_unlock(&lock);
+    if (lost) return NVML_ERROR_GPU_IS_LOST;
+    if (call >= 0 && out->block_s[call]) sleep(out->block_s[call]);
+    if (call >= 0 && out->fail_rc[call]) return out->fail_rc[call];
+    return NVML_SUCCESS;
+}
+
+int nvmlInitWithFlags(unsigned int flags) {
+    (void)flags;
+    pthread_mutex_lock(&lock);
+    reload_locked();
+    int rc = init_rc;
+    if (rc == NVML_SUCCESS) initialised = 1;
+    pthread_mutex_unlock(&lock);
+    return rc;
+}
+
+int nvmlInit_v2(void) { return nvmlInitWithFlags(0); }
+
+int nvmlShutdown(void) {
+    pthread_mutex_lock(&lock);
+    initialised = 0;
+    pthread_mutex_unlock(&lock);
+    return NVML_SUCCESS;
+}
+
+const char *nvmlErrorString(int rc) {
+    switch (rc) {
+    case NVML_SUCCESS: return "Success";
+    case NVML_ERROR_UNINITIALIZED: return "Uninitialized";
+    case NVML_ERROR_NOT_SUPPORTED: return "Not Supported";
+    case NVML_ERROR_NOT_FOUND: return "Not Found";
+    case NVML_ERROR_GPU_IS_LOST: return "GPU is lost";
+    case 9: return "Driver Not Loaded";
+    default: return "Unknown Error";
+    }
+}
+
+int nvmlSystemGetDriverVersion(char *version, unsigned int length) {
+    pthread_mutex_lock(&lock);
+    reload_locked();
+    int rc = initialised ? NVML_SUCCESS : NVML_ERROR_UNINITIALIZED;
+    if (rc == NVML_SUCCESS) snprintf(version, length, "%s", driver_version);
+    pthread_mutex_unlock(&lock);
+    return rc;
+}
+
+int nvmlDeviceGetCount_v2(unsigned int *count) {
+    pthread_mutex_lock(&lock);
+    reload_locked();
+    int rc = initialised ? NVML_SUCCESS : NVML_ERROR_UNINITIALIZED;
+    *count = gpu_count;
+    pthread_mutex_unlock(&lock);
+    return rc;
+}
+
+int nvmlDeviceGetHandleByIndex_v2(unsigned int index, void **device) {
+    pthread_mutex_lock(&lock);
+    reload_locked();
+    int rc = !initialised ? NVML_ERROR_UNINITIALIZED
+             : index >= gpu_count ? NVML_ERROR_INVALID_ARGUMENT
+             : gpus[index].lost ? NVML_ERROR_GPU_IS_LOST : NVML_SUCCESS;
+    if (rc == NVML_SUCCESS) *device = &gpus[index];
+    pthread_mutex_unlock(&lock);
+    return rc;
+}
+
+int nvmlDeviceGetIndex(void *device, unsigned int *index) {
+    struct device d;
+    int rc = enter(device, -1, &d);
+    if (rc == NVML_SUCCESS) *index = (unsigned)d.index;
+    return rc;
+}
+
+int nvmlDeviceGetMinorNumber(void *device, unsigned int *minor) {
+    struct device d;
+    int rc = enter(device, C_MINOR, &d);
+    if (rc == NVML_SUCCESS) *minor = d.minor;
+    return rc;
+}
+
+int nvmlDeviceGetName(void *device, char *name, unsigned int length) {
+    struct device d;
+    int rc = enter(device, C_NAME, &d);
+    if (rc == NVML_SUCCESS) snprintf(name, length, "%s", d.name);
+    return rc;
+}
+
+int nvmlDeviceGetUUID(void *device, char *uuid, unsigned int length) {
+    struct device d;
+    int rc = enter(device, C_UUID, &d);
+    if (rc == NVML_SUCCESS) snprintf(uuid, length, "%s", d.uuid);
+    return rc;
+}
+
+int nvmlDeviceGetUtilizationRates(void *device, nvmlUtilization_t *util) {
+    struct device d;
+    int rc = enter(device, C_UTIL, &d);
+    if (rc != NVML_SUCCESS) return rc;
+    if (d.is_mig || d.mig_enabled) return NVML_ERROR_NOT_SUPPORTED; /* as on real MIG */
+    util->gpu = d.util;
+    util->memory = d.memutil;
+    return NVML_SUCCESS;
+}
+
+int nvmlDeviceGetMemoryInfo(void *device, nvmlMemory_t *mem) {
+    struct device d;
+    int rc = enter(device, C_MEM, &d);
+    if (rc != NVML_SUCCESS) return rc;
+    /* v1 counts the driver's reservation as used, as drivers >= 510 do. */
+    mem->total = d.total;
+    mem->used = d.used + d.reserved;
+    mem->free = d.total - mem->used;
+    return NVML_SUCCESS;
+}
+
+int nvmlDeviceGetMemoryInfo_v2(void *device, nvmlMemory_v2_t *mem) {
+    struct device d;
+    int rc = enter(device, C_MEMV2, &d);
+    if (rc == NVML_SUCCESS && d.fail_rc[C_MEM]) rc = d.fail_rc[C_MEM];
+    if (rc != NVML_SUCCESS) return rc;
+    if (mem->version != 0x02000028) return NVML_ERROR_ARGUMENT_VERSION_MISMATCH;
+    mem->total = d.total;
+    mem->reserved = d.reserved;
+    mem->used = d.used;
+    mem->free = d.total - d.used - d.reserved;
+    return NVML_SUCCESS;
+}
+
+int nvmlDeviceGetTemperature(void *device, int sensor, unsigned int *temp) {
+    struct device d;
+    int rc = enter(device, C_TEMP, &d);
+    if (rc != NVML_SUCCESS) return rc;
+    if (sensor != 0 || d.is_mig) return NVML_ERROR_NOT_SUPPORTED;
+    *temp = (unsigned)d.temp;
+    return NVML_SUCCESS;
+}
+
+int nvmlDeviceGetTemperatureV(void *device, nvmlTemperature_v1_t *temp) {
+    struct device d;
+    int rc = enter(device, C_TEMPV, &d);
+    if (rc == NVML_SUCCESS && d.fail_rc[C_TEMP]) rc = d.fail_rc[C_TEMP];
+    if (rc != NVML_SUCCESS) return rc;
+    if (temp->version != 0x100000C) return NVML_ERROR_ARGUMENT_VERSION_MISMATCH;
+    if (temp->sensorType != 0 || d.is_mig) return NVML_ERROR_NOT_SUPPORTED;
+    temp->temperature = d.temp;
+    return NVML_SUCCESS;
+}
+
+int nvmlDeviceGetPowerUsage(void *device, unsigned int *power) {
+    struct device d;
+    int rc = enter(device, C_POWER, &d);
+    if (rc != NVML_SUCCESS) return rc;
+    if (d.is_mig) return NVML_ERROR_NOT_SUPPORTED;
+    *power = d.power;
+    return NVML_SUCCESS;
+}
+
+/* Collects the processes of a GPU (all its MIG instances) or of one MIG device. */
+static unsigned matching_procs(const struct device *d, struct proc *out, unsigned cap) {
+    unsigned n = 0;
+    pthread_mutex_lock(&lock);
+    for (unsigned i = 0; i < proc_count && n < cap; i++) {
+        const struct proc *p = &procs[i];
+        int match = d->is_mig ? ((int)p->gpu == d->parent && p->gi == d->gi) : (int)p->gpu == d->index;
+        if (match) out[n++] = *p;
+    }
+    pthread_mutex_unlock(&lock);
+    return n;
+}
+
+int nvmlDeviceGetComputeRunningProcesses_v3(void *device, unsigned int *count, nvmlProcessInfo_t *infos) {
+    struct device d;
+    int rc = enter(device, C_PROCS, &d);
+    if (rc != NVML_SUCCESS) return rc;
+    static __thread struct proc found[MAX_PROCS];
+    unsigned n = matching_procs(&d, found, MAX_PROCS);
+    if (infos == NULL || *count < n) {
+        *count = n;
+        return n == 0 ? NVML_SUCCESS : NVML_ERROR_INSUFFICIENT_SIZE;
+    }
+    for (unsigned i = 0; i < n; i++) {
+        infos[i].pid = found[i].pid;
+        infos[i].usedGpuMemory = found[i].mem;
+        infos[i].gpuInstanceId = found[i].gi;
+        infos[i].computeInstanceId = found[i].ci;
+    }
+    *count = n;
+    return NVML_SUCCESS;
+}
+
+static unsigned long long now_us(void) {
+    struct timeval tv;
+    gettimeofday(&tv, NULL);
+    return (unsigned long long)tv.tv_sec * 1000000ULL + (unsigned long long)tv.tv_usec;
+}
+
+/* Only processes with non-zero SM use have samples, as in the driver; none newer is NOT_FOUND. */
+int nvmlDeviceGetProcessUtilization(void *device, nvmlProcessUtilizationSample_t *samples,
+                                    unsigned int *count, unsigned long long lastSeen) {
+    struct device d;
+    int rc = enter(device, C_PROCUTIL, &d);
+    if (rc != NVML_SUCCESS) return rc;
+    if (d.is_mig || d.mig_enabled) return NVML_ERROR_NOT_SUPPORTED;
+    static __thread struct proc found[MAX_PROCS];
+    unsigned n = matching_procs(&d, found, MAX_PROCS), busy = 0;
+    unsigned long long ts = now_us();
+    for (unsigned i = 0; i < n; i++)
+        if (found[i].sm > 0) found[busy++] = found[i];
+    if (busy == 0 || lastSeen >= ts) return NVML_ERROR_NOT_FOUND;
+    if (samples == NULL || *count < busy) {
+        *count = busy;
+        return NVML_ERROR_INSUFFICIENT_SIZE;
+    }
+    for (unsigned i = 0; i < busy; i++) {
+        memset(&samples[i], 0, sizeof samples[i]);
+        samples[i].pid = found[i].pid;
+        samples[i].timeStamp = ts;
+        samples[i].smUtil = found[i].sm;
+    }
+    *count = busy;
+    return NVML_SUCCESS;
+}
+
+int nvmlDeviceGetMigMode(void *device, unsigned int *current, unsigned int *pending) {
+    struct device d;
+    int rc = enter(device, C_MIG, &d);
+    if (rc != NVML_SUCCESS) return rc;
+    if (d.is_mig) return NVML_ERROR_NOT_SUPPORTED;
+    *current = *pending = d.mig_enabled;
+    return NVML_SUCCESS;
+}
+
+int nvmlDeviceGetMaxMigDeviceCount(void *device, unsigned int *count) {
+    struct device d;
+    int rc = enter(device, C_MIG, &d);
+    if (rc != NVML_SUCCESS) return rc;
+    *count = d.mig_enabled ? MAX_MIGS_PER_GPU : 0;
+    return NVML_SUCCESS;
+}
+
+int nvmlDeviceGetMigDeviceHandleByIndex(void *device, unsigned int index, void **mig) {
+    struct device d;
+    int rc = enter(device, C_MIG, &d);
+    if (rc != NVML_SUCCESS) return rc;
+    if (!d.mig_enabled || index >= MAX_MIGS_PER_GPU) return NVML_ERROR_INVALID_ARGUMENT;
+    pthread_mutex_lock(&lock);
+    struct device *m = &migs[d.index][index];
+    rc = m->present ? NVML_SUCCESS : NVML_ERROR_NOT_FOUND;
+    if (rc == NVML_SUCCESS) *mig = m;
+    pthread_mutex_unlock(&lock);
+    return rc;
+}
+
+int nvmlDeviceIsMigDeviceHandle(void *device, unsigned int *is_mig) {
+    struct device d;
+    int rc = enter(device, -1, &d);
+    if (rc == NVML_SUCCESS) *is_mig = (unsigned)d.is_mig;
+    return rc;
+}
+
+int nvmlDeviceGetDeviceHandleFromMigDeviceHandle(void *mig, void **device) {
+    struct device d;
+    int rc = enter(mig, -1, &d);
+    if (rc != NVML_SUCCESS) return rc;
+    if (!d.is_mig) return NVML_ERROR_INVALID_ARGUMENT;
+    *device = &gpus[d.parent];
+    return NVML_SUCCESS;
+}
+
+int nvmlDeviceGetGpuInstanceId(void *device, unsigned int *id) {
+    struct device d;
+    int rc = enter(device, -1, &d);
+    if (rc != NVML_SUCCESS) return rc;
+    if (!d.is_mig) return NVML_ERROR_INVALID_ARGUMENT;
+    *id = d.gi;
+    return NVML_SUCCESS;
+}
+
+int nvmlDeviceGetComputeInstanceId(void *device, unsigned int *id) {
+    struct device d;
+    int rc = enter(device, -1, &d);
+    if (rc != NVML_SUCCESS) return rc;
+    if (!d.is_mig) return NVML_ERROR_INVALID_ARGUMENT;
+    *id = d.ci;
+    return NVML_SUCCESS;
+}
