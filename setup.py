@@ -20,6 +20,7 @@ def generate_stubs() -> None:
         f"-I{PROTO_DIR.parent.parent}",
         f"--python_out={PROTO_DIR.parent.parent}",
         f"--grpc_python_out={PROTO_DIR.parent.parent}",
+        f"--pyi_out={PROTO_DIR.parent.parent}",
         str(PROTO_DIR / "api.proto"),
     ]
     if protoc.main(args) != 0:

@@ -1,0 +1,28 @@
+PYTHON ?= python3
+FAKE_NVML := tests/fakenvml/libnvidia-ml.so.1
+
+.PHONY: install fake-nvml run test lint bench clean
+
+install:
+	$(PYTHON) -m pip install -q -e '.[test,lint]'
+
+# The fake libnvidia-ml.so.1 the tests and the simulated node load through the real pynvml bindings.
+fake-nvml: $(FAKE_NVML)
+$(FAKE_NVML): tests/fakenvml/fakenvml.c
+	cc -O2 -Wall -Wextra -Werror -shared -fPIC -Wl,-soname,libnvidia-ml.so.1 -o $@ $< -lpthread
+
+# Runs the agent against the simulated node (no GPU, no cluster needed): see tests/sim/node.py.
+run: install fake-nvml
+	$(PYTHON) -m tests.sim.node
+
+test: install fake-nvml
+	$(PYTHON) -m pytest -q
+
+lint: install
+	ruff check exporter tests
+	ruff format --check exporter tests
+	mypy exporter
+	lint-imports
+
+clean:
+	rm -f $(FAKE_NVML) exporter/podresources/api_pb2*.py exporter/podresources/api_pb2*.pyi

@@ -1,0 +1,1 @@
+"""GPU metrics for Kubernetes pods: a node agent exporting NVML readings labelled by pod."""

@@ -1,0 +1,5 @@
+import sys
+
+from exporter.agent import main
+
+sys.exit(main())

@@ -1,0 +1,152 @@
+"""The expose step: a prometheus_client custom collector that builds every family from a snapshot.
+
+Families are rebuilt on each collection, so a pod or GPU that is gone from the snapshot is gone
+from the output: no stale label set survives. Values that were not measured (None) are left out,
+and so is every series of a device whose reading is older than the staleness bound.
+"""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Callable, Iterator
+
+from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, Metric
+from prometheus_client.registry import Collector
+
+from exporter.model import GpuSeries, Snapshot
+
+GPU_LABELS = ["node", "gpu", "uuid", "model", "namespace", "pod", "container"]
+
+# name -> (help text with the unit, how to read the value from a series)
+GPU_GAUGES: dict[str, tuple[str, Callable[[GpuSeries], float | int | None]]] = {
+    "duty_cycle_current": (
+        "GPU utilisation in percent (0-100): the device's, or on a GPU shared by several pods the pod's "
+        "own processes' SM utilisation summed. Absent on MIG devices, where NVML does not measure it.",
+        lambda s: s.duty_cycle_percent,
+    ),
+    "memory_used_bytes_current": (
+        "GPU memory used, in bytes: the device's, or on a shared GPU the pod's own processes' memory summed.",
+        lambda s: s.memory_used_bytes,
+    ),
+    "memory_total_bytes_current": (
+        "GPU memory total, in bytes, of the device (GPU or MIG device).",
+        lambda s: s.device.memory_total_bytes,
+    ),
+    "temperature_celsius_current": (
+        "GPU core temperature in degrees Celsius.",
+        lambda s: s.device.temperature_celsius,
+    ),
+    "power_usage_milliwatts_current": (
+        "GPU board power draw in milliwatts.",
+        lambda s: s.device.power_milliwatts,
+    ),
+}
+
+
+class SnapshotCollector(Collector):
+    def __init__(
+        self,
+        latest: Callable[[], Snapshot | None],
+        max_staleness_s: float,
+        clock: Callable[[], float] = time.monotonic,
+    ) -> None:
+        self._latest = latest
+        self._max_staleness_s = max_staleness_s
+        self._clock = clock
+
+    def collect(self) -> Iterator[Metric]:
+        snapshot = self._latest()
+        if snapshot is None:
+            return
+        now = self._clock()
+        fresh = [s for s in snapshot.attribution.series if now - s.device.sampled_at <= self._max_staleness_s]
+        for name, (help_text, value_of) in GPU_GAUGES.items():
+            family = GaugeMetricFamily(name, help_text, labels=GPU_LABELS)
+            for series in fresh:
+                value = value_of(series)
+                if value is not None:
+                    family.add_metric(_labels(snapshot.node, series), value)
+            yield family
+        yield from _self_metrics(snapshot, now, stale=len(snapshot.attribution.series) - len(fresh))
+
+
+def _labels(node: str, series: GpuSeries) -> list[str]:
+    device = series.device
+    return [node, str(device.index), device.uuid, device.model, series.namespace, series.pod, series.container]
+
+
+def _gauge(name: str, help_text: str, value: float) -> GaugeMetricFamily:
+    return GaugeMetricFamily(name, help_text, value=value)
+
+
+def _self_metrics(snapshot: Snapshot, now: float, stale: int) -> Iterator[Metric]:
+    health = snapshot.health
+    yield _gauge("gpu_exporter_nvml_up", "1 when NVML is initialised and answering, else 0.", float(health.nvml_up))
+    yield _gauge(
+        "gpu_exporter_pod_resources_up",
+        "1 when the last kubelet pod-resources List succeeded, else 0 (series then carry no pod labels).",
+        float(health.pod_resources_up),
+    )
+    yield _gauge(
+        "gpu_exporter_kubernetes_up",
+        "1 when the pod watch on the Kubernetes API is connected, else 0.",
+        float(health.kubernetes_up),
+    )
+    if health.poll_duration_seconds is not None:
+        yield _gauge(
+            "gpu_exporter_poll_duration_seconds", "Duration of the last poll, in seconds.", health.poll_duration_seconds
+        )
+    if health.last_success_wall_time is not None:
+        yield _gauge(
+            "gpu_exporter_last_successful_poll_timestamp_seconds",
+            "Unix time, in seconds, at which the last poll with NVML up finished.",
+            health.last_success_wall_time,
+        )
+    yield _gauge(
+        "gpu_exporter_data_age_seconds",
+        "Seconds since the poll whose data is served finished.",
+        max(0.0, now - snapshot.completed_at),
+    )
+    yield _gauge(
+        "gpu_exporter_stale_series",
+        "GPU series left out because their device reading is older than the staleness bound.",
+        float(stale),
+    )
+    errors = CounterMetricFamily(
+        "gpu_exporter_device_errors", "NVML errors per device, by NVML error kind.", labels=["gpu", "uuid", "kind"]
+    )
+    for (gpu, uuid, kind), count in sorted(health.device_errors.items()):
+        errors.add_metric([gpu, uuid, kind], count)
+    yield errors
+    unknown = GaugeMetricFamily(
+        "gpu_exporter_unknown_device_ids",
+        "Device ids in the kubelet's last answer, for GPU resources, that name no device on this node "
+        "(unknown format, another node's GPU, or no pod name); they are not guessed.",
+        labels=["resource"],
+    )
+    for resource, count in sorted(snapshot.attribution.unknown_device_ids.items()):
+        unknown.add_metric([resource], count)
+    yield unknown
+    kubelet_errors = CounterMetricFamily(
+        "gpu_exporter_pod_resources_errors", "Failed kubelet pod-resources calls, by gRPC status code.", labels=["code"]
+    )
+    for code, count in sorted(health.pod_resources_errors_total.items()):
+        kubelet_errors.add_metric([code], count)
+    yield kubelet_errors
+    sharing = GaugeMetricFamily(
+        "gpu_exporter_gpu_sharing_pods",
+        "Pods using each device; above 1 the device is shared (time-slicing, MPS).",
+        labels=["uuid"],
+    )
+    for uuid, pods in sorted(snapshot.attribution.sharing_pods.items()):
+        sharing.add_metric([uuid], pods)
+    yield sharing
+    processes = GaugeMetricFamily(
+        "gpu_exporter_gpu_processes",
+        "GPU processes in the last poll by what their cgroup says: pod, host, unknown_pod (not in the pod "
+        "watch), exited (gone before its cgroup was read).",
+        labels=["owner"],
+    )
+    for owner, count in sorted(snapshot.attribution.processes_by_owner.items()):
+        processes.add_metric([owner], count)
+    yield processes

@@ -1,0 +1,140 @@
+"""Flags and their environment variables, parsed once into one frozen Config passed down."""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import os
+import socket
+import sys
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass
+from typing import NoReturn
+
+DEFAULT_SOCKET = "/var/lib/kubelet/pod-resources/kubelet.sock"
+
+
+@dataclass(frozen=True)
+class Config:
+    listen_host: str
+    listen_port: int
+    interval_s: float
+    max_staleness_s: float
+    pod_resources_socket: str
+    proc_root: str
+    node_name: str
+    kubeconfig: str | None
+    kubernetes: bool
+    log_level: str
+
+
+class _Parser(argparse.ArgumentParser):
+    def error(self, message: str) -> NoReturn:
+        """One line naming what is wrong, exit code 2 (argparse's own prints the usage too)."""
+        sys.stderr.write(f"{self.prog}: error: {message}\n")
+        raise SystemExit(2)
+
+
+def _env(name: str) -> str:
+    return f"GPU_EXPORTER_{name}"
+
+
+def build_parser(environ: Mapping[str, str]) -> _Parser:
+    parser = _Parser(
+        prog="gpu-pod-exporter",
+        description="Exports per-GPU and per-pod GPU utilisation, memory, temperature and power "
+        "for Prometheus. Every flag can also be set by the environment variable named in its help.",
+    )
+
+    def add(flag: str, env: str, help_text: str, **kwargs: object) -> None:
+        default = environ.get(env, kwargs.pop("default", None))
+        parser.add_argument(flag, default=default, help=f"{help_text} [env {env}]", **kwargs)  # type: ignore[arg-type]
+
+    add(
+        "--listen",
+        _env("LISTEN"),
+        "address to serve /metrics, /healthz, /readyz on, host:port (default :9400)",
+        default=":9400",
+    )
+    add("--interval", _env("INTERVAL"), "seconds between polls of NVML and the kubelet (default 1)", default="1")
+    add(
+        "--max-staleness",
+        _env("MAX_STALENESS"),
+        "seconds after which a device's reading is too old to export (default 3 intervals)",
+    )
+    add(
+        "--pod-resources-socket",
+        _env("POD_RESOURCES_SOCKET"),
+        f"kubelet pod-resources unix socket (default {DEFAULT_SOCKET})",
+        default=DEFAULT_SOCKET,
+    )
+    add(
+        "--proc-root",
+        _env("PROC_ROOT"),
+        "the host's /proc, to read GPU processes' cgroups: /proc with hostPID, else where the host's is mounted "
+        "(default /proc)",
+        default="/proc",
+    )
+    add("--node-name", "NODE_NAME", "this node's name (default: $NODE_NAME, then the hostname)")
+    add("--kubeconfig", _env("KUBECONFIG"), "kubeconfig for the pod watch (default: in-cluster config)")
+    parser.add_argument(
+        "--no-kubernetes",
+        action="store_true",
+        default=environ.get(_env("NO_KUBERNETES"), "").lower() in ("1", "true", "yes"),
+        help="do not watch pods through the Kubernetes API; name pods from pod-resources only "
+        f"[env {_env('NO_KUBERNETES')}=true]",
+    )
+    add("--log-level", _env("LOG_LEVEL"), "debug, info, warning or error (default info)", default="info")
+    return parser
+
+
+def parse_config(argv: Sequence[str] | None = None, environ: Mapping[str, str] | None = None) -> Config:
+    """Parses and validates; a bad setting exits with code 2 and one line naming it."""
+    environ = os.environ if environ is None else environ
+    parser = build_parser(environ)
+    args = parser.parse_args(argv)
+
+    host, sep, port_text = str(args.listen).rpartition(":")
+    if not sep or not port_text.isdigit() or not 0 < int(port_text) < 65536:
+        parser.error(f"--listen: want host:port with a port from 1 to 65535, got {args.listen!r}")
+    interval = _positive(parser, "--interval", args.interval)
+    staleness = _positive(parser, "--max-staleness", args.max_staleness) if args.max_staleness else 3 * interval
+    if os.path.isdir(args.pod_resources_socket):
+        parser.error(f"--pod-resources-socket: {args.pod_resources_socket!r} is a directory, not a socket")
+    if not os.path.isdir(args.proc_root):
+        parser.error(f"--proc-root: {args.proc_root!r} is not a directory")
+    if args.kubeconfig and not os.access(args.kubeconfig, os.R_OK):
+        parser.error(f"--kubeconfig: cannot read {args.kubeconfig!r}")
+    level = str(args.log_level).lower()
+    if level not in ("debug", "info", "warning", "error"):
+        parser.error(f"--log-level: want debug, info, warning or error, got {args.log_level!r}")
+    return Config(
+        listen_host=host.strip("[]"),
+        listen_port=int(port_text),
+        interval_s=interval,
+        max_staleness_s=staleness,
+        pod_resources_socket=args.pod_resources_socket,
+        proc_root=args.proc_root,
+        node_name=args.node_name or socket.gethostname(),
+        kubeconfig=args.kubeconfig,
+        kubernetes=not args.no_kubernetes,
+        log_level=level,
+    )
+
+
+def _positive(parser: _Parser, flag: str, text: object) -> float:
+    try:
+        value = float(str(text))
+    except ValueError:
+        parser.error(f"{flag}: want a number of seconds, got {text!r}")
+    if not value > 0 or value == float("inf"):
+        parser.error(f"{flag}: must be a positive number of seconds, got {text!r}")
+    return value
+
+
+def configure_logging(level: str) -> None:
+    logging.basicConfig(
+        level=getattr(logging, level.upper()),
+        format="%(asctime)s %(levelname)s %(name)s: %(message)s",
+        stream=sys.stderr,
+    )

@@ -1,0 +1,126 @@
+"""Plain data that flows through the agent: what the readers produce and what the collector renders.
+
+Every record is frozen so a snapshot, once published, cannot change under a scrape. Units are in
+the field names; ``None`` means "not measured" and is never rendered (an HPA fed 0 scales down).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+from dataclasses import dataclass, field
+
+
+@dataclass(frozen=True)
+class GpuProcess:
+    """A compute process NVML lists on a device (host PID namespace)."""
+
+    pid: int
+    used_memory_bytes: int | None
+    gpu_instance_id: int | None = None
+    compute_instance_id: int | None = None
+
+
+@dataclass(frozen=True)
+class DeviceReading:
+    """One GPU, or one MIG device of a GPU, as NVML reported it at ``sampled_at``."""
+
+    index: int  # NVML index of the GPU (of the parent GPU for a MIG device)
+    uuid: str
+    model: str
+    sampled_at: float  # time.monotonic() when the read finished
+    minor_number: int | None = None
+    parent_uuid: str | None = None  # set on MIG devices
+    gpu_instance_id: int | None = None
+    duty_cycle_percent: float | None = None
+    memory_used_bytes: int | None = None
+    memory_total_bytes: int | None = None
+    temperature_celsius: float | None = None
+    power_milliwatts: float | None = None
+    # None: the process list could not be read; () is a real "no processes".
+    processes: tuple[GpuProcess, ...] | None = None
+    # pid -> SM utilisation percent over the last interval; None: not measurable on this device.
+    process_sm_percent: Mapping[int, float] | None = None
+
+
+@dataclass(frozen=True)
+class Allocation:
+    """A device id the kubelet says it handed to a container (pod-resources ``List``)."""
+
+    namespace: str
+    pod: str
+    container: str
+    resource_name: str
+    device_id: str
+
+
+@dataclass(frozen=True)
+class PodInfo:
+    """What the Kubernetes API says about a pod on this node."""
+
+    uid: str
+    namespace: str
+    name: str
+    phase: str
+    container_names: Mapping[str, str] = field(default_factory=dict)  # container id (no scheme) -> name
+
+    @property
+    def finished(self) -> bool:
+        return self.phase in ("Succeeded", "Failed")
+
+
+@dataclass(frozen=True)
+class ProcessOwner:
+    """Where a PID lives according to its cgroup: a pod's container, or the host (no pod uid)."""
+
+    pid: int
+    pod_uid: str | None
+    container_id: str | None
+
+
+@dataclass(frozen=True)
+class GpuSeries:
+    """One labelled row of the ``*_current`` gauges: a device, and the pod using it (or none)."""
+
+    device: DeviceReading
+    namespace: str = ""
+    pod: str = ""
+    container: str = ""
+    duty_cycle_percent: float | None = None
+    memory_used_bytes: int | None = None
+
+
+@dataclass(frozen=True)
+class Attribution:
+    """What attribution produced from one poll's readings."""
+
+    series: tuple[GpuSeries, ...]
+    sharing_pods: Mapping[str, int]  # device uuid -> number of pods using it
+    unknown_device_ids: Mapping[str, int]  # resource name -> ids that name no device here
+    processes_by_owner: Mapping[str, int]  # "pod" | "host" | "unknown_pod" | "exited" -> count
+
+
+@dataclass(frozen=True)
+class Health:
+    """Self-observation published with each snapshot."""
+
+    nvml_up: bool
+    nvml_status: str
+    pod_resources_up: bool
+    kubernetes_up: bool
+    poll_duration_seconds: float | None
+    last_success_wall_time: float | None
+    device_errors: Mapping[tuple[str, str, str], int]  # (gpu index, uuid, error kind) -> count
+    pod_resources_errors_total: Mapping[str, int]
+
+
+@dataclass(frozen=True)
+class Snapshot:
+    """Everything one poll learnt, swapped in atomically for the renderer."""
+
+    node: str
+    attribution: Attribution
+    health: Health
+    completed_at: float  # time.monotonic()
+
+
+EMPTY_ATTRIBUTION = Attribution(series=(), sharing_pods={}, unknown_device_ids={}, processes_by_owner={})

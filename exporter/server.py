@@ -1,0 +1,99 @@
+"""The HTTP edge: serves the exposition rendered once per poll, and the health endpoints.
+
+A scrape only copies bytes rendered earlier from the latest snapshot: it never waits on NVML,
+the kubelet or the renderer, so its latency does not depend on how slow a device is.
+"""
+
+from __future__ import annotations
+
+import gzip
+import logging
+import threading
+from collections.abc import Callable
+from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+
+from prometheus_client import CONTENT_TYPE_LATEST, CollectorRegistry, generate_latest
+
+log = logging.getLogger(__name__)
+
+
+class Exposition:
+    """The latest rendering of a registry, plain and gzip, swapped in as one tuple."""
+
+    def __init__(self, registry: CollectorRegistry) -> None:
+        self._registry = registry
+        self._rendered: tuple[bytes, bytes] = (b"", gzip.compress(b""))
+
+    def render(self) -> None:
+        body = generate_latest(self._registry)
+        self._rendered = (body, gzip.compress(body, compresslevel=1))
+
+    def latest(self) -> tuple[bytes, bytes]:
+        return self._rendered
+
+
+class _Handler(BaseHTTPRequestHandler):
+    server: MetricsServer
+    timeout = 10  # a client that stalls mid-request loses its thread after this many seconds
+    protocol_version = "HTTP/1.1"
+
+    def do_GET(self) -> None:
+        self._respond(send_body=True)
+
+    def do_HEAD(self) -> None:
+        self._respond(send_body=False)
+
+    def _respond(self, send_body: bool) -> None:
+        path = self.path.split("?", 1)[0]
+        if path == "/metrics":
+            plain, compressed = self.server.exposition.latest()
+            gzipped = "gzip" in self.headers.get("Accept-Encoding", "")
+            self._send(
+                200,
+                compressed if gzipped else plain,
+                CONTENT_TYPE_LATEST,
+                send_body,
+                {"Content-Encoding": "gzip"} if gzipped else {},
+            )
+        elif path == "/healthz":
+            self._send(200, b"ok\n", "text/plain; charset=utf-8", send_body)
+        elif path == "/readyz":
+            ready, reason = self.server.readiness()
+            self._send(200 if ready else 503, f"{reason}\n".encode(), "text/plain; charset=utf-8", send_body)
+        elif path == "/":
+            page = b"GPU pod exporter: /metrics /healthz /readyz\n"
+            self._send(200, page, "text/plain; charset=utf-8", send_body)
+        else:
+            self._send(404, b"not found\n", "text/plain; charset=utf-8", send_body)
+
+    def _send(
+        self, code: int, body: bytes, content_type: str, send_body: bool, headers: dict[str, str] | None = None
+    ) -> None:
+        self.send_response(code)
+        self.send_header("Content-Type", content_type)
+        self.send_header("Content-Length", str(len(body)))
+        for name, value in (headers or {}).items():
+            self.send_header(name, value)
+        self.end_headers()
+        if send_body:
+            self.wfile.write(body)
+
+    def log_message(self, format: str, *args: object) -> None:  # noqa: A002 (http.server's signature)
+        log.debug("%s %s", self.address_string(), format % args)
+
+
+class MetricsServer(ThreadingHTTPServer):
+    daemon_threads = True
+    request_queue_size = 128
+
+    def __init__(
+        self, address: tuple[str, int], exposition: Exposition, readiness: Callable[[], tuple[bool, str]]
+    ) -> None:
+        self.exposition = exposition
+        self.readiness = readiness
+        super().__init__(address, _Handler)
+
+    def start(self) -> threading.Thread:
+        thread = threading.Thread(target=self.serve_forever, kwargs={"poll_interval": 0.1}, name="http", daemon=True)
+        thread.start()
+        return thread
