@@ -1,0 +1,153 @@
+"""Shared fixtures: the fake NVML library, scenarios, and an agent run as a real process."""
+
+from __future__ import annotations
+
+import ctypes
+import os
+import signal
+import socket
+import subprocess
+import sys
+import time
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+import requests
+from prometheus_client.parser import text_string_to_metric_families
+
+from tests.sim.scenario import Scenario
+
+ROOT = Path(__file__).resolve().parent.parent
+FAKE_NVML_DIR = ROOT / "tests" / "fakenvml"
+FAKE_NVML = FAKE_NVML_DIR / "libnvidia-ml.so.1"
+
+
+def build_fake_nvml() -> Path:
+    source = FAKE_NVML_DIR / "fakenvml.c"
+    if not FAKE_NVML.exists() or FAKE_NVML.stat().st_mtime < source.stat().st_mtime:
+        subprocess.run(
+            ["cc", "-O2", "-Wall", "-Wextra", "-Werror", "-shared", "-fPIC", "-Wl,-soname,libnvidia-ml.so.1",
+             "-o", str(FAKE_NVML), str(source), "-lpthread"],
+            check=True,
+        )
+    return FAKE_NVML
+
+
+@pytest.fixture(scope="session")
+def fake_nvml() -> Path:
+    """Builds the fake library and loads it by path, so pynvml's CDLL("libnvidia-ml.so.1") in this
+    process resolves to it by soname (as it would to the driver's on a GPU node)."""
+    path = build_fake_nvml()
+    ctypes.CDLL(str(path), mode=ctypes.RTLD_GLOBAL)
+    return path
+
+
+@pytest.fixture
+def scenario_file(tmp_path: Path, monkeypatch: pytest.MonkeyPatch, fake_nvml: Path) -> Path:
+    path = tmp_path / "scenario.txt"
+    Scenario().write(path)
+    monkeypatch.setenv("FAKE_NVML_SCENARIO", str(path))
+    return path
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return int(s.getsockname()[1])
+
+
+Samples = dict[tuple[str, frozenset[tuple[str, str]]], float]
+
+
+def parse_samples(text: str) -> Samples:
+    samples: Samples = {}
+    for family in text_string_to_metric_families(text):
+        for sample in family.samples:
+            samples[(sample.name, frozenset(sample.labels.items()))] = sample.value
+    return samples
+
+
+def find(samples: Samples, name: str, **labels: str) -> list[tuple[dict[str, str], float]]:
+    """Samples of ``name`` whose labels include ``labels``."""
+    wanted = set(labels.items())
+    return [(dict(lbls), v) for (n, lbls), v in samples.items() if n == name and wanted <= lbls]
+
+
+class AgentProcess:
+    """``python -m exporter`` as users run it, with the fake NVML library on its library path."""
+
+    def __init__(self, args: list[str], scenario: Path | None, lib_dir: Path | None, log_path: Path) -> None:
+        self.port = free_port()
+        self.url = f"http://127.0.0.1:{self.port}"
+        env = {k: v for k, v in os.environ.items() if not k.startswith("GPU_EXPORTER_")}
+        env["LD_LIBRARY_PATH"] = str(lib_dir) if lib_dir else ""
+        if scenario is not None:
+            env["FAKE_NVML_SCENARIO"] = str(scenario)
+        env["PYTHONUNBUFFERED"] = "1"
+        self.log_path = log_path
+        self._log = open(log_path, "wb")  # noqa: SIM115 (closed in stop)
+        self.process = subprocess.Popen(
+            [sys.executable, "-m", "exporter", "--listen", f"127.0.0.1:{self.port}", *args],
+            env=env, stdout=self._log, stderr=subprocess.STDOUT, cwd=ROOT,
+        )
+        self._wait_http()
+
+    def _wait_http(self, timeout_s: float = 15.0) -> None:
+        deadline = time.monotonic() + timeout_s
+        while time.monotonic() < deadline:
+            if self.process.poll() is not None:
+                raise RuntimeError(f"agent exited early:\n{self.log()}")
+            try:
+                requests.get(self.url + "/healthz", timeout=1)
+                return
+            except requests.ConnectionError:
+                time.sleep(0.05)
+        raise RuntimeError(f"agent did not listen in time:\n{self.log()}")
+
+    def log(self) -> str:
+        return self.log_path.read_text(errors="replace")
+
+    def scrape(self) -> Samples:
+        response = requests.get(self.url + "/metrics", timeout=5)
+        response.raise_for_status()
+        return parse_samples(response.text)
+
+    def wait_for(self, condition, timeout_s: float = 10.0, what: str = "condition") -> Samples:  # type: ignore[no-untyped-def]
+        """Scrapes until ``condition(samples)`` holds; fails with the last scrape and the log."""
+        deadline = time.monotonic() + timeout_s
+        samples: Samples = {}
+        while time.monotonic() < deadline:
+            samples = self.scrape()
+            if condition(samples):
+                return samples
+            time.sleep(0.1)
+        pytest.fail(f"timed out waiting for {what}; last scrape:\n{samples}\nlog:\n{self.log()}")
+
+    def stop(self) -> float:
+        """SIGTERM; returns how long the agent took to exit."""
+        started = time.monotonic()
+        if self.process.poll() is None:
+            self.process.send_signal(signal.SIGTERM)
+            try:
+                self.process.wait(timeout=10)
+            except subprocess.TimeoutExpired:
+                self.process.kill()
+                self.process.wait()
+        self._log.close()
+        return time.monotonic() - started
+
+
+@pytest.fixture
+def start_agent(tmp_path: Path, fake_nvml: Path) -> Iterator:  # type: ignore[type-arg]
+    agents: list[AgentProcess] = []
+
+    def start(args: list[str], scenario: Path | None, with_library: bool = True) -> AgentProcess:
+        agent = AgentProcess(args, scenario, fake_nvml.parent if with_library else None,
+                             tmp_path / f"agent{len(agents)}.log")
+        agents.append(agent)
+        return agent
+
+    yield start
+    for agent in agents:
+        agent.stop()
