@@ -41,6 +41,8 @@ _TRY_OLDER = {
     pynvml.NVML_ERROR_NOT_SUPPORTED,
     pynvml.NVML_ERROR_ARGUMENT_VERSION_MISMATCH,
 }
+# Values that become series: an unsupported one is logged once, as its series will be missing.
+_EXPORTED = {"utilisation", "memory info", "temperature", "power usage"}
 
 
 class _Unsupported:
@@ -235,7 +237,8 @@ class NvmlReader:
             return None
         if isinstance(result, _Unsupported) and (uuid, name) not in self._unsupported_logged:
             self._unsupported_logged.add((uuid, name))
-            log.info("GPU %d (%s): %s not supported; that series is left out", index, uuid, name)
+            if name in _EXPORTED:
+                log.info("GPU %d (%s): %s not supported; that series is left out", index, uuid, name)
         return _value(result)
 
     def _read_device(

@@ -110,6 +110,8 @@ class FakeApiServer:
         api = self
 
         class Handler(BaseHTTPRequestHandler):
+            protocol_version = "HTTP/1.1"  # watches stream with chunked encoding, as the real API does
+
             def log_message(self, *args: object) -> None:
                 pass
 
@@ -136,14 +138,22 @@ class FakeApiServer:
                 self.send_response(code)
                 self.send_header("Content-Type", "application/json")
                 self.send_header("Content-Length", str(len(data)))
+                self.send_header("Connection", "close")
                 self.end_headers()
                 self.wfile.write(data)
 
             def _watch(self, node: str | None, since: int, timeout_s: float) -> None:
                 self.send_response(200)
                 self.send_header("Content-Type", "application/json")
+                self.send_header("Transfer-Encoding", "chunked")
                 self.send_header("Connection", "close")
                 self.end_headers()
+                try:
+                    self._stream(node, since, timeout_s)
+                finally:
+                    self._chunk(b"")  # the last chunk: the watch ends
+
+            def _stream(self, node: str | None, since: int, timeout_s: float) -> None:
                 with api._cond:
                     generation = api._generation
                     if since < api._oldest - 1:
@@ -162,8 +172,11 @@ class FakeApiServer:
                             return
 
             def _event(self, event: dict[str, Any]) -> None:
+                self._chunk(json.dumps(event).encode() + b"\n")
+
+            def _chunk(self, data: bytes) -> None:
                 try:
-                    self.wfile.write(json.dumps(event).encode() + b"\n")
+                    self.wfile.write(f"{len(data):x}\r\n".encode() + data + b"\r\n")
                     self.wfile.flush()
                 except OSError:
                     pass

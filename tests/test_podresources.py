@@ -1,0 +1,113 @@
+"""The pod-resources client against a real gRPC server on a unix socket."""
+
+from __future__ import annotations
+
+import time
+from pathlib import Path
+
+from exporter.model import Allocation
+from exporter.podresources.client import PodResourcesClient
+from tests.sim.kubelet import FakeKubelet, PodDevices
+from tests.sim.scenario import gpu_uuid
+
+BERT = PodDevices("default", "bert-intent-detection-7c9f", {"server": [("nvidia.com/gpu", [gpu_uuid(0)])]})
+
+
+def test_lists_device_allocations(tmp_path: Path) -> None:
+    kubelet = FakeKubelet(str(tmp_path / "kubelet.sock")).start()
+    kubelet.set_pods([
+        BERT,
+        PodDevices("ml", "trainer", {"a": [("nvidia.com/gpu", [gpu_uuid(1), gpu_uuid(2)]), ("cpu", [])],
+                                     "b": [("example.com/nic", ["eth1"])]}),
+    ])
+    client = PodResourcesClient(kubelet.socket_path)
+    try:
+        assert client.list_allocations() == [
+            Allocation("default", "bert-intent-detection-7c9f", "server", "nvidia.com/gpu", gpu_uuid(0)),
+            Allocation("ml", "trainer", "a", "nvidia.com/gpu", gpu_uuid(1)),
+            Allocation("ml", "trainer", "a", "nvidia.com/gpu", gpu_uuid(2)),
+            Allocation("ml", "trainer", "b", "example.com/nic", "eth1"),
+        ]
+        assert client.up
+    finally:
+        client.close()
+        kubelet.stop()
+
+
+def test_answers_larger_than_grpcs_default_4mib_limit(tmp_path: Path) -> None:
+    kubelet = FakeKubelet(str(tmp_path / "kubelet.sock")).start()
+    # ~6 MiB of allocations, as on a large node with many pods and devices.
+    kubelet.set_pods([PodDevices("ns", f"pod-{i:05d}-" + "x" * 200, {"c": [("nvidia.com/gpu", [gpu_uuid(i) + "::" + "9" * 100])]})
+                      for i in range(20_000)])
+    client = PodResourcesClient(kubelet.socket_path)
+    try:
+        allocations = client.list_allocations()
+        assert allocations is not None and len(allocations) == 20_000
+    finally:
+        client.close()
+        kubelet.stop()
+
+
+def test_missing_socket_then_kubelet_starts(tmp_path: Path) -> None:
+    path = str(tmp_path / "kubelet.sock")
+    client = PodResourcesClient(path, timeout_s=1.0)
+    assert client.list_allocations() is None
+    assert not client.up and client.errors["UNAVAILABLE"] == 1
+    kubelet = FakeKubelet(path).start()
+    kubelet.set_pods([BERT])
+    try:
+        deadline = time.monotonic() + 10
+        while (allocations := client.list_allocations()) is None and time.monotonic() < deadline:
+            time.sleep(0.2)
+        assert allocations is not None and allocations[0].pod == "bert-intent-detection-7c9f"
+    finally:
+        client.close()
+        kubelet.stop()
+
+
+def test_kubelet_restart_on_the_same_socket_reuses_the_channel(tmp_path: Path) -> None:
+    path = str(tmp_path / "kubelet.sock")
+    kubelet = FakeKubelet(path).start()
+    kubelet.set_pods([BERT])
+    client = PodResourcesClient(path, timeout_s=1.0)
+    try:
+        assert client.list_allocations()
+        kubelet.stop()
+        assert client.list_allocations() is None and not client.up
+        kubelet = FakeKubelet(path).start()
+        kubelet.set_pods([BERT])
+        deadline = time.monotonic() + 10
+        while not client.list_allocations() and time.monotonic() < deadline:
+            time.sleep(0.2)
+        assert client.up
+    finally:
+        client.close()
+        kubelet.stop()
+
+
+def test_rate_limited_calls_back_off_instead_of_hammering(tmp_path: Path) -> None:
+    kubelet = FakeKubelet(str(tmp_path / "kubelet.sock")).start()
+    kubelet.exhausted = True
+    client = PodResourcesClient(kubelet.socket_path, backoff_max_s=30.0)
+    try:
+        for _ in range(20):  # twenty polls in quick succession
+            assert client.list_allocations() is None
+        assert kubelet.calls == 1
+        assert client.errors["RESOURCE_EXHAUSTED"] == 1
+    finally:
+        client.close()
+        kubelet.stop()
+
+
+def test_slow_kubelet_times_out(tmp_path: Path) -> None:
+    kubelet = FakeKubelet(str(tmp_path / "kubelet.sock")).start()
+    kubelet.delay_s = 2.0
+    client = PodResourcesClient(kubelet.socket_path, timeout_s=0.3)
+    try:
+        started = time.monotonic()
+        assert client.list_allocations() is None
+        assert time.monotonic() - started < 1.5
+        assert client.errors["DEADLINE_EXCEEDED"] == 1
+    finally:
+        client.close()
+        kubelet.stop()
