@@ -12,9 +12,12 @@ import threading
 from collections.abc import Callable
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 
-from prometheus_client import CONTENT_TYPE_LATEST, CollectorRegistry, generate_latest
+from prometheus_client import CollectorRegistry, generate_latest
 
 log = logging.getLogger(__name__)
+
+# Every name we export is a classic one, so the text format 0.0.4 that every Prometheus reads.
+CONTENT_TYPE = "text/plain; version=0.0.4; charset=utf-8"
 
 
 class Exposition:
@@ -51,7 +54,7 @@ class _Handler(BaseHTTPRequestHandler):
             self._send(
                 200,
                 compressed if gzipped else plain,
-                CONTENT_TYPE_LATEST,
+                CONTENT_TYPE,
                 send_body,
                 {"Content-Encoding": "gzip"} if gzipped else {},
             )

@@ -1,0 +1,188 @@
+"""The agent as users run it: a real process, scraped over HTTP, with the fake NVML library, a real
+gRPC pod-resources server, a /proc tree and a pods API around it."""
+
+from __future__ import annotations
+
+import gzip
+import time
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+import requests
+
+from tests.conftest import Samples, find
+from tests.sim.apiserver import FakeApiServer, pod_json
+from tests.sim.kubelet import FakeKubelet, PodDevices
+from tests.sim.procfs import HOST_PROCESS, FakeProc, systemd_v2
+from tests.sim.scenario import NVML_ERROR_DRIVER_NOT_LOADED, Gpu, Proc, Scenario, gpu_uuid
+
+NODE = "gpu-node-1"
+BERT = "bert-intent-detection-6d5f8b7c9-x2x4q"
+BERT_UID = "0f8fad5b-d9cb-469f-a165-70867728950e"
+BERT_CID = "1" * 64
+
+
+class Node:
+    """A simulated GPU node: NVML scenario, kubelet, /proc and the pods API."""
+
+    def __init__(self, tmp_path: Path) -> None:
+        self.scenario_path = tmp_path / "scenario.txt"
+        self.scenario = Scenario(gpus=[Gpu(gpu_uuid(0), util=42, used=9_000_000_000, temp=65, power=250_000),
+                                       Gpu(gpu_uuid(1), util=3)],
+                                 procs=[Proc(gpu=0, pid=4242, mem=8_000_000_000, sm=40)])
+        self.scenario.write(self.scenario_path)
+        self.kubelet = FakeKubelet(str(tmp_path / "kubelet.sock")).start()
+        self.kubelet.set_pods([PodDevices("default", BERT, {"server": [("nvidia.com/gpu", [gpu_uuid(0)])]})])
+        self.proc = FakeProc(tmp_path / "proc")
+        self.proc.add(4242, systemd_v2(BERT_UID, BERT_CID))
+        self.api = FakeApiServer().start()
+        self.api.apply(pod_json(BERT_UID, "default", BERT, NODE, containers={"server": BERT_CID}))
+        self.kubeconfig = self.api.write_kubeconfig(tmp_path / "kubeconfig")
+
+    def args(self) -> list[str]:
+        return ["--node-name", NODE, "--interval", "0.2", "--pod-resources-socket", self.kubelet.socket_path,
+                "--proc-root", str(self.proc.root), "--kubeconfig", str(self.kubeconfig)]
+
+    def stop(self) -> None:
+        self.kubelet.stop()
+        self.api.stop()
+
+
+@pytest.fixture
+def node(tmp_path: Path) -> Iterator[Node]:
+    simulated = Node(tmp_path)
+    yield simulated
+    simulated.stop()
+
+
+def pods_of(samples: Samples, name: str = "duty_cycle_current") -> dict[str, float]:
+    return {labels["pod"]: value for labels, value in find(samples, name)}
+
+
+def test_exports_each_gpu_labelled_with_the_pod_using_it(node: Node, start_agent) -> None:  # type: ignore[no-untyped-def]
+    agent = start_agent(node.args(), node.scenario_path)
+    samples = agent.wait_for(lambda s: BERT in pods_of(s) and find(s, "gpu_exporter_kubernetes_up")[0][1] == 1,
+                             what="the BERT pod's series")
+    [(labels, value)] = find(samples, "duty_cycle_current", pod=BERT)
+    assert labels == {"node": NODE, "gpu": "0", "uuid": gpu_uuid(0), "model": "NVIDIA H100 80GB HBM3",
+                      "namespace": "default", "pod": BERT, "container": "server"}
+    assert value == 42
+    assert find(samples, "memory_used_bytes_current", pod=BERT)[0][1] == 9_000_000_000
+    assert find(samples, "temperature_celsius_current", pod=BERT)[0][1] == 65
+    assert find(samples, "power_usage_milliwatts_current", pod=BERT)[0][1] == 250_000
+    assert find(samples, "duty_cycle_current", uuid=gpu_uuid(1))[0][0]["pod"] == ""
+    for name in ("gpu_exporter_nvml_up", "gpu_exporter_pod_resources_up", "gpu_exporter_kubernetes_up"):
+        assert find(samples, name)[0][1] == 1, name
+    assert find(samples, "gpu_exporter_gpu_processes", owner="pod")[0][1] == 1
+    assert requests.get(agent.url + "/readyz", timeout=2).status_code == 200
+
+    # The load changes: the next poll shows it.
+    node.scenario.gpus[0].util = 77
+    node.scenario.write(node.scenario_path)
+    agent.wait_for(lambda s: pods_of(s).get(BERT) == 77, what="the new utilisation")
+
+
+def test_pods_that_end_or_share_a_gpu(node: Node, start_agent) -> None:  # type: ignore[no-untyped-def]
+    agent = start_agent(node.args(), node.scenario_path)
+    agent.wait_for(lambda s: BERT in pods_of(s), what="the BERT pod")
+
+    # Two pods time-slice GPU 1; each reports its own processes' share.
+    uid_a, uid_b = "aaaaaaaa-0000-4000-8000-000000000001", "bbbbbbbb-0000-4000-8000-000000000002"
+    node.api.apply(pod_json(uid_a, "ml", "shared-a", NODE, containers={"main": "a" * 64}))
+    node.api.apply(pod_json(uid_b, "ml", "shared-b", NODE, containers={"main": "b" * 64}))
+    node.proc.add(5001, systemd_v2(uid_a, "a" * 64, qos="besteffort"))
+    node.proc.add(5002, systemd_v2(uid_b, "b" * 64, qos="guaranteed", runtime="crio"))
+    node.proc.add(5003, HOST_PROCESS)
+    node.scenario.gpus[1].util = 90
+    node.scenario.procs += [Proc(gpu=1, pid=5001, mem=1000, sm=60), Proc(gpu=1, pid=5002, mem=3000, sm=25),
+                            Proc(gpu=1, pid=5003, mem=50, sm=0)]
+    node.scenario.write(node.scenario_path)
+    node.kubelet.set_pods([
+        PodDevices("default", BERT, {"server": [("nvidia.com/gpu", [gpu_uuid(0)])]}),
+        PodDevices("ml", "shared-a", {"main": [("nvidia.com/gpu.shared", [gpu_uuid(1) + "::0"])]}),
+        PodDevices("ml", "shared-b", {"main": [("nvidia.com/gpu.shared", [gpu_uuid(1) + "::1"])]}),
+    ])
+    # Until the pod watch has both pods, their shares are unmeasurable and each shows the device's 90.
+    samples = agent.wait_for(lambda s: pods_of(s).get("shared-a") == 60 and pods_of(s).get("shared-b") == 25,
+                             what="each sharing pod's own share")
+    assert pods_of(samples, "memory_used_bytes_current")["shared-a"] == 1000
+    assert find(samples, "gpu_exporter_gpu_sharing_pods", uuid=gpu_uuid(1))[0][1] == 2
+    assert find(samples, "gpu_exporter_gpu_processes", owner="host")[0][1] == 1
+    assert "" not in {lbl["pod"] for lbl, _ in find(samples, "duty_cycle_current", uuid=gpu_uuid(1))}
+
+    # The BERT pod ends: its series go at the next poll, and GPU 0 keeps an unlabelled one.
+    node.kubelet.set_pods([
+        PodDevices("ml", "shared-a", {"main": [("nvidia.com/gpu.shared", [gpu_uuid(1) + "::0"])]}),
+        PodDevices("ml", "shared-b", {"main": [("nvidia.com/gpu.shared", [gpu_uuid(1) + "::1"])]}),
+    ])
+    node.proc.remove(4242)
+    node.scenario.procs = [p for p in node.scenario.procs if p.pid != 4242]
+    node.scenario.write(node.scenario_path)
+    samples = agent.wait_for(lambda s: BERT not in pods_of(s), what="the ended pod's series to go")
+    for name in ("duty_cycle_current", "memory_used_bytes_current", "temperature_celsius_current"):
+        assert not find(samples, name, pod=BERT), name
+        assert find(samples, name, uuid=gpu_uuid(0))[0][0]["pod"] == ""
+
+    # A pod the API reports as finished is not attributed while the kubelet still lists its device.
+    node.api.apply(pod_json(uid_a, "ml", "shared-a", NODE, phase="Succeeded", containers={"main": "a" * 64}))
+    agent.wait_for(lambda s: "shared-a" not in pods_of(s), what="the finished pod's series to go")
+
+
+def test_kubelet_goes_away_and_comes_back(node: Node, start_agent) -> None:  # type: ignore[no-untyped-def]
+    agent = start_agent(node.args(), node.scenario_path)
+    agent.wait_for(lambda s: BERT in pods_of(s), what="the BERT pod")
+    node.kubelet.stop()
+    node.api.delete(BERT_UID)  # so the process cgroup cannot name the pod either
+    samples = agent.wait_for(lambda s: find(s, "gpu_exporter_pod_resources_up")[0][1] == 0,
+                             what="pod-resources down")
+    samples = agent.wait_for(lambda s: BERT not in pods_of(s), what="series without pod labels")
+    assert pods_of(samples)[""] in (42, 3)  # device metrics keep flowing
+    node.kubelet.start()
+    agent.wait_for(lambda s: BERT in pods_of(s) and find(s, "gpu_exporter_pod_resources_up")[0][1] == 1,
+                   timeout_s=15, what="pod labels to return")
+
+
+def test_without_a_driver_the_agent_serves_self_metrics_and_says_why(tmp_path: Path, start_agent) -> None:  # type: ignore[no-untyped-def]
+    agent = start_agent(["--no-kubernetes", "--pod-resources-socket", str(tmp_path / "none.sock")], None,
+                        with_library=False)
+    samples = agent.wait_for(lambda s: find(s, "gpu_exporter_nvml_up") != [], what="self-metrics")
+    assert find(samples, "gpu_exporter_nvml_up")[0][1] == 0
+    assert find(samples, "duty_cycle_current") == []  # nothing made up
+    ready = requests.get(agent.url + "/readyz", timeout=2)
+    assert ready.status_code == 503 and "libnvidia-ml.so.1 not found" in ready.text
+    assert requests.get(agent.url + "/healthz", timeout=2).status_code == 200
+    assert agent.log().count("libnvidia-ml.so.1 not found") == 1  # one clear line, not one per retry
+
+
+def test_driver_not_loaded_at_start_then_loaded(tmp_path: Path, start_agent) -> None:  # type: ignore[no-untyped-def]
+    path = tmp_path / "scenario.txt"
+    scenario = Scenario(gpus=[Gpu(gpu_uuid(0), util=12)], init_rc=NVML_ERROR_DRIVER_NOT_LOADED)
+    scenario.write(path)
+    agent = start_agent(["--no-kubernetes", "--interval", "0.2", "--pod-resources-socket",
+                         str(tmp_path / "none.sock")], path)
+    agent.wait_for(lambda s: find(s, "gpu_exporter_nvml_up") == [({}, 0.0)], what="NVML down")
+    assert "DRIVER_NOT_LOADED" in requests.get(agent.url + "/readyz", timeout=2).text
+    scenario.init_rc = 0
+    scenario.write(path)
+    samples = agent.wait_for(lambda s: pods_of(s).get("") == 12, timeout_s=15, what="GPUs once init succeeds")
+    assert find(samples, "gpu_exporter_nvml_up")[0][1] == 1
+    assert requests.get(agent.url + "/readyz", timeout=2).status_code == 200
+
+
+def test_http_surface_and_sigterm(node: Node, start_agent) -> None:  # type: ignore[no-untyped-def]
+    agent = start_agent(node.args(), node.scenario_path)
+    agent.wait_for(lambda s: BERT in pods_of(s), what="the BERT pod")
+    plain = requests.get(agent.url + "/metrics", headers={"Accept-Encoding": "identity"}, timeout=2)
+    assert plain.headers["Content-Type"].startswith("text/plain; version=0.0.4")
+    raw = requests.get(agent.url + "/metrics", headers={"Accept-Encoding": "gzip"}, timeout=2, stream=True)
+    assert raw.headers["Content-Encoding"] == "gzip"
+    assert b"duty_cycle_current" in gzip.decompress(raw.raw.read())
+    assert requests.head(agent.url + "/metrics", timeout=2).status_code == 200
+    assert requests.get(agent.url + "/nope", timeout=2).status_code == 404
+    assert requests.post(agent.url + "/metrics", timeout=2).status_code == 501
+    started = time.monotonic()
+    took = agent.stop()
+    assert agent.process.returncode == 0
+    assert took < 1.0, f"took {took:.2f}s to stop after SIGTERM"
+    assert time.monotonic() - started < 2
