@@ -1,5 +1,4 @@
 PYTHON ?= python3
-FAKE_NVML := tests/fakenvml/libnvidia-ml.so.1
 
 .PHONY: install fake-nvml run test lint bench clean
 
@@ -7,9 +6,8 @@ install:
 	$(PYTHON) -m pip install -q -e '.[test,lint]'
 
 # The fake libnvidia-ml.so.1 the tests and the simulated node load through the real pynvml bindings.
-fake-nvml: $(FAKE_NVML)
-$(FAKE_NVML): tests/fakenvml/fakenvml.c
-	cc -O2 -Wall -Wextra -Werror -shared -fPIC -Wl,-soname,libnvidia-ml.so.1 -o $@ $< -lpthread
+fake-nvml:
+	$(PYTHON) -c 'from tests.sim.fakelib import build_fake_nvml; build_fake_nvml()'
 
 # Runs the agent against the simulated node (no GPU, no cluster needed): see tests/sim/node.py.
 run: install fake-nvml
@@ -25,4 +23,4 @@ lint: install
 	lint-imports
 
 clean:
-	rm -f $(FAKE_NVML) exporter/podresources/api_pb2*.py exporter/podresources/api_pb2*.pyi
+	rm -f tests/fakenvml/libnvidia-ml.so.1 exporter/podresources/api_pb2*.py exporter/podresources/api_pb2*.pyi

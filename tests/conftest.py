@@ -16,22 +16,10 @@ import pytest
 import requests
 from prometheus_client.parser import text_string_to_metric_families
 
+from tests.sim.fakelib import build_fake_nvml
 from tests.sim.scenario import Scenario
 
 ROOT = Path(__file__).resolve().parent.parent
-FAKE_NVML_DIR = ROOT / "tests" / "fakenvml"
-FAKE_NVML = FAKE_NVML_DIR / "libnvidia-ml.so.1"
-
-
-def build_fake_nvml() -> Path:
-    source = FAKE_NVML_DIR / "fakenvml.c"
-    if not FAKE_NVML.exists() or FAKE_NVML.stat().st_mtime < source.stat().st_mtime:
-        subprocess.run(
-            ["cc", "-O2", "-Wall", "-Wextra", "-Werror", "-shared", "-fPIC", "-Wl,-soname,libnvidia-ml.so.1",
-             "-o", str(FAKE_NVML), str(source), "-lpthread"],
-            check=True,
-        )
-    return FAKE_NVML
 
 
 @pytest.fixture(scope="session")
