@@ -77,7 +77,10 @@ class AgentProcess:
         self._log = open(log_path, "wb")  # noqa: SIM115 (closed in stop)
         self.process = subprocess.Popen(
             [sys.executable, "-m", "exporter", "--listen", f"127.0.0.1:{self.port}", *args],
-            env=env, stdout=self._log, stderr=subprocess.STDOUT, cwd=ROOT,
+            env=env,
+            stdout=self._log,
+            stderr=subprocess.STDOUT,
+            cwd=ROOT,
         )
         self._wait_http()
 
@@ -131,8 +134,9 @@ def start_agent(tmp_path: Path, fake_nvml: Path) -> Iterator:  # type: ignore[ty
     agents: list[AgentProcess] = []
 
     def start(args: list[str], scenario: Path | None, with_library: bool = True) -> AgentProcess:
-        agent = AgentProcess(args, scenario, fake_nvml.parent if with_library else None,
-                             tmp_path / f"agent{len(agents)}.log")
+        agent = AgentProcess(
+            args, scenario, fake_nvml.parent if with_library else None, tmp_path / f"agent{len(agents)}.log"
+        )
         agents.append(agent)
         return agent
 

@@ -28,9 +28,10 @@ class Node:
 
     def __init__(self, tmp_path: Path) -> None:
         self.scenario_path = tmp_path / "scenario.txt"
-        self.scenario = Scenario(gpus=[Gpu(gpu_uuid(0), util=42, used=9_000_000_000, temp=65, power=250_000),
-                                       Gpu(gpu_uuid(1), util=3)],
-                                 procs=[Proc(gpu=0, pid=4242, mem=8_000_000_000, sm=40)])
+        self.scenario = Scenario(
+            gpus=[Gpu(gpu_uuid(0), util=42, used=9_000_000_000, temp=65, power=250_000), Gpu(gpu_uuid(1), util=3)],
+            procs=[Proc(gpu=0, pid=4242, mem=8_000_000_000, sm=40)],
+        )
         self.scenario.write(self.scenario_path)
         self.kubelet = FakeKubelet(str(tmp_path / "kubelet.sock")).start()
         self.kubelet.set_pods([PodDevices("default", BERT, {"server": [("nvidia.com/gpu", [gpu_uuid(0)])]})])
@@ -41,8 +42,18 @@ class Node:
         self.kubeconfig = self.api.write_kubeconfig(tmp_path / "kubeconfig")
 
     def args(self) -> list[str]:
-        return ["--node-name", NODE, "--interval", "0.2", "--pod-resources-socket", self.kubelet.socket_path,
-                "--proc-root", str(self.proc.root), "--kubeconfig", str(self.kubeconfig)]
+        return [
+            "--node-name",
+            NODE,
+            "--interval",
+            "0.2",
+            "--pod-resources-socket",
+            self.kubelet.socket_path,
+            "--proc-root",
+            str(self.proc.root),
+            "--kubeconfig",
+            str(self.kubeconfig),
+        ]
 
     def stop(self) -> None:
         self.kubelet.stop()
@@ -62,11 +73,19 @@ def pods_of(samples: Samples, name: str = "duty_cycle_current") -> dict[str, flo
 
 def test_exports_each_gpu_labelled_with_the_pod_using_it(node: Node, start_agent) -> None:  # type: ignore[no-untyped-def]
     agent = start_agent(node.args(), node.scenario_path)
-    samples = agent.wait_for(lambda s: BERT in pods_of(s) and find(s, "gpu_exporter_kubernetes_up")[0][1] == 1,
-                             what="the BERT pod's series")
+    samples = agent.wait_for(
+        lambda s: BERT in pods_of(s) and find(s, "gpu_exporter_kubernetes_up")[0][1] == 1, what="the BERT pod's series"
+    )
     [(labels, value)] = find(samples, "duty_cycle_current", pod=BERT)
-    assert labels == {"node": NODE, "gpu": "0", "uuid": gpu_uuid(0), "model": "NVIDIA H100 80GB HBM3",
-                      "namespace": "default", "pod": BERT, "container": "server"}
+    assert labels == {
+        "node": NODE,
+        "gpu": "0",
+        "uuid": gpu_uuid(0),
+        "model": "NVIDIA H100 80GB HBM3",
+        "namespace": "default",
+        "pod": BERT,
+        "container": "server",
+    }
     assert value == 42
     assert find(samples, "memory_used_bytes_current", pod=BERT)[0][1] == 9_000_000_000
     assert find(samples, "temperature_celsius_current", pod=BERT)[0][1] == 65
@@ -95,27 +114,36 @@ def test_pods_that_end_or_share_a_gpu(node: Node, start_agent) -> None:  # type:
     node.proc.add(5002, systemd_v2(uid_b, "b" * 64, qos="guaranteed", runtime="crio"))
     node.proc.add(5003, HOST_PROCESS)
     node.scenario.gpus[1].util = 90
-    node.scenario.procs += [Proc(gpu=1, pid=5001, mem=1000, sm=60), Proc(gpu=1, pid=5002, mem=3000, sm=25),
-                            Proc(gpu=1, pid=5003, mem=50, sm=0)]
+    node.scenario.procs += [
+        Proc(gpu=1, pid=5001, mem=1000, sm=60),
+        Proc(gpu=1, pid=5002, mem=3000, sm=25),
+        Proc(gpu=1, pid=5003, mem=50, sm=0),
+    ]
     node.scenario.write(node.scenario_path)
-    node.kubelet.set_pods([
-        PodDevices("default", BERT, {"server": [("nvidia.com/gpu", [gpu_uuid(0)])]}),
-        PodDevices("ml", "shared-a", {"main": [("nvidia.com/gpu.shared", [gpu_uuid(1) + "::0"])]}),
-        PodDevices("ml", "shared-b", {"main": [("nvidia.com/gpu.shared", [gpu_uuid(1) + "::1"])]}),
-    ])
+    node.kubelet.set_pods(
+        [
+            PodDevices("default", BERT, {"server": [("nvidia.com/gpu", [gpu_uuid(0)])]}),
+            PodDevices("ml", "shared-a", {"main": [("nvidia.com/gpu.shared", [gpu_uuid(1) + "::0"])]}),
+            PodDevices("ml", "shared-b", {"main": [("nvidia.com/gpu.shared", [gpu_uuid(1) + "::1"])]}),
+        ]
+    )
     # Until the pod watch has both pods, their shares are unmeasurable and each shows the device's 90.
-    samples = agent.wait_for(lambda s: pods_of(s).get("shared-a") == 60 and pods_of(s).get("shared-b") == 25,
-                             what="each sharing pod's own share")
+    samples = agent.wait_for(
+        lambda s: pods_of(s).get("shared-a") == 60 and pods_of(s).get("shared-b") == 25,
+        what="each sharing pod's own share",
+    )
     assert pods_of(samples, "memory_used_bytes_current")["shared-a"] == 1000
     assert find(samples, "gpu_exporter_gpu_sharing_pods", uuid=gpu_uuid(1))[0][1] == 2
     assert find(samples, "gpu_exporter_gpu_processes", owner="host")[0][1] == 1
     assert "" not in {lbl["pod"] for lbl, _ in find(samples, "duty_cycle_current", uuid=gpu_uuid(1))}
 
     # The BERT pod ends: its series go at the next poll, and GPU 0 keeps an unlabelled one.
-    node.kubelet.set_pods([
-        PodDevices("ml", "shared-a", {"main": [("nvidia.com/gpu.shared", [gpu_uuid(1) + "::0"])]}),
-        PodDevices("ml", "shared-b", {"main": [("nvidia.com/gpu.shared", [gpu_uuid(1) + "::1"])]}),
-    ])
+    node.kubelet.set_pods(
+        [
+            PodDevices("ml", "shared-a", {"main": [("nvidia.com/gpu.shared", [gpu_uuid(1) + "::0"])]}),
+            PodDevices("ml", "shared-b", {"main": [("nvidia.com/gpu.shared", [gpu_uuid(1) + "::1"])]}),
+        ]
+    )
     node.proc.remove(4242)
     node.scenario.procs = [p for p in node.scenario.procs if p.pid != 4242]
     node.scenario.write(node.scenario_path)
@@ -134,18 +162,21 @@ def test_kubelet_goes_away_and_comes_back(node: Node, start_agent) -> None:  # t
     agent.wait_for(lambda s: BERT in pods_of(s), what="the BERT pod")
     node.kubelet.stop()
     node.api.delete(BERT_UID)  # so the process cgroup cannot name the pod either
-    samples = agent.wait_for(lambda s: find(s, "gpu_exporter_pod_resources_up")[0][1] == 0,
-                             what="pod-resources down")
+    samples = agent.wait_for(lambda s: find(s, "gpu_exporter_pod_resources_up")[0][1] == 0, what="pod-resources down")
     samples = agent.wait_for(lambda s: BERT not in pods_of(s), what="series without pod labels")
     assert pods_of(samples)[""] in (42, 3)  # device metrics keep flowing
     node.kubelet.start()
-    agent.wait_for(lambda s: BERT in pods_of(s) and find(s, "gpu_exporter_pod_resources_up")[0][1] == 1,
-                   timeout_s=15, what="pod labels to return")
+    agent.wait_for(
+        lambda s: BERT in pods_of(s) and find(s, "gpu_exporter_pod_resources_up")[0][1] == 1,
+        timeout_s=15,
+        what="pod labels to return",
+    )
 
 
 def test_without_a_driver_the_agent_serves_self_metrics_and_says_why(tmp_path: Path, start_agent) -> None:  # type: ignore[no-untyped-def]
-    agent = start_agent(["--no-kubernetes", "--pod-resources-socket", str(tmp_path / "none.sock")], None,
-                        with_library=False)
+    agent = start_agent(
+        ["--no-kubernetes", "--pod-resources-socket", str(tmp_path / "none.sock")], None, with_library=False
+    )
     samples = agent.wait_for(lambda s: find(s, "gpu_exporter_nvml_up") != [], what="self-metrics")
     assert find(samples, "gpu_exporter_nvml_up")[0][1] == 0
     assert find(samples, "duty_cycle_current") == []  # nothing made up
@@ -159,8 +190,9 @@ def test_driver_not_loaded_at_start_then_loaded(tmp_path: Path, start_agent) -> 
     path = tmp_path / "scenario.txt"
     scenario = Scenario(gpus=[Gpu(gpu_uuid(0), util=12)], init_rc=NVML_ERROR_DRIVER_NOT_LOADED)
     scenario.write(path)
-    agent = start_agent(["--no-kubernetes", "--interval", "0.2", "--pod-resources-socket",
-                         str(tmp_path / "none.sock")], path)
+    agent = start_agent(
+        ["--no-kubernetes", "--interval", "0.2", "--pod-resources-socket", str(tmp_path / "none.sock")], path
+    )
     agent.wait_for(lambda s: find(s, "gpu_exporter_nvml_up") == [({}, 0.0)], what="NVML down")
     assert "DRIVER_NOT_LOADED" in requests.get(agent.url + "/readyz", timeout=2).text
     scenario.init_rc = 0

@@ -9,14 +9,22 @@ MIG0 = "MIG-00000000-aaaa-bbbb-cccc-ddddeeeeffff"
 
 
 def gpu(uuid: str = GPU0, index: int = 0, **kwargs) -> DeviceReading:  # type: ignore[no-untyped-def]
-    values = dict(duty_cycle_percent=60.0, memory_used_bytes=1000, memory_total_bytes=8000,
-                  temperature_celsius=50.0, power_milliwatts=200_000.0, processes=(), process_sm_percent={})
+    values = dict(
+        duty_cycle_percent=60.0,
+        memory_used_bytes=1000,
+        memory_total_bytes=8000,
+        temperature_celsius=50.0,
+        power_milliwatts=200_000.0,
+        processes=(),
+        process_sm_percent={},
+    )
     values.update(kwargs)
     return DeviceReading(index=index, uuid=uuid, model="NVIDIA H100", sampled_at=0.0, minor_number=index, **values)
 
 
-def alloc(pod: str, device_id: str, container: str = "main", resource: str = "nvidia.com/gpu",
-          namespace: str = "default") -> Allocation:
+def alloc(
+    pod: str, device_id: str, container: str = "main", resource: str = "nvidia.com/gpu", namespace: str = "default"
+) -> Allocation:
     return Allocation(namespace=namespace, pod=pod, container=container, resource_name=resource, device_id=device_id)
 
 
@@ -45,25 +53,35 @@ def test_exclusive_gpu_reports_device_values_for_its_pod() -> None:
 
 
 def test_pod_with_two_gpus_gets_a_series_per_gpu() -> None:
-    result = attribute([gpu(GPU0, 0), gpu(GPU1, 1, duty_cycle_percent=10.0)],
-                       [alloc("big", GPU0), alloc("big", GPU1)], {}, None)
+    result = attribute(
+        [gpu(GPU0, 0), gpu(GPU1, 1, duty_cycle_percent=10.0)], [alloc("big", GPU0), alloc("big", GPU1)], {}, None
+    )
     assert [(s.device.uuid, s.pod, s.duty_cycle_percent) for s in result.series] == [
-        (GPU0, "big", 60.0), (GPU1, "big", 10.0)]
+        (GPU0, "big", 60.0),
+        (GPU1, "big", 10.0),
+    ]
 
 
 def test_time_sliced_replicas_report_each_pods_own_share() -> None:
     device = gpu(
-        duty_cycle_percent=70.0, memory_used_bytes=5000,
+        duty_cycle_percent=70.0,
+        memory_used_bytes=5000,
         processes=(GpuProcess(101, 3000), GpuProcess(102, 1500), GpuProcess(103, 500)),
         process_sm_percent={101: 45.0, 102: 20.0},  # 103 had no sample: idle
     )
-    owners = {101: ProcessOwner(101, "uid-a", "c-a"), 102: ProcessOwner(102, "uid-b", "c-b"),
-              103: ProcessOwner(103, "uid-b", "c-b")}
-    pods = {"uid-a": pod("uid-a", "a", containers={"c-a": "main"}),
-            "uid-b": pod("uid-b", "b", containers={"c-b": "main"}),
-            "uid-c": pod("uid-c", "c")}
-    result = attribute([device], [alloc("a", f"{GPU0}::0"), alloc("b", f"{GPU0}::1"), alloc("c", f"{GPU0}::2")],
-                       owners, pods)
+    owners = {
+        101: ProcessOwner(101, "uid-a", "c-a"),
+        102: ProcessOwner(102, "uid-b", "c-b"),
+        103: ProcessOwner(103, "uid-b", "c-b"),
+    }
+    pods = {
+        "uid-a": pod("uid-a", "a", containers={"c-a": "main"}),
+        "uid-b": pod("uid-b", "b", containers={"c-b": "main"}),
+        "uid-c": pod("uid-c", "c"),
+    }
+    result = attribute(
+        [device], [alloc("a", f"{GPU0}::0"), alloc("b", f"{GPU0}::1"), alloc("c", f"{GPU0}::2")], owners, pods
+    )
     by_pod = rows(result)
     assert by_pod["a"].duty_cycle_percent == 45.0 and by_pod["a"].memory_used_bytes == 3000
     assert by_pod["b"].duty_cycle_percent == 20.0 and by_pod["b"].memory_used_bytes == 2000
@@ -75,10 +93,13 @@ def test_time_sliced_replicas_report_each_pods_own_share() -> None:
 
 def test_shared_gpu_without_the_api_gives_every_pod_the_device_values() -> None:
     device = gpu(processes=(GpuProcess(101, 3000),), process_sm_percent={101: 45.0})
-    result = attribute([device], [alloc("a", f"{GPU0}::0"), alloc("b", f"{GPU0}::1")],
-                       {101: ProcessOwner(101, "uid-a", None)}, None)
+    result = attribute(
+        [device], [alloc("a", f"{GPU0}::0"), alloc("b", f"{GPU0}::1")], {101: ProcessOwner(101, "uid-a", None)}, None
+    )
     assert [(s.pod, s.duty_cycle_percent, s.memory_used_bytes) for s in result.series] == [
-        ("a", 60.0, 1000), ("b", 60.0, 1000)]
+        ("a", 60.0, 1000),
+        ("b", 60.0, 1000),
+    ]
     assert result.sharing_pods == {GPU0: 2}
 
 
@@ -88,14 +109,17 @@ def test_shared_gpu_without_per_process_utilisation_falls_back_for_duty_cycle_on
     pods = {"uid-a": pod("uid-a", "a"), "uid-b": pod("uid-b", "b")}
     result = attribute([device], [alloc("a", f"{GPU0}::0"), alloc("b", f"{GPU0}::1")], owners, pods)
     assert [(s.pod, s.duty_cycle_percent, s.memory_used_bytes) for s in result.series] == [
-        ("a", 60.0, 300), ("b", 60.0, 100)]
+        ("a", 60.0, 300),
+        ("b", 60.0, 100),
+    ]
 
 
 def test_a_process_of_a_pod_not_yet_in_the_watch_makes_shares_unmeasurable() -> None:
     device = gpu(processes=(GpuProcess(101, 300), GpuProcess(102, 100)), process_sm_percent={101: 30.0, 102: 25.0})
     owners = {101: ProcessOwner(101, "uid-a", None), 102: ProcessOwner(102, "uid-new", None)}
-    result = attribute([device], [alloc("a", f"{GPU0}::0"), alloc("b", f"{GPU0}::1")], owners,
-                       {"uid-a": pod("uid-a", "a")})
+    result = attribute(
+        [device], [alloc("a", f"{GPU0}::0"), alloc("b", f"{GPU0}::1")], owners, {"uid-a": pod("uid-a", "a")}
+    )
     # b's process is unknown to us: reporting b as 0 would be a lie, so both get device values.
     assert {s.pod: s.duty_cycle_percent for s in result.series} == {"a": 60.0, "b": 60.0}
     assert result.processes_by_owner == {"pod": 1, "unknown_pod": 1}
@@ -138,9 +162,17 @@ def test_unknown_ids_and_other_resources() -> None:
 def test_mig_devices_by_uuid_gke_id_and_legacy_id() -> None:
     parent = gpu(GPU0, 0, duty_cycle_percent=None, process_sm_percent=None)
     migs = [
-        DeviceReading(index=0, uuid=f"MIG-{i:08x}-aaaa-bbbb-cccc-ddddeeeeffff", model="MIG 1g.10gb", sampled_at=0.0,
-                      parent_uuid=GPU0, gpu_instance_id=gi, memory_used_bytes=100 * gi, memory_total_bytes=10_000,
-                      processes=())
+        DeviceReading(
+            index=0,
+            uuid=f"MIG-{i:08x}-aaaa-bbbb-cccc-ddddeeeeffff",
+            model="MIG 1g.10gb",
+            sampled_at=0.0,
+            parent_uuid=GPU0,
+            gpu_instance_id=gi,
+            memory_used_bytes=100 * gi,
+            memory_total_bytes=10_000,
+            processes=(),
+        )
         for i, gi in enumerate((1, 2, 3))
     ]
     allocations = [
@@ -159,8 +191,11 @@ def test_mig_devices_by_uuid_gke_id_and_legacy_id() -> None:
 
 
 def test_summed_duty_cycle_is_capped_at_100() -> None:
-    device = gpu(duty_cycle_percent=100.0, processes=(GpuProcess(1, 1), GpuProcess(2, 1), GpuProcess(3, 1)),
-                 process_sm_percent={1: 70.0, 2: 60.0, 3: 10.0})
+    device = gpu(
+        duty_cycle_percent=100.0,
+        processes=(GpuProcess(1, 1), GpuProcess(2, 1), GpuProcess(3, 1)),
+        process_sm_percent={1: 70.0, 2: 60.0, 3: 10.0},
+    )
     owners = {1: ProcessOwner(1, "a", None), 2: ProcessOwner(2, "a", None), 3: ProcessOwner(3, "b", None)}
     result = attribute([device], [], owners, {"a": pod("a", "a"), "b": pod("b", "b")})
     assert {s.pod: s.duty_cycle_percent for s in result.series} == {"a": 100.0, "b": 10.0}

@@ -44,6 +44,8 @@ def test_v1_with_non_pod_controllers_first() -> None:
     assert parse_cgroup(text) == (UID, CID)
 
 
-@pytest.mark.parametrize("text", [HOST_PROCESS, "0::/\n", "", "garbage", "0::/user.slice/user-0.slice/session-1.scope\n"])
+@pytest.mark.parametrize(
+    "text", [HOST_PROCESS, "0::/\n", "", "garbage", "0::/user.slice/user-0.slice/session-1.scope\n"]
+)
 def test_host_processes_name_no_pod(text: str) -> None:
     assert parse_cgroup(text) is None

@@ -10,17 +10,38 @@ from exporter.collector import GPU_GAUGES, SnapshotCollector
 from exporter.model import Attribution, DeviceReading, GpuSeries, Health, Snapshot
 
 GPU0 = "GPU-00000000-1111-2222-3333-444455556666"
-HEALTH = Health(nvml_up=True, nvml_status="ok", pod_resources_up=True, kubernetes_up=True, poll_duration_seconds=0.01,
-                last_success_wall_time=1.7e9, device_errors={("0", GPU0, "UNKNOWN"): 3},
-                pod_resources_errors_total={})
-DEVICE = DeviceReading(index=0, uuid=GPU0, model="NVIDIA H100", sampled_at=100.0, duty_cycle_percent=55.0,
-                       memory_used_bytes=10, memory_total_bytes=80, temperature_celsius=60.0, power_milliwatts=None)
+HEALTH = Health(
+    nvml_up=True,
+    nvml_status="ok",
+    pod_resources_up=True,
+    kubernetes_up=True,
+    poll_duration_seconds=0.01,
+    last_success_wall_time=1.7e9,
+    device_errors={("0", GPU0, "UNKNOWN"): 3},
+    pod_resources_errors_total={},
+)
+DEVICE = DeviceReading(
+    index=0,
+    uuid=GPU0,
+    model="NVIDIA H100",
+    sampled_at=100.0,
+    duty_cycle_percent=55.0,
+    memory_used_bytes=10,
+    memory_total_bytes=80,
+    temperature_celsius=60.0,
+    power_milliwatts=None,
+)
 
 
 def snapshot(*series: GpuSeries, completed_at: float = 100.0) -> Snapshot:
-    return Snapshot(node="n1", attribution=Attribution(series=series, sharing_pods={GPU0: 1}, unknown_device_ids={},
-                                                       processes_by_owner={"pod": 1}),
-                    health=HEALTH, completed_at=completed_at)
+    return Snapshot(
+        node="n1",
+        attribution=Attribution(
+            series=series, sharing_pods={GPU0: 1}, unknown_device_ids={}, processes_by_owner={"pod": 1}
+        ),
+        health=HEALTH,
+        completed_at=completed_at,
+    )
 
 
 class Clock:
@@ -37,21 +58,36 @@ def registry_for(holder: list[Snapshot], clock: Clock, staleness: float = 3.0) -
 
 
 def labels(pod: str = "bert-0") -> dict[str, str]:
-    return {"node": "n1", "gpu": "0", "uuid": GPU0, "model": "NVIDIA H100", "namespace": "default", "pod": pod,
-            "container": "server"}
+    return {
+        "node": "n1",
+        "gpu": "0",
+        "uuid": GPU0,
+        "model": "NVIDIA H100",
+        "namespace": "default",
+        "pod": pod,
+        "container": "server",
+    }
 
 
 def test_series_carry_every_label_and_absent_values_stay_absent() -> None:
-    series = GpuSeries(device=DEVICE, namespace="default", pod="bert-0", container="server",
-                       duty_cycle_percent=55.0, memory_used_bytes=10)
+    series = GpuSeries(
+        device=DEVICE,
+        namespace="default",
+        pod="bert-0",
+        container="server",
+        duty_cycle_percent=55.0,
+        memory_used_bytes=10,
+    )
     registry = registry_for([snapshot(series)], Clock())
     assert registry.get_sample_value("duty_cycle_current", labels()) == 55.0
     assert registry.get_sample_value("memory_used_bytes_current", labels()) == 10
     assert registry.get_sample_value("memory_total_bytes_current", labels()) == 80
     assert registry.get_sample_value("temperature_celsius_current", labels()) == 60.0
     assert registry.get_sample_value("power_usage_milliwatts_current", labels()) is None  # not 0
-    assert registry.get_sample_value("gpu_exporter_device_errors_total", {"gpu": "0", "uuid": GPU0,
-                                                                          "kind": "UNKNOWN"}) == 3
+    assert (
+        registry.get_sample_value("gpu_exporter_device_errors_total", {"gpu": "0", "uuid": GPU0, "kind": "UNKNOWN"})
+        == 3
+    )
     assert registry.get_sample_value("gpu_exporter_gpu_sharing_pods", {"uuid": GPU0}) == 1
     assert registry.get_sample_value("gpu_exporter_data_age_seconds") == 0.5
 
@@ -68,8 +104,11 @@ def test_every_family_has_help_text_with_its_unit() -> None:
 
 
 def test_a_pod_gone_from_the_snapshot_is_gone_from_the_scrape() -> None:
-    holder = [snapshot(GpuSeries(device=DEVICE, namespace="default", pod="bert-0", container="server",
-                                 duty_cycle_percent=55.0))]
+    holder = [
+        snapshot(
+            GpuSeries(device=DEVICE, namespace="default", pod="bert-0", container="server", duty_cycle_percent=55.0)
+        )
+    ]
     registry = registry_for(holder, Clock())
     assert registry.get_sample_value("duty_cycle_current", labels()) == 55.0
     holder[0] = snapshot(GpuSeries(device=DEVICE, duty_cycle_percent=55.0))
@@ -80,8 +119,12 @@ def test_a_pod_gone_from_the_snapshot_is_gone_from_the_scrape() -> None:
 def test_series_older_than_the_staleness_bound_are_dropped() -> None:
     clock = Clock()
     old = replace(DEVICE, sampled_at=90.0)
-    holder = [snapshot(GpuSeries(device=DEVICE, duty_cycle_percent=1.0),
-                       GpuSeries(device=replace(old, uuid="GPU-old", index=1), duty_cycle_percent=2.0))]
+    holder = [
+        snapshot(
+            GpuSeries(device=DEVICE, duty_cycle_percent=1.0),
+            GpuSeries(device=replace(old, uuid="GPU-old", index=1), duty_cycle_percent=2.0),
+        )
+    ]
     registry = registry_for(holder, clock, staleness=5.0)
     values = [s.value for f in registry.collect() if f.name == "duty_cycle_current" for s in f.samples]
     assert values == [1.0]

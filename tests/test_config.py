@@ -22,8 +22,13 @@ def test_defaults() -> None:
 
 
 def test_environment_variables_and_flags_override_them(tmp_path: Path) -> None:
-    environ = {"GPU_EXPORTER_LISTEN": "127.0.0.1:9500", "GPU_EXPORTER_INTERVAL": "2.5",
-               "GPU_EXPORTER_PROC_ROOT": str(tmp_path), "GPU_EXPORTER_NO_KUBERNETES": "true", "NODE_NAME": "env-node"}
+    environ = {
+        "GPU_EXPORTER_LISTEN": "127.0.0.1:9500",
+        "GPU_EXPORTER_INTERVAL": "2.5",
+        "GPU_EXPORTER_PROC_ROOT": str(tmp_path),
+        "GPU_EXPORTER_NO_KUBERNETES": "true",
+        "NODE_NAME": "env-node",
+    }
     config = parse_config([], environ=environ)
     assert (config.listen_host, config.listen_port, config.interval_s) == ("127.0.0.1", 9500, 2.5)
     assert config.max_staleness_s == 7.5 and config.proc_root == str(tmp_path) and not config.kubernetes
@@ -46,8 +51,9 @@ def test_environment_variables_and_flags_override_them(tmp_path: Path) -> None:
         (["--no-such-flag"], "--no-such-flag"),
     ],
 )
-def test_bad_settings_exit_2_with_one_line_naming_them(argv: list[str], named: str,
-                                                        capsys: pytest.CaptureFixture[str]) -> None:
+def test_bad_settings_exit_2_with_one_line_naming_them(
+    argv: list[str], named: str, capsys: pytest.CaptureFixture[str]
+) -> None:
     with pytest.raises(SystemExit) as exit_info:
         parse_config(argv, environ={})
     assert exit_info.value.code == 2
@@ -64,8 +70,17 @@ def test_bad_environment_value_is_named_too(capsys: pytest.CaptureFixture[str]) 
 
 def test_console_script_help_documents_every_flag() -> None:
     result = subprocess.run([sys.executable, "-m", "exporter", "--help"], capture_output=True, text=True, check=True)
-    for flag in ("--listen", "--interval", "--max-staleness", "--pod-resources-socket", "--proc-root", "--node-name",
-                 "--kubeconfig", "--no-kubernetes", "--log-level"):
+    for flag in (
+        "--listen",
+        "--interval",
+        "--max-staleness",
+        "--pod-resources-socket",
+        "--proc-root",
+        "--node-name",
+        "--kubeconfig",
+        "--no-kubernetes",
+        "--log-level",
+    ):
         assert flag in result.stdout
     assert "GPU_EXPORTER_INTERVAL" in result.stdout and "NODE_NAME" in result.stdout
 
@@ -74,4 +89,5 @@ def test_bad_flag_from_the_command_line_exits_2() -> None:
     result = subprocess.run([sys.executable, "-m", "exporter", "--listen", ":0"], capture_output=True, text=True)
     assert result.returncode == 2
     assert result.stderr.strip().splitlines() == [
-        "gpu-pod-exporter: error: --listen: want host:port with a port from 1 to 65535, got ':0'"]
+        "gpu-pod-exporter: error: --listen: want host:port with a port from 1 to 65535, got ':0'"
+    ]

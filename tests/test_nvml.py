@@ -19,8 +19,10 @@ def by_uuid(reader: NvmlReader, deadline_s: float = 2.0):  # type: ignore[no-unt
 
 def test_reads_every_value_of_every_gpu(scenario_file: Path) -> None:
     Scenario(
-        gpus=[Gpu(gpu_uuid(0), util=42, used=3 * GIB, reserved=1 * GIB, temp=61, power=312_500),
-              Gpu(gpu_uuid(1), name="NVIDIA A10", util=7, minor=4)],
+        gpus=[
+            Gpu(gpu_uuid(0), util=42, used=3 * GIB, reserved=1 * GIB, temp=61, power=312_500),
+            Gpu(gpu_uuid(1), name="NVIDIA A10", util=7, minor=4),
+        ],
         procs=[Proc(gpu=0, pid=4242, mem=2 * GIB, sm=30), Proc(gpu=0, pid=4243, mem=GIB, sm=0)],
     ).write(scenario_file)
     devices, errors = by_uuid(NvmlReader())
@@ -53,7 +55,8 @@ def test_not_supported_values_are_absent_not_zero(scenario_file: Path, caplog: p
 
 def test_older_drivers_fall_back_to_v1_memory_and_legacy_temperature(scenario_file: Path) -> None:
     Scenario(gpus=[Gpu(gpu_uuid(0), used=3 * GIB, reserved=GIB, temp=70, unsupported=("memv2", "tempv"))]).write(
-        scenario_file)
+        scenario_file
+    )
     devices, _ = by_uuid(NvmlReader())
     assert devices[gpu_uuid(0)].memory_used_bytes == 4 * GIB  # v1 counts reserved as used
     assert devices[gpu_uuid(0)].temperature_celsius == 70.0

@@ -15,11 +15,19 @@ BERT = PodDevices("default", "bert-intent-detection-7c9f", {"server": [("nvidia.
 
 def test_lists_device_allocations(tmp_path: Path) -> None:
     kubelet = FakeKubelet(str(tmp_path / "kubelet.sock")).start()
-    kubelet.set_pods([
-        BERT,
-        PodDevices("ml", "trainer", {"a": [("nvidia.com/gpu", [gpu_uuid(1), gpu_uuid(2)]), ("cpu", [])],
-                                     "b": [("example.com/nic", ["eth1"])]}),
-    ])
+    kubelet.set_pods(
+        [
+            BERT,
+            PodDevices(
+                "ml",
+                "trainer",
+                {
+                    "a": [("nvidia.com/gpu", [gpu_uuid(1), gpu_uuid(2)]), ("cpu", [])],
+                    "b": [("example.com/nic", ["eth1"])],
+                },
+            ),
+        ]
+    )
     client = PodResourcesClient(kubelet.socket_path)
     try:
         assert client.list_allocations() == [
@@ -37,8 +45,12 @@ def test_lists_device_allocations(tmp_path: Path) -> None:
 def test_answers_larger_than_grpcs_default_4mib_limit(tmp_path: Path) -> None:
     kubelet = FakeKubelet(str(tmp_path / "kubelet.sock")).start()
     # ~6 MiB of allocations, as on a large node with many pods and devices.
-    kubelet.set_pods([PodDevices("ns", f"pod-{i:05d}-" + "x" * 200, {"c": [("nvidia.com/gpu", [gpu_uuid(i) + "::" + "9" * 100])]})
-                      for i in range(20_000)])
+    kubelet.set_pods(
+        [
+            PodDevices("ns", f"pod-{i:05d}-" + "x" * 200, {"c": [("nvidia.com/gpu", [gpu_uuid(i) + "::" + "9" * 100])]})
+            for i in range(20_000)
+        ]
+    )
     client = PodResourcesClient(kubelet.socket_path)
     try:
         allocations = client.list_allocations()

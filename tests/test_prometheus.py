@@ -34,8 +34,9 @@ def test_prometheus_scrapes_the_pods_duty_cycle(tmp_path: Path, start_agent, pro
     Scenario(gpus=[Gpu(gpu_uuid(0), util=42), Gpu(gpu_uuid(1), util=5)]).write(scenario)
     kubelet = FakeKubelet(str(tmp_path / "kubelet.sock")).start()
     kubelet.set_pods([PodDevices("default", BERT, {"server": [("nvidia.com/gpu", [gpu_uuid(0)])]})])
-    agent = start_agent(["--no-kubernetes", "--node-name", "gpu-node-1", "--pod-resources-socket",
-                         kubelet.socket_path], scenario)
+    agent = start_agent(
+        ["--no-kubernetes", "--node-name", "gpu-node-1", "--pod-resources-socket", kubelet.socket_path], scenario
+    )
     port = free_port()
     config = tmp_path / "prometheus.yml"
     config.write_text(
@@ -47,9 +48,14 @@ def test_prometheus_scrapes_the_pods_duty_cycle(tmp_path: Path, start_agent, pro
     )
     log = (tmp_path / "prometheus.log").open("wb")
     server = subprocess.Popen(
-        [prometheus_binary, f"--config.file={config}", f"--storage.tsdb.path={tmp_path / 'tsdb'}",
-         f"--web.listen-address=127.0.0.1:{port}"],
-        stdout=log, stderr=subprocess.STDOUT,
+        [
+            prometheus_binary,
+            f"--config.file={config}",
+            f"--storage.tsdb.path={tmp_path / 'tsdb'}",
+            f"--web.listen-address=127.0.0.1:{port}",
+        ],
+        stdout=log,
+        stderr=subprocess.STDOUT,
     )
     try:
         query = f'duty_cycle_current{{namespace="default",pod="{BERT}"}}'

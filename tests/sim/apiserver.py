@@ -115,7 +115,7 @@ class FakeApiServer:
             def log_message(self, *args: object) -> None:
                 pass
 
-            def do_GET(self) -> None:  # noqa: N802
+            def do_GET(self) -> None:
                 url = urlparse(self.path)
                 query = parse_qs(url.query)
                 api.requests.append(query)
@@ -124,14 +124,24 @@ class FakeApiServer:
                     return
                 node = _node_from_selector(query.get("fieldSelector", [""])[0])
                 if query.get("watch", [""])[0] in ("true", "True", "1"):
-                    self._watch(node, int(query.get("resourceVersion", ["0"])[0] or 0),
-                                float(query.get("timeoutSeconds", ["300"])[0]))
+                    self._watch(
+                        node,
+                        int(query.get("resourceVersion", ["0"])[0] or 0),
+                        float(query.get("timeoutSeconds", ["300"])[0]),
+                    )
                 else:
                     with api._cond:
                         items = [p for p in api._pods.values() if _on_node(p, node)]
                         version = api._version
-                    self._json(200, {"kind": "PodList", "apiVersion": "v1",
-                                     "metadata": {"resourceVersion": str(version)}, "items": items})
+                    self._json(
+                        200,
+                        {
+                            "kind": "PodList",
+                            "apiVersion": "v1",
+                            "metadata": {"resourceVersion": str(version)},
+                            "items": items,
+                        },
+                    )
 
             def _json(self, code: int, body: dict[str, Any]) -> None:
                 data = json.dumps(body).encode()
@@ -157,9 +167,19 @@ class FakeApiServer:
                 with api._cond:
                     generation = api._generation
                     if since < api._oldest - 1:
-                        self._event({"type": "ERROR", "object": {
-                            "kind": "Status", "apiVersion": "v1", "status": "Failure", "code": 410,
-                            "reason": "Expired", "message": f"too old resource version: {since} ({api._oldest})"}})
+                        self._event(
+                            {
+                                "type": "ERROR",
+                                "object": {
+                                    "kind": "Status",
+                                    "apiVersion": "v1",
+                                    "status": "Failure",
+                                    "code": 410,
+                                    "reason": "Expired",
+                                    "message": f"too old resource version: {since} ({api._oldest})",
+                                },
+                            }
+                        )
                         return
                     sent = since
                     while api._generation == generation:

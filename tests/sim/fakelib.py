@@ -14,8 +14,20 @@ def build_fake_nvml() -> Path:
     source = FAKE_NVML_DIR / "fakenvml.c"
     if not FAKE_NVML.exists() or FAKE_NVML.stat().st_mtime < source.stat().st_mtime:
         subprocess.run(
-            ["cc", "-O2", "-Wall", "-Wextra", "-Werror", "-shared", "-fPIC", "-Wl,-soname,libnvidia-ml.so.1",
-             "-o", str(FAKE_NVML), str(source), "-lpthread"],
+            [
+                "cc",
+                "-O2",
+                "-Wall",
+                "-Wextra",
+                "-Werror",
+                "-shared",
+                "-fPIC",
+                "-Wl,-soname,libnvidia-ml.so.1",
+                "-o",
+                str(FAKE_NVML),
+                str(source),
+                "-lpthread",
+            ],
             check=True,
         )
     return FAKE_NVML

@@ -26,10 +26,26 @@ from tests.sim.scenario import GIB, Gpu, Proc, Scenario, gpu_uuid
 NODE = "sim-gpu-node-1"
 # (namespace, pod, uid, container, gpu index, device id, pid, phase of its load wave)
 PODS = [
-    ("default", "bert-intent-detection-6d5f8b7c9-x2x4q", "0f8fad5b-d9cb-469f-a165-70867728950e", "server", 0,
-     gpu_uuid(0), 41001, 0.0),
-    ("default", "bert-intent-detection-6d5f8b7c9-k7m2p", "7c9e6679-7425-40de-944b-e07fc1f90ae7", "server", 1,
-     gpu_uuid(1), 41002, 1.5),
+    (
+        "default",
+        "bert-intent-detection-6d5f8b7c9-x2x4q",
+        "0f8fad5b-d9cb-469f-a165-70867728950e",
+        "server",
+        0,
+        gpu_uuid(0),
+        41001,
+        0.0,
+    ),
+    (
+        "default",
+        "bert-intent-detection-6d5f8b7c9-k7m2p",
+        "7c9e6679-7425-40de-944b-e07fc1f90ae7",
+        "server",
+        1,
+        gpu_uuid(1),
+        41002,
+        1.5,
+    ),
     ("speech", "asr-whisper-0", "16fd2706-8baf-433b-82eb-8c7fada847da", "asr", 2, gpu_uuid(2) + "::0", 41003, 3.0),
     ("speech", "asr-whisper-1", "9b2e4c61-3f0a-4d7e-a1b5-2c8d9e0f1a2b", "asr", 2, gpu_uuid(2) + "::1", 41004, 4.5),
 ]
@@ -57,8 +73,12 @@ def main(argv: list[str]) -> int:
     scenario_at(0).write(scenario_path)
 
     kubelet = FakeKubelet(str(state / "kubelet.sock")).start()
-    kubelet.set_pods([PodDevices(ns, pod, {container: [("nvidia.com/gpu", [device])]})
-                      for ns, pod, _uid, container, _index, device, _pid, _phase in PODS])
+    kubelet.set_pods(
+        [
+            PodDevices(ns, pod, {container: [("nvidia.com/gpu", [device])]})
+            for ns, pod, _uid, container, _index, device, _pid, _phase in PODS
+        ]
+    )
     proc = FakeProc(state / "proc")
     api = FakeApiServer().start()
     for ns, pod, uid, container, _index, _device, pid, _phase in PODS:
@@ -74,8 +94,20 @@ def main(argv: list[str]) -> int:
     )
     env = dict(os.environ, LD_LIBRARY_PATH=str(library.parent), FAKE_NVML_SCENARIO=str(scenario_path))
     agent = subprocess.Popen(
-        [sys.executable, "-m", "exporter", "--node-name", NODE, "--pod-resources-socket", kubelet.socket_path,
-         "--proc-root", str(proc.root), "--kubeconfig", str(kubeconfig), *argv],
+        [
+            sys.executable,
+            "-m",
+            "exporter",
+            "--node-name",
+            NODE,
+            "--pod-resources-socket",
+            kubelet.socket_path,
+            "--proc-root",
+            str(proc.root),
+            "--kubeconfig",
+            str(kubeconfig),
+            *argv,
+        ],
         env=env,
     )
     stopping = False

@@ -64,9 +64,17 @@ class Scenario:
         lines = [f"driver\tinit={self.init_rc}\tversion={self.driver_version}"]
         for index, gpu in enumerate(self.gpus):
             fields = {
-                "uuid": gpu.uuid, "name": gpu.name, "minor": gpu.minor if gpu.minor is not None else index,
-                "util": gpu.util, "memutil": gpu.memutil, "total": gpu.total, "used": gpu.used,
-                "reserved": gpu.reserved, "temp": gpu.temp, "power": gpu.power, "mig": int(gpu.mig),
+                "uuid": gpu.uuid,
+                "name": gpu.name,
+                "minor": gpu.minor if gpu.minor is not None else index,
+                "util": gpu.util,
+                "memutil": gpu.memutil,
+                "total": gpu.total,
+                "used": gpu.used,
+                "reserved": gpu.reserved,
+                "temp": gpu.temp,
+                "power": gpu.power,
+                "mig": int(gpu.mig),
                 "lost": int(gpu.lost),
             }
             if gpu.unsupported:
