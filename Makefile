@@ -24,3 +24,7 @@ lint: install
 
 clean:
 	rm -f tests/fakenvml/libnvidia-ml.so.1 exporter/podresources/api_pb2*.py exporter/podresources/api_pb2*.pyi
+
+# Figures for the agent on a simulated node (8 GPUs, 64 processes, 32 pods); not part of make test.
+bench: install fake-nvml
+	$(PYTHON) -m bench.agent --gpus 8 --procs 64 --pods 32 --json bench/agent-figures.json

@@ -39,6 +39,9 @@ class _Handler(BaseHTTPRequestHandler):
     server: MetricsServer
     timeout = 10  # a client that stalls mid-request loses its thread after this many seconds
     protocol_version = "HTTP/1.1"
+    # Headers and body go out in two writes: without TCP_NODELAY, Nagle's algorithm holds the body
+    # until the client's delayed ACK (~40 ms) on every keep-alive scrape.
+    disable_nagle_algorithm = True
 
     def do_GET(self) -> None:
         self._respond(send_body=True)
