@@ -29,6 +29,12 @@ class Config:
 
 
 class _Parser(argparse.ArgumentParser):
+    env_of: dict[str, str]  # flag -> its environment variable
+
+    def bad(self, flag: str, problem: str) -> NoReturn:
+        """Names the flag and its environment variable, since either may have set the value."""
+        self.error(f"{flag} (env {self.env_of[flag]}): {problem}")
+
     def error(self, message: str) -> NoReturn:
         """One line naming what is wrong, exit code 2 (argparse's own prints the usage too)."""
         sys.stderr.write(f"{self.prog}: error: {message}\n")
@@ -46,7 +52,10 @@ def build_parser(environ: Mapping[str, str]) -> _Parser:
         "for Prometheus. Every flag can also be set by the environment variable named in its help.",
     )
 
+    parser.env_of = {}
+
     def add(flag: str, env: str, help_text: str, **kwargs: object) -> None:
+        parser.env_of[flag] = env
         default = environ.get(env, kwargs.pop("default", None))
         parser.add_argument(flag, default=default, help=f"{help_text} [env {env}]", **kwargs)  # type: ignore[arg-type]
 
@@ -96,18 +105,18 @@ def parse_config(argv: Sequence[str] | None = None, environ: Mapping[str, str] |
 
     host, sep, port_text = str(args.listen).rpartition(":")
     if not sep or not port_text.isdigit() or not 0 < int(port_text) < 65536:
-        parser.error(f"--listen: want host:port with a port from 1 to 65535, got {args.listen!r}")
+        parser.bad("--listen", f"want host:port with a port from 1 to 65535, got {args.listen!r}")
     interval = _positive(parser, "--interval", args.interval)
     staleness = _positive(parser, "--max-staleness", args.max_staleness) if args.max_staleness else 3 * interval
     if os.path.isdir(args.pod_resources_socket):
-        parser.error(f"--pod-resources-socket: {args.pod_resources_socket!r} is a directory, not a socket")
+        parser.bad("--pod-resources-socket", f"{args.pod_resources_socket!r} is a directory, not a socket")
     if not os.path.isdir(args.proc_root):
-        parser.error(f"--proc-root: {args.proc_root!r} is not a directory")
+        parser.bad("--proc-root", f"{args.proc_root!r} is not a directory")
     if args.kubeconfig and not os.access(args.kubeconfig, os.R_OK):
-        parser.error(f"--kubeconfig: cannot read {args.kubeconfig!r}")
+        parser.bad("--kubeconfig", f"cannot read {args.kubeconfig!r}")
     level = str(args.log_level).lower()
     if level not in ("debug", "info", "warning", "error"):
-        parser.error(f"--log-level: want debug, info, warning or error, got {args.log_level!r}")
+        parser.bad("--log-level", f"want debug, info, warning or error, got {args.log_level!r}")
     return Config(
         listen_host=host.strip("[]"),
         listen_port=int(port_text),
@@ -126,9 +135,9 @@ def _positive(parser: _Parser, flag: str, text: object) -> float:
     try:
         value = float(str(text))
     except ValueError:
-        parser.error(f"{flag}: want a number of seconds, got {text!r}")
+        parser.bad(flag, f"want a number of seconds, got {text!r}")
     if not value > 0 or value == float("inf"):
-        parser.error(f"{flag}: must be a positive number of seconds, got {text!r}")
+        parser.bad(flag, f"must be a positive number of seconds, got {text!r}")
     return value
 
 

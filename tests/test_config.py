@@ -65,7 +65,7 @@ def test_bad_environment_value_is_named_too(capsys: pytest.CaptureFixture[str]) 
     with pytest.raises(SystemExit) as exit_info:
         parse_config([], environ={"GPU_EXPORTER_INTERVAL": "0"})
     assert exit_info.value.code == 2
-    assert "--interval" in capsys.readouterr().err
+    assert "--interval (env GPU_EXPORTER_INTERVAL)" in capsys.readouterr().err
 
 
 def test_console_script_help_documents_every_flag() -> None:
@@ -89,5 +89,6 @@ def test_bad_flag_from_the_command_line_exits_2() -> None:
     result = subprocess.run([sys.executable, "-m", "exporter", "--listen", ":0"], capture_output=True, text=True)
     assert result.returncode == 2
     assert result.stderr.strip().splitlines() == [
-        "gpu-pod-exporter: error: --listen: want host:port with a port from 1 to 65535, got ':0'"
+        "gpu-pod-exporter: error: --listen (env GPU_EXPORTER_LISTEN): want host:port with a port from 1 to 65535, "
+        "got ':0'"
     ]
