@@ -75,7 +75,7 @@ class Agent:
                 nvml_up=self.nvml.initialised,
                 nvml_status=self.nvml.status,
                 pod_resources_up=self.kubelet.up,
-                kubernetes_up=self.pods.up if self.pods is not None else False,
+                kubernetes_up=self.pods.up if self.pods is not None else None,
                 poll_duration_seconds=finished - started,
                 last_success_wall_time=self._last_success,
                 device_errors=dict(self._device_errors),

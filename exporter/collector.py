@@ -87,11 +87,12 @@ def _self_metrics(snapshot: Snapshot, now: float, stale: int) -> Iterator[Metric
         "1 when the last kubelet pod-resources List succeeded, else 0 (series then carry no pod labels).",
         float(health.pod_resources_up),
     )
-    yield _gauge(
-        "gpu_exporter_kubernetes_up",
-        "1 when the pod watch on the Kubernetes API is connected, else 0.",
-        float(health.kubernetes_up),
-    )
+    if health.kubernetes_up is not None:
+        yield _gauge(
+            "gpu_exporter_kubernetes_up",
+            "1 when the pod watch on the Kubernetes API is connected, else 0.",
+            float(health.kubernetes_up),
+        )
     if health.poll_duration_seconds is not None:
         yield _gauge(
             "gpu_exporter_poll_duration_seconds", "Duration of the last poll, in seconds.", health.poll_duration_seconds

@@ -106,7 +106,7 @@ class Health:
     nvml_up: bool
     nvml_status: str
     pod_resources_up: bool
-    kubernetes_up: bool
+    kubernetes_up: bool | None  # None: the pod watch is turned off
     poll_duration_seconds: float | None
     last_success_wall_time: float | None
     device_errors: Mapping[tuple[str, str, str], int]  # (gpu index, uuid, error kind) -> count

@@ -210,7 +210,8 @@ class NvmlReader:
 
     def _read_gpu(self, index: int) -> _GpuResult:
         result = _GpuResult(index=index)
-        uuid = ""
+        known = self._last.get(index)
+        uuid = known[0].uuid if known else ""  # a lost GPU often cannot tell its UUID any more
         try:
             handle = pynvml.nvmlDeviceGetHandleByIndex(index)
             uuid = str(pynvml.nvmlDeviceGetUUID(handle))

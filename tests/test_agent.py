@@ -218,3 +218,32 @@ def test_http_surface_and_sigterm(node: Node, start_agent) -> None:  # type: ign
     assert agent.process.returncode == 0
     assert took < 1.0, f"took {took:.2f}s to stop after SIGTERM"
     assert time.monotonic() - started < 2
+
+
+def test_a_lost_gpu_goes_away_and_comes_back(node: Node, start_agent) -> None:  # type: ignore[no-untyped-def]
+    agent = start_agent([*node.args(), "--no-kubernetes"], node.scenario_path)
+    agent.wait_for(lambda s: len(find(s, "duty_cycle_current")) == 2, what="both GPUs")
+    node.scenario.gpus[0].lost = True
+    node.scenario.write(node.scenario_path)
+    samples = agent.wait_for(lambda s: find(s, "duty_cycle_current", uuid=gpu_uuid(0)) == [], what="GPU 0 to go")
+    assert find(samples, "duty_cycle_current", uuid=gpu_uuid(1))[0][1] == 3  # the other keeps exporting
+    assert find(samples, "gpu_exporter_device_errors_total", uuid=gpu_uuid(0), kind="GPU_IS_LOST")[0][1] >= 1
+    assert find(samples, "gpu_exporter_kubernetes_up") == []  # the watch is off, not down
+    node.scenario.gpus[0].lost = False
+    node.scenario.write(node.scenario_path)
+    agent.wait_for(lambda s: pods_of(s).get(BERT) == 42, what="GPU 0 back, with its pod")
+
+
+def test_a_hung_gpu_ages_out_while_scrapes_keep_answering(node: Node, start_agent) -> None:  # type: ignore[no-untyped-def]
+    agent = start_agent([*node.args(), "--no-kubernetes"], node.scenario_path)  # staleness: 3 x 0.2 s
+    agent.wait_for(lambda s: len(find(s, "duty_cycle_current")) == 2, what="both GPUs")
+    node.scenario.gpus[0].block = {"util": 10}
+    node.scenario.write(node.scenario_path)
+    samples = agent.wait_for(
+        lambda s: find(s, "duty_cycle_current", uuid=gpu_uuid(0)) == [],
+        what="the hung GPU's series to be dropped as stale",
+    )
+    assert find(samples, "temperature_celsius_current", uuid=gpu_uuid(0)) == []
+    assert find(samples, "gpu_exporter_stale_series")[0][1] >= 1
+    assert find(samples, "duty_cycle_current", uuid=gpu_uuid(1))[0][1] == 3
+    assert find(samples, "gpu_exporter_data_age_seconds")[0][1] < 1.0  # the rest is polled on time

@@ -79,7 +79,7 @@ def test_lost_gpu_is_dropped_and_counted_then_picked_up_again(scenario_file: Pat
     scenario.write(scenario_file)
     devices, errors = by_uuid(reader)
     assert set(devices) == {gpu_uuid(1)}
-    assert errors == (("0", "", "GPU_IS_LOST"),)
+    assert errors == (("0", gpu_uuid(0), "GPU_IS_LOST"),)
     scenario.gpus[0].lost = False
     scenario.write(scenario_file)
     assert set(by_uuid(reader)[0]) == {gpu_uuid(0), gpu_uuid(1)}
