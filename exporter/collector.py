@@ -8,7 +8,8 @@ and so is every series of a device whose reading is older than the staleness bou
 from __future__ import annotations
 
 import time
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterator, Mapping
+from typing import Any
 
 from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, Metric
 from prometheus_client.registry import Collector
@@ -113,41 +114,50 @@ def _self_metrics(snapshot: Snapshot, now: float, stale: int) -> Iterator[Metric
         "GPU series left out because their device reading is older than the staleness bound.",
         float(stale),
     )
-    errors = CounterMetricFamily(
-        "gpu_exporter_device_errors", "NVML errors per device, by NVML error kind.", labels=["gpu", "uuid", "kind"]
+    yield _labelled(
+        CounterMetricFamily(
+            "gpu_exporter_device_errors", "NVML errors per device, by NVML error kind.", labels=["gpu", "uuid", "kind"]
+        ),
+        health.device_errors,
     )
-    for (gpu, uuid, kind), count in sorted(health.device_errors.items()):
-        errors.add_metric([gpu, uuid, kind], count)
-    yield errors
-    unknown = GaugeMetricFamily(
-        "gpu_exporter_unknown_device_ids",
-        "Device ids in the kubelet's last answer, for GPU resources, that name no device on this node "
-        "(unknown format, another node's GPU, or no pod name); they are not guessed.",
-        labels=["resource"],
+    yield _labelled(
+        GaugeMetricFamily(
+            "gpu_exporter_unknown_device_ids",
+            "Device ids in the kubelet's last answer, for GPU resources, that name no device on this node "
+            "(unknown format, another node's GPU, or no pod name); they are not guessed.",
+            labels=["resource"],
+        ),
+        snapshot.attribution.unknown_device_ids,
     )
-    for resource, count in sorted(snapshot.attribution.unknown_device_ids.items()):
-        unknown.add_metric([resource], count)
-    yield unknown
-    kubelet_errors = CounterMetricFamily(
-        "gpu_exporter_pod_resources_errors", "Failed kubelet pod-resources calls, by gRPC status code.", labels=["code"]
+    yield _labelled(
+        CounterMetricFamily(
+            "gpu_exporter_pod_resources_errors",
+            "Failed kubelet pod-resources calls, by gRPC status code.",
+            labels=["code"],
+        ),
+        health.pod_resources_errors_total,
     )
-    for code, count in sorted(health.pod_resources_errors_total.items()):
-        kubelet_errors.add_metric([code], count)
-    yield kubelet_errors
-    sharing = GaugeMetricFamily(
-        "gpu_exporter_gpu_sharing_pods",
-        "Pods using each device; above 1 the device is shared (time-slicing, MPS).",
-        labels=["uuid"],
+    yield _labelled(
+        GaugeMetricFamily(
+            "gpu_exporter_gpu_sharing_pods",
+            "Pods using each device; above 1 the device is shared (time-slicing, MPS).",
+            labels=["uuid"],
+        ),
+        snapshot.attribution.sharing_pods,
     )
-    for uuid, pods in sorted(snapshot.attribution.sharing_pods.items()):
-        sharing.add_metric([uuid], pods)
-    yield sharing
-    processes = GaugeMetricFamily(
-        "gpu_exporter_gpu_processes",
-        "GPU processes in the last poll by what their cgroup says: pod, host, unknown_pod (not in the pod "
-        "watch), exited (gone before its cgroup was read).",
-        labels=["owner"],
+    yield _labelled(
+        GaugeMetricFamily(
+            "gpu_exporter_gpu_processes",
+            "GPU processes in the last poll by what their cgroup says: pod, host, unknown_pod (not in the pod "
+            "watch), exited (gone before its cgroup was read).",
+            labels=["owner"],
+        ),
+        snapshot.attribution.processes_by_owner,
     )
-    for owner, count in sorted(snapshot.attribution.processes_by_owner.items()):
-        processes.add_metric([owner], count)
-    yield processes
+
+
+def _labelled(family: GaugeMetricFamily | CounterMetricFamily, values: Mapping[Any, int]) -> Metric:
+    """Fills a labelled family from a mapping keyed by one label value or a tuple of them."""
+    for key, value in sorted(values.items()):
+        family.add_metric(list(key) if isinstance(key, tuple) else [key], value)
+    return family

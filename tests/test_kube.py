@@ -30,6 +30,18 @@ def eventually(condition: Callable[[], bool], timeout_s: float = 10.0) -> None:
     raise AssertionError("condition not met in time")
 
 
+@pytest.fixture
+def watcher(api: FakeApiServer, tmp_path: Path) -> Iterator[PodWatcher]:
+    """A watcher on NODE through the fake API, already holding pod bert-0 and with its watch open."""
+    api.apply(pod_json("uid-1", "default", "bert-0", NODE))
+    pods = PodWatcher(NODE, str(api.write_kubeconfig(tmp_path / "kubeconfig")), retry_s=0.1)
+    pods.start()
+    eventually(lambda: names(pods) == {"bert-0"})
+    eventually(lambda: len(api.watch_requests()) == 1)
+    yield pods
+    pods.stop()
+
+
 def names(watcher: PodWatcher) -> set[str]:
     return {p.name for p in (watcher.pods or {}).values()}
 
@@ -57,41 +69,27 @@ def test_lists_then_follows_the_pods_of_this_node_only(api: FakeApiServer, tmp_p
         watcher.stop()
 
 
-def test_a_broken_watch_resumes_from_the_last_version_without_relisting(api: FakeApiServer, tmp_path: Path) -> None:
-    api.apply(pod_json("uid-1", "default", "bert-0", NODE))
-    watcher = PodWatcher(NODE, str(api.write_kubeconfig(tmp_path / "kubeconfig")), retry_s=0.1)
-    watcher.start()
-    try:
-        eventually(lambda: names(watcher) == {"bert-0"})
-        eventually(lambda: len(api.watch_requests()) == 1)
-        api.apply(pod_json("uid-2", "default", "bert-1", NODE))
-        eventually(lambda: names(watcher) == {"bert-0", "bert-1"})
-        api.break_watches()
-        api.apply(pod_json("uid-3", "default", "bert-2", NODE))  # happens while no watch is open
-        eventually(lambda: names(watcher) == {"bert-0", "bert-1", "bert-2"})
-        lists = [q for q in api.requests if "watch" not in q]
-        assert len(lists) == 1
-        resumed = api.watch_requests()[1]["resourceVersion"][0]
-        assert int(resumed) == 102  # the version of the last event seen before the break
-    finally:
-        watcher.stop()
+def test_a_broken_watch_resumes_from_the_last_version_without_relisting(
+    api: FakeApiServer, watcher: PodWatcher
+) -> None:
+    api.apply(pod_json("uid-2", "default", "bert-1", NODE))
+    eventually(lambda: names(watcher) == {"bert-0", "bert-1"})
+    api.break_watches()
+    api.apply(pod_json("uid-3", "default", "bert-2", NODE))  # happens while no watch is open
+    eventually(lambda: names(watcher) == {"bert-0", "bert-1", "bert-2"})
+    lists = [q for q in api.requests if "watch" not in q]
+    assert len(lists) == 1
+    resumed = api.watch_requests()[1]["resourceVersion"][0]
+    assert int(resumed) == 102  # the version of the last event seen before the break
 
 
-def test_an_expired_watch_relists(api: FakeApiServer, tmp_path: Path) -> None:
-    api.apply(pod_json("uid-1", "default", "bert-0", NODE))
-    watcher = PodWatcher(NODE, str(api.write_kubeconfig(tmp_path / "kubeconfig")), retry_s=0.1)
-    watcher.start()
-    try:
-        eventually(lambda: names(watcher) == {"bert-0"})
-        eventually(lambda: len(api.watch_requests()) == 1)
-        api.compact()  # history gone: resuming would get 410 Gone
-        api.delete("uid-1")
-        api.apply(pod_json("uid-2", "default", "bert-1", NODE))
-        api.compact()
-        eventually(lambda: names(watcher) == {"bert-1"})
-        assert len([q for q in api.requests if "watch" not in q]) >= 2
-    finally:
-        watcher.stop()
+def test_an_expired_watch_relists(api: FakeApiServer, watcher: PodWatcher) -> None:
+    api.compact()  # history gone: resuming would get 410 Gone
+    api.delete("uid-1")
+    api.apply(pod_json("uid-2", "default", "bert-1", NODE))
+    api.compact()
+    eventually(lambda: names(watcher) == {"bert-1"})
+    assert len([q for q in api.requests if "watch" not in q]) >= 2
 
 
 def test_unreachable_api_is_reported_down_and_pods_stay_unknown(tmp_path: Path) -> None:
