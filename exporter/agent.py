@@ -129,15 +129,22 @@ class Agent:
         self.kubelet.close()
 
 
+def _web_mode(config: Config) -> str:
+    if config.web is None:
+        return "plain HTTP, no auth"
+    return ("TLS" if config.web.tls else "plain HTTP") + (", basic auth" if config.web.auth else ", no auth")
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     config = parse_config(argv)
     configure_logging(config.log_level)
     log.info(
-        "gpu-pod-exporter starting: node %s, listening on %s:%d, polling every %gs, pod-resources %s, "
+        "gpu-pod-exporter starting: node %s, listening on %s:%d (%s), polling every %gs, pod-resources %s, "
         "proc root %s, Kubernetes API %s",
         config.node_name,
         config.listen_host or "*",
         config.listen_port,
+        _web_mode(config),
         config.interval_s,
         config.pod_resources_socket,
         config.proc_root,
@@ -145,7 +152,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     )
     agent = Agent(config)
     try:
-        server = MetricsServer((config.listen_host, config.listen_port), agent.exposition, agent.readiness)
+        server = MetricsServer((config.listen_host, config.listen_port), agent.exposition, agent.readiness, config.web)
     except OSError as error:
         log.error("cannot listen on %s:%d: %s", config.listen_host or "*", config.listen_port, error)
         return 1

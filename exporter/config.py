@@ -11,6 +11,8 @@ from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from typing import NoReturn
 
+from exporter.webconfig import WebConfig, WebConfigError, load_web_config
+
 DEFAULT_SOCKET = "/var/lib/kubelet/pod-resources/kubelet.sock"
 
 
@@ -26,6 +28,7 @@ class Config:
     kubeconfig: str | None
     kubernetes: bool
     log_level: str
+    web: WebConfig | None
 
 
 class _Parser(argparse.ArgumentParser):
@@ -37,7 +40,7 @@ class _Parser(argparse.ArgumentParser):
 
     def error(self, message: str) -> NoReturn:
         """One line naming what is wrong, exit code 2 (argparse's own prints the usage too)."""
-        sys.stderr.write(f"{self.prog}: error: {message}\n")
+        sys.stderr.write(f"{self.prog}: error: {' '.join(message.split())}\n")
         raise SystemExit(2)
 
 
@@ -94,6 +97,11 @@ def build_parser(environ: Mapping[str, str]) -> _Parser:
         f"[env {_env('NO_KUBERNETES')}=true]",
     )
     add("--log-level", _env("LOG_LEVEL"), "debug, info, warning or error (default info)", default="info")
+    add(
+        "--web-config",
+        _env("WEB_CONFIG"),
+        "Prometheus exporter-toolkit web config file enabling TLS and/or basic auth on /metrics (default: none)",
+    )
     return parser
 
 
@@ -117,6 +125,12 @@ def parse_config(argv: Sequence[str] | None = None, environ: Mapping[str, str] |
     level = str(args.log_level).lower()
     if level not in ("debug", "info", "warning", "error"):
         parser.bad("--log-level", f"want debug, info, warning or error, got {args.log_level!r}")
+    web = None
+    if args.web_config:
+        try:
+            web = load_web_config(args.web_config)
+        except WebConfigError as error:
+            parser.bad("--web-config", str(error))
     return Config(
         listen_host=host.strip("[]"),
         listen_port=int(port_text),
@@ -128,6 +142,7 @@ def parse_config(argv: Sequence[str] | None = None, environ: Mapping[str, str] |
         kubeconfig=args.kubeconfig,
         kubernetes=not args.no_kubernetes,
         log_level=level,
+        web=web,
     )
 
 

@@ -11,8 +11,11 @@ import logging
 import threading
 from collections.abc import Callable
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+from typing import Any
 
 from prometheus_client import CollectorRegistry, generate_latest
+
+from exporter.webconfig import WebConfig
 
 log = logging.getLogger(__name__)
 
@@ -35,6 +38,9 @@ class Exposition:
         return self._rendered
 
 
+_UNAUTHENTICATED = ("/healthz", "/readyz")
+
+
 class _Handler(BaseHTTPRequestHandler):
     server: MetricsServer
     timeout = 10  # a client that stalls mid-request loses its thread after this many seconds
@@ -51,7 +57,17 @@ class _Handler(BaseHTTPRequestHandler):
 
     def _respond(self, send_body: bool) -> None:
         path = self.path.split("?", 1)[0]
-        if path == "/metrics":
+        auth = self.server.web.auth
+        # Probes stay open, as on Kubernetes' own servers: they reveal nothing but liveness.
+        if auth is not None and path not in _UNAUTHENTICATED and not auth.allows(self.headers.get("Authorization")):
+            self._send(
+                401,
+                b"unauthorized\n",
+                "text/plain; charset=utf-8",
+                send_body,
+                {"WWW-Authenticate": 'Basic realm="gpu-pod-exporter"'},
+            )
+        elif path == "/metrics":
             plain, compressed = self.server.exposition.latest()
             gzipped = "gzip" in self.headers.get("Accept-Encoding", "")
             self._send(
@@ -93,11 +109,24 @@ class MetricsServer(ThreadingHTTPServer):
     request_queue_size = 128
 
     def __init__(
-        self, address: tuple[str, int], exposition: Exposition, readiness: Callable[[], tuple[bool, str]]
+        self,
+        address: tuple[str, int],
+        exposition: Exposition,
+        readiness: Callable[[], tuple[bool, str]],
+        web: WebConfig | None = None,
     ) -> None:
         self.exposition = exposition
         self.readiness = readiness
+        self.web = web or WebConfig(tls=None, auth=None)
         super().__init__(address, _Handler)
+        if self.web.tls is not None:
+            # The handshake happens on the connection's own thread, at its first read, so a client
+            # that never completes one cannot hold up the accept loop.
+            self.socket = self.web.tls.wrap_socket(self.socket, server_side=True, do_handshake_on_connect=False)
+
+    def handle_error(self, request: Any, client_address: Any) -> None:
+        """A client that hangs up, times out or fails the TLS handshake is its problem, not ours."""
+        log.debug("connection from %s failed", client_address, exc_info=True)
 
     def start(self) -> threading.Thread:
         thread = threading.Thread(target=self.serve_forever, kwargs={"poll_interval": 0.1}, name="http", daemon=True)

@@ -65,9 +65,12 @@ def find(samples: Samples, name: str, **labels: str) -> list[tuple[dict[str, str
 class AgentProcess:
     """``python -m exporter`` as users run it, with the fake NVML library on its library path."""
 
-    def __init__(self, args: list[str], scenario: Path | None, lib_dir: Path | None, log_path: Path) -> None:
+    def __init__(
+        self, args: list[str], scenario: Path | None, lib_dir: Path | None, log_path: Path, ca: Path | None = None
+    ) -> None:
         self.port = free_port()
-        self.url = f"http://127.0.0.1:{self.port}"
+        self.url = f"{'https' if ca else 'http'}://127.0.0.1:{self.port}"
+        self.verify: str | bool = str(ca) if ca else True
         env = {k: v for k, v in os.environ.items() if not k.startswith("GPU_EXPORTER_")}
         env["LD_LIBRARY_PATH"] = str(lib_dir) if lib_dir else ""
         if scenario is not None:
@@ -90,9 +93,9 @@ class AgentProcess:
             if self.process.poll() is not None:
                 raise RuntimeError(f"agent exited early:\n{self.log()}")
             try:
-                requests.get(self.url + "/healthz", timeout=1)
+                socket.create_connection(("127.0.0.1", self.port), timeout=1).close()
                 return
-            except requests.ConnectionError:
+            except OSError:
                 time.sleep(0.05)
         raise RuntimeError(f"agent did not listen in time:\n{self.log()}")
 
@@ -133,9 +136,11 @@ class AgentProcess:
 def start_agent(tmp_path: Path, fake_nvml: Path) -> Iterator:  # type: ignore[type-arg]
     agents: list[AgentProcess] = []
 
-    def start(args: list[str], scenario: Path | None, with_library: bool = True) -> AgentProcess:
+    def start(
+        args: list[str], scenario: Path | None, with_library: bool = True, ca: Path | None = None
+    ) -> AgentProcess:
         agent = AgentProcess(
-            args, scenario, fake_nvml.parent if with_library else None, tmp_path / f"agent{len(agents)}.log"
+            args, scenario, fake_nvml.parent if with_library else None, tmp_path / f"agent{len(agents)}.log", ca
         )
         agents.append(agent)
         return agent
