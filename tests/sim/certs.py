@@ -39,7 +39,7 @@ def _write_cert(cert: x509.Certificate, path: Path) -> Path:
 
 
 def make_pki(directory: Path) -> Pki:
-    now = datetime.datetime.now(datetime.timezone.utc)
+    now = datetime.datetime.now(datetime.UTC)
     ca_key = ec.generate_private_key(ec.SECP256R1())
     ca = (
         x509.CertificateBuilder()
