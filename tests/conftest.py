@@ -16,8 +16,11 @@ import pytest
 import requests
 from prometheus_client.parser import text_string_to_metric_families
 
+from tests.sim.apiserver import FakeApiServer, pod_json
 from tests.sim.fakelib import build_fake_nvml
-from tests.sim.scenario import Scenario
+from tests.sim.kubelet import FakeKubelet, PodDevices
+from tests.sim.procfs import FakeProc, systemd_v2
+from tests.sim.scenario import Gpu, Proc, Scenario, gpu_uuid
 
 ROOT = Path(__file__).resolve().parent.parent
 
@@ -148,3 +151,53 @@ def start_agent(tmp_path: Path, fake_nvml: Path) -> Iterator:  # type: ignore[ty
     yield start
     for agent in agents:
         agent.stop()
+
+
+NODE = "gpu-node-1"
+BERT = "bert-intent-detection-6d5f8b7c9-x2x4q"
+BERT_UID = "0f8fad5b-d9cb-469f-a165-70867728950e"
+BERT_CID = "1" * 64
+
+
+class Node:
+    """A simulated GPU node: NVML scenario, kubelet, /proc and the pods API."""
+
+    def __init__(self, tmp_path: Path) -> None:
+        self.scenario_path = tmp_path / "scenario.txt"
+        self.scenario = Scenario(
+            gpus=[Gpu(gpu_uuid(0), util=42, used=9_000_000_000, temp=65, power=250_000), Gpu(gpu_uuid(1), util=3)],
+            procs=[Proc(gpu=0, pid=4242, mem=8_000_000_000, sm=40)],
+        )
+        self.scenario.write(self.scenario_path)
+        self.kubelet = FakeKubelet(str(tmp_path / "kubelet.sock")).start()
+        self.kubelet.set_pods([PodDevices("default", BERT, {"server": [("nvidia.com/gpu", [gpu_uuid(0)])]})])
+        self.proc = FakeProc(tmp_path / "proc")
+        self.proc.add(4242, systemd_v2(BERT_UID, BERT_CID))
+        self.api = FakeApiServer().start()
+        self.api.apply(pod_json(BERT_UID, "default", BERT, NODE, containers={"server": BERT_CID}))
+        self.kubeconfig = self.api.write_kubeconfig(tmp_path / "kubeconfig")
+
+    def args(self) -> list[str]:
+        return [
+            "--node-name",
+            NODE,
+            "--interval",
+            "0.2",
+            "--pod-resources-socket",
+            self.kubelet.socket_path,
+            "--proc-root",
+            str(self.proc.root),
+            "--kubeconfig",
+            str(self.kubeconfig),
+        ]
+
+    def stop(self) -> None:
+        self.kubelet.stop()
+        self.api.stop()
+
+
+@pytest.fixture
+def node(tmp_path: Path) -> Iterator[Node]:
+    simulated = Node(tmp_path)
+    yield simulated
+    simulated.stop()
