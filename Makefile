@@ -25,6 +25,7 @@ lint: install
 clean:
 	rm -f tests/fakenvml/libnvidia-ml.so.1 exporter/podresources/api_pb2*.py exporter/podresources/api_pb2*.pyi
 
-# Figures for the agent on a simulated node (8 GPUs, 64 processes, 32 pods); not part of make test.
+# Side-by-side with nvitop-exporter on the same fake NVML scenarios; not part of make test (~15 min).
 bench: install fake-nvml
-	$(PYTHON) -m bench.agent --gpus 8 --procs 64 --pods 32 --json bench/agent-figures.json
+	$(PYTHON) -m pip install -q 'nvitop-exporter>=1.4' 'matplotlib>=3.7'
+	$(PYTHON) -m bench.compare --out bench/results

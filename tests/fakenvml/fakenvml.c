@@ -531,3 +531,77 @@ int nvmlDeviceGetComputeInstanceId(void *device, unsigned int *id) {
     *id = d.ci;
     return NVML_SUCCESS;
 }
+
+/*
+ * Calls the agent does not make but peer exporters do (the benchmark runs nvitop-exporter on the
+ * same scenario): fixed, plausible answers of a datacenter GPU, so the peer pays for each call as it
+ * would on a real node instead of skipping a missing symbol.
+ */
+int nvmlSystemGetCudaDriverVersion(int *version) {
+    *version = 12040;
+    return NVML_SUCCESS;
+}
+
+int nvmlSystemGetCudaDriverVersion_v2(int *version) { return nvmlSystemGetCudaDriverVersion(version); }
+
+int nvmlDeviceGetClockInfo(void *device, int type, unsigned int *mhz) {
+    struct device d;
+    int rc = enter(device, -1, &d);
+    if (rc == NVML_SUCCESS) *mhz = type == 2 ? 2619 : 1980; /* memory clock : graphics/SM */
+    return rc;
+}
+
+static int codec_utilisation(void *device, unsigned int *util, unsigned int *period_us) {
+    struct device d;
+    int rc = enter(device, -1, &d);
+    if (rc != NVML_SUCCESS) return rc;
+    *util = 0;
+    *period_us = 167000;
+    return NVML_SUCCESS;
+}
+
+int nvmlDeviceGetEncoderUtilization(void *device, unsigned int *util, unsigned int *period_us) {
+    return codec_utilisation(device, util, period_us);
+}
+
+int nvmlDeviceGetDecoderUtilization(void *device, unsigned int *util, unsigned int *period_us) {
+    return codec_utilisation(device, util, period_us);
+}
+
+int nvmlDeviceGetFanSpeed(void *device, unsigned int *speed) {
+    struct device d;
+    int rc = enter(device, -1, &d);
+    (void)speed;
+    return rc == NVML_SUCCESS ? NVML_ERROR_NOT_SUPPORTED : rc; /* passively cooled */
+}
+
+int nvmlDeviceGetFieldValues(void *device, int count, void *values) {
+    struct device d;
+    int rc = enter(device, -1, &d);
+    (void)count;
+    (void)values;
+    return rc == NVML_SUCCESS ? NVML_ERROR_NOT_SUPPORTED : rc;
+}
+
+int nvmlDeviceGetGraphicsRunningProcesses_v3(void *device, unsigned int *count, nvmlProcessInfo_t *infos) {
+    struct device d;
+    int rc = enter(device, -1, &d);
+    (void)infos;
+    if (rc == NVML_SUCCESS) *count = 0; /* compute-only node */
+    return rc;
+}
+
+int nvmlDeviceGetPcieThroughput(void *device, int counter, unsigned int *kib_per_s) {
+    struct device d;
+    int rc = enter(device, -1, &d);
+    (void)counter;
+    if (rc == NVML_SUCCESS) *kib_per_s = 0;
+    return rc;
+}
+
+int nvmlDeviceGetPowerManagementLimit(void *device, unsigned int *milliwatts) {
+    struct device d;
+    int rc = enter(device, -1, &d);
+    if (rc == NVML_SUCCESS) *milliwatts = 700000;
+    return rc;
+}

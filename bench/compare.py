@@ -1,0 +1,264 @@
+"""Side-by-side benchmark: this agent and nvitop-exporter on the same fake NVML scenarios.
+
+For each scenario (1, 8, 16 GPUs x 0, 64, 512 GPU processes over up to 256 pods) each exporter polls
+every second; we measure CPU seconds per minute of polling with no scrapes, RSS after warm-up,
+scrape latency (median, p99) under 10 concurrent scrapers, requests per second at saturation
+(50 concurrent), and series count. Then the agent alone runs an hour-equivalent of pod churn
+(pods created and deleted every poll) to measure RSS growth. Writes a table, JSON and a PNG chart.
+
+    python -m bench.compare [--quick] [--out bench/results]
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import platform
+import shutil
+import signal
+import subprocess
+import sys
+import tempfile
+import time
+from dataclasses import replace
+from pathlib import Path
+
+import requests
+
+from bench.measure import cpu_seconds, node_scenario, rss_bytes, run_hey
+from tests.conftest import free_port
+from tests.sim.fakelib import build_fake_nvml
+from tests.sim.kubelet import FakeKubelet, PodDevices
+from tests.sim.procfs import FakeProc, systemd_v2
+from tests.sim.scenario import Scenario
+
+EXPORTERS = ("gpu-pod-exporter", "nvitop-exporter")
+
+
+def wait_listening(url: str, timeout_s: float = 30) -> None:
+    deadline = time.monotonic() + timeout_s
+    while time.monotonic() < deadline:
+        try:
+            requests.get(url, timeout=5)
+            return
+        except requests.RequestException:
+            time.sleep(0.2)
+    raise RuntimeError(f"{url} never answered")
+
+
+def start(
+    exporter: str, state: Path, port: int, kubelet: FakeKubelet, proc: FakeProc, interval: float = 1.0
+) -> subprocess.Popen[bytes]:
+    env = dict(
+        os.environ, LD_LIBRARY_PATH=str(build_fake_nvml().parent), FAKE_NVML_SCENARIO=str(state / "scenario.txt")
+    )
+    if exporter == "gpu-pod-exporter":
+        command = [
+            sys.executable,
+            "-m",
+            "exporter",
+            "--listen",
+            f"127.0.0.1:{port}",
+            "--no-kubernetes",
+            "--interval",
+            str(interval),
+            "--pod-resources-socket",
+            kubelet.socket_path,
+            "--proc-root",
+            str(proc.root),
+        ]
+    else:
+        command = [
+            shutil.which("nvitop-exporter") or "nvitop-exporter",
+            "--bind-address",
+            "127.0.0.1",
+            "--port",
+            str(port),
+            "--interval",
+            str(interval),
+        ]
+    return subprocess.Popen(command, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+
+
+def series_count(url: str) -> int:
+    text = requests.get(url, timeout=30).text
+    return sum(1 for line in text.splitlines() if line and not line.startswith("#"))
+
+
+def measure(exporter: str, gpus: int, procs: int, pods: int, idle_s: float, load_s: int) -> dict[str, object]:
+    state = Path(tempfile.mkdtemp(prefix="gpu-bench-"))
+    scenario, allocations, cgroups = node_scenario(gpus, procs, pods)
+    scenario.write(state / "scenario.txt")
+    kubelet = FakeKubelet(str(state / "kubelet.sock")).start()
+    kubelet.set_pods(allocations)
+    proc = FakeProc(state / "proc")
+    for pid, cgroup in cgroups.items():
+        proc.add(pid, cgroup)
+    port = free_port()
+    url = f"http://127.0.0.1:{port}/metrics"
+    process = start(exporter, state, port, kubelet, proc)
+    try:
+        wait_listening(url)
+        time.sleep(3)  # warm-up: a few polls
+        rss_warm = rss_bytes(process.pid)
+        before = cpu_seconds(process.pid)
+        time.sleep(idle_s)
+        cpu_per_minute = (cpu_seconds(process.pid) - before) * 60 / idle_s
+        series = series_count(url)
+        latency = run_hey(url, concurrency=10, duration_s=load_s)
+        saturation = run_hey(url, concurrency=50, duration_s=max(2, load_s // 2))
+        return {
+            "exporter": exporter,
+            "gpus": gpus,
+            "processes": procs,
+            "pods": pods,
+            "series": series,
+            "cpu_s_per_min": cpu_per_minute,
+            "rss_mb": rss_warm / 1e6,
+            "p50_ms": latency["p50_ms"],
+            "p99_ms": latency["p99_ms"],
+            "errors": latency["errors"],
+            "rps_saturated": saturation["requests_per_second"],
+        }
+    finally:
+        process.send_signal(signal.SIGTERM)
+        try:
+            process.wait(timeout=10)
+        except subprocess.TimeoutExpired:
+            process.kill()
+        kubelet.stop()
+
+
+def churn(polls: int, interval: float) -> dict[str, float]:
+    """The agent at 8 GPUs / 64 processes while every poll sees other pods: RSS before and after."""
+    state = Path(tempfile.mkdtemp(prefix="gpu-churn-"))
+    scenario, allocations, cgroups = node_scenario(8, 64, 32)
+    scenario.write(state / "scenario.txt")
+    kubelet = FakeKubelet(str(state / "kubelet.sock")).start()
+    kubelet.set_pods(allocations)
+    proc = FakeProc(state / "proc")
+    port = free_port()
+    url = f"http://127.0.0.1:{port}/metrics"
+    process = start("gpu-pod-exporter", state, port, kubelet, proc, interval=interval)
+
+    def generation(n: int) -> None:
+        """Generation n of the pods: new names, UIDs and PIDs, as if all were deleted and created."""
+        kubelet.set_pods([PodDevices(p.namespace, f"{p.name}-g{n}", p.containers) for p in allocations])
+        for index, pid in enumerate(cgroups):
+            proc.remove(pid + 1000 * (n - 1))
+            proc.add(pid + 1000 * n, systemd_v2(f"{n:08x}-0000-4000-8000-{index:012x}", f"{pid + 1000 * n:064x}"))
+        procs = [replace(q, pid=q.pid + 1000 * n) for q in scenario.procs]
+        Scenario(gpus=scenario.gpus, procs=procs).write(state / "scenario.txt")
+
+    try:
+        wait_listening(url)
+        generation(0)
+        time.sleep(3)
+        rss_before = rss_bytes(process.pid)
+        for n in range(1, polls + 1):
+            generation(n)
+            time.sleep(interval)
+        rss_after = rss_bytes(process.pid)
+        return {
+            "churn_polls": polls,
+            "rss_mb_before": rss_before / 1e6,
+            "rss_mb_after": rss_after / 1e6,
+            "rss_growth_percent": 100 * (rss_after - rss_before) / rss_before,
+        }
+    finally:
+        process.send_signal(signal.SIGTERM)
+        process.wait(timeout=10)
+        kubelet.stop()
+
+
+def chart(rows: list[dict[str, object]], path: Path) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    figure, (latency_axis, cpu_axis) = plt.subplots(1, 2, figsize=(11, 4.2))
+    for exporter in EXPORTERS:
+        mine = sorted((r for r in rows if r["exporter"] == exporter and r["processes"] == 64), key=lambda r: r["gpus"])  # type: ignore[arg-type,return-value]
+        gpus = [r["gpus"] for r in mine]
+        latency_axis.plot(gpus, [r["p99_ms"] for r in mine], marker="o", label=exporter)
+        cpu_axis.plot(gpus, [r["cpu_s_per_min"] for r in mine], marker="o", label=exporter)
+    latency_axis.set(
+        xlabel="GPUs (64 GPU processes)",
+        ylabel="scrape p99 (ms), 10 concurrent scrapers",
+        yscale="log",
+        title="Scrape latency",
+    )
+    cpu_axis.set(
+        xlabel="GPUs (64 GPU processes)", ylabel="CPU seconds per minute, polling every 1 s", title="Polling cost"
+    )
+    for axis in (latency_axis, cpu_axis):
+        axis.grid(True, alpha=0.3)
+        axis.legend()
+    figure.suptitle(f"gpu-pod-exporter vs nvitop-exporter, fake NVML, {os.cpu_count()} cores")
+    figure.tight_layout()
+    figure.savefig(path, dpi=110)
+
+
+def table(rows: list[dict[str, object]]) -> str:
+    ours = {(r["gpus"], r["processes"]): r for r in rows if r["exporter"] == EXPORTERS[0]}
+    peer = {(r["gpus"], r["processes"]): r for r in rows if r["exporter"] == EXPORTERS[1]}
+
+    def ratio(key: str, scenario: tuple[object, object]) -> str:
+        mine, theirs = float(ours[scenario][key]), float(peer[scenario][key])  # type: ignore[arg-type]
+        return f"{theirs / mine:.0f}x" if mine else "-"
+
+    lines = [
+        "| GPUs | procs | pods | series (ours/peer) | p50 ms (ours/peer) | p99 ms (ours/peer, ratio) | "
+        "rps at c=50 (ours/peer) | CPU s/min (ours/peer, ratio) | RSS MB (ours/peer) |",
+        "| --- | --- | --- | --- | --- | --- | --- | --- | --- |",
+    ]
+    for key in sorted(ours):
+        o, p = ours[key], peer[key]
+        lines.append(
+            f"| {key[0]} | {key[1]} | {o['pods']} | {o['series']}/{p['series']} | "
+            f"{o['p50_ms']:.1f}/{p['p50_ms']:.1f} | {o['p99_ms']:.1f}/{p['p99_ms']:.1f} ({ratio('p99_ms', key)}) | "
+            f"{o['rps_saturated']:.0f}/{p['rps_saturated']:.0f} | "
+            f"{o['cpu_s_per_min']:.2f}/{p['cpu_s_per_min']:.2f} ({ratio('cpu_s_per_min', key)}) | "
+            f"{o['rss_mb']:.0f}/{p['rss_mb']:.0f} |"
+        )
+    return "\n".join(lines)
+
+
+def main() -> int:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--out", type=Path, default=Path("bench/results"))
+    parser.add_argument("--quick", action="store_true", help="8 GPUs / 64 processes only, shorter runs")
+    args = parser.parse_args()
+    args.out.mkdir(parents=True, exist_ok=True)
+    grid = [(8, 64)] if args.quick else [(g, p) for g in (1, 8, 16) for p in (0, 64, 512)]
+    idle_s, load_s = (10.0, 5) if args.quick else (20.0, 8)
+    rows = []
+    for gpus, procs in grid:
+        pods = min(256, procs // 2) if procs else gpus
+        for exporter in EXPORTERS:
+            row = measure(exporter, gpus, procs, pods, idle_s, load_s)
+            print(json.dumps(row), flush=True)
+            rows.append(row)
+    churned = churn(polls=600 if args.quick else 3600, interval=0.02)
+    print(json.dumps(churned), flush=True)
+    machine = (
+        f"{platform.machine()}, {os.cpu_count()} cores, {platform.python_implementation()} {platform.python_version()}"
+    )
+    (args.out / "results.json").write_text(
+        json.dumps({"machine": machine, "rows": rows, "churn": churned}, indent=2) + "\n"
+    )
+    chart(rows, args.out / "chart.png")
+    summary = (
+        f"Machine: {machine}\n\n{table(rows)}\n\nChurn ({churned['churn_polls']} polls, pods replaced each "
+        f"poll): RSS {churned['rss_mb_before']:.1f} MB -> {churned['rss_mb_after']:.1f} MB "
+        f"({churned['rss_growth_percent']:+.1f}%)\n"
+    )
+    (args.out / "table.md").write_text(summary)
+    print(summary)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,59 @@
+"""Measurement helpers for the benchmark: simulated node layouts and readings of a process's cost."""
+
+from __future__ import annotations
+
+import os
+import re
+import subprocess
+from pathlib import Path
+
+from tests.sim.kubelet import PodDevices
+from tests.sim.procfs import systemd_v2
+from tests.sim.scenario import GIB, Gpu, Proc, Scenario, gpu_uuid
+
+
+def node_scenario(gpus: int, procs: int, pods: int) -> tuple[Scenario, list[PodDevices], dict[int, str]]:
+    """``pods`` pods time-slicing ``gpus`` GPUs round-robin; ``procs`` processes spread over the pods."""
+    pod_names = [f"bert-intent-detection-{i:04d}" for i in range(pods)]
+    pod_gpu = {name: i % gpus for i, name in enumerate(pod_names)}
+    allocations = [
+        PodDevices("default", name, {"server": [("nvidia.com/gpu", [f"{gpu_uuid(pod_gpu[name])}::{i}"])]})
+        for i, name in enumerate(pod_names)
+    ]
+    cgroups: dict[int, str] = {}
+    processes = []
+    for p in range(procs):
+        pod = p % pods
+        pid = 100_000 + p
+        uid = f"{pod:08x}-0000-4000-8000-{p:012x}"
+        cgroups[pid] = systemd_v2(uid, f"{pid:064x}")
+        processes.append(Proc(gpu=pod_gpu[pod_names[pod]], pid=pid, mem=GIB, sm=(p * 7) % 50))
+    scenario = Scenario(gpus=[Gpu(gpu_uuid(i), util=40) for i in range(gpus)], procs=processes)
+    return scenario, allocations, cgroups
+
+
+def rss_bytes(pid: int) -> int:
+    status = Path(f"/proc/{pid}/status").read_text()
+    return int(re.search(r"VmRSS:\s+(\d+) kB", status).group(1)) * 1024  # type: ignore[union-attr]
+
+
+def run_hey(url: str, concurrency: int, duration_s: int) -> dict[str, float]:
+    """hey for a fixed time at a fixed concurrency: latency percentiles, throughput, failed requests."""
+    out = subprocess.run(
+        ["hey", "-z", f"{duration_s}s", "-c", str(concurrency), url], capture_output=True, text=True, check=True
+    ).stdout
+    figures = {f"p{m.group(1)}_ms": float(m.group(2)) * 1000 for m in re.finditer(r"(\d+)%+ in ([\d.]+) secs", out)}
+    figures["requests_per_second"] = float(re.search(r"Requests/sec:\s+([\d.]+)", out).group(1))  # type: ignore[union-attr]
+    codes = {int(code): int(n) for code, n in re.findall(r"\[(\d+)\]\s+(\d+) responses", out)}
+    failed = (
+        sum(int(n) for n in re.findall(r"^\s+\[(\d+)\]\s", out.split("Error distribution:")[-1], re.M))
+        if "Error distribution:" in out
+        else 0
+    )
+    figures["errors"] = sum(n for code, n in codes.items() if code != 200) + failed
+    return figures
+
+
+def cpu_seconds(pid: int) -> float:
+    fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
+    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
