@@ -26,8 +26,9 @@ from pathlib import Path
 
 import requests
 
-from bench.measure import cpu_seconds, node_scenario, rss_bytes, run_hey
+from bench.measure import cpu_seconds, node_layout, rss_bytes, run_hey
 from tests.conftest import free_port
+from tests.sim.apiserver import FakeApiServer
 from tests.sim.fakelib import build_fake_nvml
 from tests.sim.kubelet import FakeKubelet, PodDevices
 from tests.sim.procfs import FakeProc, systemd_v2
@@ -48,7 +49,13 @@ def wait_listening(url: str, timeout_s: float = 30) -> None:
 
 
 def start(
-    exporter: str, state: Path, port: int, kubelet: FakeKubelet, proc: FakeProc, interval: float = 1.0
+    exporter: str,
+    state: Path,
+    port: int,
+    kubelet: FakeKubelet,
+    proc: FakeProc,
+    interval: float = 1.0,
+    kubeconfig: Path | None = None,
 ) -> subprocess.Popen[bytes]:
     env = dict(
         os.environ, LD_LIBRARY_PATH=str(build_fake_nvml().parent), FAKE_NVML_SCENARIO=str(state / "scenario.txt")
@@ -60,7 +67,7 @@ def start(
             "exporter",
             "--listen",
             f"127.0.0.1:{port}",
-            "--no-kubernetes",
+            *(["--kubeconfig", str(kubeconfig)] if kubeconfig else ["--no-kubernetes"]),
             "--interval",
             str(interval),
             "--pod-resources-socket",
@@ -88,16 +95,20 @@ def series_count(url: str) -> int:
 
 def measure(exporter: str, gpus: int, procs: int, pods: int, idle_s: float, load_s: int) -> dict[str, object]:
     state = Path(tempfile.mkdtemp(prefix="gpu-bench-"))
-    scenario, allocations, cgroups = node_scenario(gpus, procs, pods)
-    scenario.write(state / "scenario.txt")
+    layout = node_layout(gpus, procs, pods)
+    layout.scenario.write(state / "scenario.txt")
     kubelet = FakeKubelet(str(state / "kubelet.sock")).start()
-    kubelet.set_pods(allocations)
+    kubelet.set_pods(layout.allocations)
     proc = FakeProc(state / "proc")
-    for pid, cgroup in cgroups.items():
+    for pid, cgroup in layout.cgroups.items():
         proc.add(pid, cgroup)
+    # Our agent runs as deployed: with its pod watch on (the Kubernetes client is part of its footprint).
+    api = FakeApiServer().start()
+    for pod in layout.pods:
+        api.apply(pod)
     port = free_port()
     url = f"http://127.0.0.1:{port}/metrics"
-    process = start(exporter, state, port, kubelet, proc)
+    process = start(exporter, state, port, kubelet, proc, kubeconfig=api.write_kubeconfig(state / "kubeconfig"))
     try:
         wait_listening(url)
         time.sleep(3)  # warm-up: a few polls
@@ -128,12 +139,18 @@ def measure(exporter: str, gpus: int, procs: int, pods: int, idle_s: float, load
         except subprocess.TimeoutExpired:
             process.kill()
         kubelet.stop()
+        api.stop()
 
 
 def churn(polls: int, interval: float) -> dict[str, float]:
-    """The agent at 8 GPUs / 64 processes while every poll sees other pods: RSS before and after."""
+    """The agent at 8 GPUs / 64 processes while every poll sees other pods: RSS before and after.
+
+    Pods churn through the kubelet and /proc; the pod watch is off here (the fake API server's
+    event history would grow without bound at this rate), so pods are named from pod-resources.
+    """
     state = Path(tempfile.mkdtemp(prefix="gpu-churn-"))
-    scenario, allocations, cgroups = node_scenario(8, 64, 32)
+    layout = node_layout(8, 64, 32)
+    scenario, allocations, cgroups = layout.scenario, layout.allocations, layout.cgroups
     scenario.write(state / "scenario.txt")
     kubelet = FakeKubelet(str(state / "kubelet.sock")).start()
     kubelet.set_pods(allocations)

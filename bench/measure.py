@@ -5,31 +5,46 @@ from __future__ import annotations
 import os
 import re
 import subprocess
+from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
+from tests.sim.apiserver import pod_json
 from tests.sim.kubelet import PodDevices
 from tests.sim.procfs import systemd_v2
 from tests.sim.scenario import GIB, Gpu, Proc, Scenario, gpu_uuid
 
 
-def node_scenario(gpus: int, procs: int, pods: int) -> tuple[Scenario, list[PodDevices], dict[int, str]]:
+@dataclass(frozen=True)
+class NodeLayout:
+    """One simulated node: NVML scenario, the kubelet's allocations, cgroups by PID, pods for the API."""
+
+    scenario: Scenario
+    allocations: list[PodDevices]
+    cgroups: dict[int, str]
+    pods: list[dict[str, Any]]
+
+
+def node_layout(gpus: int, procs: int, pods: int, node: str = "bench-node") -> NodeLayout:
     """``pods`` pods time-slicing ``gpus`` GPUs round-robin; ``procs`` processes spread over the pods."""
-    pod_names = [f"bert-intent-detection-{i:04d}" for i in range(pods)]
-    pod_gpu = {name: i % gpus for i, name in enumerate(pod_names)}
+    names = [f"bert-intent-detection-{i:04d}" for i in range(pods)]
+    uids = [f"{i:08x}-0000-4000-8000-000000000000" for i in range(pods)]
     allocations = [
-        PodDevices("default", name, {"server": [("nvidia.com/gpu", [f"{gpu_uuid(pod_gpu[name])}::{i}"])]})
-        for i, name in enumerate(pod_names)
+        PodDevices("default", name, {"server": [("nvidia.com/gpu", [f"{gpu_uuid(i % gpus)}::{i}"])]})
+        for i, name in enumerate(names)
     ]
     cgroups: dict[int, str] = {}
     processes = []
+    containers: dict[int, dict[str, str]] = {}
     for p in range(procs):
         pod = p % pods
         pid = 100_000 + p
-        uid = f"{pod:08x}-0000-4000-8000-{p:012x}"
-        cgroups[pid] = systemd_v2(uid, f"{pid:064x}")
-        processes.append(Proc(gpu=pod_gpu[pod_names[pod]], pid=pid, mem=GIB, sm=(p * 7) % 50))
+        cgroups[pid] = systemd_v2(uids[pod], f"{pid:064x}")
+        containers.setdefault(pod, {"server": f"{pid:064x}"})
+        processes.append(Proc(gpu=pod % gpus, pid=pid, mem=GIB, sm=(p * 7) % 50))
     scenario = Scenario(gpus=[Gpu(gpu_uuid(i), util=40) for i in range(gpus)], procs=processes)
-    return scenario, allocations, cgroups
+    pod_objects = [pod_json(uids[i], "default", names[i], node, containers=containers.get(i, {})) for i in range(pods)]
+    return NodeLayout(scenario, allocations, cgroups, pod_objects)
 
 
 def rss_bytes(pid: int) -> int:
