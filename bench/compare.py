@@ -129,6 +129,7 @@ def measure(exporter: str, gpus: int, procs: int, pods: int, idle_s: float, load
             "rss_mb": rss_warm / 1e6,
             "p50_ms": latency["p50_ms"],
             "p99_ms": latency["p99_ms"],
+            "completed": latency["completed"],
             "errors": latency["errors"],
             "rps_saturated": saturation["requests_per_second"],
         }
@@ -199,7 +200,7 @@ def chart(rows: list[dict[str, object]], path: Path) -> None:
     for exporter in EXPORTERS:
         mine = sorted((r for r in rows if r["exporter"] == exporter and r["processes"] == 64), key=lambda r: r["gpus"])  # type: ignore[arg-type,return-value]
         gpus = [r["gpus"] for r in mine]
-        latency_axis.plot(gpus, [r["p99_ms"] for r in mine], marker="o", label=exporter)
+        latency_axis.plot(gpus, [r["p99_ms"] or float("nan") for r in mine], marker="o", label=exporter)
         cpu_axis.plot(gpus, [r["cpu_s_per_min"] for r in mine], marker="o", label=exporter)
     latency_axis.set(
         xlabel="GPUs (64 GPU processes)",
@@ -223,8 +224,13 @@ def table(rows: list[dict[str, object]]) -> str:
     peer = {(r["gpus"], r["processes"]): r for r in rows if r["exporter"] == EXPORTERS[1]}
 
     def ratio(key: str, scenario: tuple[object, object]) -> str:
-        mine, theirs = float(ours[scenario][key]), float(peer[scenario][key])  # type: ignore[arg-type]
-        return f"{theirs / mine:.0f}x" if mine else "-"
+        mine, theirs = ours[scenario][key], peer[scenario][key]
+        if not mine or theirs is None:
+            return "-"
+        return f"{float(theirs) / float(mine):.1f}x"  # type: ignore[arg-type]
+
+    def ms(value: object) -> str:
+        return "none completed" if value is None else f"{value:.1f}"
 
     lines = [
         "| GPUs | procs | pods | series (ours/peer) | p50 ms (ours/peer) | p99 ms (ours/peer, ratio) | "
@@ -235,7 +241,7 @@ def table(rows: list[dict[str, object]]) -> str:
         o, p = ours[key], peer[key]
         lines.append(
             f"| {key[0]} | {key[1]} | {o['pods']} | {o['series']}/{p['series']} | "
-            f"{o['p50_ms']:.1f}/{p['p50_ms']:.1f} | {o['p99_ms']:.1f}/{p['p99_ms']:.1f} ({ratio('p99_ms', key)}) | "
+            f"{ms(o['p50_ms'])}/{ms(p['p50_ms'])} | {ms(o['p99_ms'])}/{ms(p['p99_ms'])} ({ratio('p99_ms', key)}) | "
             f"{o['rps_saturated']:.0f}/{p['rps_saturated']:.0f} | "
             f"{o['cpu_s_per_min']:.2f}/{p['cpu_s_per_min']:.2f} ({ratio('cpu_s_per_min', key)}) | "
             f"{o['rss_mb']:.0f}/{p['rss_mb']:.0f} |"

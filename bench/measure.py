@@ -52,21 +52,28 @@ def rss_bytes(pid: int) -> int:
     return int(re.search(r"VmRSS:\s+(\d+) kB", status).group(1)) * 1024  # type: ignore[union-attr]
 
 
-def run_hey(url: str, concurrency: int, duration_s: int) -> dict[str, float]:
-    """hey for a fixed time at a fixed concurrency: latency percentiles, throughput, failed requests."""
+def run_hey(url: str, concurrency: int, duration_s: int) -> dict[str, float | None]:
+    """hey for a fixed time at a fixed concurrency: latency percentiles (None when no request
+    completed), throughput, and failed requests (requests still in flight at the end count)."""
     out = subprocess.run(
-        ["hey", "-z", f"{duration_s}s", "-c", str(concurrency), url], capture_output=True, text=True, check=True
+        ["hey", "-z", f"{duration_s}s", "-t", "30", "-c", str(concurrency), url],
+        capture_output=True,
+        text=True,
+        check=True,
     ).stdout
-    figures = {f"p{m.group(1)}_ms": float(m.group(2)) * 1000 for m in re.finditer(r"(\d+)%+ in ([\d.]+) secs", out)}
-    figures["requests_per_second"] = float(re.search(r"Requests/sec:\s+([\d.]+)", out).group(1))  # type: ignore[union-attr]
+    percentiles = {int(p): float(s) * 1000 for p, s in re.findall(r"(\d+)%+ in ([\d.]+) secs", out)}
+    rate = re.search(r"Requests/sec:\s+([\d.]+)", out)
     codes = {int(code): int(n) for code, n in re.findall(r"\[(\d+)\]\s+(\d+) responses", out)}
-    failed = (
-        sum(int(n) for n in re.findall(r"^\s+\[(\d+)\]\s", out.split("Error distribution:")[-1], re.M))
-        if "Error distribution:" in out
-        else 0
-    )
-    figures["errors"] = sum(n for code, n in codes.items() if code != 200) + failed
-    return figures
+    failed = 0
+    if "Error distribution:" in out:
+        failed = sum(int(n) for n in re.findall(r"^\s+\[(\d+)\]\s", out.split("Error distribution:")[1], re.M))
+    return {
+        "p50_ms": percentiles.get(50),
+        "p99_ms": percentiles.get(99),
+        "requests_per_second": float(rate.group(1)) if rate else 0.0,
+        "completed": float(codes.get(200, 0)),
+        "errors": float(sum(n for code, n in codes.items() if code != 200) + failed),
+    }
 
 
 def cpu_seconds(pid: int) -> float:

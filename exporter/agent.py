@@ -23,7 +23,7 @@ from exporter.attribute import attribute
 from exporter.collector import SnapshotCollector
 from exporter.config import Config, configure_logging, parse_config
 from exporter.kube import PodWatcher
-from exporter.model import EMPTY_ATTRIBUTION, Health, Snapshot
+from exporter.model import EMPTY_ATTRIBUTION, Allocation, Health, Snapshot
 from exporter.nvml import NvmlReader
 from exporter.podresources.client import PodResourcesClient
 from exporter.procfs import ProcReader
@@ -42,6 +42,7 @@ class Agent:
         self._snapshot: Snapshot | None = None
         self._device_errors: Counter[tuple[str, str, str]] = Counter()
         self._last_success: float | None = None
+        self._last_allocations: tuple[float, Sequence[Allocation]] = (float("-inf"), ())
         self._polled = threading.Event()
         self._stop = threading.Event()
         registry = CollectorRegistry(auto_describe=False)
@@ -50,19 +51,15 @@ class Agent:
         PlatformCollector(registry=registry)
         self.exposition = Exposition(registry)
 
-    @property
-    def snapshot(self) -> Snapshot | None:
-        return self._snapshot
-
     def poll_once(self) -> Snapshot:
         started = time.monotonic()
         nvml_poll = self.nvml.poll(self.config.interval_s, deadline_s=self.config.interval_s * 0.8)
-        allocations = self.kubelet.list_allocations()
+        allocations = self._allocations(started)
         pids = {p.pid for device in nvml_poll.devices for p in device.processes or ()}
         owners = self.procs.owners(pids)
         pods = self.pods.pods if self.pods is not None else None
         attribution = (
-            attribute(nvml_poll.devices, allocations or (), owners, pods) if nvml_poll.devices else EMPTY_ATTRIBUTION
+            attribute(nvml_poll.devices, allocations, owners, pods) if nvml_poll.devices else EMPTY_ATTRIBUTION
         )
         self._device_errors.update(nvml_poll.errors)
         finished = time.monotonic()
@@ -86,6 +83,16 @@ class Agent:
         self._snapshot = snapshot
         self._polled.set()
         return snapshot
+
+    def _allocations(self, now: float) -> Sequence[Allocation]:
+        """The kubelet's allocations; the last good answer bridges a failed call for up to the
+        staleness bound, so one rate-limited or slow call does not strip the pod labels for a poll."""
+        allocations = self.kubelet.list_allocations()
+        if allocations is not None:
+            self._last_allocations = (now, allocations)
+            return allocations
+        when, last = self._last_allocations
+        return last if now - when <= self.config.max_staleness_s else ()
 
     def readiness(self) -> tuple[bool, str]:
         snapshot = self._snapshot

@@ -11,6 +11,7 @@ from dataclasses import dataclass
 
 _REPLICA_SUFFIX = re.compile(r"::\d+$")  # time-slicing / MPS replicas of the NVIDIA device plugin
 _LEGACY_MIG = re.compile(r"^MIG-(GPU-[0-9a-fA-F-]+)/(\d+)/(\d+)$")  # drivers before R470
+_UUID = re.compile(r"(GPU|MIG)-[0-9a-fA-F-]{8,}")
 _GKE = re.compile(r"^nvidia(\d+)(?:/gi(\d+))?(?:/vgpu\d+)?$")  # GKE: nvidia0, nvidia0/gi0/vgpu1
 
 
@@ -39,7 +40,7 @@ def parse_device_id(device_id: str) -> DeviceRef | None:
     legacy = _LEGACY_MIG.match(plain)
     if legacy:
         return DeviceRef(parent_uuid=legacy.group(1), gpu_instance_id=int(legacy.group(2)))
-    if re.fullmatch(r"(GPU|MIG)-[0-9a-fA-F-]{8,}", plain):
+    if _UUID.fullmatch(plain):
         return DeviceRef(uuid=plain)
     gke = _GKE.match(plain)
     if gke:

@@ -16,8 +16,16 @@ from exporter.model import ProcessOwner
 
 
 class ProcReader:
+    """Reads owners, remembering each PID's while NVML keeps listing it.
+
+    A process cannot change pod, so its cgroup is read once, not every poll. A PID is forgotten as
+    soon as it is missing from a poll; for a stale answer its number would have to be reused by
+    another GPU process within one poll interval, which takes the kernel cycling through pid_max.
+    """
+
     def __init__(self, proc_root: str = "/proc") -> None:
         self.proc_root = Path(proc_root)
+        self._known: dict[int, ProcessOwner] = {}
 
     def owner(self, pid: int) -> ProcessOwner | None:
         """The cgroup owner of ``pid``; None when the process is gone (or its cgroup unreadable)."""
@@ -31,4 +39,9 @@ class ProcReader:
         return ProcessOwner(pid=pid, pod_uid=found[0], container_id=found[1])
 
     def owners(self, pids: Iterable[int]) -> dict[int, ProcessOwner | None]:
-        return {pid: self.owner(pid) for pid in set(pids)}
+        found: dict[int, ProcessOwner | None] = {}
+        for pid in set(pids):
+            owner = self._known.get(pid) or self.owner(pid)
+            found[pid] = owner
+        self._known = {pid: owner for pid, owner in found.items() if owner is not None}
+        return found

@@ -196,3 +196,12 @@ def test_a_hung_gpu_ages_out_while_scrapes_keep_answering(node: Node, start_agen
     assert find(samples, "gpu_exporter_stale_series")[0][1] >= 1
     assert find(samples, "duty_cycle_current", uuid=gpu_uuid(1))[0][1] == 3
     assert find(samples, "gpu_exporter_data_age_seconds")[0][1] < 1.0  # the rest is polled on time
+
+
+def test_a_rate_limited_kubelet_call_does_not_strip_pod_labels(node: Node, start_agent) -> None:  # type: ignore[no-untyped-def]
+    agent = start_agent([*node.args(), "--no-kubernetes", "--max-staleness", "30"], node.scenario_path)
+    agent.wait_for(lambda s: BERT in pods_of(s), what="the BERT pod")
+    node.kubelet.exhausted = True
+    samples = agent.wait_for(lambda s: find(s, "gpu_exporter_pod_resources_up")[0][1] == 0, what="rate limiting")
+    assert BERT in pods_of(samples)  # the last good answer bridges the failed calls
+    assert find(samples, "gpu_exporter_pod_resources_errors_total", code="RESOURCE_EXHAUSTED")[0][1] >= 1

@@ -131,3 +131,18 @@ def test_series_older_than_the_staleness_bound_are_dropped() -> None:
     assert registry.get_sample_value("gpu_exporter_stale_series") == 1
     clock.now = 200.0
     assert [s for f in registry.collect() if f.name == "duty_cycle_current" for s in f.samples] == []
+
+
+def test_rendering_matches_prometheus_client_byte_for_byte() -> None:
+    from prometheus_client import generate_latest
+    from prometheus_client.platform_collector import PlatformCollector
+
+    from exporter.server import render_text
+
+    odd = replace(DEVICE, model='Odd "GPU" \\ with\nnewline', power_milliwatts=1e-7)
+    series = GpuSeries(
+        device=odd, namespace="default", pod="bert-0", container="a,b", duty_cycle_percent=12.5, memory_used_bytes=2**40
+    )
+    registry = registry_for([snapshot(series)], Clock())
+    PlatformCollector(registry=registry)
+    assert render_text(registry) == generate_latest(registry)
