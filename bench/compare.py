@@ -15,8 +15,10 @@ import argparse
 import json
 import os
 import platform
+import re
 import shutil
 import signal
+import statistics
 import subprocess
 import sys
 import tempfile
@@ -88,6 +90,18 @@ def start(
     return subprocess.Popen(command, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
 
 
+def poll_durations_ms(url: str, samples: int) -> list[float]:
+    """Our agent's own gpu_exporter_poll_duration_seconds, read once per poll."""
+    found = []
+    for _ in range(samples):
+        text = requests.get(url, timeout=30).text
+        value = re.search(r"^gpu_exporter_poll_duration_seconds (\S+)$", text, re.M)
+        if value:
+            found.append(float(value.group(1)) * 1000)
+        time.sleep(1)
+    return found
+
+
 def series_count(url: str) -> int:
     text = requests.get(url, timeout=30).text
     return sum(1 for line in text.splitlines() if line and not line.startswith("#"))
@@ -117,6 +131,7 @@ def measure(exporter: str, gpus: int, procs: int, pods: int, idle_s: float, load
         time.sleep(idle_s)
         cpu_per_minute = (cpu_seconds(process.pid) - before) * 60 / idle_s
         series = series_count(url)
+        polls = poll_durations_ms(url, samples=10) if exporter == EXPORTERS[0] else []
         latency = run_hey(url, concurrency=10, duration_s=load_s)
         saturation = run_hey(url, concurrency=50, duration_s=max(2, load_s // 2))
         return {
@@ -125,6 +140,8 @@ def measure(exporter: str, gpus: int, procs: int, pods: int, idle_s: float, load
             "processes": procs,
             "pods": pods,
             "series": series,
+            "poll_ms_median": statistics.median(polls) if polls else None,
+            "poll_ms_max": max(polls) if polls else None,
             "cpu_s_per_min": cpu_per_minute,
             "rss_mb": rss_warm / 1e6,
             "p50_ms": latency["p50_ms"],
