@@ -247,7 +247,7 @@ def table(rows: list[dict[str, object]]) -> str:
         return f"{float(theirs) / float(mine):.1f}x"  # type: ignore[arg-type]
 
     def ms(value: object) -> str:
-        return "none completed" if value is None else f"{value:.1f}"
+        return "n/a" if value is None else f"{value:.1f}"
 
     lines = [
         "| GPUs | procs | pods | series (ours/peer) | p50 ms (ours/peer) | p99 ms (ours/peer, ratio) | "
