@@ -69,6 +69,16 @@ class SnapshotCollector(Collector):
                     family.add_metric(_labels(snapshot.node, series), value)
             yield family
         yield from _self_metrics(snapshot, now, stale=len(snapshot.attribution.series) - len(fresh))
+        ages = GaugeMetricFamily(
+            "gpu_exporter_device_data_age_seconds",
+            "Seconds since each device was last read; its series are dropped past the staleness bound "
+            "(a GPU whose NVML calls hang shows here).",
+            labels=["gpu", "uuid"],
+        )
+        sampled = {s.device.uuid: s.device for s in snapshot.attribution.series}
+        for uuid, device in sorted(sampled.items()):
+            ages.add_metric([str(device.index), uuid], max(0.0, now - device.sampled_at))
+        yield ages
 
 
 def _labels(node: str, series: GpuSeries) -> list[str]:

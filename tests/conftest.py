@@ -140,11 +140,15 @@ def start_agent(tmp_path: Path, fake_nvml: Path) -> Iterator:  # type: ignore[ty
     agents: list[AgentProcess] = []
 
     def start(
-        args: list[str], scenario: Path | None, with_library: bool = True, ca: Path | None = None
+        args: list[str],
+        scenario: Path | None,
+        with_library: bool = True,
+        ca: Path | None = None,
+        library_dir: Path | None = None,
     ) -> AgentProcess:
-        agent = AgentProcess(
-            args, scenario, fake_nvml.parent if with_library else None, tmp_path / f"agent{len(agents)}.log", ca
-        )
+        """``library_dir`` overrides where the agent looks for libnvidia-ml.so.1."""
+        lib_dir = library_dir or (fake_nvml.parent if with_library else None)
+        agent = AgentProcess(args, scenario, lib_dir, tmp_path / f"agent{len(agents)}.log", ca)
         agents.append(agent)
         return agent
 

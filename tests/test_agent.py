@@ -4,6 +4,7 @@ gRPC pod-resources server, a /proc tree and a pods API around it."""
 from __future__ import annotations
 
 import gzip
+import shutil
 import time
 from pathlib import Path
 
@@ -194,6 +195,8 @@ def test_a_hung_gpu_ages_out_while_scrapes_keep_answering(node: Node, start_agen
     )
     assert find(samples, "temperature_celsius_current", uuid=gpu_uuid(0)) == []
     assert find(samples, "gpu_exporter_stale_series")[0][1] >= 1
+    assert find(samples, "gpu_exporter_device_data_age_seconds", uuid=gpu_uuid(0))[0][1] > 0.6
+    assert find(samples, "gpu_exporter_device_data_age_seconds", uuid=gpu_uuid(1))[0][1] < 0.6
     assert find(samples, "duty_cycle_current", uuid=gpu_uuid(1))[0][1] == 3
     assert find(samples, "gpu_exporter_data_age_seconds")[0][1] < 1.0  # the rest is polled on time
 
@@ -205,3 +208,19 @@ def test_a_rate_limited_kubelet_call_does_not_strip_pod_labels(node: Node, start
     samples = agent.wait_for(lambda s: find(s, "gpu_exporter_pod_resources_up")[0][1] == 0, what="rate limiting")
     assert BERT in pods_of(samples)  # the last good answer bridges the failed calls
     assert find(samples, "gpu_exporter_pod_resources_errors_total", code="RESOURCE_EXHAUSTED")[0][1] >= 1
+
+
+def test_driver_library_installed_while_running(tmp_path: Path, fake_nvml: Path, start_agent) -> None:  # type: ignore[no-untyped-def]
+    """libnvidia-ml.so.1 absent at start (driver not installed yet), then installed: no restart needed."""
+    library_dir = tmp_path / "driver"
+    library_dir.mkdir()
+    path = tmp_path / "scenario.txt"
+    Scenario(gpus=[Gpu(gpu_uuid(0), util=21)]).write(path)
+    agent = start_agent(
+        ["--no-kubernetes", "--interval", "0.2", "--pod-resources-socket", str(tmp_path / "none.sock")],
+        path,
+        library_dir=library_dir,
+    )
+    agent.wait_for(lambda s: find(s, "gpu_exporter_nvml_up") == [({}, 0.0)], what="NVML down")
+    shutil.copy(fake_nvml, library_dir / "libnvidia-ml.so.1")
+    agent.wait_for(lambda s: pods_of(s).get("") == 21, timeout_s=40, what="GPUs once the library appears")
