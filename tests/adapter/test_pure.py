@@ -1,0 +1,117 @@
+"""The adapter's pure parts: quantities, label selectors, rules and the PromQL built from them."""
+
+from __future__ import annotations
+
+import pytest
+
+from exporter.adapter.quantity import format_quantity
+from exporter.adapter.rules import DEFAULT_RULES, RulesError, external_query, load_rules, namespace_query, pods_query
+from exporter.adapter.selector import SelectorError, parse_selector
+
+
+@pytest.mark.parametrize(
+    ("value", "quantity"),
+    [
+        (22, "22"),
+        (22.5, "22500m"),
+        (0, "0"),
+        (0.001, "1m"),
+        (0.0004, "0"),
+        (2000, "2k"),
+        (1500, "1500"),
+        (8e9, "8G"),
+        (85899345920, "85899345920"),
+        (-22.5, "-22500m"),
+        (12.0, "12"),
+        (99.9996, "100"),
+        (3e6, "3M"),
+        (250000.0, "250k"),
+    ],
+)
+def test_quantities_as_kubernetes_writes_them(value: float, quantity: str) -> None:
+    assert format_quantity(value) == quantity
+
+
+@pytest.mark.parametrize("value", [float("nan"), float("inf"), float("-inf")])
+def test_non_finite_values_are_never_quantities(value: float) -> None:
+    with pytest.raises(ValueError, match="finite"):
+        format_quantity(value)
+
+
+@pytest.mark.parametrize(
+    ("selector", "labels", "matches"),
+    [
+        ("app=bert-intent-detection", {"app": "bert-intent-detection", "x": "y"}, True),
+        ("app==bert-intent-detection", {"app": "other"}, False),
+        ("app!=bert", {}, True),
+        ("tier in (web, api),!canary", {"tier": "api"}, True),
+        ("tier in (web, api),!canary", {"tier": "api", "canary": "true"}, False),
+        ("tier notin (web)", {}, True),
+        ("team", {"team": ""}, True),
+        ("team", {}, False),
+        ("app.kubernetes.io/name=bert,env=prod", {"app.kubernetes.io/name": "bert", "env": "prod"}, True),
+        ("", {"anything": "x"}, True),
+    ],
+)
+def test_label_selectors(selector: str, labels: dict[str, str], matches: bool) -> None:
+    assert parse_selector(selector).matches(labels) is matches
+
+
+@pytest.mark.parametrize("selector", ["a b", "x in (a", "a,,b", ",", "tier in (has space)", "=value", "a=b=c"])
+def test_bad_selectors_are_refused(selector: str) -> None:
+    with pytest.raises(SelectorError):
+        parse_selector(selector)
+
+
+def test_one_query_for_all_pods_with_both_label_namings() -> None:
+    rule = DEFAULT_RULES.custom_rule("duty_cycle_current")
+    assert rule is not None
+    query = pods_query(rule, "default", [f"bert-{i}" for i in range(500)])
+    assert query.count("duty_cycle_current{") == 2
+    assert query.startswith('avg by (namespace,pod) (duty_cycle_current{namespace="default",pod=~"bert\\\\-0|')
+    assert "label_replace(label_replace(avg by (exported_namespace,exported_pod)" in query
+    memory = DEFAULT_RULES.custom_rule("memory_used_bytes_current")
+    assert memory is not None and pods_query(memory, "ns", ["p"]).startswith("sum by (namespace,pod)")
+
+
+def test_namespace_and_external_queries() -> None:
+    rule = DEFAULT_RULES.custom_rule("power_usage_milliwatts_current")
+    assert rule is not None
+    assert namespace_query(rule, "ml") == 'sum by (namespace) (power_usage_milliwatts_current{namespace="ml",pod!=""})'
+    external = DEFAULT_RULES.external_rule("gpu_duty_cycle")
+    assert external is not None
+    assert external_query(external, "ml", parse_selector("node in (a,b),pod!=x,!canary")) == (
+        'avg(duty_cycle_current{namespace="ml",node=~"a|b",pod!~"x",canary=""})'
+    )
+
+
+def test_rules_file() -> None:
+    rules = load_rules(
+        "rules:\n- name: gpu_busy\n  seriesQuery: duty_cycle_current\n"
+        "  metricsQuery: max by (<<.GroupBy>>) (<<.Series>>{<<.LabelMatchers>>})\n"
+        "  resources: {namespace: [k8s_namespace], pod: [k8s_pod]}\n",
+        "rules.yaml",
+    )
+    (rule,) = rules.custom
+    assert rules.external == ()
+    assert pods_query(rule, "a", ["p"]) == (
+        'label_replace(label_replace(max by (k8s_namespace,k8s_pod) (duty_cycle_current{k8s_namespace="a",'
+        'k8s_pod=~"p"}), "namespace", "$1", "k8s_namespace", "(.*)"), "pod", "$1", "k8s_pod", "(.*)")'
+    )
+
+
+@pytest.mark.parametrize(
+    ("text", "complaint"),
+    [
+        ("rules: [\n", "not valid YAML"),
+        ("rulez: []\n", "want a mapping"),
+        ("rules:\n- seriesQuery: 'up{job=\"x\"}'\n", "metric names"),
+        ("rules:\n- seriesQuery: x\n  metricsQuery: avg(x)\n", "<<.Series>>"),
+        ("rules:\n- seriesQuery: x\n  color: red\n", "unknown field(s) color"),
+        ("rules:\n- seriesQuery: x\n  resources: {node: [node]}\n", "only namespace and pod"),
+    ],
+)
+def test_bad_rules_files_are_named(text: str, complaint: str) -> None:
+    with pytest.raises(RulesError, match=r"rules\.yaml") as error:
+        load_rules(text, "rules.yaml")
+    assert complaint in str(error.value)
