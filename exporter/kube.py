@@ -40,6 +40,7 @@ def pod_info(raw: Mapping[str, Any]) -> PodInfo:
         name=metadata.get("name", ""),
         phase=status.get("phase", ""),
         container_names=containers,
+        labels=dict(metadata.get("labels") or {}),
     )
 
 
@@ -48,9 +49,9 @@ class _WatchExpiredError(Exception):
 
 
 class PodWatcher:
-    """Keeps the pods scheduled on ``node_name`` in memory, from a background thread."""
+    """Keeps the pods scheduled on ``node_name`` (all pods when None) in memory, from a background thread."""
 
-    def __init__(self, node_name: str, kubeconfig: str | None, retry_s: float = 2.0) -> None:
+    def __init__(self, node_name: str | None, kubeconfig: str | None, retry_s: float = 2.0) -> None:
         self.node_name = node_name
         self.up = False
         self._synced = False
@@ -115,8 +116,8 @@ class PodWatcher:
                     api = None
                 self._stop.wait(self._retry_s)
 
-    def _selector(self) -> str:
-        return f"spec.nodeName={self.node_name}"
+    def _selector(self) -> str | None:
+        return f"spec.nodeName={self.node_name}" if self.node_name else None
 
     def _list(self, api: client.CoreV1Api) -> str:
         # With _preload_content=False the client returns the raw HTTP response, not a V1PodList.
@@ -127,7 +128,8 @@ class PodWatcher:
         pods = {info.uid: info for info in (pod_info(item) for item in body.get("items") or ()) if info.uid}
         self._pods = pods
         if not self._synced:
-            log.info("watching %d pods on node %s through the Kubernetes API", len(pods), self.node_name)
+            where = f"on node {self.node_name}" if self.node_name else "in the cluster"
+            log.info("watching %d pods %s through the Kubernetes API", len(pods), where)
         self._synced = True
         self.up = True
         return str(body.get("metadata", {}).get("resourceVersion", ""))

@@ -62,6 +62,7 @@ class PodInfo:
     name: str
     phase: str
     container_names: Mapping[str, str] = field(default_factory=dict)  # container id (no scheme) -> name
+    labels: Mapping[str, str] = field(default_factory=dict)
 
     @property
     def finished(self) -> bool:
