@@ -24,6 +24,19 @@ log = logging.getLogger(__name__)
 WATCH_SECONDS = 300  # the server ends each watch after this; we resume from the last version
 
 
+def api_client(kubeconfig: str | None) -> client.ApiClient:
+    """From a kubeconfig file, or the pod's service account when None."""
+    if kubeconfig:
+        loaded: client.ApiClient = config.new_client_from_config(config_file=kubeconfig)
+        return loaded
+    configuration = client.Configuration()
+    config.incluster_config.InClusterConfigLoader(
+        token_filename=config.incluster_config.SERVICE_TOKEN_FILENAME,
+        cert_filename=config.incluster_config.SERVICE_CERT_FILENAME,
+    ).load_and_set(configuration)
+    return client.ApiClient(configuration)
+
+
 def pod_info(raw: Mapping[str, Any]) -> PodInfo:
     """A pod object's JSON (as the API serves it) reduced to what attribution needs."""
     metadata = raw.get("metadata", {})
@@ -73,17 +86,7 @@ class PodWatcher:
         self._stop.set()
 
     def _api(self) -> client.CoreV1Api:
-        if self._kubeconfig:
-            api_client = config.new_client_from_config(config_file=self._kubeconfig)
-        else:
-            loader = config.incluster_config.InClusterConfigLoader(
-                token_filename=config.incluster_config.SERVICE_TOKEN_FILENAME,
-                cert_filename=config.incluster_config.SERVICE_CERT_FILENAME,
-            )
-            configuration = client.Configuration()
-            loader.load_and_set(configuration)
-            api_client = client.ApiClient(configuration)
-        return client.CoreV1Api(api_client)
+        return client.CoreV1Api(api_client(self._kubeconfig))
 
     def _run(self) -> None:
         api: client.CoreV1Api | None = None

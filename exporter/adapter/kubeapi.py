@@ -8,22 +8,9 @@ from collections.abc import Mapping
 from dataclasses import dataclass
 from typing import Any
 
-from kubernetes import client, config
+from kubernetes import client
 
 from exporter.adapter.auth import User
-
-
-def api_client(kubeconfig: str | None) -> client.ApiClient:
-    """From a kubeconfig file, or the pod's service account when None."""
-    if kubeconfig:
-        loaded: client.ApiClient = config.new_client_from_config(config_file=kubeconfig)
-        return loaded
-    configuration = client.Configuration()
-    config.incluster_config.InClusterConfigLoader(
-        token_filename=config.incluster_config.SERVICE_TOKEN_FILENAME,
-        cert_filename=config.incluster_config.SERVICE_CERT_FILENAME,
-    ).load_and_set(configuration)
-    return client.ApiClient(configuration)
 
 
 class KubeReviewer:

@@ -1,0 +1,5 @@
+import sys
+
+from exporter.adapter.main import main
+
+sys.exit(main())

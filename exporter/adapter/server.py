@@ -1,0 +1,177 @@
+"""The adapter's HTTPS edge: routes, authentication, authorization and errors as Kubernetes Status.
+
+Everything about metrics is behind the provider interface; this module only speaks HTTP.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import ssl
+import threading
+from dataclasses import dataclass
+from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+from typing import Any
+from urllib.parse import parse_qs, urlsplit
+
+from exporter.adapter import api
+from exporter.adapter.auth import Authenticator, Authorizer, User
+from exporter.adapter.prometheus import PrometheusQueryError, PrometheusUnavailableError
+from exporter.adapter.provider import (
+    CustomMetricsProvider,
+    ExternalMetricsProvider,
+    MetricInfo,
+    MetricNotFoundError,
+)
+from exporter.adapter.selector import SelectorError, parse_selector
+
+log = logging.getLogger(__name__)
+
+
+@dataclass(frozen=True)
+class Services:
+    custom: CustomMetricsProvider
+    external: ExternalMetricsProvider
+    authenticator: Authenticator
+    authorizer: Authorizer
+    always_allow_paths: frozenset[str]
+
+
+class _ApiError(Exception):
+    def __init__(self, code: int, reason: str, message: str) -> None:
+        super().__init__(message)
+        self.code, self.reason, self.message = code, reason, message
+
+
+class _Handler(BaseHTTPRequestHandler):
+    server: AdapterServer
+    protocol_version = "HTTP/1.1"
+    disable_nagle_algorithm = True
+    timeout = 30
+
+    def do_GET(self) -> None:
+        url = urlsplit(self.path)
+        services = self.server.services
+        if url.path in services.always_allow_paths:
+            self._send(200, b"ok", "text/plain; charset=utf-8")
+            return
+        try:
+            user = services.authenticator.authenticate(self._peer_cert(), self.headers)
+            if user is None:
+                raise _ApiError(401, "Unauthorized", "Unauthorized")
+            route = api.route(url.path)
+            if route is None:
+                raise _ApiError(404, "NotFound", "the server could not find the requested resource")
+            self._authorize(user, route, url.path)
+            body = self._serve(route, parse_qs(url.query))
+        except _ApiError as error:
+            body = api.status(error.code, error.reason, error.message)
+            self._send(error.code, json.dumps(body).encode(), "application/json")
+            return
+        except Exception:  # a failed review or a bug: answer, log, keep serving
+            log.exception("%s failed", url.path)
+            body = api.status(500, "InternalError", "an error on the server prevented the request from succeeding")
+            self._send(500, json.dumps(body).encode(), "application/json")
+            return
+        self._send(200, json.dumps(body).encode(), "application/json")
+
+    def _peer_cert(self) -> dict[str, Any] | None:
+        connection = self.connection
+        return connection.getpeercert() if isinstance(connection, ssl.SSLSocket) else None
+
+    def _authorize(self, user: User, route: api.Route, path: str) -> None:
+        if route.kind in ("groups", "group", "resources"):
+            attributes: dict[str, Any] = {"path": path, "verb": "get"}
+            what = f'path "{path}"'
+        elif route.kind == "custom":
+            attributes = {
+                "group": route.group,
+                "version": route.version,
+                "resource": route.resource,
+                "subresource": route.metric,
+                "name": route.name,
+                "verb": "get",
+                "namespace": route.namespace or "",
+            }
+            what = f'resource "{route.resource}/{route.metric}" in API group "{route.group}"'
+        else:
+            attributes = {
+                "group": route.group,
+                "version": route.version,
+                "resource": route.metric,
+                "verb": "list",
+                "namespace": route.namespace or "",
+            }
+            what = f'resource "{route.metric}" in API group "{route.group}"'
+        if not self.server.services.authorizer.allowed(user, attributes):
+            scope = f' in the namespace "{route.namespace}"' if route.namespace else ""
+            verb = attributes["verb"]
+            raise _ApiError(403, "Forbidden", f'User "{user.name}" cannot {verb} {what}{scope}')
+
+    def _serve(self, route: api.Route, query: dict[str, list[str]]) -> dict[str, Any]:
+        services = self.server.services
+        if route.kind == "groups":
+            return api.group_list()
+        if route.kind == "group":
+            return api.group(route.group)
+        if route.kind == "resources":
+            if route.group == api.CUSTOM:
+                return api.custom_resources(route.version, services.custom.list_all_metrics())
+            return api.external_resources(services.external.list_all_external_metrics())
+        try:
+            selector = parse_selector(query.get("labelSelector", [""])[0])
+        except SelectorError as error:
+            raise _ApiError(400, "BadRequest", str(error)) from error
+        if query.get("metricLabelSelector", [""])[0]:
+            raise _ApiError(400, "BadRequest", "metricLabelSelector is not supported by this adapter's rules")
+        try:
+            if route.kind == "external":
+                values = services.external.get_external_metric(route.namespace or "", route.metric, selector)
+                return api.external_value_list(values)
+            info = MetricInfo(route.resource, route.metric, route.resource == "pods")
+            if route.name == "*":
+                found = services.custom.get_metric_by_selector(route.namespace or "", selector, info)
+                return api.metric_value_list(route.version, found)
+            value = services.custom.get_metric_by_name(route.namespace or "", route.name, info)
+            if value is None:
+                raise _ApiError(
+                    404,
+                    "NotFound",
+                    f"the server could not find the metric {route.metric} for {route.resource} {route.name}",
+                )
+            return api.metric_value_list(route.version, [value])
+        except MetricNotFoundError as error:
+            raise _ApiError(404, "NotFound", str(error)) from error
+        except PrometheusUnavailableError as error:
+            raise _ApiError(503, "ServiceUnavailable", f"metrics backend unavailable: {error}") from error
+        except PrometheusQueryError as error:
+            raise _ApiError(500, "InternalError", f"metrics query failed: {error}") from error
+
+    def _send(self, code: int, body: bytes, content_type: str) -> None:
+        self.send_response(code)
+        self.send_header("Content-Type", content_type)
+        self.send_header("Content-Length", str(len(body)))
+        self.end_headers()
+        self.wfile.write(body)
+
+    def log_message(self, format: str, *args: object) -> None:  # noqa: A002 (http.server's signature)
+        log.debug("%s %s", self.address_string(), format % args)
+
+
+class AdapterServer(ThreadingHTTPServer):
+    daemon_threads = True
+    request_queue_size = 128
+
+    def __init__(self, address: tuple[str, int], tls: ssl.SSLContext, services: Services) -> None:
+        self.services = services
+        super().__init__(address, _Handler)
+        # Handshakes happen on each connection's thread, so a stalled client cannot block accept().
+        self.socket = tls.wrap_socket(self.socket, server_side=True, do_handshake_on_connect=False)
+
+    def handle_error(self, request: Any, client_address: Any) -> None:
+        log.debug("connection from %s failed", client_address, exc_info=True)
+
+    def start(self) -> threading.Thread:
+        thread = threading.Thread(target=self.serve_forever, kwargs={"poll_interval": 0.2}, name="https", daemon=True)
+        thread.start()
+        return thread
