@@ -1,4 +1,4 @@
-"""A small HTTP server speaking the Kubernetes API's pods list and watch JSON (core v1).
+"""A small HTTP server speaking the Kubernetes API's JSON for what the agent and adapter call.
 
 Why not a real kube-apiserver: none can be run on the machines this project is built and tested
 on (no cluster, no etcd, no network), so the agent's pod watch is tested against this server
@@ -7,12 +7,16 @@ instead. It serves exactly what the real API serves for the calls the agent make
 ``metadata.resourceVersion``; with ``watch=true&resourceVersion=N`` it streams one JSON event per
 line (ADDED / MODIFIED / DELETED / BOOKMARK, or ERROR with a 410 Status when N is older than the
 retained history). Tests can break open watches and compact the history to force a relist.
+For the adapter it also answers ``POST`` TokenReviews and SubjectAccessReviews (from ``tokens``
+and ``allow``) and ``GET`` the ``kube-system/extension-apiserver-authentication`` ConfigMap.
 """
 
 from __future__ import annotations
 
 import json
+import re
 import threading
+from collections.abc import Callable
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
 from typing import Any
@@ -20,13 +24,19 @@ from urllib.parse import parse_qs, urlparse
 
 
 def pod_json(
-    uid: str, namespace: str, name: str, node: str, phase: str = "Running", containers: dict[str, str] | None = None
+    uid: str,
+    namespace: str,
+    name: str,
+    node: str,
+    phase: str = "Running",
+    containers: dict[str, str] | None = None,
+    labels: dict[str, str] | None = None,
 ) -> dict[str, Any]:
     """A pod object as the API returns it; ``containers`` maps container name -> runtime id."""
     return {
         "apiVersion": "v1",
         "kind": "Pod",
-        "metadata": {"name": name, "namespace": namespace, "uid": uid},
+        "metadata": {"name": name, "namespace": namespace, "uid": uid, "labels": labels or {}},
         "spec": {"nodeName": node, "containers": [{"name": n} for n in (containers or {})]},
         "status": {
             "phase": phase,
@@ -47,6 +57,10 @@ class FakeApiServer:
         self._oldest = 100  # watches from before this version get 410 Gone
         self._generation = 0  # bumped to end every open watch
         self.requests: list[dict[str, list[str]]] = []
+        self.tokens: dict[str, tuple[str, list[str]]] = {}  # bearer token -> (user, groups)
+        self.allow: Callable[[dict[str, Any]], bool] = lambda spec: True  # SubjectAccessReview spec -> allowed
+        self.access_reviews: list[dict[str, Any]] = []
+        self.config_maps: dict[tuple[str, str], dict[str, str]] = {}
         self._server = ThreadingHTTPServer(("127.0.0.1", 0), self._handler())
         self._server.daemon_threads = True
         self.url = f"http://127.0.0.1:{self._server.server_address[1]}"
@@ -119,6 +133,19 @@ class FakeApiServer:
                 url = urlparse(self.path)
                 query = parse_qs(url.query)
                 api.requests.append(query)
+                config_map = re.fullmatch(r"/api/v1/namespaces/([^/]+)/configmaps/([^/]+)", url.path)
+                if config_map and config_map.groups() in api.config_maps:
+                    namespace, name = config_map.groups()
+                    self._json(
+                        200,
+                        {
+                            "apiVersion": "v1",
+                            "kind": "ConfigMap",
+                            "metadata": {"name": name, "namespace": namespace},
+                            "data": api.config_maps[(namespace, name)],
+                        },
+                    )
+                    return
                 if url.path != "/api/v1/pods":
                     self._json(404, {"kind": "Status", "status": "Failure", "code": 404, "reason": "NotFound"})
                     return
@@ -142,6 +169,24 @@ class FakeApiServer:
                             "items": items,
                         },
                     )
+
+            def do_POST(self) -> None:
+                review = json.loads(self.rfile.read(int(self.headers.get("Content-Length", 0))) or b"{}")
+                spec = review.get("spec", {})
+                if self.path.startswith("/apis/authentication.k8s.io/v1/tokenreviews"):
+                    known = api.tokens.get(spec.get("token", ""))
+                    review["status"] = (
+                        {"authenticated": True, "user": {"username": known[0], "groups": known[1]}}
+                        if known
+                        else {"authenticated": False}
+                    )
+                elif self.path.startswith("/apis/authorization.k8s.io/v1/subjectaccessreviews"):
+                    api.access_reviews.append(spec)
+                    review["status"] = {"allowed": bool(api.allow(spec))}
+                else:
+                    self._json(404, {"kind": "Status", "status": "Failure", "code": 404, "reason": "NotFound"})
+                    return
+                self._json(201, review)
 
             def _json(self, code: int, body: dict[str, Any]) -> None:
                 data = json.dumps(body).encode()

@@ -39,6 +39,7 @@ def _write_cert(cert: x509.Certificate, path: Path) -> Path:
 
 
 def make_pki(directory: Path) -> Pki:
+    directory.mkdir(parents=True, exist_ok=True)
     now = datetime.datetime.now(datetime.UTC)
     ca_key = ec.generate_private_key(ec.SECP256R1())
     ca = (

@@ -1,0 +1,344 @@
+"""The adapter end to end: the real agent on the fake NVML, scraped by a real Prometheus, served by
+the adapter over real TLS to a client playing kube-apiserver's front proxy.
+
+There is no kube-apiserver binary to be had here, so tests/sim/apiserver.py plays its part for
+pods, TokenReview and SubjectAccessReview, speaking the real JSON of those APIs.
+"""
+
+from __future__ import annotations
+
+import os
+import socket
+import subprocess
+import sys
+import time
+from collections.abc import Iterator
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import pytest
+import requests
+
+from tests.conftest import ROOT, free_port
+from tests.sim.apiserver import FakeApiServer, pod_json
+from tests.sim.certs import Pki, make_pki
+from tests.sim.fakelib import build_fake_nvml
+from tests.sim.kubelet import FakeKubelet, PodDevices
+from tests.sim.prometheus import Prometheus
+from tests.sim.scenario import Gpu, Scenario, gpu_uuid
+
+HPA_PATH = "/apis/custom.metrics.k8s.io/v1beta2/namespaces/default/pods/%2A/duty_cycle_current"
+HPA_USER = "system:serviceaccount:kube-system:horizontal-pod-autoscaler"
+PODS = {  # name -> (labels, GPU index or None, utilisation)
+    "bert-intent-detection-a": ({"app": "bert-intent-detection"}, 0, 22),
+    "bert-intent-detection-b": ({"app": "bert-intent-detection"}, 1, 17),
+    "bert-intent-detection-c": ({"app": "bert-intent-detection"}, None, 0),  # scheduled, no GPU series yet
+    "asr-0": ({"app": "asr"}, 2, 60),
+}
+NAN_RULES = (
+    "rules:\n- name: duty_cycle_current\n  seriesQuery: duty_cycle_current\n"
+    "- name: broken_ratio\n  seriesQuery: duty_cycle_current\n"
+    "  metricsQuery: avg by (<<.GroupBy>>) (<<.Series>>{<<.LabelMatchers>>}) * 0 / 0\n"
+)
+
+
+def start_adapter(directory: Path, pki: Pki, kubeconfig: Path, prometheus_url: str, *extra: str) -> tuple[Any, str]:
+    port = free_port()
+    log = (directory / f"adapter-{port}.log").open("wb")
+    process = subprocess.Popen(
+        [
+            sys.executable,
+            "-m",
+            "exporter.adapter",
+            "--secure-port",
+            str(port),
+            "--bind-address",
+            "127.0.0.1",
+            "--tls-cert-file",
+            str(pki.server_cert),
+            "--tls-private-key-file",
+            str(pki.server_key),
+            "--requestheader-client-ca-file",
+            str(pki.ca),
+            "--kubeconfig",
+            str(kubeconfig),
+            "--prometheus-url",
+            prometheus_url,
+            *extra,
+        ],
+        stdout=log,
+        stderr=subprocess.STDOUT,
+        cwd=ROOT,
+    )
+    deadline = time.monotonic() + 15
+    while time.monotonic() < deadline:
+        try:
+            socket.create_connection(("127.0.0.1", port), timeout=1).close()
+            return process, f"https://127.0.0.1:{port}"
+        except OSError:
+            assert process.poll() is None, (directory / f"adapter-{port}.log").read_text()
+            time.sleep(0.1)
+    raise RuntimeError("adapter did not listen")
+
+
+@dataclass
+class Stack:
+    url: str
+    pki: Pki
+    api: FakeApiServer
+    directory: Path
+    kubeconfig: Path
+    prometheus: Prometheus
+
+    def get(
+        self,
+        path: str,
+        user: str | None = HPA_USER,
+        token: str | None = None,
+        cert: bool = True,
+        url: str | None = None,
+    ) -> requests.Response:
+        headers = {"X-Remote-User": user, "X-Remote-Group": "system:authenticated"} if user else {}
+        if token:
+            headers["Authorization"] = f"Bearer {token}"
+        return requests.get(
+            (url or self.url) + path,
+            headers=headers,
+            verify=str(self.pki.ca),
+            timeout=10,
+            cert=(str(self.pki.client_cert), str(self.pki.client_key)) if cert else None,
+        )
+
+
+@pytest.fixture(scope="module")
+def stack(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Stack]:
+    directory = tmp_path_factory.mktemp("adapter")
+    scenario = directory / "scenario.txt"
+    Scenario(
+        gpus=[Gpu(gpu_uuid(i), util=u) for i, (_, _, u) in enumerate(p for p in PODS.values() if p[1] is not None)]
+    ).write(scenario)
+    kubelet = FakeKubelet(str(directory / "kubelet.sock")).start()
+    kubelet.set_pods(
+        [
+            PodDevices("default", name, {"server": [("nvidia.com/gpu", [gpu_uuid(gpu)])]})
+            for name, (_, gpu, _) in PODS.items()
+            if gpu is not None
+        ]
+    )
+    agent_port = free_port()
+    agent = subprocess.Popen(
+        [
+            sys.executable,
+            "-m",
+            "exporter",
+            "--listen",
+            f"127.0.0.1:{agent_port}",
+            "--no-kubernetes",
+            "--pod-resources-socket",
+            kubelet.socket_path,
+        ],
+        env=dict(os.environ, LD_LIBRARY_PATH=str(build_fake_nvml().parent), FAKE_NVML_SCENARIO=str(scenario)),
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.DEVNULL,
+        cwd=ROOT,
+    )
+    prometheus = Prometheus(directory / "prometheus", [f"127.0.0.1:{agent_port}"], free_port())
+    api = FakeApiServer().start()
+    for i, (name, (labels, _, _)) in enumerate(PODS.items()):
+        api.apply(pod_json(f"uid-{i}", "default", name, "gpu-node-1", labels=labels))
+    api.tokens["hpa-token"] = (HPA_USER, ["system:serviceaccounts"])
+    pki = make_pki(directory)
+    kubeconfig = api.write_kubeconfig(directory / "kubeconfig")
+    adapter, url = start_adapter(directory, pki, kubeconfig, prometheus.url)
+    try:
+        prometheus.wait_for('count(duty_cycle_current{pod!=""}) == 3')
+        yield Stack(url, pki, api, directory, kubeconfig, prometheus)
+    finally:
+        adapter.terminate()
+        adapter.wait(timeout=10)
+        prometheus.stop()
+        agent.terminate()
+        agent.wait(timeout=10)
+        kubelet.stop()
+        api.stop()
+
+
+def eventually_ok(stack: Stack, path: str) -> dict[str, Any]:
+    deadline = time.monotonic() + 15
+    while True:
+        response = stack.get(path)
+        if (response.status_code == 200 and response.json().get("items")) or time.monotonic() > deadline:
+            assert response.status_code == 200, response.text
+            body: dict[str, Any] = response.json()
+            return body
+        time.sleep(0.3)
+
+
+def test_the_hpas_exact_request(stack: Stack) -> None:
+    body = eventually_ok(stack, HPA_PATH + "?labelSelector=app%3Dbert-intent-detection")
+    assert (body["kind"], body["apiVersion"], body["metadata"]) == (
+        "MetricValueList",
+        "custom.metrics.k8s.io/v1beta2",
+        {},
+    )
+    by_pod = {item["describedObject"]["name"]: item for item in body["items"]}
+    assert set(by_pod) == {"bert-intent-detection-a", "bert-intent-detection-b"}  # c has no data: left out
+    item = by_pod["bert-intent-detection-a"]
+    assert set(item) == {"describedObject", "metric", "timestamp", "windowSeconds", "value"}
+    assert item["describedObject"] == {
+        "kind": "Pod",
+        "namespace": "default",
+        "name": "bert-intent-detection-a",
+        "apiVersion": "/v1",
+    }
+    assert item["metric"] == {"name": "duty_cycle_current", "selector": None}
+    assert item["value"] == "22" and by_pod["bert-intent-detection-b"]["value"] == "17"
+    assert item["windowSeconds"] == 1
+    assert abs(time.time() - time.mktime(time.strptime(item["timestamp"], "%Y-%m-%dT%H:%M:%SZ")) + time.timezone) < 60
+
+
+def test_v1beta1_shape(stack: Stack) -> None:
+    path = HPA_PATH.replace("v1beta2", "v1beta1") + "?labelSelector=app%3Dbert-intent-detection"
+    item = next(
+        i for i in eventually_ok(stack, path)["items"] if i["describedObject"]["name"] == "bert-intent-detection-b"
+    )
+    assert set(item) == {"describedObject", "metricName", "timestamp", "window", "value", "selector"}
+    assert (item["metricName"], item["value"], item["window"], item["selector"]) == (
+        "duty_cycle_current",
+        "17",
+        1,
+        None,
+    )
+
+
+def test_one_pod_by_name_and_the_namespace_aggregate(stack: Stack) -> None:
+    one = eventually_ok(stack, "/apis/custom.metrics.k8s.io/v1beta2/namespaces/default/pods/asr-0/duty_cycle_current")
+    assert [i["value"] for i in one["items"]] == ["60"]
+    missing = stack.get(
+        "/apis/custom.metrics.k8s.io/v1beta2/namespaces/default/pods/bert-intent-detection-c/duty_cycle_current"
+    )
+    assert missing.status_code == 404 and missing.json()["kind"] == "Status"
+    namespace = eventually_ok(
+        stack, "/apis/custom.metrics.k8s.io/v1beta1/namespaces/default/metrics/power_usage_milliwatts_current"
+    )
+    assert namespace["items"][0]["describedObject"] == {"kind": "Namespace", "name": "default", "apiVersion": "/v1"}
+    assert namespace["items"][0]["value"] == "300k"  # three GPUs at the fake's default 100 W, summed
+
+
+def test_discovery_lists_every_configured_metric(stack: Stack) -> None:
+    groups = stack.get("/apis").json()
+    assert [g["name"] for g in groups["groups"]] == ["custom.metrics.k8s.io", "external.metrics.k8s.io"]
+    assert groups["groups"][0]["preferredVersion"]["version"] == "v1beta2"
+    resources = stack.get("/apis/custom.metrics.k8s.io/v1beta1").json()
+    assert resources["kind"] == "APIResourceList"
+    names = {r["name"]: r for r in resources["resources"]}
+    for metric in (
+        "duty_cycle_current",
+        "memory_used_bytes_current",
+        "temperature_celsius_current",
+        "power_usage_milliwatts_current",
+    ):
+        assert names[f"pods/{metric}"] == {
+            "name": f"pods/{metric}",
+            "singularName": "",
+            "namespaced": True,
+            "kind": "MetricValueList",
+            "verbs": ["get"],
+        }
+        assert names[f"namespaces/{metric}"]["namespaced"] is False
+    external = stack.get("/apis/external.metrics.k8s.io/v1beta1").json()
+    assert {r["name"] for r in external["resources"]} == {"gpu_duty_cycle", "gpu_memory_used_bytes"}
+
+
+def test_external_metric_with_a_label_selector(stack: Stack) -> None:
+    path = "/apis/external.metrics.k8s.io/v1beta1/namespaces/default/gpu_duty_cycle?labelSelector=pod%3Dasr-0"
+    body = eventually_ok(stack, path)
+    assert body["kind"] == "ExternalMetricValueList"
+    (item,) = body["items"]
+    assert (item["metricName"], item["value"], item["metricLabels"]) == ("gpu_duty_cycle", "60", {})
+
+
+def test_empty_selector_match_and_errors(stack: Stack) -> None:
+    empty = stack.get(HPA_PATH + "?labelSelector=app%3Dnothing-here")
+    assert empty.status_code == 200 and empty.json()["items"] == []
+    bad = stack.get(HPA_PATH + "?labelSelector=app%20in%20(x")
+    assert bad.status_code == 400 and bad.json()["reason"] == "BadRequest"
+    unknown = stack.get("/apis/custom.metrics.k8s.io/v1beta2/namespaces/default/pods/%2A/fan_speed")
+    assert unknown.status_code == 404
+    assert unknown.json()["message"] == "the server could not find the metric fan_speed for pods"
+
+
+def test_authentication(stack: Stack) -> None:
+    assert stack.get(HPA_PATH, cert=False).status_code == 401  # no client certificate, no token
+    assert stack.get(HPA_PATH, user=None).status_code == 401  # front proxy without a user header
+    assert stack.get(HPA_PATH, user=None, cert=False, token="wrong").status_code == 401
+    assert stack.get(HPA_PATH, user=None, cert=False, token="hpa-token").status_code == 200
+    other = make_pki(stack.directory / "other-ca")
+    with pytest.raises((requests.exceptions.SSLError, requests.ConnectionError)):
+        requests.get(
+            stack.url + HPA_PATH,
+            verify=str(stack.pki.ca),
+            timeout=10,
+            cert=(str(other.client_cert), str(other.client_key)),
+            headers={"X-Remote-User": HPA_USER},
+        )
+    assert stack.get("/healthz", user=None, cert=False).status_code == 200
+
+
+def test_authorization_by_subject_access_review(stack: Stack) -> None:
+    stack.api.allow = lambda spec: spec.get("user") != "mallory"
+    try:
+        denied = stack.get(HPA_PATH, user="mallory")
+        assert denied.status_code == 403
+        assert denied.json()["message"] == (
+            'User "mallory" cannot get resource "pods/duty_cycle_current" in API group "custom.metrics.k8s.io" '
+            'in the namespace "default"'
+        )
+        review = next(r for r in stack.api.access_reviews if r.get("user") == "mallory")
+        assert review["resourceAttributes"] == {
+            "group": "custom.metrics.k8s.io",
+            "version": "v1beta2",
+            "resource": "pods",
+            "subresource": "duty_cycle_current",
+            "name": "*",
+            "namespace": "default",
+            "verb": "get",
+        }
+        assert stack.get(HPA_PATH).status_code == 200
+    finally:
+        stack.api.allow = lambda spec: True
+
+
+def test_nan_is_never_a_value(stack: Stack) -> None:
+    rules = stack.directory / "nan-rules.yaml"
+    rules.write_text(NAN_RULES)
+    process, url = start_adapter(
+        stack.directory, stack.pki, stack.kubeconfig, stack.prometheus.url, "--config", str(rules)
+    )
+    try:
+        path = "/apis/custom.metrics.k8s.io/v1beta2/namespaces/default/pods/%2A/broken_ratio?labelSelector=app%3Dasr"
+        response = stack.get(path, url=url)
+        assert response.status_code == 200 and response.json()["items"] == []  # NaN left out, not 0
+        works = stack.get(HPA_PATH.replace("%2A", "asr-0"), url=url)
+        assert works.status_code == 200 and works.json()["items"][0]["value"] == "60"
+    finally:
+        process.terminate()
+        process.wait(timeout=10)
+
+
+def test_prometheus_down_is_503(stack: Stack) -> None:
+    process, url = start_adapter(
+        stack.directory, stack.pki, stack.kubeconfig, f"http://127.0.0.1:{free_port()}", "--prometheus-timeout", "2"
+    )
+    try:
+        response = stack.get(HPA_PATH + "?labelSelector=app%3Dasr", url=url)
+        for _ in range(50):  # the pod cache fills first; until then the selector matches nothing
+            if response.status_code != 200:
+                break
+            time.sleep(0.1)
+            response = stack.get(HPA_PATH + "?labelSelector=app%3Dasr", url=url)
+        assert response.status_code == 503 and response.json()["reason"] == "ServiceUnavailable"
+    finally:
+        process.terminate()
+        process.wait(timeout=10)
