@@ -111,9 +111,10 @@ class Stack:
         )
 
 
-@pytest.fixture(scope="module")
-def stack(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Stack]:
-    directory = tmp_path_factory.mktemp("adapter")
+@pytest.fixture(scope="module", params=["prometheus", "victoria-metrics"])
+def stack(request: pytest.FixtureRequest, tmp_path_factory: pytest.TempPathFactory) -> Iterator[Stack]:
+    """The same cases run against Prometheus and against VictoriaMetrics (the same query API)."""
+    directory = tmp_path_factory.mktemp(request.param)
     scenario = directory / "scenario.txt"
     Scenario(
         gpus=[Gpu(gpu_uuid(i), util=u) for i, (_, _, u) in enumerate(p for p in PODS.values() if p[1] is not None)]
@@ -143,7 +144,7 @@ def stack(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Stack]:
         stderr=subprocess.DEVNULL,
         cwd=ROOT,
     )
-    prometheus = Prometheus(directory / "prometheus", [f"127.0.0.1:{agent_port}"], free_port())
+    prometheus = Prometheus(directory / "store", [f"127.0.0.1:{agent_port}"], free_port(), kind=request.param)
     api = FakeApiServer().start()
     for i, (name, (labels, _, _)) in enumerate(PODS.items()):
         api.apply(pod_json(f"uid-{i}", "default", name, "gpu-node-1", labels=labels))

@@ -1,4 +1,5 @@
-"""A real Prometheus server (Debian package ``prometheus``) scraping given targets every second."""
+"""A real metrics store scraping given targets every second: Prometheus (Debian package
+``prometheus``) or VictoriaMetrics (``victoria-metrics``), both serving the Prometheus query API."""
 
 from __future__ import annotations
 
@@ -13,21 +14,21 @@ import pytest
 import requests
 
 
-def prometheus_binary() -> str:
-    binary = shutil.which("prometheus")
+def installed(binary_name: str) -> str:
+    binary = shutil.which(binary_name)
     if binary is None:
         if os.environ.get("CI"):
-            pytest.fail("prometheus is not installed: .ci/run must apt-get install it")
-        pytest.skip("prometheus is not installed (apt-get install prometheus)")
+            pytest.fail(f"{binary_name} is not installed: .ci/run must apt-get install it")
+        pytest.skip(f"{binary_name} is not installed (apt-get install {binary_name})")
     return binary
 
 
 class Prometheus:
-    def __init__(self, directory: Path, targets: list[str], port: int) -> None:
+    def __init__(self, directory: Path, targets: list[str], port: int, kind: str = "prometheus") -> None:
         directory.mkdir(parents=True, exist_ok=True)
         config = directory / "prometheus.yml"
         config.write_text(
-            "global:\n  scrape_interval: 1s\n  evaluation_interval: 1s\n"
+            "global:\n  scrape_interval: 1s\n"
             "scrape_configs:\n- job_name: gpu-pod-exporter\n"
             "  honor_labels: true  # keep the agent's namespace/pod labels, not the scrape target's\n"
             f"  static_configs:\n  - targets: {targets!r}\n"
@@ -35,16 +36,24 @@ class Prometheus:
         self.url = f"http://127.0.0.1:{port}"
         self.log_path = directory / "prometheus.log"
         self._log = self.log_path.open("wb")
-        self.process = subprocess.Popen(
-            [
-                prometheus_binary(),
+        if kind == "prometheus":
+            command = [
+                installed("prometheus"),
                 f"--config.file={config}",
                 f"--storage.tsdb.path={directory / 'tsdb'}",
                 f"--web.listen-address=127.0.0.1:{port}",
-            ],
-            stdout=self._log,
-            stderr=subprocess.STDOUT,
-        )
+            ]
+        else:
+            # Samples become visible to queries at once (not after the default 30 s), as in Prometheus.
+            command = [
+                installed("victoria-metrics"),
+                f"-promscrape.config={config}",
+                f"-httpListenAddr=127.0.0.1:{port}",
+                f"-storageDataPath={directory / 'vmdata'}",
+                "-search.latencyOffset=0s",
+                "-search.disableCache",
+            ]
+        self.process = subprocess.Popen(command, stdout=self._log, stderr=subprocess.STDOUT)
 
     def query(self, promql: str) -> list[dict[str, Any]]:
         body = requests.get(f"{self.url}/api/v1/query", params={"query": promql}, timeout=5).json()
@@ -54,7 +63,7 @@ class Prometheus:
     def wait_for(self, promql: str, timeout_s: float = 60) -> list[dict[str, Any]]:
         """Queries until the result is non-empty; fails with Prometheus's log."""
         deadline = time.monotonic() + timeout_s
-        while time.monotonic() < deadline:
+        while time.monotonic() < deadline and self.process.poll() is None:
             try:
                 result = self.query(promql)
                 if result:
