@@ -185,6 +185,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         authenticator=Authenticator(reviewer, allowed_names, username_headers, group_headers),
         authorizer=Authorizer(reviewer),
         always_allow_paths=frozenset(p.strip() for p in args.authorization_always_allow_paths.split(",")),
+        ready=lambda: pods.pods is not None,
     )
     try:
         server = AdapterServer((args.bind_address, args.secure_port), tls, services)

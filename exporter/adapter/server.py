@@ -9,6 +9,7 @@ import json
 import logging
 import ssl
 import threading
+from collections.abc import Callable
 from dataclasses import dataclass
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from typing import Any
@@ -35,6 +36,7 @@ class Services:
     authenticator: Authenticator
     authorizer: Authorizer
     always_allow_paths: frozenset[str]
+    ready: Callable[[], bool]  # the pod cache has synced
 
 
 class _ApiError(Exception):
@@ -53,7 +55,10 @@ class _Handler(BaseHTTPRequestHandler):
         url = urlsplit(self.path)
         services = self.server.services
         if url.path in services.always_allow_paths:
-            self._send(200, b"ok", "text/plain; charset=utf-8")
+            if url.path == "/readyz" and not services.ready():
+                self._send(503, b"pod cache not synced yet", "text/plain; charset=utf-8")
+            else:
+                self._send(200, b"ok", "text/plain; charset=utf-8")
             return
         try:
             user = services.authenticator.authenticate(self._peer_cert(), self.headers)

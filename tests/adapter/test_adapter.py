@@ -285,6 +285,7 @@ def test_authentication(stack: Stack) -> None:
             headers={"X-Remote-User": HPA_USER},
         )
     assert stack.get("/healthz", user=None, cert=False).status_code == 200
+    assert stack.get("/readyz", user=None, cert=False).status_code == 200  # the pod cache has synced
 
 
 def test_authorization_by_subject_access_review(stack: Stack) -> None:
