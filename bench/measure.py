@@ -52,11 +52,14 @@ def rss_bytes(pid: int) -> int:
     return int(re.search(r"VmRSS:\s+(\d+) kB", status).group(1)) * 1024  # type: ignore[union-attr]
 
 
-def run_hey(url: str, concurrency: int, duration_s: int) -> dict[str, float | None]:
+def run_hey(
+    url: str, concurrency: int, duration_s: int, headers: dict[str, str] | None = None
+) -> dict[str, float | None]:
     """hey for a fixed time at a fixed concurrency: latency percentiles (None when no request
     completed), throughput, and failed requests (requests still in flight at the end count)."""
+    header_args = [arg for name, value in (headers or {}).items() for arg in ("-H", f"{name}: {value}")]
     out = subprocess.run(
-        ["hey", "-z", f"{duration_s}s", "-t", "30", "-c", str(concurrency), url],
+        ["hey", "-z", f"{duration_s}s", "-t", "30", "-c", str(concurrency), *header_args, url],
         capture_output=True,
         text=True,
         check=True,
