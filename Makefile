@@ -1,6 +1,6 @@
 PYTHON ?= python3
 
-.PHONY: install fake-nvml run test lint bench clean
+.PHONY: install fake-nvml run run-adapter test lint bench bench-adapter clean
 
 install:
 	$(PYTHON) -m pip install -q -e '.[test,lint]'
@@ -12,6 +12,11 @@ fake-nvml:
 # Runs the agent against the simulated node (no GPU, no cluster needed): see tests/sim/node.py.
 run: install fake-nvml
 	$(PYTHON) -m tests.sim.node
+
+# The adapter over TLS (on a free port) in front of a real Prometheus scraping the simulated node; prints
+# the kubectl-get-raw style requests to try (see README, "The HPA adapter").
+run-adapter: install fake-nvml
+	$(PYTHON) -m tests.sim.adapterdemo
 
 test: install fake-nvml
 	$(PYTHON) -m pytest -q
@@ -29,3 +34,7 @@ clean:
 bench: install fake-nvml
 	$(PYTHON) -m pip install -q 'nvitop-exporter>=1.4' 'matplotlib>=3.7'
 	$(PYTHON) -m bench.compare --out bench/results
+
+# The adapter's latency for the HPA's request over a 500-pod selector, against a real Prometheus.
+bench-adapter: install fake-nvml
+	$(PYTHON) -m bench.adapter --pods 500

@@ -1,0 +1,126 @@
+"""Authentication and authorization decisions, and the adapter's self-signed serving pair."""
+
+from __future__ import annotations
+
+import socket
+import ssl
+import subprocess
+import sys
+import time
+from email.message import Message
+from pathlib import Path
+from typing import Any
+
+from exporter.adapter.auth import Authenticator, Authorizer, User
+from tests.conftest import ROOT, free_port
+
+FRONT_PROXY = {"subject": ((("commonName", "front-proxy-client"),),)}
+
+
+class Reviewer:
+    def __init__(self) -> None:
+        self.token_reviews = 0
+        self.access_reviews = 0
+
+    def review_token(self, token: str) -> User | None:
+        self.token_reviews += 1
+        return User("alice", ("team",)) if token == "good" else None
+
+    def review_access(self, user: User, attributes: Any) -> bool:
+        self.access_reviews += 1
+        return user.name == "alice"
+
+
+def headers(**values: str | list[str]) -> Message:
+    message = Message()
+    for name, value in values.items():
+        for item in value if isinstance(value, list) else [value]:
+            message[name.replace("_", "-")] = item
+    return message
+
+
+def test_front_proxy_user_and_groups_from_its_headers() -> None:
+    auth = Authenticator(Reviewer(), allowed_names=["front-proxy-client"])
+    user = auth.authenticate(FRONT_PROXY, headers(X_Remote_User="hpa", X_Remote_Group=["a", "b"]))
+    assert user == User("hpa", ("a", "b"))
+
+
+def test_front_proxy_with_a_name_not_allowed_is_refused() -> None:
+    auth = Authenticator(Reviewer(), allowed_names=["front-proxy-client"])
+    other = {"subject": ((("commonName", "someone-else"),),)}
+    assert auth.authenticate(other, headers(X_Remote_User="hpa")) is None
+
+
+def test_custom_header_names() -> None:
+    auth = Authenticator(Reviewer(), username_headers=["X-User"], group_headers=["X-Groups"])
+    assert auth.authenticate(FRONT_PROXY, headers(X_User="bob", X_Groups="g")) == User("bob", ("g",))
+    assert auth.authenticate(FRONT_PROXY, headers(X_Remote_User="bob")) is None
+
+
+def test_bearer_tokens_are_reviewed_once_per_ttl() -> None:
+    reviewer = Reviewer()
+    now = [0.0]
+    auth = Authenticator(reviewer, ttl_s=10, clock=lambda: now[0])
+    assert auth.authenticate(None, headers(Authorization="Bearer good")) == User("alice", ("team",))
+    assert auth.authenticate(None, headers(Authorization="Bearer good")) == User("alice", ("team",))
+    assert reviewer.token_reviews == 1
+    now[0] = 11
+    auth.authenticate(None, headers(Authorization="Bearer good"))
+    assert reviewer.token_reviews == 2
+    assert auth.authenticate(None, headers(Authorization="Bearer bad")) is None
+    assert auth.authenticate(None, headers(Authorization="Basic eDp5")) is None
+    assert auth.authenticate(None, headers()) is None
+
+
+def test_access_decisions_are_cached_per_attributes() -> None:
+    reviewer = Reviewer()
+    authorizer = Authorizer(reviewer, ttl_s=10, clock=lambda: 0.0)
+    attributes = {"group": "custom.metrics.k8s.io", "resource": "pods", "verb": "get"}
+    assert authorizer.allowed(User("alice"), attributes)
+    assert authorizer.allowed(User("alice"), dict(attributes))
+    assert not authorizer.allowed(User("mallory"), attributes)
+    assert reviewer.access_reviews == 2
+
+
+def test_without_a_certificate_the_adapter_serves_a_self_signed_pair(tmp_path: Path) -> None:
+    port = free_port()
+    kubeconfig = tmp_path / "kubeconfig"  # points nowhere: the adapter still starts, with tokens only
+    kubeconfig.write_text(
+        "apiVersion: v1\nkind: Config\nclusters:\n- name: c\n  cluster: {server: 'http://127.0.0.1:1'}\n"
+        "users:\n- name: u\n  user: {}\ncontexts:\n- name: x\n  context: {cluster: c, user: u}\ncurrent-context: x\n"
+    )
+    process = subprocess.Popen(
+        [
+            sys.executable,
+            "-m",
+            "exporter.adapter",
+            "--secure-port",
+            str(port),
+            "--bind-address",
+            "127.0.0.1",
+            "--cert-dir",
+            str(tmp_path / "certs"),
+            "--kubeconfig",
+            str(kubeconfig),
+        ],
+        cwd=ROOT,
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.DEVNULL,
+    )
+    try:
+        deadline = time.monotonic() + 15
+        while True:
+            try:
+                raw = socket.create_connection(("127.0.0.1", port), timeout=1)
+                break
+            except OSError:
+                assert time.monotonic() < deadline and process.poll() is None
+                time.sleep(0.1)
+        context = ssl.create_default_context(cafile=str(tmp_path / "certs" / "apiserver.crt"))
+        with context.wrap_socket(raw, server_hostname="localhost") as tls:
+            tls.sendall(b"GET /healthz HTTP/1.1\r\nHost: localhost\r\nConnection: close\r\n\r\n")
+            assert tls.recv(100).startswith(b"HTTP/1.1 200")
+        assert (tmp_path / "certs" / "apiserver.key").stat().st_mode & 0o777 == 0o600
+    finally:
+        process.terminate()
+        process.wait(timeout=10)
