@@ -8,8 +8,8 @@ from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 from typing import Protocol
 
-from exporter.adapter.prometheus import PrometheusClient
-from exporter.adapter.rules import Rule, Rules, external_query, namespace_query, pods_query
+from exporter.adapter.prometheus import PrometheusClient, Sample
+from exporter.adapter.rules import FIELD, Rule, Rules, external_query, namespace_query, pods_query
 from exporter.adapter.selector import Selector
 from exporter.model import PodInfo
 
@@ -91,8 +91,8 @@ class PrometheusProvider:
     def get_metric_by_name(self, namespace: str, name: str, info: MetricInfo) -> MetricValue | None:
         rule = self._rule(info)
         if info.resource == "namespaces":
-            samples = self._prometheus.query(namespace_query(rule, name))
-            return next((MetricValue("Namespace", "", name, info.metric, s.value, s.timestamp) for s in samples), None)
+            timed = _timed_values(self._prometheus.query(namespace_query(rule, name)))
+            return next((MetricValue("Namespace", "", name, info.metric, v, t) for v, t in timed.values()), None)
         values = self._pod_values(rule, namespace, [name])
         return values[0] if values else None
 
@@ -108,19 +108,31 @@ class PrometheusProvider:
         """One query for all the pods; pods without a (finite) value are left out, never 0."""
         if not names:
             return []
-        wanted = set(names)
-        found: dict[str, MetricValue] = {}
-        for sample in self._prometheus.query(pods_query(rule, namespace, names)):
-            pod = sample.labels.get("pod", "")
-            if pod in wanted and sample.labels.get("namespace") == namespace:
-                found.setdefault(pod, MetricValue("Pod", namespace, pod, rule.name, sample.value, sample.timestamp))
-        return [found[name] for name in names if name in found]
+        found: dict[str, tuple[float, float]] = {}
+        for group, timed in _timed_values(self._prometheus.query(pods_query(rule, namespace, names))).items():
+            labels = dict(group)
+            if labels.get("namespace") == namespace:
+                found.setdefault(labels.get("pod", ""), timed)
+        return [MetricValue("Pod", namespace, name, rule.name, *found[name]) for name in names if name in found]
 
     def get_external_metric(self, namespace: str, metric: str, selector: Selector) -> list[ExternalValue]:
         rule = self._rules.external_rule(metric)
         if rule is None:
             raise MetricNotFoundError(f"the server could not find the metric {metric} for external metrics")
-        return [
-            ExternalValue(metric, s.labels, s.value, s.timestamp)
-            for s in self._prometheus.query(external_query(rule, namespace, selector))
-        ]
+        timed = _timed_values(self._prometheus.query(external_query(rule, namespace, selector)))
+        return [ExternalValue(metric, dict(group), value, when) for group, (value, when) in timed.items()]
+
+
+def _timed_values(samples: list[Sample]) -> dict[frozenset[tuple[str, str]], tuple[float, float]]:
+    """Each group's value paired with its newest sample's time (see rules._timed), keyed by the
+    group's labels; groups without a (finite) value are left out, whatever their time."""
+    values: dict[frozenset[tuple[str, str]], float] = {}
+    times: dict[frozenset[tuple[str, str]], float] = {}
+    for sample in samples:
+        group = frozenset((k, v) for k, v in sample.labels.items() if k != FIELD)
+        field = sample.labels.get(FIELD)
+        if field == "value":
+            values.setdefault(group, sample.value)
+        elif field == "timestamp":
+            times[group] = max(times.get(group, sample.value), sample.value)
+    return {group: (value, times.get(group, 0.0)) for group, value in values.items()}

@@ -126,7 +126,7 @@ def pods_query(rule: Rule, namespace: str, pods: Sequence[str]) -> str:
     alternatives = []
     for ns_label, pod_label in zip(rule.resources["namespace"], rule.resources["pod"], strict=False):
         matchers = f"{ns_label}={_quote(namespace)},{pod_label}=~{_quote(_regex_alternatives(pods))}"
-        query = _render(rule, matchers, f"{ns_label},{pod_label}")
+        query = _timed(rule, matchers, f"{ns_label},{pod_label}")
         if (ns_label, pod_label) != ("namespace", "pod"):
             query = (
                 f'label_replace(label_replace({query}, "namespace", "$1", "{ns_label}", "(.*)"), '
@@ -139,7 +139,7 @@ def pods_query(rule: Rule, namespace: str, pods: Sequence[str]) -> str:
 def namespace_query(rule: Rule, namespace: str) -> str:
     """The rule's aggregate over all the namespace's pods (the Namespace object's metric)."""
     ns_label = rule.resources["namespace"][0]
-    return _render(rule, f'{ns_label}={_quote(namespace)},{rule.resources["pod"][0]}!=""', ns_label)
+    return _timed(rule, f'{ns_label}={_quote(namespace)},{rule.resources["pod"][0]}!=""', ns_label)
 
 
 def external_query(rule: Rule, namespace: str, selector: Selector) -> str:
@@ -155,7 +155,21 @@ def external_query(rule: Rule, namespace: str, selector: Selector) -> str:
             matchers.append(f'{requirement.key}!=""')
         else:
             matchers.append(f'{requirement.key}=""')
-    return _render(rule, ",".join(matchers), "")
+    return _timed(rule, ",".join(matchers), "")
+
+
+FIELD = "gpu_adapter_field"  # tells the value of each group from the time of its newest sample
+
+
+def _timed(rule: Rule, matchers: str, group_by: str) -> str:
+    """The rule's value and, in the same query, the time of the newest sample behind it: the
+    answer's timestamp is when the GPU was measured, not when the question was asked."""
+    value = _render(rule, matchers, group_by)
+    grouping = f" by ({group_by})" if group_by else ""
+    newest = f"max{grouping} (timestamp({rule.series_query}{{{matchers}}}))"
+    return (
+        f'label_replace({value}, "{FIELD}", "value", "", "") or label_replace({newest}, "{FIELD}", "timestamp", "", "")'
+    )
 
 
 def _render(rule: Rule, matchers: str, group_by: str) -> str:

@@ -67,21 +67,32 @@ def test_one_query_for_all_pods_with_both_label_namings() -> None:
     rule = DEFAULT_RULES.custom_rule("duty_cycle_current")
     assert rule is not None
     query = pods_query(rule, "default", [f"bert-{i}" for i in range(500)])
-    assert query.count("duty_cycle_current{") == 2
-    assert query.startswith('avg by (namespace,pod) (duty_cycle_current{namespace="default",pod=~"bert\\\\-0|')
-    assert "label_replace(label_replace(avg by (exported_namespace,exported_pod)" in query
+    # value and newest-sample time, for each of the two label namings: one query, four selectors
+    assert query.count("duty_cycle_current{") == 4
+    assert query.startswith(
+        'label_replace(avg by (namespace,pod) (duty_cycle_current{namespace="default",pod=~"bert\\\\-0|'
+    )
+    assert 'max by (namespace,pod) (timestamp(duty_cycle_current{namespace="default",pod=~"bert' in query
+    assert "label_replace(label_replace(label_replace(avg by (exported_namespace,exported_pod)" in query
     memory = DEFAULT_RULES.custom_rule("memory_used_bytes_current")
-    assert memory is not None and pods_query(memory, "ns", ["p"]).startswith("sum by (namespace,pod)")
+    assert memory is not None
+    assert pods_query(memory, "ns", ["p"]).startswith("label_replace(sum by (namespace,pod)")
 
 
 def test_namespace_and_external_queries() -> None:
     rule = DEFAULT_RULES.custom_rule("power_usage_milliwatts_current")
     assert rule is not None
-    assert namespace_query(rule, "ml") == 'sum by (namespace) (power_usage_milliwatts_current{namespace="ml",pod!=""})'
+    series = 'power_usage_milliwatts_current{namespace="ml",pod!=""}'
+    assert namespace_query(rule, "ml") == (
+        f'label_replace(sum by (namespace) ({series}), "gpu_adapter_field", "value", "", "") or '
+        f'label_replace(max by (namespace) (timestamp({series})), "gpu_adapter_field", "timestamp", "", "")'
+    )
     external = DEFAULT_RULES.external_rule("gpu_duty_cycle")
     assert external is not None
+    selected = 'duty_cycle_current{namespace="ml",node=~"a|b",pod!~"x",canary=""}'
     assert external_query(external, "ml", parse_selector("node in (a,b),pod!=x,!canary")) == (
-        'avg(duty_cycle_current{namespace="ml",node=~"a|b",pod!~"x",canary=""})'
+        f'label_replace(avg({selected}), "gpu_adapter_field", "value", "", "") or '
+        f'label_replace(max (timestamp({selected})), "gpu_adapter_field", "timestamp", "", "")'
     )
 
 
@@ -94,9 +105,12 @@ def test_rules_file() -> None:
     )
     (rule,) = rules.custom
     assert rules.external == ()
+    selected = 'duty_cycle_current{k8s_namespace="a",k8s_pod=~"p"}'
     assert pods_query(rule, "a", ["p"]) == (
-        'label_replace(label_replace(max by (k8s_namespace,k8s_pod) (duty_cycle_current{k8s_namespace="a",'
-        'k8s_pod=~"p"}), "namespace", "$1", "k8s_namespace", "(.*)"), "pod", "$1", "k8s_pod", "(.*)")'
+        "label_replace(label_replace("
+        f'label_replace(max by (k8s_namespace,k8s_pod) ({selected}), "gpu_adapter_field", "value", "", "") or '
+        f'label_replace(max by (k8s_namespace,k8s_pod) (timestamp({selected})), "gpu_adapter_field", "timestamp", '
+        '"", ""), "namespace", "$1", "k8s_namespace", "(.*)"), "pod", "$1", "k8s_pod", "(.*)")'
     )
 
 
