@@ -1,0 +1,189 @@
+"""The Grafana dashboards: structure, PromQL that parses and names only metrics that exist, and every
+panel returning data from a real Prometheus that scraped the agent on a simulated node with pods."""
+
+from __future__ import annotations
+
+import json
+import re
+import threading
+from collections.abc import Iterator
+from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+from pathlib import Path
+from typing import Any
+
+import promql_parser
+import pytest
+import requests
+
+from tests.conftest import free_port, parse_samples
+from tests.sim.kubelet import FakeKubelet, PodDevices
+from tests.sim.prometheus import Prometheus
+from tests.sim.scenario import Gpu, Scenario, gpu_uuid
+
+DASHBOARDS = Path(__file__).resolve().parent.parent / "dashboards"
+# Series of kube-state-metrics (a named external exporter) that the HPA dashboard reads.
+_HPA = 'namespace="default",horizontalpodautoscaler="gpu-hpa"'
+KUBE_STATE_METRICS = (
+    f'kube_horizontalpodautoscaler_info{{{_HPA},scaletargetref_api_version="apps/v1",'
+    'scaletargetref_kind="Deployment",scaletargetref_name="bert-intent-detection"} 1\n'
+    f'kube_horizontalpodautoscaler_spec_target_metric{{{_HPA},metric_name="duty_cycle_current",'
+    'metric_target_type="average"} 20\n'
+    f"kube_horizontalpodautoscaler_status_current_replicas{{{_HPA}}} 2\n"
+    f"kube_horizontalpodautoscaler_status_desired_replicas{{{_HPA}}} 2\n"
+    'kube_deployment_status_replicas{namespace="default",deployment="bert-intent-detection"} 2\n'
+)
+KSM_NAMES = set(re.findall(r"^(\w+)\{", KUBE_STATE_METRICS, re.M))
+VALUES = {
+    "gpu-pods.json": {"node": ".*", "namespace": ".*", "pod": ".*"},
+    "gpu-hpa.json": {"namespace": "default", "hpa": "gpu-hpa", "workload": "bert-intent-detection"},
+}
+
+
+def dashboards() -> dict[str, dict[str, Any]]:
+    return {path.name: json.loads(path.read_text()) for path in sorted(DASHBOARDS.glob("*.json"))}
+
+
+def panels(dashboard: dict[str, Any]) -> list[dict[str, Any]]:
+    found = []
+    for panel in dashboard["panels"]:
+        found.append(panel)
+        found.extend(panel.get("panels", ()))
+    return found
+
+
+def expressions(dashboard: dict[str, Any]) -> list[tuple[str, str]]:
+    """(panel title, PromQL) for every panel target."""
+    return [(p["title"], t["expr"]) for p in panels(dashboard) for t in p.get("targets", ())]
+
+
+def substitute(expr: str, values: dict[str, str]) -> str:
+    return re.sub(r"\$(\w+)", lambda m: values.get(m.group(1), m.group(0)), expr)
+
+
+def metric_names(node: Any) -> set[str]:
+    names: set[str] = set()
+    if type(node).__name__ == "VectorSelector" and node.name:
+        names.add(node.name)
+    for attribute in ("lhs", "rhs", "expr", "args", "param"):
+        child = getattr(node, attribute, None)
+        for item in child if isinstance(child, list) else [child]:
+            if item is not None and not isinstance(item, (str, int, float)):
+                names |= metric_names(item)
+    return names
+
+
+def label_values(query: str) -> tuple[str, str]:
+    match = re.fullmatch(r"label_values\((.*),\s*(\w+)\)", query)
+    assert match, query
+    return match.group(1), match.group(2)
+
+
+@pytest.mark.parametrize("name", sorted(dashboards()))
+def test_structure(name: str) -> None:
+    dashboard = dashboards()[name]
+    assert dashboard["schemaVersion"] >= 36  # Grafana 10/11
+    ids = [p["id"] for p in panels(dashboard)]
+    assert len(ids) == len(set(ids)), "panel ids must be unique"
+    for panel in panels(dashboard):
+        grid = panel["gridPos"]
+        assert grid["x"] >= 0 and grid["w"] > 0 and grid["x"] + grid["w"] <= 24, panel["title"]
+        if panel["type"] != "row":
+            assert panel["datasource"] == {"type": "prometheus", "uid": "${datasource}"}, panel["title"]
+            assert panel["targets"], panel["title"]
+    variables = dashboard["templating"]["list"]
+    assert variables[0]["type"] == "datasource"
+    text = json.dumps([p.get("targets", []) for p in panels(dashboard)]) + json.dumps(
+        [v.get("query") for v in variables]
+    )
+    for variable in variables[1:]:
+        assert f"${variable['name']}" in text.replace(json.dumps(variable["query"]), ""), (
+            f"variable {variable['name']} is never used"
+        )
+
+
+@pytest.mark.parametrize("name", sorted(dashboards()))
+def test_promql_parses_and_names_only_known_metrics(name: str, agent_metric_names: set[str]) -> None:
+    dashboard = dashboards()[name]
+    queries = [e for _, e in expressions(dashboard)] + [
+        label_values(v["query"]["query"])[0] for v in dashboard["templating"]["list"][1:]
+    ]
+    for query in queries:
+        tree = promql_parser.parse(substitute(query, VALUES[name]))
+        unknown = metric_names(tree) - agent_metric_names - KSM_NAMES
+        assert not unknown, f"{query} uses {unknown}"
+
+
+class _KubeStateMetrics(BaseHTTPRequestHandler):
+    """Stands in for kube-state-metrics (not installable here): serves the series, with the names
+    and labels kube-state-metrics documents, that the HPA dashboard reads."""
+
+    def do_GET(self) -> None:
+        body = KUBE_STATE_METRICS.encode()
+        self.send_response(200)
+        self.send_header("Content-Type", "text/plain; version=0.0.4")
+        self.send_header("Content-Length", str(len(body)))
+        self.end_headers()
+        self.wfile.write(body)
+
+    def log_message(self, *args: object) -> None:
+        pass
+
+
+@pytest.fixture(scope="module")
+def scraped(tmp_path_factory: pytest.TempPathFactory) -> Iterator[tuple[Prometheus, str]]:
+    """A simulated node: two BERT pods (one busy, one idle), two pods time-slicing a GPU, a free GPU."""
+    from tests.conftest import AgentProcess
+    from tests.sim.fakelib import build_fake_nvml
+
+    directory = tmp_path_factory.mktemp("dashboards")
+    scenario = directory / "scenario.txt"
+    Scenario(
+        gpus=[Gpu(gpu_uuid(0), util=30), Gpu(gpu_uuid(1), util=0), Gpu(gpu_uuid(2), util=55), Gpu(gpu_uuid(3), util=0)]
+    ).write(scenario)
+    kubelet = FakeKubelet(str(directory / "kubelet.sock")).start()
+    kubelet.set_pods(
+        [
+            PodDevices("default", "bert-intent-detection-7d9f-aaaa", {"server": [("nvidia.com/gpu", [gpu_uuid(0)])]}),
+            PodDevices("default", "bert-intent-detection-7d9f-bbbb", {"server": [("nvidia.com/gpu", [gpu_uuid(1)])]}),
+            PodDevices("speech", "asr-0", {"asr": [("nvidia.com/gpu.shared", [gpu_uuid(2) + "::0"])]}),
+            PodDevices("speech", "asr-1", {"asr": [("nvidia.com/gpu.shared", [gpu_uuid(2) + "::1"])]}),
+        ]
+    )
+    agent = AgentProcess(
+        ["--no-kubernetes", "--node-name", "gpu-node-1", "--pod-resources-socket", kubelet.socket_path],
+        scenario,
+        build_fake_nvml().parent,
+        directory / "agent.log",
+    )
+    ksm = ThreadingHTTPServer(("127.0.0.1", 0), _KubeStateMetrics)
+    threading.Thread(target=ksm.serve_forever, daemon=True).start()
+    prometheus = Prometheus(
+        directory / "prometheus", [f"127.0.0.1:{agent.port}", f"127.0.0.1:{ksm.server_address[1]}"], free_port()
+    )
+    try:
+        prometheus.wait_for("count(gpu_exporter_gpu_sharing_pods) > 0 and count(kube_deployment_status_replicas) > 0")
+        yield prometheus, agent.url
+    finally:
+        prometheus.stop()
+        agent.stop()
+        ksm.shutdown()
+        kubelet.stop()
+
+
+@pytest.fixture(scope="module")
+def agent_metric_names(scraped: tuple[Prometheus, str]) -> set[str]:
+    """The metric names the agent really exports (its contract and self-metrics)."""
+    text = requests.get(scraped[1] + "/metrics", timeout=5).text
+    return {name for name, _ in parse_samples(text)}
+
+
+@pytest.mark.parametrize("name", sorted(dashboards()))
+def test_every_panel_and_variable_returns_data(name: str, scraped: tuple[Prometheus, str]) -> None:
+    prometheus = scraped[0]
+    dashboard = dashboards()[name]
+    for title, expr in expressions(dashboard):
+        assert prometheus.query(substitute(expr, VALUES[name])), f"panel {title!r} would read No data: {expr}"
+    for variable in dashboard["templating"]["list"][1:]:
+        selector, label = label_values(variable["query"]["query"])
+        result = prometheus.query(substitute(selector, VALUES[name]))
+        assert any(label in r["metric"] for r in result), f"variable {variable['name']} would be empty"
