@@ -39,7 +39,8 @@ def build_parser() -> _Parser:
     parser = _Parser(
         prog="gpu-metrics-adapter",
         description="Serves GPU metrics from Prometheus through the Kubernetes custom and external "
-        "metrics APIs, as an aggregated API server.",
+        "metrics APIs, as an aggregated API server. `gpu-metrics-adapter hpa-explain` instead reads an HPA's "
+        "numbers as JSON on stdin and prints what the HPA would do.",
     )
     add = parser.add_argument
     add("--secure-port", type=int, default=6443, help="HTTPS port (default 6443)")
@@ -130,8 +131,13 @@ def self_signed(cert_dir: Path) -> tuple[Path, Path]:
 
 
 def main(argv: Sequence[str] | None = None) -> int:
+    arguments = list(sys.argv[1:] if argv is None else argv)
+    if arguments[:1] == ["hpa-explain"]:
+        from exporter.adapter.explain import main as explain
+
+        return explain()
     parser = build_parser()
-    args = parser.parse_args(argv)
+    args = parser.parse_args(arguments)
     if not 0 < args.secure_port < 65536:
         parser.error(f"--secure-port: want 1 to 65535, got {args.secure_port}")
     if args.prometheus_timeout <= 0:

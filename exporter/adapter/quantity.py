@@ -8,6 +8,8 @@ and printed in canonical DecimalSI form: the largest SI suffix that leaves an in
 from __future__ import annotations
 
 import math
+import re
+from decimal import ROUND_CEILING, Decimal
 
 _SUFFIXES = ((18, "E"), (15, "P"), (12, "T"), (9, "G"), (6, "M"), (3, "k"), (0, ""))
 
@@ -27,3 +29,26 @@ def format_quantity(value: float) -> str:
         if units % 10**exponent == 0:
             return f"{sign}{units // 10**exponent}{suffix}"
     raise AssertionError("unreachable: exponent 0 always divides")
+
+
+_SCALE = {"n": -9, "u": -6, "m": -3, "": 0, "k": 3, "M": 6, "G": 9, "T": 12, "P": 15, "E": 18}
+_BINARY = {"Ki": 10, "Mi": 20, "Gi": 30, "Ti": 40, "Pi": 50, "Ei": 60}
+
+
+def parse_milli(text: str) -> int:
+    """A quantity (``12``, ``12000m``, ``1.5k``, ``2Gi``, ``1e3``) as integer milli-units, rounded up
+    as Quantity.MilliValue() does."""
+    match = re.fullmatch(
+        r"\s*([+-]?(?:\d+\.?\d*|\.\d+))(?:([eE][+-]?\d+)|(Ki|Mi|Gi|Ti|Pi|Ei)|([numkMGTPE]?))\s*", str(text)
+    )
+    if not match:
+        raise ValueError(f"not a Kubernetes quantity: {text!r}")
+    number, exponent, binary, suffix = match.groups()
+    value = Decimal(number)
+    if exponent:
+        value *= Decimal(10) ** int(exponent[1:])
+    elif binary:
+        value *= 2 ** _BINARY[binary]
+    else:
+        value *= Decimal(10) ** _SCALE[suffix or ""]
+    return int((value * 1000).to_integral_value(rounding=ROUND_CEILING))

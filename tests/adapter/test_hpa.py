@@ -1,0 +1,211 @@
+"""The HPA arithmetic against cases from upstream's replica_calculator_test.go (inputs and expected
+replica counts are facts from kubernetes pkg/controller/podautoscaler; the tests are ours), the
+controller's stabilisation and rate limits, and the hpa-explain command."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+
+import pytest
+
+from exporter.adapter.hpa import Autoscaler, NoMetricsError, Pod, Tolerances, pods_metric_replicas
+from exporter.adapter.quantity import parse_milli
+
+
+def pods(n: int, phases: list[str] | None = None) -> list[Pod]:
+    return [Pod(f"p-{i}", (phases or ["Running"] * n)[i]) for i in range(n)]
+
+
+def levels(*values: int) -> dict[str, int]:
+    return {f"p-{i}": v for i, v in enumerate(values)}
+
+
+@pytest.mark.parametrize(
+    ("name", "current", "pod_list", "metrics", "target", "tolerances", "expected", "usage"),
+    [
+        ("TestReplicaCalcScaleUpCM", 3, pods(3), levels(20000, 10000, 30000), 15000, Tolerances(), 4, 20000),
+        # Readiness is not consulted for Pods metrics: the unready pod's 30000 counts.
+        (
+            "TestReplicaCalcScaleUpCMUnreadyHotCpuNoLessScale",
+            3,
+            [Pod("p-0"), Pod("p-1"), Pod("p-2", ready=False)],
+            levels(50000, 10000, 30000),
+            15000,
+            Tolerances(),
+            6,
+            30000,
+        ),
+        (
+            "TestReplicaCalcScaleUpCMUnreadyHotCpuScaleWouldScaleDown",
+            3,
+            [Pod("p-0", ready=False), Pod("p-1"), Pod("p-2", ready=False)],
+            levels(50000, 15000, 30000),
+            15000,
+            Tolerances(),
+            7,
+            31666,
+        ),
+        (
+            "TestReplicaCalcScaleDownCM",
+            5,
+            pods(5),
+            levels(12000, 12000, 12000, 12000, 12000),
+            20000,
+            Tolerances(),
+            3,
+            12000,
+        ),
+        ("TestReplicaCalcToleranceCM", 3, pods(3), levels(20000, 21000, 21000), 20000, Tolerances(), 3, 20666),
+        (
+            "TestReplicaCalcConfigurableToleranceCM",
+            3,
+            pods(3),
+            levels(20000, 21000, 21000),
+            20000,
+            Tolerances(scale_down=0.1, scale_up=0.01),
+            4,
+            20666,
+        ),
+        (
+            "TestPlainMetricReplicaCalcMissingMetricsNoChangeEq",
+            5,
+            pods(3),
+            levels(20000, 19000, 21000),
+            20000,
+            Tolerances(),
+            5,
+            20000,
+        ),
+        (
+            "TestReplicaCalcDuringRollingUpdateWithMaxSurgeCM",
+            2,
+            pods(3),
+            levels(10000, 10000),
+            17000,
+            Tolerances(),
+            2,
+            10000,
+        ),
+    ],
+)
+def test_upstream_cases(
+    name: str,
+    current: int,
+    pod_list: list[Pod],
+    metrics: dict[str, int],
+    target: int,
+    tolerances: Tolerances,
+    expected: int,
+    usage: int,
+) -> None:
+    proposal = pods_metric_replicas(current, target, pod_list, metrics, tolerances)
+    assert (proposal.replicas, proposal.usage_milli) == (expected, usage), name
+
+
+def test_missing_pods_count_as_target_on_scale_down_and_zero_on_scale_up() -> None:
+    # Scale-down: the pod without a sample is assumed at the target, damping the step (4 -> 2, not 4 -> 1).
+    assert pods_metric_replicas(4, 20000, pods(4), levels(5000, 5000, 5000)).replicas == 2
+    # Scale-up: it is assumed idle; here that flips the direction, so nothing changes (not 2 -> 3).
+    assert pods_metric_replicas(2, 10000, pods(3), levels(12000, 12000)).replicas == 2
+
+
+def test_pending_pods_are_unready_and_deleting_or_failed_pods_ignored() -> None:
+    pending = [Pod("p-0"), Pod("p-1"), Pod("p-2", "Pending")]
+    assert pods_metric_replicas(3, 15000, pending, levels(50000, 10000)).replicas == 4
+    gone = [Pod("p-0"), Pod("p-1", deleting=True), Pod("p-2", "Failed")]
+    assert pods_metric_replicas(3, 10000, gone, levels(30000, 90000, 90000)).replicas == 3
+
+
+def test_no_metrics_means_no_scaling() -> None:
+    with pytest.raises(NoMetricsError):
+        pods_metric_replicas(2, 20000, pods(2), {}, 20000)
+
+
+def test_v2_defaults_scale_up_at_most_4_pods_or_double_per_15s() -> None:
+    hpa = Autoscaler(min_replicas=1, max_replicas=100)
+    assert hpa.decide(0, current=1, proposal=20) == 5  # max(1 + 4 pods, 1 x 200%) = 5
+    assert hpa.decide(5, current=5, proposal=20) == 5  # still inside the same 15 s period
+    assert hpa.decide(16, current=5, proposal=20) == 10  # next period: max(5 + 4, 5 x 2)
+
+
+def test_v2_defaults_scale_down_only_after_the_5_minute_window() -> None:
+    hpa = Autoscaler(min_replicas=1, max_replicas=10)
+    assert hpa.decide(0, current=6, proposal=6) == 6
+    assert hpa.decide(15, current=6, proposal=2) == 6  # the 6 of 15 s ago still stands
+    assert hpa.decide(299, current=6, proposal=2) == 6
+    assert hpa.decide(301, current=6, proposal=2) == 2  # 300 s on, every recommendation says 2
+
+
+def test_legacy_clamp_without_behavior() -> None:
+    hpa = Autoscaler(min_replicas=1, max_replicas=10, scale_up=None, scale_down=None)
+    assert hpa.decide(0, current=1, proposal=9) == 4  # min(maxReplicas, max(2 x 1, 4))
+    assert hpa.decide(15, current=4, proposal=9) == 8
+    assert hpa.decide(30, current=8, proposal=1) == 9  # the window holds the recent 9
+
+
+@pytest.mark.parametrize(
+    ("text", "milli"),
+    [
+        ("12", 12000),
+        ("12000m", 12000),
+        ("1.5k", 1500000),
+        ("22500m", 22500),
+        ("1Ki", 1024000),
+        ("0.0001", 1),
+        ("1e3", 1000000),
+    ],
+)
+def test_quantities_read_as_milli_values(text: str, milli: int) -> None:
+    assert parse_milli(text) == milli
+
+
+def explain(payload: object) -> subprocess.CompletedProcess[str]:
+    return subprocess.run(
+        [sys.executable, "-m", "exporter.adapter", "hpa-explain"],
+        input=json.dumps(payload),
+        capture_output=True,
+        text=True,
+    )
+
+
+def test_hpa_explain_answers_the_issue_example() -> None:
+    payload = {
+        "currentReplicas": 5,
+        "target": "20",
+        "tolerance": {"scaleUp": 0.1, "scaleDown": 0.1},
+        "pods": [{"name": f"p-{i}", "phase": "Running", "ready": True, "deleting": False} for i in range(5)],
+        "metrics": {f"p-{i}": "12" if i % 2 else "12000m" for i in range(5)},
+    }
+    result = explain(payload)
+    assert result.returncode == 0, result.stderr
+    answer = json.loads(result.stdout)
+    assert (answer["desiredReplicas"], answer["usageRatio"], answer["averageValue"]) == (3, 0.6, "12")
+    assert answer["reason"]
+
+
+@pytest.mark.parametrize(
+    ("payload", "complaint"),
+    [
+        ({"currentReplicas": 0, "target": "20", "pods": [{"name": "a"}]}, "currentReplicas"),
+        ({"currentReplicas": 1, "target": "twenty", "pods": [{"name": "a"}]}, "target"),
+        ({"currentReplicas": 1, "target": "20", "pods": []}, "pods"),
+        ({"currentReplicas": 1, "target": "20", "pods": [{"name": "a"}], "metrics": {"b": "1"}}, "no pod named"),
+        ({"currentReplicas": 1, "target": "20", "pods": [{"name": "a", "phase": "Exploded"}]}, "phase"),
+        ({"currentReplicas": 1, "target": "20", "pods": [{"name": "a"}], "tolerance": {"up": 1}}, "tolerance"),
+        ([1, 2], "JSON object"),
+    ],
+)
+def test_hpa_explain_bad_input_exits_2_with_one_line(payload: object, complaint: str) -> None:
+    result = explain(payload)
+    assert result.returncode == 2 and result.stdout == ""
+    (line,) = result.stderr.strip().splitlines()
+    assert line.startswith("hpa-explain: error:") and complaint in line
+
+
+def test_hpa_explain_not_json() -> None:
+    result = subprocess.run(
+        [sys.executable, "-m", "exporter.adapter", "hpa-explain"], input="{nope", capture_output=True, text=True
+    )
+    assert result.returncode == 2 and "not JSON" in result.stderr
