@@ -1,6 +1,6 @@
 PYTHON ?= python3
 
-.PHONY: install fake-nvml run run-adapter test lint bench bench-adapter clean
+.PHONY: install fake-nvml run run-adapter demo test lint bench bench-adapter clean
 
 install:
 	$(PYTHON) -m pip install -q -e '.[test,lint]'
@@ -17,6 +17,11 @@ run: install fake-nvml
 # the kubectl-get-raw style requests to try (see README, "The HPA adapter").
 run-adapter: install fake-nvml
 	$(PYTHON) -m tests.sim.adapterdemo
+
+# The GPU HPA story on one machine (under three minutes): prints kubectl-get-hpa lines every sync
+# and draws hpa-demo.png.
+demo: install fake-nvml
+	$(PYTHON) -m tests.sim.hpademo --png hpa-demo.png
 
 test: install fake-nvml
 	$(PYTHON) -m pytest -q
