@@ -101,6 +101,19 @@ def pods_metric_replicas(
     return Proposal(replicas, usage, ratio, "recomputed with missing and unready pods filled in")
 
 
+def largest_proposal(current_replicas: int, proposals: Sequence[int | None]) -> int | None:
+    """computeReplicasForMetrics: the largest proposal across the HPA's metrics (None for a metric
+    that could not be computed). No scaling (None) when every metric is invalid, or when some are
+    and the others would scale down: missing data must never shrink a busy service."""
+    valid = [p for p in proposals if p is not None]
+    if not valid:
+        return None
+    largest = max(valid)
+    if len(valid) < len(proposals) and largest < current_replicas:
+        return None
+    return largest
+
+
 @dataclass(frozen=True)
 class Policy:
     kind: str  # "Pods" or "Percent"

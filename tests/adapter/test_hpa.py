@@ -10,7 +10,14 @@ import sys
 
 import pytest
 
-from exporter.adapter.hpa import Autoscaler, NoMetricsError, Pod, Tolerances, pods_metric_replicas
+from exporter.adapter.hpa import (
+    Autoscaler,
+    NoMetricsError,
+    Pod,
+    Tolerances,
+    largest_proposal,
+    pods_metric_replicas,
+)
 from exporter.adapter.quantity import parse_milli
 
 
@@ -121,6 +128,13 @@ def test_pending_pods_are_unready_and_deleting_or_failed_pods_ignored() -> None:
 def test_no_metrics_means_no_scaling() -> None:
     with pytest.raises(NoMetricsError):
         pods_metric_replicas(2, 20000, pods(2), {}, 20000)
+
+
+def test_the_largest_proposal_wins_and_invalid_metrics_block_scale_down() -> None:
+    assert largest_proposal(3, [2, 5, 4]) == 5
+    assert largest_proposal(3, [None, None]) is None  # every metric invalid: <unknown>, no scaling
+    assert largest_proposal(3, [None, 2]) is None  # would scale down with a metric missing: no
+    assert largest_proposal(3, [None, 6]) == 6  # scaling up on what is known is allowed
 
 
 def test_v2_defaults_scale_up_at_most_4_pods_or_double_per_15s() -> None:

@@ -29,7 +29,15 @@ from typing import Any
 
 import requests
 
-from exporter.adapter.hpa import Autoscaler, NoMetricsError, Pod, Policy, ScalingRules, pods_metric_replicas
+from exporter.adapter.hpa import (
+    Autoscaler,
+    NoMetricsError,
+    Pod,
+    Policy,
+    ScalingRules,
+    largest_proposal,
+    pods_metric_replicas,
+)
 from exporter.adapter.quantity import format_quantity, parse_milli
 from tests.adapter.test_adapter import start_adapter
 from tests.conftest import ROOT, free_port
@@ -306,7 +314,9 @@ def sync(cluster: Cluster, hpa: Autoscaler, url: str, ca: Path, now: float, rps:
         proposal = pods_metric_replicas(current, round(TARGET * 1000), pods, milli)
     except NoMetricsError:  # an empty list: kubectl shows <unknown> and nothing scales
         return Sync(now, current, current, None, per_pod, rps, None)
-    desired = hpa.decide(now, current, proposal.replicas)
+    combined = largest_proposal(current, [proposal.replicas])  # this HPA has one metric
+    assert combined is not None
+    desired = hpa.decide(now, current, combined)
     if desired != current:
         cluster.scale_to(desired)
     return Sync(now, current, desired, proposal.usage_milli / 1000, per_pod, rps, proposal.replicas)
