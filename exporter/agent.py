@@ -8,12 +8,10 @@ per interval, so a stuck poll still ages out its data (staleness) and the age ga
 from __future__ import annotations
 
 import logging
-import signal
 import threading
 import time
 from collections import Counter
 from collections.abc import Sequence
-from types import FrameType
 
 from prometheus_client import CollectorRegistry
 from prometheus_client.platform_collector import PlatformCollector
@@ -22,6 +20,7 @@ from prometheus_client.process_collector import ProcessCollector
 from exporter.attribute import attribute
 from exporter.collector import SnapshotCollector
 from exporter.config import Config, configure_logging, parse_config
+from exporter.httpserver import wait_for_signal
 from exporter.kube import PodWatcher
 from exporter.model import EMPTY_ATTRIBUTION, Allocation, Health, Snapshot
 from exporter.nvml import NvmlReader
@@ -163,18 +162,10 @@ def main(argv: Sequence[str] | None = None) -> int:
     except OSError as error:
         log.error("cannot listen on %s:%d: %s", config.listen_host or "*", config.listen_port, error)
         return 1
-    stop = threading.Event()
-
-    def on_signal(signum: int, _frame: FrameType | None) -> None:
-        log.info("received %s, stopping", signal.Signals(signum).name)
-        stop.set()
-
-    signal.signal(signal.SIGTERM, on_signal)
-    signal.signal(signal.SIGINT, on_signal)
     agent.exposition.render()
     agent.start()
     server.start()
-    stop.wait()
+    wait_for_signal(log)
     server.shutdown()
     server.server_close()
     agent.stop()

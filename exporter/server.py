@@ -8,14 +8,12 @@ from __future__ import annotations
 
 import gzip
 import logging
-import threading
 from collections.abc import Callable
-from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
-from typing import Any
 
 from prometheus_client import CollectorRegistry
 from prometheus_client.utils import floatToGoString
 
+from exporter.httpserver import Handler, Server
 from exporter.webconfig import WebConfig
 
 log = logging.getLogger(__name__)
@@ -72,18 +70,13 @@ class Exposition:
 _UNAUTHENTICATED = ("/healthz", "/readyz")
 
 
-class _Handler(BaseHTTPRequestHandler):
+class _Handler(Handler):
     server: MetricsServer
-    timeout = 10  # a client that stalls mid-request loses its thread after this many seconds
-    protocol_version = "HTTP/1.1"
-    # Headers and body go out in two writes: without TCP_NODELAY, Nagle's algorithm holds the body
-    # until the client's delayed ACK (~40 ms) on every keep-alive scrape.
-    disable_nagle_algorithm = True
 
-    def do_GET(self) -> None:
+    def do_GET(self) -> None:  # noqa: N802 (http.server's naming)
         self._respond(send_body=True)
 
-    def do_HEAD(self) -> None:
+    def do_HEAD(self) -> None:  # noqa: N802
         self._respond(send_body=False)
 
     def _respond(self, send_body: bool) -> None:
@@ -91,7 +84,7 @@ class _Handler(BaseHTTPRequestHandler):
         auth = self.server.web.auth
         # Probes stay open, as on Kubernetes' own servers: they reveal nothing but liveness.
         if auth is not None and path not in _UNAUTHENTICATED and not auth.allows(self.headers.get("Authorization")):
-            self._send(
+            self.send(
                 401,
                 b"unauthorized\n",
                 "text/plain; charset=utf-8",
@@ -101,7 +94,7 @@ class _Handler(BaseHTTPRequestHandler):
         elif path == "/metrics":
             plain, compressed = self.server.exposition.latest()
             gzipped = "gzip" in self.headers.get("Accept-Encoding", "")
-            self._send(
+            self.send(
                 200,
                 compressed if gzipped else plain,
                 CONTENT_TYPE,
@@ -109,36 +102,18 @@ class _Handler(BaseHTTPRequestHandler):
                 {"Content-Encoding": "gzip"} if gzipped else {},
             )
         elif path == "/healthz":
-            self._send(200, b"ok\n", "text/plain; charset=utf-8", send_body)
+            self.send(200, b"ok\n", "text/plain; charset=utf-8", send_body)
         elif path == "/readyz":
             ready, reason = self.server.readiness()
-            self._send(200 if ready else 503, f"{reason}\n".encode(), "text/plain; charset=utf-8", send_body)
+            self.send(200 if ready else 503, f"{reason}\n".encode(), "text/plain; charset=utf-8", send_body)
         elif path == "/":
             page = b"GPU pod exporter: /metrics /healthz /readyz\n"
-            self._send(200, page, "text/plain; charset=utf-8", send_body)
+            self.send(200, page, "text/plain; charset=utf-8", send_body)
         else:
-            self._send(404, b"not found\n", "text/plain; charset=utf-8", send_body)
-
-    def _send(
-        self, code: int, body: bytes, content_type: str, send_body: bool, headers: dict[str, str] | None = None
-    ) -> None:
-        self.send_response(code)
-        self.send_header("Content-Type", content_type)
-        self.send_header("Content-Length", str(len(body)))
-        for name, value in (headers or {}).items():
-            self.send_header(name, value)
-        self.end_headers()
-        if send_body:
-            self.wfile.write(body)
-
-    def log_message(self, format: str, *args: object) -> None:  # noqa: A002 (http.server's signature)
-        log.debug("%s %s", self.address_string(), format % args)
+            self.send(404, b"not found\n", "text/plain; charset=utf-8", send_body)
 
 
-class MetricsServer(ThreadingHTTPServer):
-    daemon_threads = True
-    request_queue_size = 128
-
+class MetricsServer(Server):
     def __init__(
         self,
         address: tuple[str, int],
@@ -149,17 +124,4 @@ class MetricsServer(ThreadingHTTPServer):
         self.exposition = exposition
         self.readiness = readiness
         self.web = web or WebConfig(tls=None, auth=None)
-        super().__init__(address, _Handler)
-        if self.web.tls is not None:
-            # The handshake happens on the connection's own thread, at its first read, so a client
-            # that never completes one cannot hold up the accept loop.
-            self.socket = self.web.tls.wrap_socket(self.socket, server_side=True, do_handshake_on_connect=False)
-
-    def handle_error(self, request: Any, client_address: Any) -> None:
-        """A client that hangs up, times out or fails the TLS handshake is its problem, not ours."""
-        log.debug("connection from %s failed", client_address, exc_info=True)
-
-    def start(self) -> threading.Thread:
-        thread = threading.Thread(target=self.serve_forever, kwargs={"poll_interval": 0.1}, name="http", daemon=True)
-        thread.start()
-        return thread
+        super().__init__(address, _Handler, self.web.tls)

@@ -7,14 +7,11 @@ import datetime
 import ipaddress
 import logging
 import os
-import signal
 import socket
 import ssl
 import sys
-import threading
 from collections.abc import Sequence
 from pathlib import Path
-from types import FrameType
 from typing import NoReturn
 
 from exporter.adapter.auth import Authenticator, Authorizer
@@ -24,6 +21,7 @@ from exporter.adapter.provider import PrometheusProvider
 from exporter.adapter.rules import DEFAULT_RULES, Rules, RulesError, load_rules
 from exporter.adapter.server import AdapterServer, Services
 from exporter.config import configure_logging
+from exporter.httpserver import wait_for_signal
 from exporter.kube import PodWatcher, api_client
 
 log = logging.getLogger("exporter.adapter")
@@ -206,17 +204,9 @@ def main(argv: Sequence[str] | None = None) -> int:
         args.bind_address,
         args.secure_port,
     )
-    stop = threading.Event()
-
-    def on_signal(signum: int, _frame: FrameType | None) -> None:
-        log.info("received %s, stopping", signal.Signals(signum).name)
-        stop.set()
-
-    signal.signal(signal.SIGTERM, on_signal)
-    signal.signal(signal.SIGINT, on_signal)
     pods.start()
     server.start()
-    stop.wait()
+    wait_for_signal(log)
     server.shutdown()
     server.server_close()
     pods.stop()

@@ -8,10 +8,8 @@ from __future__ import annotations
 import json
 import logging
 import ssl
-import threading
 from collections.abc import Callable
 from dataclasses import dataclass
-from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from typing import Any
 from urllib.parse import parse_qs, urlsplit
 
@@ -25,6 +23,7 @@ from exporter.adapter.provider import (
     MetricNotFoundError,
 )
 from exporter.adapter.selector import SelectorError, parse_selector
+from exporter.httpserver import Handler, Server
 
 log = logging.getLogger(__name__)
 
@@ -45,20 +44,18 @@ class _ApiError(Exception):
         self.code, self.reason, self.message = code, reason, message
 
 
-class _Handler(BaseHTTPRequestHandler):
+class _Handler(Handler):
     server: AdapterServer
-    protocol_version = "HTTP/1.1"
-    disable_nagle_algorithm = True
     timeout = 30
 
-    def do_GET(self) -> None:
+    def do_GET(self) -> None:  # noqa: N802 (http.server's naming)
         url = urlsplit(self.path)
         services = self.server.services
         if url.path in services.always_allow_paths:
             if url.path == "/readyz" and not services.ready():
-                self._send(503, b"pod cache not synced yet", "text/plain; charset=utf-8")
+                self.send(503, b"pod cache not synced yet", "text/plain; charset=utf-8")
             else:
-                self._send(200, b"ok", "text/plain; charset=utf-8")
+                self.send(200, b"ok", "text/plain; charset=utf-8")
             return
         try:
             user = services.authenticator.authenticate(self._peer_cert(), self.headers)
@@ -71,14 +68,14 @@ class _Handler(BaseHTTPRequestHandler):
             body = self._serve(route, parse_qs(url.query))
         except _ApiError as error:
             body = api.status(error.code, error.reason, error.message)
-            self._send(error.code, json.dumps(body).encode(), "application/json")
+            self.send(error.code, json.dumps(body).encode(), "application/json")
             return
         except Exception:  # a failed review or a bug: answer, log, keep serving
             log.exception("%s failed", url.path)
             body = api.status(500, "InternalError", "an error on the server prevented the request from succeeding")
-            self._send(500, json.dumps(body).encode(), "application/json")
+            self.send(500, json.dumps(body).encode(), "application/json")
             return
-        self._send(200, json.dumps(body).encode(), "application/json")
+        self.send(200, json.dumps(body).encode(), "application/json")
 
     def _peer_cert(self) -> dict[str, Any] | None:
         connection = self.connection
@@ -152,31 +149,8 @@ class _Handler(BaseHTTPRequestHandler):
         except PrometheusQueryError as error:
             raise _ApiError(500, "InternalError", f"metrics query failed: {error}") from error
 
-    def _send(self, code: int, body: bytes, content_type: str) -> None:
-        self.send_response(code)
-        self.send_header("Content-Type", content_type)
-        self.send_header("Content-Length", str(len(body)))
-        self.end_headers()
-        self.wfile.write(body)
 
-    def log_message(self, format: str, *args: object) -> None:  # noqa: A002 (http.server's signature)
-        log.debug("%s %s", self.address_string(), format % args)
-
-
-class AdapterServer(ThreadingHTTPServer):
-    daemon_threads = True
-    request_queue_size = 128
-
+class AdapterServer(Server):
     def __init__(self, address: tuple[str, int], tls: ssl.SSLContext, services: Services) -> None:
         self.services = services
-        super().__init__(address, _Handler)
-        # Handshakes happen on each connection's thread, so a stalled client cannot block accept().
-        self.socket = tls.wrap_socket(self.socket, server_side=True, do_handshake_on_connect=False)
-
-    def handle_error(self, request: Any, client_address: Any) -> None:
-        log.debug("connection from %s failed", client_address, exc_info=True)
-
-    def start(self) -> threading.Thread:
-        thread = threading.Thread(target=self.serve_forever, kwargs={"poll_interval": 0.2}, name="https", daemon=True)
-        thread.start()
-        return thread
+        super().__init__(address, _Handler, tls)
