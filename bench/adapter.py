@@ -9,8 +9,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import os
-import subprocess
 import sys
 import tempfile
 import time
@@ -20,11 +18,11 @@ import requests
 
 from bench.measure import run_hey
 from tests.adapter.test_adapter import start_adapter
-from tests.conftest import ROOT, free_port
+from tests.conftest import free_port
 from tests.sim.apiserver import FakeApiServer, pod_json
 from tests.sim.certs import make_pki
-from tests.sim.fakelib import build_fake_nvml
 from tests.sim.kubelet import FakeKubelet, PodDevices
+from tests.sim.processes import spawn_agent
 from tests.sim.prometheus import Prometheus
 from tests.sim.scenario import Gpu, Scenario, gpu_uuid
 
@@ -47,25 +45,8 @@ def main() -> int:
         ]
     )
     agent_port = free_port()
-    agent = subprocess.Popen(
-        [
-            sys.executable,
-            "-m",
-            "exporter",
-            "--listen",
-            f"127.0.0.1:{agent_port}",
-            "--no-kubernetes",
-            "--pod-resources-socket",
-            kubelet.socket_path,
-        ],
-        env=dict(
-            os.environ,
-            LD_LIBRARY_PATH=str(build_fake_nvml().parent),
-            FAKE_NVML_SCENARIO=str(directory / "scenario.txt"),
-        ),
-        stdout=subprocess.DEVNULL,
-        stderr=subprocess.DEVNULL,
-        cwd=ROOT,
+    agent = spawn_agent(
+        agent_port, directory / "scenario.txt", "--no-kubernetes", "--pod-resources-socket", kubelet.socket_path
     )
     prometheus = Prometheus(directory / "prometheus", [f"127.0.0.1:{agent_port}"], free_port())
     api = FakeApiServer().start()

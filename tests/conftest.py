@@ -3,11 +3,9 @@
 from __future__ import annotations
 
 import ctypes
-import os
 import signal
 import socket
 import subprocess
-import sys
 import time
 from collections.abc import Iterator
 from pathlib import Path
@@ -19,6 +17,7 @@ from prometheus_client.parser import text_string_to_metric_families
 from tests.sim.apiserver import FakeApiServer, pod_json
 from tests.sim.fakelib import build_fake_nvml
 from tests.sim.kubelet import FakeKubelet, PodDevices
+from tests.sim.processes import spawn_agent, wait_for_port
 from tests.sim.procfs import FakeProc, systemd_v2
 from tests.sim.scenario import Gpu, Proc, Scenario, gpu_uuid
 
@@ -74,33 +73,15 @@ class AgentProcess:
         self.port = free_port()
         self.url = f"{'https' if ca else 'http'}://127.0.0.1:{self.port}"
         self.verify: str | bool = str(ca) if ca else True
-        env = {k: v for k, v in os.environ.items() if not k.startswith("GPU_EXPORTER_")}
-        env["LD_LIBRARY_PATH"] = str(lib_dir) if lib_dir else ""
-        if scenario is not None:
-            env["FAKE_NVML_SCENARIO"] = str(scenario)
-        env["PYTHONUNBUFFERED"] = "1"
         self.log_path = log_path
         self._log = open(log_path, "wb")  # noqa: SIM115 (closed in stop)
-        self.process = subprocess.Popen(
-            [sys.executable, "-m", "exporter", "--listen", f"127.0.0.1:{self.port}", *args],
-            env=env,
-            stdout=self._log,
-            stderr=subprocess.STDOUT,
-            cwd=ROOT,
+        self.process = spawn_agent(
+            self.port, scenario, *args, library_dir=lib_dir or Path("/nonexistent"), output=self._log
         )
-        self._wait_http()
-
-    def _wait_http(self, timeout_s: float = 15.0) -> None:
-        deadline = time.monotonic() + timeout_s
-        while time.monotonic() < deadline:
-            if self.process.poll() is not None:
-                raise RuntimeError(f"agent exited early:\n{self.log()}")
-            try:
-                socket.create_connection(("127.0.0.1", self.port), timeout=1).close()
-                return
-            except OSError:
-                time.sleep(0.05)
-        raise RuntimeError(f"agent did not listen in time:\n{self.log()}")
+        try:
+            wait_for_port(self.port, self.process, what="the agent")
+        except RuntimeError as error:
+            raise RuntimeError(f"{error}:\n{self.log()}") from error
 
     def log(self) -> str:
         return self.log_path.read_text(errors="replace")

@@ -8,8 +8,6 @@ pods, TokenReview and SubjectAccessReview, speaking the real JSON of those APIs.
 from __future__ import annotations
 
 import calendar
-import os
-import socket
 import subprocess
 import sys
 import time
@@ -24,8 +22,8 @@ import requests
 from tests.conftest import ROOT, free_port
 from tests.sim.apiserver import FakeApiServer, pod_json
 from tests.sim.certs import Pki, make_pki
-from tests.sim.fakelib import build_fake_nvml
 from tests.sim.kubelet import FakeKubelet, PodDevices
+from tests.sim.processes import spawn_agent, wait_for_port
 from tests.sim.prometheus import Prometheus
 from tests.sim.scenario import Gpu, Scenario, gpu_uuid
 
@@ -72,15 +70,8 @@ def start_adapter(directory: Path, pki: Pki, kubeconfig: Path, prometheus_url: s
         stderr=subprocess.STDOUT,
         cwd=ROOT,
     )
-    deadline = time.monotonic() + 15
-    while time.monotonic() < deadline:
-        try:
-            socket.create_connection(("127.0.0.1", port), timeout=1).close()
-            return process, f"https://127.0.0.1:{port}"
-        except OSError:
-            assert process.poll() is None, (directory / f"adapter-{port}.log").read_text()
-            time.sleep(0.1)
-    raise RuntimeError("adapter did not listen")
+    wait_for_port(port, process, what=f"the adapter (log: {directory / f'adapter-{port}.log'})")
+    return process, f"https://127.0.0.1:{port}"
 
 
 @dataclass
@@ -129,22 +120,7 @@ def stack(request: pytest.FixtureRequest, tmp_path_factory: pytest.TempPathFacto
         ]
     )
     agent_port = free_port()
-    agent = subprocess.Popen(
-        [
-            sys.executable,
-            "-m",
-            "exporter",
-            "--listen",
-            f"127.0.0.1:{agent_port}",
-            "--no-kubernetes",
-            "--pod-resources-socket",
-            kubelet.socket_path,
-        ],
-        env=dict(os.environ, LD_LIBRARY_PATH=str(build_fake_nvml().parent), FAKE_NVML_SCENARIO=str(scenario)),
-        stdout=subprocess.DEVNULL,
-        stderr=subprocess.DEVNULL,
-        cwd=ROOT,
-    )
+    agent = spawn_agent(agent_port, scenario, "--no-kubernetes", "--pod-resources-socket", kubelet.socket_path)
     prometheus = Prometheus(directory / "store", [f"127.0.0.1:{agent_port}"], free_port(), kind=request.param)
     api = FakeApiServer().start()
     for i, (name, (labels, _, _)) in enumerate(PODS.items()):

@@ -6,13 +6,13 @@ import socket
 import ssl
 import subprocess
 import sys
-import time
 from email.message import Message
 from pathlib import Path
 from typing import Any
 
 from exporter.adapter.auth import Authenticator, Authorizer, User
 from tests.conftest import ROOT, free_port
+from tests.sim.processes import wait_for_port
 
 FRONT_PROXY = {"subject": ((("commonName", "front-proxy-client"),),)}
 
@@ -108,14 +108,8 @@ def test_without_a_certificate_the_adapter_serves_a_self_signed_pair(tmp_path: P
         stderr=subprocess.DEVNULL,
     )
     try:
-        deadline = time.monotonic() + 15
-        while True:
-            try:
-                raw = socket.create_connection(("127.0.0.1", port), timeout=1)
-                break
-            except OSError:
-                assert time.monotonic() < deadline and process.poll() is None
-                time.sleep(0.1)
+        wait_for_port(port, process, what="the adapter")
+        raw = socket.create_connection(("127.0.0.1", port), timeout=5)
         context = ssl.create_default_context(cafile=str(tmp_path / "certs" / "apiserver.crt"))
         with context.wrap_socket(raw, server_hostname="localhost") as tls:
             tls.sendall(b"GET /healthz HTTP/1.1\r\nHost: localhost\r\nConnection: close\r\n\r\n")

@@ -14,7 +14,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import os
 import signal
 import subprocess
 import sys
@@ -43,8 +42,8 @@ from tests.adapter.test_adapter import start_adapter
 from tests.conftest import ROOT, free_port
 from tests.sim.apiserver import FakeApiServer, pod_json
 from tests.sim.certs import make_pki
-from tests.sim.fakelib import build_fake_nvml
 from tests.sim.kubelet import FakeKubelet, PodDevices
+from tests.sim.processes import spawn_agent
 from tests.sim.prometheus import Prometheus
 from tests.sim.scenario import Gpu, Scenario, gpu_uuid
 
@@ -201,25 +200,16 @@ def run(
     cluster = Cluster(directory, kubelet, api, scenario)
     cluster.write_gpus()
     agent_port = free_port()
-    agent = subprocess.Popen(
-        [
-            sys.executable,
-            "-m",
-            "exporter",
-            "--listen",
-            f"127.0.0.1:{agent_port}",
-            "--no-kubernetes",
-            "--interval",
-            "0.5",
-            "--node-name",
-            "sim-gpu-node-1",
-            "--pod-resources-socket",
-            kubelet.socket_path,
-        ],
-        env=dict(os.environ, LD_LIBRARY_PATH=str(build_fake_nvml().parent), FAKE_NVML_SCENARIO=str(scenario)),
-        cwd=ROOT,
-        stdout=subprocess.DEVNULL,
-        stderr=subprocess.DEVNULL,
+    agent = spawn_agent(
+        agent_port,
+        scenario,
+        "--no-kubernetes",
+        "--interval",
+        "0.5",
+        "--node-name",
+        "sim-gpu-node-1",
+        "--pod-resources-socket",
+        kubelet.socket_path,
     )
     prometheus = Prometheus(directory / "prometheus", [f"127.0.0.1:{agent_port}"], free_port())
     pki = make_pki(directory / "pki")
