@@ -7,7 +7,6 @@ the kubelet or the renderer, so its latency does not depend on how slow a device
 from __future__ import annotations
 
 import gzip
-import logging
 from collections.abc import Callable
 
 from prometheus_client import CollectorRegistry
@@ -16,19 +15,18 @@ from prometheus_client.utils import floatToGoString
 from exporter.httpserver import Handler, Server
 from exporter.webconfig import WebConfig
 
-log = logging.getLogger(__name__)
-
 # Every name we export is a classic one, so the text format 0.0.4 that every Prometheus reads.
 CONTENT_TYPE = "text/plain; version=0.0.4; charset=utf-8"
 
 
 def render_text(registry: CollectorRegistry) -> bytes:
     """The text format 0.0.4 of a registry of gauges and counters, byte for byte what
-    ``prometheus_client.generate_latest`` writes for them, about five times faster.
+    ``prometheus_client.generate_latest`` writes for them (a test holds it to that).
 
-    generate_latest re-validates and re-escapes every label name on every sample (about 12 us
-    each): with hundreds of pods that was most of the agent's CPU. Our names are fixed and valid,
-    so only label values are escaped here. Other metric types are refused rather than mis-rendered.
+    generate_latest re-validates and re-escapes every label name on every sample: with hundreds of
+    pods that was most of the agent's CPU (a render of 1296 series, collector included, went from
+    15.3 to 9.5 ms of CPU). Our names are fixed and valid, so only label values are escaped here.
+    Other metric types are refused rather than mis-rendered.
     """
     out: list[str] = []
     for family in registry.collect():
