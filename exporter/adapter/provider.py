@@ -109,7 +109,7 @@ class PrometheusProvider:
         if not names:
             return []
         found: dict[str, tuple[float, float]] = {}
-        for group, timed in _timed_values(self._prometheus.query(pods_query(rule, namespace, names))).items():
+        for group, timed in _timed_values(self._prometheus.query(pods_query(rule, namespace))).items():
             labels = dict(group)
             if labels.get("namespace") == namespace:
                 found.setdefault(labels.get("pod", ""), timed)
