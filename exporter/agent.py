@@ -12,6 +12,7 @@ import threading
 import time
 from collections import Counter
 from collections.abc import Sequence
+from typing import TYPE_CHECKING
 
 from prometheus_client import CollectorRegistry
 from prometheus_client.platform_collector import PlatformCollector
@@ -21,12 +22,14 @@ from exporter.attribute import attribute
 from exporter.collector import SnapshotCollector
 from exporter.config import Config, configure_logging, parse_config
 from exporter.httpserver import wait_for_signal
-from exporter.kube import PodWatcher
 from exporter.model import EMPTY_ATTRIBUTION, Allocation, Health, Snapshot
 from exporter.nvml import NvmlReader
 from exporter.podresources.client import PodResourcesClient
 from exporter.procfs import ProcReader
 from exporter.server import Exposition, MetricsServer
+
+if TYPE_CHECKING:
+    from exporter.kube import PodWatcher
 
 log = logging.getLogger("exporter")
 
@@ -37,7 +40,12 @@ class Agent:
         self.nvml = NvmlReader()
         self.kubelet = PodResourcesClient(config.pod_resources_socket)
         self.procs = ProcReader(config.proc_root)
-        self.pods = PodWatcher(config.node_name, config.kubeconfig) if config.kubernetes else None
+        self.pods: PodWatcher | None = None
+        if config.kubernetes:
+            # Imported here: the kubernetes client costs ~50 MB of memory, not paid with --no-kubernetes.
+            from exporter.kube import PodWatcher
+
+            self.pods = PodWatcher(config.node_name, config.kubeconfig)
         self._snapshot: Snapshot | None = None
         self._device_errors: Counter[tuple[str, str, str]] = Counter()
         self._last_success: float | None = None
