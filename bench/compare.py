@@ -33,6 +33,7 @@ from tests.conftest import free_port
 from tests.sim.apiserver import FakeApiServer
 from tests.sim.fakelib import build_fake_nvml
 from tests.sim.kubelet import FakeKubelet, PodDevices
+from tests.sim.processes import spawn_agent
 from tests.sim.procfs import FakeProc, systemd_v2
 from tests.sim.scenario import Scenario
 
@@ -59,34 +60,31 @@ def start(
     interval: float = 1.0,
     kubeconfig: Path | None = None,
 ) -> subprocess.Popen[bytes]:
-    env = dict(
-        os.environ, LD_LIBRARY_PATH=str(build_fake_nvml().parent), FAKE_NVML_SCENARIO=str(state / "scenario.txt")
-    )
     if exporter == "gpu-pod-exporter":
-        command = [
-            sys.executable,
-            "-m",
-            "exporter",
-            "--listen",
-            f"127.0.0.1:{port}",
-            *(["--kubeconfig", str(kubeconfig)] if kubeconfig else ["--no-kubernetes"]),
+        watch = ["--kubeconfig", str(kubeconfig)] if kubeconfig else ["--no-kubernetes"]
+        return spawn_agent(
+            port,
+            state / "scenario.txt",
+            *watch,
             "--interval",
             str(interval),
             "--pod-resources-socket",
             kubelet.socket_path,
             "--proc-root",
             str(proc.root),
-        ]
-    else:
-        command = [
-            shutil.which("nvitop-exporter") or "nvitop-exporter",
-            "--bind-address",
-            "127.0.0.1",
-            "--port",
-            str(port),
-            "--interval",
-            str(interval),
-        ]
+        )
+    command = [
+        shutil.which("nvitop-exporter") or "nvitop-exporter",
+        "--bind-address",
+        "127.0.0.1",
+        "--port",
+        str(port),
+        "--interval",
+        str(interval),
+    ]
+    env = dict(
+        os.environ, LD_LIBRARY_PATH=str(build_fake_nvml().parent), FAKE_NVML_SCENARIO=str(state / "scenario.txt")
+    )
     return subprocess.Popen(command, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
 
 

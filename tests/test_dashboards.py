@@ -7,7 +7,7 @@ import json
 import re
 import threading
 from collections.abc import Iterator
-from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+from http.server import ThreadingHTTPServer
 from pathlib import Path
 from typing import Any
 
@@ -15,6 +15,7 @@ import promql_parser
 import pytest
 import requests
 
+from exporter.httpserver import Handler
 from tests.conftest import free_port, parse_samples
 from tests.sim.kubelet import FakeKubelet, PodDevices
 from tests.sim.prometheus import Prometheus
@@ -113,20 +114,12 @@ def test_promql_parses_and_names_only_known_metrics(name: str, agent_metric_name
         assert not unknown, f"{query} uses {unknown}"
 
 
-class _KubeStateMetrics(BaseHTTPRequestHandler):
+class _KubeStateMetrics(Handler):
     """Stands in for kube-state-metrics (not installable here): serves the series, with the names
     and labels kube-state-metrics documents, that the HPA dashboard reads."""
 
-    def do_GET(self) -> None:
-        body = KUBE_STATE_METRICS.encode()
-        self.send_response(200)
-        self.send_header("Content-Type", "text/plain; version=0.0.4")
-        self.send_header("Content-Length", str(len(body)))
-        self.end_headers()
-        self.wfile.write(body)
-
-    def log_message(self, *args: object) -> None:
-        pass
+    def do_GET(self) -> None:  # noqa: N802 (http.server's naming)
+        self.send(200, KUBE_STATE_METRICS.encode(), "text/plain; version=0.0.4")
 
 
 @pytest.fixture(scope="module")

@@ -8,8 +8,6 @@ pods, TokenReview and SubjectAccessReview, speaking the real JSON of those APIs.
 from __future__ import annotations
 
 import calendar
-import subprocess
-import sys
 import time
 from collections.abc import Iterator
 from dataclasses import dataclass
@@ -19,11 +17,11 @@ from typing import Any
 import pytest
 import requests
 
-from tests.conftest import ROOT, free_port
+from tests.conftest import free_port
 from tests.sim.apiserver import FakeApiServer, pod_json
 from tests.sim.certs import Pki, make_pki
 from tests.sim.kubelet import FakeKubelet, PodDevices
-from tests.sim.processes import spawn_agent, wait_for_port
+from tests.sim.processes import spawn_adapter, spawn_agent, wait_for_port
 from tests.sim.prometheus import Prometheus
 from tests.sim.scenario import Gpu, Scenario, gpu_uuid
 
@@ -45,30 +43,20 @@ NAN_RULES = (
 def start_adapter(directory: Path, pki: Pki, kubeconfig: Path, prometheus_url: str, *extra: str) -> tuple[Any, str]:
     port = free_port()
     log = (directory / f"adapter-{port}.log").open("wb")
-    process = subprocess.Popen(
-        [
-            sys.executable,
-            "-m",
-            "exporter.adapter",
-            "--secure-port",
-            str(port),
-            "--bind-address",
-            "127.0.0.1",
-            "--tls-cert-file",
-            str(pki.server_cert),
-            "--tls-private-key-file",
-            str(pki.server_key),
-            "--requestheader-client-ca-file",
-            str(pki.ca),
-            "--kubeconfig",
-            str(kubeconfig),
-            "--prometheus-url",
-            prometheus_url,
-            *extra,
-        ],
-        stdout=log,
-        stderr=subprocess.STDOUT,
-        cwd=ROOT,
+    process = spawn_adapter(
+        port,
+        "--tls-cert-file",
+        str(pki.server_cert),
+        "--tls-private-key-file",
+        str(pki.server_key),
+        "--requestheader-client-ca-file",
+        str(pki.ca),
+        "--kubeconfig",
+        str(kubeconfig),
+        "--prometheus-url",
+        prometheus_url,
+        *extra,
+        output=log,
     )
     wait_for_port(port, process, what=f"the adapter (log: {directory / f'adapter-{port}.log'})")
     return process, f"https://127.0.0.1:{port}"

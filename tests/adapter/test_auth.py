@@ -4,15 +4,13 @@ from __future__ import annotations
 
 import socket
 import ssl
-import subprocess
-import sys
 from email.message import Message
 from pathlib import Path
 from typing import Any
 
 from exporter.adapter.auth import Authenticator, Authorizer, User
-from tests.conftest import ROOT, free_port
-from tests.sim.processes import wait_for_port
+from tests.conftest import free_port
+from tests.sim.processes import spawn_adapter, wait_for_port
 
 FRONT_PROXY = {"subject": ((("commonName", "front-proxy-client"),),)}
 
@@ -89,24 +87,7 @@ def test_without_a_certificate_the_adapter_serves_a_self_signed_pair(tmp_path: P
         "apiVersion: v1\nkind: Config\nclusters:\n- name: c\n  cluster: {server: 'http://127.0.0.1:1'}\n"
         "users:\n- name: u\n  user: {}\ncontexts:\n- name: x\n  context: {cluster: c, user: u}\ncurrent-context: x\n"
     )
-    process = subprocess.Popen(
-        [
-            sys.executable,
-            "-m",
-            "exporter.adapter",
-            "--secure-port",
-            str(port),
-            "--bind-address",
-            "127.0.0.1",
-            "--cert-dir",
-            str(tmp_path / "certs"),
-            "--kubeconfig",
-            str(kubeconfig),
-        ],
-        cwd=ROOT,
-        stdout=subprocess.DEVNULL,
-        stderr=subprocess.DEVNULL,
-    )
+    process = spawn_adapter(port, "--cert-dir", str(tmp_path / "certs"), "--kubeconfig", str(kubeconfig))
     try:
         wait_for_port(port, process, what="the adapter")
         raw = socket.create_connection(("127.0.0.1", port), timeout=5)

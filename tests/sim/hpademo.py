@@ -21,7 +21,7 @@ import tempfile
 import threading
 import time
 from dataclasses import dataclass, field
-from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+from http.server import ThreadingHTTPServer
 from itertools import count
 from pathlib import Path
 from typing import Any
@@ -38,6 +38,7 @@ from exporter.adapter.hpa import (
     pods_metric_replicas,
 )
 from exporter.adapter.quantity import format_quantity, parse_milli
+from exporter.httpserver import Handler
 from tests.adapter.test_adapter import start_adapter
 from tests.conftest import ROOT, free_port
 from tests.sim.apiserver import FakeApiServer, pod_json
@@ -160,10 +161,9 @@ def service(cluster: Cluster) -> ThreadingHTTPServer:
     turn = count()
     local = threading.local()
 
-    class Handler(BaseHTTPRequestHandler):
-        protocol_version = "HTTP/1.1"
-
-        def do_GET(self) -> None:
+    class Balancer(Handler):
+        timeout = None  # keep-alive connections from the balancer stay open between bursts
+        def do_GET(self) -> None:  # noqa: N802 (http.server's naming)
             ports = cluster.ports()
             session = getattr(local, "session", None) or requests.Session()
             local.session = session
@@ -173,16 +173,9 @@ def service(cluster: Cluster) -> ThreadingHTTPServer:
                 cluster.served += 1
             except (requests.RequestException, ZeroDivisionError):
                 body, code = b'{"error": "no replica answered"}', 503
-            self.send_response(code)
-            self.send_header("Content-Type", "application/json")
-            self.send_header("Content-Length", str(len(body)))
-            self.end_headers()
-            self.wfile.write(body)
+            self.send(code, body, "application/json")
 
-        def log_message(self, *args: object) -> None:
-            pass
-
-    server = ThreadingHTTPServer(("127.0.0.1", free_port()), Handler)
+    server = ThreadingHTTPServer(("127.0.0.1", free_port()), Balancer)
     server.daemon_threads = True
     threading.Thread(target=server.serve_forever, daemon=True).start()
     return server

@@ -15,8 +15,10 @@ import json
 import os
 import threading
 import time
-from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+from http.server import ThreadingHTTPServer
 from urllib.parse import parse_qs, urlsplit
+
+from exporter.httpserver import Handler
 
 INTENTS = {
     "music": "PlayMusic",
@@ -43,10 +45,9 @@ def main() -> None:
     served: collections.deque[float] = collections.deque()
     lock = threading.Lock()
 
-    class Handler(BaseHTTPRequestHandler):
-        protocol_version = "HTTP/1.1"
-
-        def do_GET(self) -> None:
+    class Predict(Handler):
+        timeout = None  # keep-alive connections from the balancer stay open between bursts
+        def do_GET(self) -> None:  # noqa: N802 (http.server's naming)
             url = urlsplit(self.path)
             if url.path != "/predict":
                 body, code = b'{"status": "ok"}', 200 if url.path == "/healthz" else 404
@@ -55,16 +56,9 @@ def main() -> None:
                 with lock:
                     served.append(time.monotonic())
                 body, code = json.dumps({"query": query, "intent": intent(query)}).encode(), 200
-            self.send_response(code)
-            self.send_header("Content-Type", "application/json")
-            self.send_header("Content-Length", str(len(body)))
-            self.end_headers()
-            self.wfile.write(body)
+            self.send(code, body, "application/json")
 
-        def log_message(self, *args: object) -> None:
-            pass
-
-    server = ThreadingHTTPServer(("127.0.0.1", args.port), Handler)
+    server = ThreadingHTTPServer(("127.0.0.1", args.port), Predict)
     server.daemon_threads = True
     threading.Thread(target=server.serve_forever, daemon=True).start()
     while True:

@@ -38,6 +38,16 @@ def spawn_agent(
     )
 
 
+def spawn_adapter(port: int, *args: str, output: IO[Any] | int = subprocess.DEVNULL) -> subprocess.Popen[bytes]:
+    """``python -m exporter.adapter`` on https://127.0.0.1:``port``."""
+    return subprocess.Popen(
+        [sys.executable, "-m", "exporter.adapter", "--secure-port", str(port), "--bind-address", "127.0.0.1", *args],
+        stdout=output,
+        stderr=subprocess.STDOUT,
+        cwd=ROOT,
+    )
+
+
 def wait_for_port(port: int, process: subprocess.Popen[bytes], timeout_s: float = 15, what: str = "") -> None:
     """Until something accepts connections on ``port``; fails if ``process`` exits first."""
     deadline = time.monotonic() + timeout_s
