@@ -163,6 +163,7 @@ def service(cluster: Cluster) -> ThreadingHTTPServer:
 
     class Balancer(Handler):
         timeout = None  # keep-alive connections from the balancer stay open between bursts
+
         def do_GET(self) -> None:  # noqa: N802 (http.server's naming)
             ports = cluster.ports()
             session = getattr(local, "session", None) or requests.Session()

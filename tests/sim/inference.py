@@ -47,6 +47,7 @@ def main() -> None:
 
     class Predict(Handler):
         timeout = None  # keep-alive connections from the balancer stay open between bursts
+
         def do_GET(self) -> None:  # noqa: N802 (http.server's naming)
             url = urlsplit(self.path)
             if url.path != "/predict":
