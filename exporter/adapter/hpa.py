@@ -34,9 +34,9 @@ class Tolerances:
     scale_up: float = DEFAULT_TOLERANCE
 
     def within(self, ratio: float) -> bool:
-        if ratio > 1.0:
-            return ratio - 1.0 <= self.scale_up
-        return 1.0 - ratio <= self.scale_down
+        """Upstream's Tolerances.isWithin, in the same floating-point form: 22/20 (ratio 1.1) is within
+        a 0.1 tolerance, where ``ratio - 1 <= 0.1`` would not be (0.10000000000000009)."""
+        return (1.0 - self.scale_down) <= ratio <= (1.0 + self.scale_up)
 
 
 @dataclass(frozen=True)

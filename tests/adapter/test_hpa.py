@@ -111,6 +111,13 @@ def test_upstream_cases(
     assert (proposal.replicas, proposal.usage_milli) == (expected, usage), name
 
 
+def test_exactly_at_the_tolerance_edge_does_not_scale() -> None:
+    # 22/20 is a ratio of 1.1: inside the default 10 % tolerance, as upstream computes it.
+    assert pods_metric_replicas(1, 20000, pods(1), levels(22000)).replicas == 1
+    assert pods_metric_replicas(5, 20000, pods(5), levels(*[18000] * 5)).replicas == 5
+    assert pods_metric_replicas(1, 20000, pods(1), levels(22001)).replicas == 2
+
+
 def test_missing_pods_count_as_target_on_scale_down_and_zero_on_scale_up() -> None:
     # Scale-down: the pod without a sample is assumed at the target, damping the step (4 -> 2, not 4 -> 1).
     assert pods_metric_replicas(4, 20000, pods(4), levels(5000, 5000, 5000)).replicas == 2
