@@ -77,11 +77,34 @@ def attribute(
     cannot be measured.
     """
     device_list = list(devices)
-    index = _DeviceIndex(device_list)
     finished = {(p.namespace, p.name) for p in (pods or {}).values() if p.finished}
     holders: dict[str, dict[PodKey, _Holder]] = defaultdict(dict)
-    unknown_ids: Counter[str] = Counter()
+    unknown_ids = _hold_allocated(holders, _DeviceIndex(device_list), allocations, finished)
+    by_owner, foreign = _hold_by_process(holders, device_list, owners, pods)
+    series: list[GpuSeries] = []
+    sharing: dict[str, int] = {}
+    for device in device_list:
+        pods_here = holders.get(device.uuid, {})
+        if pods_here:
+            sharing[device.uuid] = len(pods_here)
+        measurable = pods is not None and _shares_measurable(device, foreign)
+        series.extend(_device_series(device, pods_here, measurable))
+    return Attribution(
+        series=tuple(series),
+        sharing_pods=sharing,
+        unknown_device_ids=dict(unknown_ids),
+        processes_by_owner=dict(by_owner),
+    )
 
+
+def _hold_allocated(
+    holders: dict[str, dict[PodKey, _Holder]],
+    index: _DeviceIndex,
+    allocations: Iterable[Allocation],
+    finished: set[PodKey],
+) -> Counter[str]:
+    """Adds the kubelet's allocations to ``holders``; returns the ids that name no device here."""
+    unknown_ids: Counter[str] = Counter()
     for allocation in allocations:
         if not is_gpu_resource(allocation.resource_name):
             continue
@@ -96,79 +119,90 @@ def attribute(
         holder = holders[device.uuid].setdefault(key, _Holder(set(), set()))
         if allocation.container:
             holder.containers.add(allocation.container)
+    return unknown_ids
 
+
+def _hold_by_process(
+    holders: dict[str, dict[PodKey, _Holder]],
+    devices: list[DeviceReading],
+    owners: Mapping[int, ProcessOwner | None],
+    pods: Mapping[str, PodInfo] | None,
+) -> tuple[Counter[str], set[str]]:
+    """Adds each GPU process's pod to ``holders``; returns the process counts by owner kind and
+    the devices running a process that belongs to no running pod we know (host, exited, unknown)."""
     by_owner: Counter[str] = Counter()
-    # Devices where some GPU process belongs to a pod we cannot name: a pod's share there is unknown.
-    unmeasurable: set[str] = set()
-    for device in device_list:
+    foreign: set[str] = set()
+    for device in devices:
         for process in device.processes or ():
             owner = owners.get(process.pid)
+            pod = pods.get(owner.pod_uid) if owner is not None and owner.pod_uid and pods is not None else None
             if owner is None:
                 by_owner["exited"] += 1
-                continue
-            if owner.pod_uid is None:
+            elif owner.pod_uid is None:
                 by_owner["host"] += 1
-                continue
-            pod = pods.get(owner.pod_uid) if pods is not None else None
-            if pod is None:
+            elif pod is None:
                 by_owner["unknown_pod"] += 1
-                unmeasurable.add(device.uuid)
-                continue
-            by_owner["pod"] += 1
-            if pod.finished:
+            else:
+                by_owner["pod"] += 1
+            if pod is None or pod.finished:
+                foreign.add(device.uuid)
                 continue
             holder = holders[device.uuid].setdefault((pod.namespace, pod.name), _Holder(set(), set()))
             holder.pids.add(process.pid)
-            container = pod.container_names.get(owner.container_id or "")
+            container = pod.container_names.get(owner.container_id or "") if owner is not None else None
             if container:
                 holder.containers.add(container)
+    return by_owner, foreign
 
-    series: list[GpuSeries] = []
-    sharing: dict[str, int] = {}
-    for device in device_list:
-        pods_here = holders.get(device.uuid, {})
-        if not pods_here:
-            series.append(
-                GpuSeries(
-                    device=device,
-                    duty_cycle_percent=device.duty_cycle_percent,
-                    memory_used_bytes=device.memory_used_bytes,
-                )
+
+def _shares_measurable(device: DeviceReading, foreign: set[str]) -> bool:
+    """Per-pod shares are measured only when every process NVML lists on the device belongs to a
+    pod holding it. With none listed (MPS clients show as the MPS server, processes can be hidden)
+    or one that is the host's, an exited one's or an unknown pod's, the device's use cannot be
+    split: reporting a pod's share as 0 there could tell an HPA a busy pod is idle."""
+    return bool(device.processes) and device.uuid not in foreign
+
+
+def _device_series(device: DeviceReading, pods_here: Mapping[PodKey, _Holder], measurable: bool) -> list[GpuSeries]:
+    if not pods_here:
+        return [
+            GpuSeries(
+                device=device, duty_cycle_percent=device.duty_cycle_percent, memory_used_bytes=device.memory_used_bytes
             )
-            continue
-        sharing[device.uuid] = len(pods_here)
-        measurable = pods is not None and device.uuid not in unmeasurable
-        for (namespace, name), holder in sorted(pods_here.items()):
-            duty, memory = device.duty_cycle_percent, device.memory_used_bytes
-            if len(pods_here) > 1 and measurable:
-                duty = _pod_duty_cycle(device, holder.pids, duty)
-                memory = _pod_memory(device, holder.pids, memory)
-            series.append(
-                GpuSeries(
-                    device=device,
-                    namespace=namespace,
-                    pod=name,
-                    container=",".join(sorted(holder.containers)),
-                    duty_cycle_percent=duty,
-                    memory_used_bytes=memory,
-                )
+        ]
+    shared = len(pods_here) > 1 and measurable
+    series = []
+    for (namespace, name), holder in sorted(pods_here.items()):
+        duty, memory = device.duty_cycle_percent, device.memory_used_bytes
+        if shared:
+            duty = _pod_duty_cycle(device, holder.pids, duty)
+            memory = _pod_memory(device, holder.pids, memory)
+        series.append(
+            GpuSeries(
+                device=device,
+                namespace=namespace,
+                pod=name,
+                container=",".join(sorted(holder.containers)),
+                duty_cycle_percent=duty,
+                memory_used_bytes=memory,
             )
-    return Attribution(
-        series=tuple(series),
-        sharing_pods=sharing,
-        unknown_device_ids=dict(unknown_ids),
-        processes_by_owner=dict(by_owner),
-    )
+        )
+    return series
 
 
 def _pod_duty_cycle(device: DeviceReading, pids: set[int], fallback: float | None) -> float | None:
     """The pod's processes' SM utilisation summed (capped at 100); the device's when unmeasurable.
 
-    NVML only reports processes with non-zero use, so a listed process without a sample was idle.
+    NVML only reports processes with non-zero use, so a listed process without a sample was idle;
+    but when no process has a sample while the device is busy, the samples do not explain the load
+    (the sampling window missed it) and every pod keeps the device's value.
     """
-    if device.process_sm_percent is None or device.processes is None or device.duty_cycle_percent is None:
+    samples = device.process_sm_percent
+    if samples is None or device.processes is None or device.duty_cycle_percent is None:
         return fallback
-    return min(100.0, sum(device.process_sm_percent.get(pid, 0.0) for pid in pids))
+    if device.duty_cycle_percent > 0 and not any(samples.get(p.pid, 0.0) > 0 for p in device.processes):
+        return fallback
+    return min(100.0, sum(samples.get(pid, 0.0) for pid in pids))
 
 
 def _pod_memory(device: DeviceReading, pids: set[int], fallback: int | None) -> int | None:

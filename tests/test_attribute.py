@@ -199,3 +199,35 @@ def test_summed_duty_cycle_is_capped_at_100() -> None:
     owners = {1: ProcessOwner(1, "a", None), 2: ProcessOwner(2, "a", None), 3: ProcessOwner(3, "b", None)}
     result = attribute([device], [], owners, {"a": pod("a", "a"), "b": pod("b", "b")})
     assert {s.pod: s.duty_cycle_percent for s in result.series} == {"a": 100.0, "b": 10.0}
+
+
+def test_busy_shared_gpu_with_no_process_listed_gives_every_pod_the_device_values() -> None:
+    # MPS clients are listed as the MPS server, or processes are hidden: NVML lists nothing.
+    device = gpu(duty_cycle_percent=50.0, memory_used_bytes=4000, processes=(), process_sm_percent={})
+    pods = {"uid-a": pod("uid-a", "a"), "uid-b": pod("uid-b", "b")}
+    result = attribute([device], [alloc("a", f"{GPU0}::0"), alloc("b", f"{GPU0}::1")], {}, pods)
+    assert {s.pod: (s.duty_cycle_percent, s.memory_used_bytes) for s in result.series} == {
+        "a": (50.0, 4000),
+        "b": (50.0, 4000),
+    }
+    assert result.sharing_pods == {GPU0: 2}
+
+
+def test_a_host_process_on_a_shared_gpu_makes_shares_unmeasurable() -> None:
+    # The MPS control daemon runs on the host: the pods' work shows as its process.
+    device = gpu(duty_cycle_percent=50.0, processes=(GpuProcess(1, 900),), process_sm_percent={1: 50.0})
+    pods = {"uid-a": pod("uid-a", "a"), "uid-b": pod("uid-b", "b")}
+    owners = {1: ProcessOwner(1, None, None)}
+    result = attribute([device], [alloc("a", f"{GPU0}::0"), alloc("b", f"{GPU0}::1")], owners, pods)
+    assert {s.pod: s.duty_cycle_percent for s in result.series} == {"a": 50.0, "b": 50.0}
+
+
+def test_busy_shared_gpu_whose_processes_have_no_samples_keeps_the_device_duty_cycle() -> None:
+    device = gpu(duty_cycle_percent=50.0, processes=(GpuProcess(101, 300), GpuProcess(102, 100)), process_sm_percent={})
+    owners = {101: ProcessOwner(101, "uid-a", None), 102: ProcessOwner(102, "uid-b", None)}
+    pods = {"uid-a": pod("uid-a", "a"), "uid-b": pod("uid-b", "b")}
+    result = attribute([device], [alloc("a", f"{GPU0}::0"), alloc("b", f"{GPU0}::1")], owners, pods)
+    assert {s.pod: (s.duty_cycle_percent, s.memory_used_bytes) for s in result.series} == {
+        "a": (50.0, 300),
+        "b": (50.0, 100),
+    }
