@@ -1,8 +1,10 @@
 """The node agent: read → attribute → snapshot → expose, as one loop in one direction.
 
-The poll thread reads NVML, the kubelet and /proc, attributes, and swaps in a new Snapshot. The
-render thread turns the latest snapshot into exposition bytes after each poll and at least once
-per interval, so a stuck poll still ages out its data (staleness) and the age gauges move on.
+The poll thread reads NVML, attributes with the latest answers of the kubelet and /proc (read on a
+thread of their own, so device data never waits on them), and swaps in a new Snapshot. The render
+thread turns the latest snapshot into exposition bytes after each poll and at least once per
+interval, so a stuck poll still ages out its data (staleness); the age gauges are computed when
+scraped.
 """
 
 from __future__ import annotations
@@ -19,12 +21,13 @@ from prometheus_client.platform_collector import PlatformCollector
 from prometheus_client.process_collector import ProcessCollector
 
 from exporter.attribute import attribute
-from exporter.collector import SnapshotCollector
+from exporter.collector import AgeCollector, SnapshotCollector
 from exporter.config import Config, configure_logging, parse_config
 from exporter.httpserver import wait_for_signal
-from exporter.model import EMPTY_ATTRIBUTION, Allocation, Health, Snapshot
+from exporter.model import EMPTY_ATTRIBUTION, Health, Snapshot
 from exporter.nvml import NvmlReader
 from exporter.podresources.client import PodResourcesClient
+from exporter.podsources import PodSources
 from exporter.procfs import ProcReader
 from exporter.server import Exposition, MetricsServer
 
@@ -35,38 +38,50 @@ log = logging.getLogger("exporter")
 
 
 class Agent:
+    """Owns the agent's threads: starts them in order and stops them in reverse.
+
+    The poll thread reads NVML and attributes with the latest pod sources; the pod-sources thread
+    asks the kubelet and /proc off the NVML path; the render thread turns the latest snapshot into
+    exposition bytes after each poll and at least once per interval. Each survives any exception in
+    one unit of work, and ``readiness`` says not ready when either has not finished one lately.
+    """
+
     def __init__(self, config: Config) -> None:
         self.config = config
         self.nvml = NvmlReader()
-        self.kubelet = PodResourcesClient(config.pod_resources_socket)
-        self.procs = ProcReader(config.proc_root)
+        self.sources = PodSources(
+            PodResourcesClient(config.pod_resources_socket), ProcReader(config.proc_root), config.interval_s
+        )
         self.pods: PodWatcher | None = None
         if config.kubernetes:
-            # Imported here: the kubernetes client costs ~50 MB of memory, not paid with --no-kubernetes.
+            # Imported here: with --no-kubernetes the watch and its HTTP client are not loaded at all.
             from exporter.kube import PodWatcher
 
             self.pods = PodWatcher(config.node_name, config.kubeconfig)
         self._snapshot: Snapshot | None = None
         self._device_errors: Counter[tuple[str, str, str]] = Counter()
         self._last_success: float | None = None
-        self._last_allocations: tuple[float, Sequence[Allocation]] = (float("-inf"), ())
         self._polled = threading.Event()
         self._stop = threading.Event()
+        self._threads: list[threading.Thread] = []
         registry = CollectorRegistry(auto_describe=False)
         registry.register(SnapshotCollector(lambda: self._snapshot, config.max_staleness_s))
         ProcessCollector(registry=registry)
         PlatformCollector(registry=registry)
-        self.exposition = Exposition(registry)
+        self.exposition = Exposition(registry, AgeCollector(lambda: self._snapshot), max_age_s=config.max_staleness_s)
+        # Past this, a poll or render that has not finished means the served data is not being renewed.
+        self._liveness_bound_s = max(3 * config.interval_s, 2.0)
 
     def poll_once(self) -> Snapshot:
         started = time.monotonic()
         nvml_poll = self.nvml.poll(self.config.interval_s, deadline_s=self.config.interval_s * 0.8)
-        allocations = self._allocations(started)
-        pids = {p.pid for device in nvml_poll.devices for p in device.processes or ()}
-        owners = self.procs.owners(pids)
+        self.sources.want_owners(p.pid for device in nvml_poll.devices for p in device.processes or ())
+        sources = self.sources.view()
         pods = self.pods.pods if self.pods is not None else None
         attribution = (
-            attribute(nvml_poll.devices, allocations, owners, pods) if nvml_poll.devices else EMPTY_ATTRIBUTION
+            attribute(nvml_poll.devices, sources.allocations, sources.owners, pods)
+            if nvml_poll.devices
+            else EMPTY_ATTRIBUTION
         )
         self._device_errors.update(nvml_poll.errors)
         finished = time.monotonic()
@@ -78,12 +93,12 @@ class Agent:
             health=Health(
                 nvml_up=self.nvml.initialised,
                 nvml_status=self.nvml.status,
-                pod_resources_up=self.kubelet.up,
+                pod_resources_up=sources.pod_resources_up,
                 kubernetes_up=self.pods.up if self.pods is not None else None,
                 poll_duration_seconds=finished - started,
                 last_success_wall_time=self._last_success,
                 device_errors=dict(self._device_errors),
-                pod_resources_errors_total=dict(self.kubelet.errors),
+                pod_resources_errors_total=dict(sources.pod_resources_errors),
             ),
             completed_at=finished,
         )
@@ -91,31 +106,34 @@ class Agent:
         self._polled.set()
         return snapshot
 
-    def _allocations(self, now: float) -> Sequence[Allocation]:
-        """The kubelet's allocations; the last good answer bridges a failed call for up to the
-        staleness bound, so one rate-limited or slow call does not strip the pod labels for a poll."""
-        allocations = self.kubelet.list_allocations()
-        if allocations is not None:
-            self._last_allocations = (now, allocations)
-            return allocations
-        when, last = self._last_allocations
-        return last if now - when <= self.config.max_staleness_s else ()
-
     def readiness(self) -> tuple[bool, str]:
+        """Computed from what is fresh now, not remembered from the last success."""
         snapshot = self._snapshot
+        now = time.monotonic()
         if snapshot is None:
             return False, "no poll finished yet"
+        if now - snapshot.completed_at > self._liveness_bound_s:
+            return False, f"no poll finished in the last {now - snapshot.completed_at:.1f}s"
+        rendered_at = self.exposition.rendered_at
+        if rendered_at is None or now - rendered_at > self._liveness_bound_s:
+            return False, "/metrics has not been rendered lately"
         if not snapshot.health.nvml_up:
             return False, snapshot.health.nvml_status
         return True, f"ready: {snapshot.health.nvml_status}"
 
     def _poll_loop(self) -> None:
         next_poll = time.monotonic()
+        failing = False
         while not self._stop.is_set():
             try:
                 self.poll_once()
-            except Exception:  # a bug in one poll must not end polling; the age gauge shows it
-                log.exception("poll failed")
+                if failing:
+                    log.info("polling recovered")
+                failing = False
+            except Exception:  # a bug in one poll must not end polling; readiness and the ages show it
+                if not failing:
+                    log.exception("poll failed; retrying every interval")
+                failing = True
             next_poll += self.config.interval_s
             delay = next_poll - time.monotonic()
             if delay < 0:  # overran: skip the missed ticks rather than poll back to back
@@ -124,23 +142,46 @@ class Agent:
             self._stop.wait(delay)
 
     def _render_loop(self) -> None:
+        failing = False
         while not self._stop.is_set():
             self._polled.wait(timeout=self.config.interval_s)
             self._polled.clear()
-            self.exposition.render()
+            try:
+                self.exposition.render()
+                if failing:
+                    log.info("rendering recovered")
+                failing = False
+            except Exception:  # serve the last good bytes meanwhile; they age out, /readyz says why
+                if not failing:
+                    log.exception("rendering /metrics failed; retrying after each poll")
+                failing = True
 
     def start(self) -> None:
+        self.sources.start()
         if self.pods is not None:
             self.pods.start()
-        threading.Thread(target=self._poll_loop, name="poll", daemon=True).start()
-        threading.Thread(target=self._render_loop, name="render", daemon=True).start()
+        for target, name in ((self._poll_loop, "poll"), (self._render_loop, "render")):
+            thread = threading.Thread(target=target, name=name, daemon=True)
+            thread.start()
+            self._threads.append(thread)
 
-    def stop(self) -> None:
+    def stop(self, timeout_s: float = 0.5) -> None:
+        """Stops in reverse order of dependence: render and poll first, then what the poll reads
+        (pod sources, whose gRPC channel closes only once nothing calls it, and the pod watch),
+        NVML last. Threads stuck in a driver call are daemons and cannot hold up the exit."""
         self._stop.set()
         self._polled.set()
+        deadline = time.monotonic() + timeout_s
+        for thread in self._threads:
+            thread.join(max(0.0, deadline - time.monotonic()))
+        self.sources.stop()
         if self.pods is not None:
             self.pods.stop()
-        self.kubelet.close()
+        self.sources.join(max(0.0, deadline - time.monotonic()))
+        self.sources.kubelet.close()
+        if self.pods is not None:
+            self.pods.join(max(0.0, deadline - time.monotonic()))
+        self.nvml.close()
 
 
 def _web_mode(config: Config) -> str:

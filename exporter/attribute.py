@@ -72,7 +72,7 @@ def attribute(
     """Joins one poll's readings into labelled series.
 
     ``owners`` maps each GPU process's PID to its cgroup owner (None: the process exited before
-    its cgroup was read). ``pods`` maps pod UID to the pod, or is None when the Kubernetes API is
+    its cgroup was read; a PID missing from it is pending, its cgroup not read yet). ``pods`` maps pod UID to the pod, or is None when the Kubernetes API is
     not available; then only the kubelet's allocations name pods, and shares of a shared device
     cannot be measured.
     """
@@ -129,14 +129,17 @@ def _hold_by_process(
     pods: Mapping[str, PodInfo] | None,
 ) -> tuple[Counter[str], set[str]]:
     """Adds each GPU process's pod to ``holders``; returns the process counts by owner kind and
-    the devices running a process that belongs to no running pod we know (host, exited, unknown)."""
+    the devices where a process that belongs to no running pod we know (host, exited, unknown) used
+    the SMs since the last sample. An idle one (a monitoring tool's context) takes nothing away."""
     by_owner: Counter[str] = Counter()
     foreign: set[str] = set()
     for device in devices:
         for process in device.processes or ():
             owner = owners.get(process.pid)
             pod = pods.get(owner.pod_uid) if owner is not None and owner.pod_uid and pods is not None else None
-            if owner is None:
+            if process.pid not in owners:
+                by_owner["pending"] += 1
+            elif owner is None:
                 by_owner["exited"] += 1
             elif owner.pod_uid is None:
                 by_owner["host"] += 1
@@ -145,7 +148,8 @@ def _hold_by_process(
             else:
                 by_owner["pod"] += 1
             if pod is None or pod.finished:
-                foreign.add(device.uuid)
+                if (device.process_sm_percent or {}).get(process.pid, 0.0) > 0:
+                    foreign.add(device.uuid)  # work on the device that is none of the holders'
                 continue
             holder = holders[device.uuid].setdefault((pod.namespace, pod.name), _Holder(set(), set()))
             holder.pids.add(process.pid)
@@ -156,10 +160,10 @@ def _hold_by_process(
 
 
 def _shares_measurable(device: DeviceReading, foreign: set[str]) -> bool:
-    """Per-pod shares are measured only when every process NVML lists on the device belongs to a
-    pod holding it. With none listed (MPS clients show as the MPS server, processes can be hidden)
-    or one that is the host's, an exited one's or an unknown pod's, the device's use cannot be
-    split: reporting a pod's share as 0 there could tell an HPA a busy pod is idle."""
+    """Per-pod shares are measured only when the work NVML sees on the device belongs to the pods
+    holding it. With no process listed (MPS clients show as the MPS server, processes can be
+    hidden) or a busy one that is the host's, an exited one's or an unknown pod's, the device's use
+    cannot be split: reporting a pod's share as 0 there could tell an HPA a busy pod is idle."""
     return bool(device.processes) and device.uuid not in foreign
 
 

@@ -68,11 +68,31 @@ class SnapshotCollector(Collector):
                 if value is not None:
                     family.add_metric(_labels(snapshot.node, series), value)
             yield family
-        yield from _self_metrics(snapshot, now, stale=len(snapshot.attribution.series) - len(fresh))
+        yield from _self_metrics(snapshot, stale=len(snapshot.attribution.series) - len(fresh))
+
+
+class AgeCollector(Collector):
+    """The age gauges, collected when scraped: an age rendered with the exposition would freeze
+    with it and look fresh while the data behind it is not."""
+
+    def __init__(self, latest: Callable[[], Snapshot | None], clock: Callable[[], float] = time.monotonic) -> None:
+        self._latest = latest
+        self._clock = clock
+
+    def collect(self) -> Iterator[Metric]:
+        snapshot = self._latest()
+        if snapshot is None:
+            return
+        now = self._clock()
+        yield _gauge(
+            "gpu_exporter_data_age_seconds",
+            "Seconds since the poll whose data is served finished, measured at scrape time.",
+            max(0.0, now - snapshot.completed_at),
+        )
         ages = GaugeMetricFamily(
             "gpu_exporter_device_data_age_seconds",
-            "Seconds since each device was last read; its series are dropped past the staleness bound "
-            "(a GPU whose NVML calls hang shows here).",
+            "Seconds since each device was last read, measured at scrape time; its series are dropped past "
+            "the staleness bound (a GPU whose NVML calls hang shows here).",
             labels=["gpu", "uuid"],
         )
         sampled = {s.device.uuid: s.device for s in snapshot.attribution.series}
@@ -90,7 +110,7 @@ def _gauge(name: str, help_text: str, value: float) -> GaugeMetricFamily:
     return GaugeMetricFamily(name, help_text, value=value)
 
 
-def _self_metrics(snapshot: Snapshot, now: float, stale: int) -> Iterator[Metric]:
+def _self_metrics(snapshot: Snapshot, stale: int) -> Iterator[Metric]:
     health = snapshot.health
     yield _gauge("gpu_exporter_nvml_up", "1 when NVML is initialised and answering, else 0.", float(health.nvml_up))
     yield _gauge(
@@ -114,11 +134,6 @@ def _self_metrics(snapshot: Snapshot, now: float, stale: int) -> Iterator[Metric
             "Unix time, in seconds, at which the last poll with NVML up finished.",
             health.last_success_wall_time,
         )
-    yield _gauge(
-        "gpu_exporter_data_age_seconds",
-        "Seconds since the poll whose data is served finished.",
-        max(0.0, now - snapshot.completed_at),
-    )
     yield _gauge(
         "gpu_exporter_stale_series",
         "GPU series left out because their device reading is older than the staleness bound.",

@@ -14,6 +14,10 @@ from typing import NoReturn
 from exporter.webconfig import WebConfig, WebConfigError, load_web_config
 
 DEFAULT_SOCKET = "/var/lib/kubelet/pod-resources/kubelet.sock"
+# Faster than 0.1 s NVML's own sampling cannot keep up and a core is spent polling; slower than
+# 5 minutes the data is older than any scrape interval or HPA sync cares for.
+INTERVAL_RANGE_S = (0.1, 300.0)
+STALENESS_MAX_S = 3600.0  # at least one interval: a reading cannot be fresher than the poll
 
 
 @dataclass(frozen=True)
@@ -51,6 +55,7 @@ def _env(name: str) -> str:
 def build_parser(environ: Mapping[str, str]) -> _Parser:
     parser = _Parser(
         prog="gpu-pod-exporter",
+        allow_abbrev=False,  # --max-stale must not silently mean --max-staleness
         description="Exports per-GPU and per-pod GPU utilisation, memory, temperature and power "
         "for Prometheus. Every flag can also be set by the environment variable named in its help.",
     )
@@ -114,8 +119,12 @@ def parse_config(argv: Sequence[str] | None = None, environ: Mapping[str, str] |
     host, sep, port_text = str(args.listen).rpartition(":")
     if not sep or not port_text.isdigit() or not 0 < int(port_text) < 65536:
         parser.bad("--listen", f"want host:port with a port from 1 to 65535, got {args.listen!r}")
-    interval = _positive(parser, "--interval", args.interval)
-    staleness = _positive(parser, "--max-staleness", args.max_staleness) if args.max_staleness else 3 * interval
+    interval = _seconds(parser, "--interval", args.interval, *INTERVAL_RANGE_S)
+    staleness = (
+        _seconds(parser, "--max-staleness", args.max_staleness, interval, STALENESS_MAX_S)
+        if args.max_staleness
+        else 3 * interval
+    )
     if os.path.isdir(args.pod_resources_socket):
         parser.bad("--pod-resources-socket", f"{args.pod_resources_socket!r} is a directory, not a socket")
     if not os.path.isdir(args.proc_root):
@@ -146,13 +155,13 @@ def parse_config(argv: Sequence[str] | None = None, environ: Mapping[str, str] |
     )
 
 
-def _positive(parser: _Parser, flag: str, text: object) -> float:
+def _seconds(parser: _Parser, flag: str, text: object, low: float, high: float) -> float:
     try:
         value = float(str(text))
     except ValueError:
         parser.bad(flag, f"want a number of seconds, got {text!r}")
-    if not value > 0 or value == float("inf"):
-        parser.bad(flag, f"must be a positive number of seconds, got {text!r}")
+    if not low <= value <= high:  # NaN fails both
+        parser.bad(flag, f"want {low:g} to {high:g} seconds, got {text!r}")
     return value
 
 

@@ -7,9 +7,11 @@ the kubelet or the renderer, so its latency does not depend on how slow a device
 from __future__ import annotations
 
 import gzip
+import time
 from collections.abc import Callable
 
 from prometheus_client import CollectorRegistry
+from prometheus_client.registry import Collector
 from prometheus_client.utils import floatToGoString
 
 from exporter.httpserver import Handler, Server
@@ -19,14 +21,16 @@ from exporter.webconfig import WebConfig
 CONTENT_TYPE = "text/plain; version=0.0.4; charset=utf-8"
 
 
-def render_text(registry: CollectorRegistry) -> bytes:
+def render_text(registry: CollectorRegistry | Collector) -> bytes:
     """The text format 0.0.4 of a registry of gauges and counters, byte for byte what
     ``prometheus_client.generate_latest`` writes for them (a test holds it to that).
 
     generate_latest re-validates and re-escapes every label name on every sample: with hundreds of
     pods that was most of the agent's CPU (a render of 1296 series, collector included, went from
     15.3 to 9.5 ms of CPU). Our names are fixed and valid, so only label values are escaped here.
-    Other metric types are refused rather than mis-rendered.
+    A value that is not valid Unicode (a lone surrogate from the API's JSON) has the bad code
+    points replaced rather than failing the render. Other metric types are refused rather than
+    mis-rendered.
     """
     out: list[str] = []
     for family in registry.collect():
@@ -41,7 +45,7 @@ def render_text(registry: CollectorRegistry) -> bytes:
                 out.append(f"{sample.name}{{{labels}}} {floatToGoString(sample.value)}\n")
             else:
                 out.append(f"{sample.name} {floatToGoString(sample.value)}\n")
-    return "".join(out).encode()
+    return "".join(out).encode("utf-8", errors="replace")
 
 
 def _escape(value: str) -> str:
@@ -51,18 +55,44 @@ def _escape(value: str) -> str:
 
 
 class Exposition:
-    """The latest rendering of a registry, plain and gzip, swapped in as one tuple."""
+    """The latest rendering of a registry, plain and gzip, swapped in as one tuple, plus the
+    families that must be measured at scrape time (ages), rendered per scrape and appended.
 
-    def __init__(self, registry: CollectorRegistry) -> None:
+    A rendering older than ``max_age_s`` (the renderer has stopped renewing it) is not served:
+    its GPU series would be frozen values, so only the scrape-time families go out.
+    """
+
+    def __init__(
+        self,
+        registry: CollectorRegistry,
+        at_scrape: Collector,
+        max_age_s: float,
+        clock: Callable[[], float] = time.monotonic,
+    ) -> None:
         self._registry = registry
-        self._rendered: tuple[bytes, bytes] = (b"", gzip.compress(b""))
+        self._at_scrape = at_scrape
+        self._max_age_s = max_age_s
+        self._clock = clock
+        self._rendered: tuple[float | None, bytes, bytes] = (None, b"", b"")
+
+    @property
+    def rendered_at(self) -> float | None:
+        return self._rendered[0]
 
     def render(self) -> None:
         body = render_text(self._registry)
-        self._rendered = (body, gzip.compress(body, compresslevel=1))
+        self._rendered = (self._clock(), body, gzip.compress(body, compresslevel=1))
 
-    def latest(self) -> tuple[bytes, bytes]:
-        return self._rendered
+    def latest(self, gzipped: bool) -> bytes:
+        """The body of one scrape. gzip members may be concatenated (RFC 1952), so the rendering
+        compressed once per poll is sent as it is, followed by the small per-scrape part."""
+        rendered_at, plain, compressed = self._rendered
+        if rendered_at is None or self._clock() - rendered_at > self._max_age_s:
+            plain, compressed = b"", b""
+        tail = render_text(self._at_scrape)
+        if gzipped:
+            return compressed + gzip.compress(tail, compresslevel=1)
+        return plain + tail
 
 
 _UNAUTHENTICATED = ("/healthz", "/readyz")
@@ -90,11 +120,10 @@ class _Handler(Handler):
                 {"WWW-Authenticate": 'Basic realm="gpu-pod-exporter"'},
             )
         elif path == "/metrics":
-            plain, compressed = self.server.exposition.latest()
             gzipped = "gzip" in self.headers.get("Accept-Encoding", "")
             self.send(
                 200,
-                compressed if gzipped else plain,
+                self.server.exposition.latest(gzipped),
                 CONTENT_TYPE,
                 send_body,
                 {"Content-Encoding": "gzip"} if gzipped else {},

@@ -224,3 +224,38 @@ def test_driver_library_installed_while_running(tmp_path: Path, fake_nvml: Path,
     agent.wait_for(lambda s: find(s, "gpu_exporter_nvml_up") == [({}, 0.0)], what="NVML down")
     shutil.copy(fake_nvml, library_dir / "libnvidia-ml.so.1")
     agent.wait_for(lambda s: pods_of(s).get("") == 21, timeout_s=40, what="GPUs once the library appears")
+
+
+def test_a_slow_or_hanging_kubelet_never_holds_up_device_data(node: Node, start_agent) -> None:  # type: ignore[no-untyped-def]
+    agent = start_agent([*node.args(), "--no-kubernetes"], node.scenario_path)  # staleness: 3 x 0.2 s
+    agent.wait_for(lambda s: BERT in pods_of(s), what="the BERT pod")
+    for delay_s in (4.0, 60.0):  # answers late, then not at all within the client's timeout
+        node.kubelet.delay_s = delay_s
+        deadline = time.monotonic() + 5
+        while time.monotonic() < deadline:
+            samples = agent.scrape()
+            assert len(find(samples, "duty_cycle_current")) == 2, f"GPU series missing with a {delay_s}s kubelet"
+            assert find(samples, "gpu_exporter_data_age_seconds")[0][1] < 0.6
+            assert BERT in pods_of(samples)  # the last good answer bridges the gap
+            time.sleep(0.2)
+        node.scenario.gpus[0].util = int(delay_s)
+        node.scenario.write(node.scenario_path)
+        agent.wait_for(lambda s, v=delay_s: pods_of(s).get(BERT) == v, timeout_s=2, what="new readings, promptly")
+    assert requests.get(agent.url + "/readyz", timeout=2).status_code == 200
+
+
+def test_a_pod_name_that_cannot_be_encoded_does_not_freeze_metrics(node: Node, start_agent) -> None:  # type: ignore[no-untyped-def]
+    agent = start_agent(node.args(), node.scenario_path)
+    agent.wait_for(lambda s: BERT in pods_of(s), what="the BERT pod")
+    # A lone surrogate in the API's JSON: valid JSON, not encodable as UTF-8.
+    odd_uid, odd_cid = "cccccccc-0000-4000-8000-000000000003", "c" * 64
+    node.api.apply(pod_json(odd_uid, "default", "odd-\udc80-pod", NODE, containers={"main": odd_cid}))
+    node.proc.add(5151, systemd_v2(odd_uid, odd_cid))
+    node.scenario.procs.append(Proc(gpu=1, pid=5151, mem=1000, sm=3))
+    node.scenario.write(node.scenario_path)
+    agent.wait_for(lambda s: any(p.startswith("odd-") for p in pods_of(s)), what="the odd pod's series")
+    for util in (11, 12):  # values keep moving: the renderer survived
+        node.scenario.gpus[0].util = util
+        node.scenario.write(node.scenario_path)
+        agent.wait_for(lambda s, u=util: pods_of(s).get(BERT) == u, timeout_s=3, what=f"utilisation {util}")
+    assert requests.get(agent.url + "/readyz", timeout=2).status_code == 200

@@ -2,12 +2,15 @@
 
 from __future__ import annotations
 
+import gzip
 from dataclasses import replace
 
 from prometheus_client import CollectorRegistry
 
-from exporter.collector import GPU_GAUGES, SnapshotCollector
+from exporter.collector import GPU_GAUGES, AgeCollector, SnapshotCollector
 from exporter.model import Attribution, DeviceReading, GpuSeries, Health, Snapshot
+from exporter.server import Exposition
+from tests.conftest import Samples, find, parse_samples
 
 GPU0 = "GPU-00000000-1111-2222-3333-444455556666"
 HEALTH = Health(
@@ -54,6 +57,7 @@ class Clock:
 def registry_for(holder: list[Snapshot], clock: Clock, staleness: float = 3.0) -> CollectorRegistry:
     registry = CollectorRegistry()
     registry.register(SnapshotCollector(lambda: holder[0], staleness, clock=clock))
+    registry.register(AgeCollector(lambda: holder[0], clock=clock))
     return registry
 
 
@@ -146,3 +150,44 @@ def test_rendering_matches_prometheus_client_byte_for_byte() -> None:
     registry = registry_for([snapshot(series)], Clock())
     PlatformCollector(registry=registry)
     assert render_text(registry) == generate_latest(registry)
+
+
+def exposition_for(holder: list[Snapshot], clock: Clock, max_age_s: float = 3.0) -> Exposition:
+    registry = CollectorRegistry(auto_describe=False)
+    registry.register(SnapshotCollector(lambda: holder[0], max_age_s, clock=clock))
+    return Exposition(registry, AgeCollector(lambda: holder[0], clock=clock), max_age_s=max_age_s, clock=clock)
+
+
+def scrape(exposition: Exposition, gzipped: bool = False) -> Samples:
+    body = exposition.latest(gzipped)
+    return parse_samples((gzip.decompress(body) if gzipped else body).decode())
+
+
+def test_ages_are_measured_at_scrape_time_not_when_rendered() -> None:
+    clock = Clock()
+    exposition = exposition_for([snapshot(GpuSeries(device=DEVICE, duty_cycle_percent=55.0))], clock)
+    exposition.render()
+    clock.now = 102.0  # no render since: the renderer may be stuck
+    for gzipped in (False, True):
+        samples = scrape(exposition, gzipped)
+        assert find(samples, "gpu_exporter_data_age_seconds")[0][1] == 2.0
+        assert find(samples, "gpu_exporter_device_data_age_seconds", uuid=GPU0)[0][1] == 2.0
+        assert find(samples, "duty_cycle_current")[0][1] == 55.0
+
+
+def test_a_rendering_the_renderer_stopped_renewing_is_not_served() -> None:
+    clock = Clock()
+    exposition = exposition_for([snapshot(GpuSeries(device=DEVICE, duty_cycle_percent=55.0))], clock)
+    exposition.render()
+    clock.now = 104.0  # past the bound with no new render: the values would be frozen
+    samples = scrape(exposition)
+    assert find(samples, "duty_cycle_current") == []
+    assert find(samples, "gpu_exporter_data_age_seconds")[0][1] == 4.0
+
+
+def test_a_label_value_that_is_not_valid_unicode_is_replaced_not_fatal() -> None:
+    series = GpuSeries(device=DEVICE, namespace="default", pod="bad-\udc80-name", duty_cycle_percent=55.0)
+    exposition = exposition_for([snapshot(series)], Clock())
+    exposition.render()
+    [(labels_seen, value)] = find(scrape(exposition), "duty_cycle_current")
+    assert labels_seen["pod"] == "bad-?-name" and value == 55.0

@@ -32,8 +32,8 @@ def test_environment_variables_and_flags_override_them(tmp_path: Path) -> None:
     config = parse_config([], environ=environ)
     assert (config.listen_host, config.listen_port, config.interval_s) == ("127.0.0.1", 9500, 2.5)
     assert config.max_staleness_s == 7.5 and config.proc_root == str(tmp_path) and not config.kubernetes
-    config = parse_config(["--interval", "5", "--node-name", "flag-node", "--max-staleness", "4"], environ=environ)
-    assert (config.interval_s, config.node_name, config.max_staleness_s) == (5.0, "flag-node", 4.0)
+    config = parse_config(["--interval", "5", "--node-name", "flag-node", "--max-staleness", "6"], environ=environ)
+    assert (config.interval_s, config.node_name, config.max_staleness_s) == (5.0, "flag-node", 6.0)
 
 
 @pytest.mark.parametrize(
@@ -44,6 +44,11 @@ def test_environment_variables_and_flags_override_them(tmp_path: Path) -> None:
         (["--interval", "-1"], "--interval"),
         (["--interval", "often"], "--interval"),
         (["--max-staleness", "0"], "--max-staleness"),
+        (["--interval", "1e300"], "--interval"),  # the threads' waits overflow
+        (["--interval", "1e-9"], "--interval"),  # a core spent polling
+        (["--interval", "nan"], "--interval"),
+        (["--interval", "2", "--max-staleness", "1"], "--max-staleness"),  # fresher than a poll
+        (["--max-stale", "9"], "--max-stale"),  # no abbreviations: not taken as --max-staleness
         (["--pod-resources-socket", "/"], "--pod-resources-socket"),
         (["--proc-root", "/nonexistent/proc"], "--proc-root"),
         (["--kubeconfig", "/nonexistent/kubeconfig"], "--kubeconfig"),

@@ -1,0 +1,118 @@
+"""What names a GPU's pod, refreshed off the NVML path: the kubelet's allocations and the GPU
+processes' cgroups, read on a thread of their own.
+
+A kubelet that answers in seconds (or not at all) or a /proc read that blocks would otherwise hold
+up the poll, and readings published late are dropped as stale: every GPU series would vanish for
+want of a pod label. Here the poll only takes the latest answers; the last good allocation list
+bridges a bounded gap, and after that devices are exported without pod labels. Failures back off
+with jitter, so a kubelet that is away is not asked again every interval by every node at once.
+"""
+
+from __future__ import annotations
+
+import logging
+import random
+import threading
+import time
+from collections.abc import Callable, Iterable, Mapping, Sequence
+from dataclasses import dataclass
+
+from exporter.model import Allocation, ProcessOwner
+from exporter.podresources.client import PodResourcesClient
+from exporter.procfs import ProcReader
+
+log = logging.getLogger(__name__)
+
+# How many poll intervals the last good allocation list stands in for a kubelet that does not
+# answer (30 s at the default interval). Allocations change only when pods start or stop; beyond
+# this a GPU's pod could have changed unseen, and its series lose their pod labels instead.
+ALLOCATIONS_MAX_AGE_INTERVALS = 30
+BACKOFF_MAX_S = 10.0  # the kubelet is local: a cheap call, and labels should return soon after it does
+
+
+@dataclass(frozen=True)
+class PodSourcesView:
+    """The latest answers, as the poll sees them."""
+
+    allocations: Sequence[Allocation]
+    owners: Mapping[int, ProcessOwner | None]  # only PIDs resolved so far; a missing PID is pending
+    pod_resources_up: bool
+    pod_resources_errors: Mapping[str, int]
+
+
+class PodSources:
+    """Refreshes allocations every ``interval_s`` (backing off on failures) and resolves the owners
+    of the PIDs the last poll saw as soon as they are handed over."""
+
+    def __init__(
+        self,
+        kubelet: PodResourcesClient,
+        procs: ProcReader,
+        interval_s: float,
+        clock: Callable[[], float] = time.monotonic,
+    ) -> None:
+        self.kubelet = kubelet
+        self._procs = procs
+        self._interval_s = interval_s
+        self._clock = clock
+        self._allocations: tuple[float, Sequence[Allocation]] = (float("-inf"), ())
+        self._owners: Mapping[int, ProcessOwner | None] = {}
+        self._wanted: frozenset[int] = frozenset()
+        self._wake = threading.Event()
+        self._stop = threading.Event()
+        self._failures = 0
+        self._thread = threading.Thread(target=self._run, name="pod-sources", daemon=True)
+
+    def start(self) -> None:
+        self._thread.start()
+
+    def stop(self) -> None:
+        self._stop.set()
+        self._wake.set()
+
+    def join(self, timeout_s: float) -> None:
+        if self._thread.is_alive():
+            self._thread.join(timeout_s)
+
+    def want_owners(self, pids: Iterable[int]) -> None:
+        """Hands over the PIDs NVML listed; new ones are resolved at once, off the poll thread."""
+        wanted = frozenset(pids)
+        if wanted != self._wanted:
+            self._wanted = wanted
+            self._wake.set()
+
+    def view(self) -> PodSourcesView:
+        when, allocations = self._allocations
+        fresh = self._clock() - when <= ALLOCATIONS_MAX_AGE_INTERVALS * self._interval_s
+        owners = self._owners
+        return PodSourcesView(
+            allocations=allocations if fresh else (),
+            owners={pid: owners[pid] for pid in self._wanted if pid in owners},
+            pod_resources_up=self.kubelet.up,
+            pod_resources_errors=dict(self.kubelet.errors),
+        )
+
+    def _run(self) -> None:
+        next_list = self._clock()
+        while not self._stop.is_set():
+            try:
+                self._owners = self._procs.owners(self._wanted)
+                if self._clock() >= next_list:
+                    next_list = self._clock() + self._refresh_allocations()
+            except Exception:  # one bad refresh must not end attribution; the next one retries
+                log.exception("refreshing pod attribution sources failed")
+                next_list = self._clock() + self._interval_s
+            self._wake.wait(max(0.0, next_list - self._clock()))
+            self._wake.clear()
+
+    def _refresh_allocations(self) -> float:
+        """Asks the kubelet; returns the seconds until the next call."""
+        allocations = self.kubelet.list_allocations()
+        if allocations is not None:
+            self._allocations = (self._clock(), allocations)
+            self._failures = 0
+            return self._interval_s
+        self._failures += 1
+        # client-go style: exponential with full jitter in the upper half, capped.
+        backoff = min(self._interval_s * 2.0 ** min(self._failures, 16), BACKOFF_MAX_S)
+        return backoff * random.uniform(0.5, 1.0)
