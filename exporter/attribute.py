@@ -72,9 +72,9 @@ def attribute(
     """Joins one poll's readings into labelled series.
 
     ``owners`` maps each GPU process's PID to its cgroup owner (None: the process exited before
-    its cgroup was read; a PID missing from it is pending, its cgroup not read yet). ``pods`` maps pod UID to the pod, or is None when the Kubernetes API is
-    not available; then only the kubelet's allocations name pods, and shares of a shared device
-    cannot be measured.
+    its cgroup was read; a PID missing from it is pending, its cgroup not read yet). ``pods`` maps
+    pod UID to the pod, or is None when the Kubernetes API is not available; then only the
+    kubelet's allocations name pods, and shares of a shared device cannot be measured.
     """
     device_list = list(devices)
     finished = {(p.namespace, p.name) for p in (pods or {}).values() if p.finished}
