@@ -28,7 +28,7 @@ from pathlib import Path
 
 import requests
 
-from bench.measure import cpu_seconds, node_layout, rss_bytes, run_hey
+from bench.measure import SlowClients, cpu_seconds, node_layout, rss_bytes, run_hey, thread_count
 from tests.conftest import free_port
 from tests.sim.apiserver import FakeApiServer
 from tests.sim.fakelib import build_fake_nvml
@@ -59,6 +59,7 @@ def start(
     proc: FakeProc,
     interval: float = 1.0,
     kubeconfig: Path | None = None,
+    extra: tuple[str, ...] = (),
 ) -> subprocess.Popen[bytes]:
     if exporter == "gpu-pod-exporter":
         watch = ["--kubeconfig", str(kubeconfig)] if kubeconfig else ["--no-kubernetes"]
@@ -66,6 +67,7 @@ def start(
             port,
             state / "scenario.txt",
             *watch,
+            *extra,
             "--interval",
             str(interval),
             "--pod-resources-socket",
@@ -105,33 +107,55 @@ def series_count(url: str) -> int:
     return sum(1 for line in text.splitlines() if line and not line.startswith("#"))
 
 
-def measure(exporter: str, gpus: int, procs: int, pods: int, idle_s: float, load_s: int) -> dict[str, object]:
-    state = Path(tempfile.mkdtemp(prefix="gpu-bench-"))
-    layout = node_layout(gpus, procs, pods)
-    layout.scenario.write(state / "scenario.txt")
-    kubelet = FakeKubelet(str(state / "kubelet.sock")).start()
-    kubelet.set_pods(layout.allocations)
-    proc = FakeProc(state / "proc")
-    for pid, cgroup in layout.cgroups.items():
-        proc.add(pid, cgroup)
-    # Our agent runs as deployed: with its pod watch on (the Kubernetes client is part of its footprint).
-    api = FakeApiServer().start()
-    for pod in layout.pods:
-        api.apply(pod)
-    port = free_port()
-    url = f"http://127.0.0.1:{port}/metrics"
-    process = start(exporter, state, port, kubelet, proc, kubeconfig=api.write_kubeconfig(state / "kubeconfig"))
-    try:
-        wait_listening(url)
+class SimulatedNode:
+    """A node layout served to one exporter: NVML scenario, kubelet, /proc and the pods API."""
+
+    def __init__(self, exporter: str, gpus: int, procs: int, pods: int, extra: tuple[str, ...] = ()) -> None:
+        self.state = Path(tempfile.mkdtemp(prefix="gpu-bench-"))
+        layout = node_layout(gpus, procs, pods)
+        layout.scenario.write(self.state / "scenario.txt")
+        self.kubelet = FakeKubelet(str(self.state / "kubelet.sock")).start()
+        self.kubelet.set_pods(layout.allocations)
+        proc = FakeProc(self.state / "proc")
+        for pid, cgroup in layout.cgroups.items():
+            proc.add(pid, cgroup)
+        # Our agent runs as deployed: with its pod watch on.
+        self.api = FakeApiServer().start()
+        for pod in layout.pods:
+            self.api.apply(pod)
+        self.port = free_port()
+        self.url = f"http://127.0.0.1:{self.port}/metrics"
+        kubeconfig = self.api.write_kubeconfig(self.state / "kubeconfig")
+        self.process = start(exporter, self.state, self.port, self.kubelet, proc, kubeconfig=kubeconfig, extra=extra)
+
+    def __enter__(self) -> SimulatedNode:
+        wait_listening(self.url)
         time.sleep(3)  # warm-up: a few polls
-        rss_warm = rss_bytes(process.pid)
-        before = cpu_seconds(process.pid)
-        time.sleep(idle_s)
-        cpu_per_minute = (cpu_seconds(process.pid) - before) * 60 / idle_s
-        series = series_count(url)
-        polls = poll_durations_ms(url, samples=10) if exporter == EXPORTERS[0] else []
-        latency = run_hey(url, concurrency=10, duration_s=load_s)
-        saturation = run_hey(url, concurrency=50, duration_s=max(2, load_s // 2))
+        return self
+
+    def cpu_per_minute(self, seconds: float) -> float:
+        before = cpu_seconds(self.process.pid)
+        time.sleep(seconds)
+        return (cpu_seconds(self.process.pid) - before) * 60 / seconds
+
+    def __exit__(self, *_: object) -> None:
+        self.process.send_signal(signal.SIGTERM)
+        try:
+            self.process.wait(timeout=10)
+        except subprocess.TimeoutExpired:
+            self.process.kill()
+        self.kubelet.stop()
+        self.api.stop()
+
+
+def measure(exporter: str, gpus: int, procs: int, pods: int, idle_s: float, load_s: int) -> dict[str, object]:
+    with SimulatedNode(exporter, gpus, procs, pods) as node:
+        rss_warm = rss_bytes(node.process.pid)
+        cpu_per_minute = node.cpu_per_minute(idle_s)
+        series = series_count(node.url)
+        polls = poll_durations_ms(node.url, samples=10) if exporter == EXPORTERS[0] else []
+        latency = run_hey(node.url, concurrency=10, duration_s=load_s)
+        saturation = run_hey(node.url, concurrency=50, duration_s=max(2, load_s // 2))
         return {
             "exporter": exporter,
             "gpus": gpus,
@@ -148,14 +172,41 @@ def measure(exporter: str, gpus: int, procs: int, pods: int, idle_s: float, load
             "errors": latency["errors"],
             "rps_saturated": saturation["requests_per_second"],
         }
-    finally:
-        process.send_signal(signal.SIGTERM)
-        try:
-            process.wait(timeout=10)
-        except subprocess.TimeoutExpired:
-            process.kill()
-        kubelet.stop()
-        api.stop()
+
+
+def slow_connections(exporter: str, count: int, load_s: int) -> dict[str, object]:
+    """8 GPUs / 64 processes with ``count`` connections dripping a request head that never ends:
+    scrape latency meanwhile, and what the connections cost in memory and threads."""
+    with SimulatedNode(exporter, 8, 64, 32) as node:
+        rss_before, threads_before = rss_bytes(node.process.pid), thread_count(node.process.pid)
+        with SlowClients("127.0.0.1", node.port, count) as clients:
+            time.sleep(5)
+            latency = run_hey(node.url, concurrency=10, duration_s=load_s)
+            rss_during, threads_during = rss_bytes(node.process.pid), thread_count(node.process.pid)
+            held = clients.still_open
+        return {
+            "exporter": exporter,
+            "slow_connections": count,
+            "accepted_then_held": held,
+            "p50_ms": latency["p50_ms"],
+            "p99_ms": latency["p99_ms"],
+            "completed": latency["completed"],
+            "errors": latency["errors"],
+            "rss_mb_added": (rss_during - rss_before) / 1e6,
+            "threads_before": threads_before,
+            "threads_during": threads_during,
+        }
+
+
+def metrics_cost(idle_s: float) -> dict[str, float]:
+    """Our agent's polling CPU at 8 GPUs, no processes: the seed families only, then every group."""
+    found = {}
+    for groups in ("seed", "all"):
+        extra = ("--metrics", "seed") if groups == "seed" else ()
+        with SimulatedNode(EXPORTERS[0], 8, 0, 8, extra=extra) as node:
+            found[f"cpu_s_per_min_{groups}"] = node.cpu_per_minute(idle_s)
+    found["ratio"] = found["cpu_s_per_min_all"] / found["cpu_s_per_min_seed"]
+    return found
 
 
 def churn(polls: int, interval: float) -> dict[str, float]:
@@ -264,14 +315,50 @@ def table(rows: list[dict[str, object]]) -> str:
     return "\n".join(lines)
 
 
+def goals(rows: list[dict[str, object]], slow: list[dict[str, object]]) -> str:
+    """The agent-trust issue's four figures at 8 GPUs, ours beside the peer's, against the goals."""
+    ours = {(r["gpus"], r["processes"]): r for r in rows if r["exporter"] == EXPORTERS[0]}
+    peer = {(r["gpus"], r["processes"]): r for r in rows if r["exporter"] == EXPORTERS[1]}
+    slow_ours, slow_peer = (next(r for r in slow if r["exporter"] == e) for e in EXPORTERS)
+
+    def num(value: object, digits: int = 1) -> str:
+        return "n/a" if value is None else f"{float(value):.{digits}f}"  # type: ignore[arg-type]
+
+    def met(ok: bool) -> str:
+        return "met" if ok else "missed"
+
+    rss, rss_peer = ours[(8, 64)]["rss_mb"], peer[(8, 64)]["rss_mb"]
+    cpu, cpu_peer = ours[(8, 0)]["cpu_s_per_min"], peer[(8, 0)]["cpu_s_per_min"]
+    p99, p99_peer = ours[(8, 64)]["p99_ms"], peer[(8, 64)]["p99_ms"]
+    slow_p99, slow_rss = slow_ours["p99_ms"], slow_ours["rss_mb_added"]
+    p99_ratio = float(p99_peer) / float(p99) if p99 and p99_peer else None  # type: ignore[arg-type]
+    lines = [
+        "| figure (8 GPUs) | ours | peer | goal | |",
+        "| --- | --- | --- | --- | --- |",
+        f"| RSS after warm-up, pod watch on (64 processes, 32 pods) | {num(rss, 0)} MB | {num(rss_peer, 0)} MB "
+        f"| ≤ 60 MB | {met(float(rss) <= 60)} |",  # type: ignore[arg-type]
+        f"| polling CPU, no GPU processes, 1 s interval | {num(cpu, 2)} s/min | {num(cpu_peer, 2)} s/min "
+        f"| ≤ the peer's | {met(float(cpu) <= float(cpu_peer))} |",  # type: ignore[arg-type]
+        f"| scrape p99, 64 processes, 10 concurrent scrapers | {num(p99)} ms | {num(p99_peer)} ms "
+        f"({num(p99_ratio, 0)}x) | ≤ 5 ms, ≥ 100x the peer "
+        f"| {met(p99 is not None and float(p99) <= 5 and (p99_ratio or 0) >= 100)} |",  # type: ignore[arg-type]
+        f"| {slow_ours['slow_connections']} slow connections open: scrape p99, RSS added, threads "
+        f"| {num(slow_p99)} ms, +{num(slow_rss)} MB, {slow_ours['threads_during']} threads "
+        f"| {num(slow_peer['p99_ms'])} ms, +{num(slow_peer['rss_mb_added'])} MB, "
+        f"{slow_peer['threads_during']} threads | p99 < 50 ms, RSS + < 10 MB "
+        f"| {met(slow_p99 is not None and float(slow_p99) < 50 and float(slow_rss) < 10)} |",  # type: ignore[arg-type]
+    ]
+    return "\n".join(lines)
+
+
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--out", type=Path, default=Path("bench/results"))
-    parser.add_argument("--quick", action="store_true", help="8 GPUs / 64 processes only, shorter runs")
+    parser.add_argument("--quick", action="store_true", help="8 GPUs with 0 and 64 processes only, shorter runs")
     args = parser.parse_args()
     args.out.mkdir(parents=True, exist_ok=True)
-    grid = [(8, 64)] if args.quick else [(g, p) for g in (1, 8, 16) for p in (0, 64, 512)]
-    idle_s, load_s = (10.0, 5) if args.quick else (20.0, 8)
+    grid = [(8, 0), (8, 64)] if args.quick else [(g, p) for g in (1, 8, 16) for p in (0, 64, 512)]
+    idle_s, load_s = (20.0, 5) if args.quick else (30.0, 8)
     rows = []
     for gpus, procs in grid:
         pods = min(256, procs // 2) if procs else gpus
@@ -279,17 +366,31 @@ def main() -> int:
             row = measure(exporter, gpus, procs, pods, idle_s, load_s)
             print(json.dumps(row), flush=True)
             rows.append(row)
+    slow = []
+    for exporter in EXPORTERS:
+        slow.append(slow_connections(exporter, count=2000, load_s=load_s))
+        print(json.dumps(slow[-1]), flush=True)
+    groups = metrics_cost(idle_s)
+    print(json.dumps(groups), flush=True)
     churned = churn(polls=600 if args.quick else 3600, interval=0.02)
     print(json.dumps(churned), flush=True)
     machine = (
         f"{platform.machine()}, {os.cpu_count()} cores, {platform.python_implementation()} {platform.python_version()}"
     )
     (args.out / "results.json").write_text(
-        json.dumps({"machine": machine, "rows": rows, "churn": churned}, indent=2) + "\n"
+        json.dumps(
+            {"machine": machine, "rows": rows, "slow_connections": slow, "metrics_groups": groups, "churn": churned},
+            indent=2,
+        )
+        + "\n"
     )
     chart(rows, args.out / "chart.png")
     summary = (
-        f"Machine: {machine}\n\n{table(rows)}\n\nChurn ({churned['churn_polls']} polls, pods replaced each "
+        f"Machine: {machine}\n\n{goals(rows, slow)}\n\n{table(rows)}\n\n"
+        f"Metric groups (8 GPUs, no processes): polling CPU {groups['cpu_s_per_min_seed']:.2f} s/min with the "
+        f"seed families only, {groups['cpu_s_per_min_all']:.2f} s/min with every group "
+        f"({groups['ratio']:.2f}x; goal ≤ 1.5x)\n\n"
+        f"Churn ({churned['churn_polls']} polls, pods replaced each "
         f"poll): RSS {churned['rss_mb_before']:.1f} MB -> {churned['rss_mb_after']:.1f} MB "
         f"({churned['rss_growth_percent']:+.1f}%)\n"
     )

@@ -4,7 +4,9 @@ from __future__ import annotations
 
 import os
 import re
+import socket
 import subprocess
+import threading
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -82,3 +84,56 @@ def run_hey(
 def cpu_seconds(pid: int) -> float:
     fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
     return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+
+
+class SlowClients:
+    """``count`` connections that each send one byte of a request head every ``drip_s`` seconds
+    and never finish it: what a slowloris attack or a fleet of stuck scrapers looks like to a
+    server. Used as a context manager; every socket is closed on exit."""
+
+    def __init__(self, host: str, port: int, count: int, drip_s: float = 2.0) -> None:
+        self._address = (host, port)
+        self._count = count
+        self._drip_s = drip_s
+        self._sockets: list[socket.socket] = []
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._drip, name="slow-clients", daemon=True)
+        self.opened = 0
+
+    def __enter__(self) -> SlowClients:
+        for _ in range(self._count):
+            try:
+                self._sockets.append(socket.create_connection(self._address, timeout=2))
+                self.opened += 1
+            except OSError:
+                break  # refused or timed out: the server is bounding connections
+        self._thread.start()
+        return self
+
+    def _drip(self) -> None:
+        head = b"GET /metrics HTTP/1.1\r\nHost: x\r\nX-Slow: " + b"a" * 10_000
+        position = 0
+        while not self._stop.wait(self._drip_s):
+            byte = head[position % len(head) : position % len(head) + 1]
+            position += 1
+            for sock in list(self._sockets):
+                try:
+                    sock.send(byte)
+                except OSError:
+                    self._sockets.remove(sock)  # the server closed it (deadline or cap)
+                    sock.close()
+
+    @property
+    def still_open(self) -> int:
+        return len(self._sockets)
+
+    def __exit__(self, *_: object) -> None:
+        self._stop.set()
+        self._thread.join()
+        for sock in self._sockets:
+            sock.close()
+
+
+def thread_count(pid: int) -> int:
+    status = Path(f"/proc/{pid}/status").read_text()
+    return int(re.search(r"Threads:\s+(\d+)", status).group(1))  # type: ignore[union-attr]
