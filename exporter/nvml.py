@@ -1,9 +1,15 @@
 """The NVML edge: the only module that imports ``pynvml``. Turns the driver into DeviceReadings.
 
-Every NVML call goes through ``_query``, which maps NOT_SUPPORTED to a sentinel so an unsupported
-value is left out rather than reported as 0. Each GPU is read on its own daemon thread: NVML calls
-can block for a long time after some driver faults (a ctypes call cannot be interrupted), and one
-stuck GPU must not stop the others from being read, nor the process from exiting.
+Faults are contained per value and per GPU, as nvitop's query wrapper does: every value is read
+through ``_Query.value``, where NOT_SUPPORTED leaves the value out (never 0), a function missing
+from the bindings (``AttributeError``) or the driver (FUNCTION_NOT_FOUND) falls back to the older
+call or leaves the value out for good, bytes that are no UTF-8 are decoded with replacement, and
+any other error is counted and leaves that one value out. Which call variant answers on a device
+(v2 memory info or v1, TemperatureV or Temperature) is remembered, not retried every poll.
+
+Each GPU is read on its own daemon thread: NVML calls can block for a long time after some driver
+faults (a ctypes call cannot be interrupted), and one stuck GPU must not stop the others from being
+read, nor the process from exiting.
 """
 
 from __future__ import annotations
@@ -13,12 +19,11 @@ import logging
 import queue
 import threading
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from concurrent.futures import Future
 from concurrent.futures import wait as wait_futures
 from dataclasses import dataclass, field, replace
-from functools import partial
-from typing import Any, TypeVar
+from typing import Any
 
 import pynvml
 
@@ -26,7 +31,6 @@ from exporter.model import DeviceReading, GpuProcess
 
 log = logging.getLogger(__name__)
 
-T = TypeVar("T")
 _NO_INSTANCE = 0xFFFFFFFF
 _ERROR_NAMES = {
     getattr(pynvml, name): name.removeprefix("NVML_ERROR_") for name in dir(pynvml) if name.startswith("NVML_ERROR_")
@@ -35,41 +39,48 @@ _ERROR_NAMES = {
 _DEVICE_FATAL = {pynvml.NVML_ERROR_GPU_IS_LOST, pynvml.NVML_ERROR_RESET_REQUIRED}
 # Errors that mean NVML itself went away: re-initialise.
 _LIBRARY_FATAL = {pynvml.NVML_ERROR_UNINITIALIZED, pynvml.NVML_ERROR_DRIVER_NOT_LOADED}
-# A newer call variant this driver lacks: use the older one.
-_TRY_OLDER = {
-    pynvml.NVML_ERROR_FUNCTION_NOT_FOUND,
-    pynvml.NVML_ERROR_NOT_SUPPORTED,
-    pynvml.NVML_ERROR_ARGUMENT_VERSION_MISMATCH,
-}
+# The newer call variant does not answer on this device: use the older one.
+_TRY_OLDER = {pynvml.NVML_ERROR_NOT_SUPPORTED, pynvml.NVML_ERROR_ARGUMENT_VERSION_MISMATCH}
 # Values that become series: an unsupported one is logged once, as its series will be missing.
 _EXPORTED = {"utilisation", "memory info", "temperature", "power usage"}
-
-
-class _Unsupported:
-    """The value the device does not support: leave the sample out."""
-
-    def __repr__(self) -> str:
-        return "UNSUPPORTED"
-
-
-UNSUPPORTED = _Unsupported()
+# The error kind counted for an exception that is no NVML error (a bug, or bindings we do not know).
+UNEXPECTED = "UNEXPECTED"
 
 
 def error_kind(error: pynvml.NVMLError) -> str:
     return _ERROR_NAMES.get(error.value, f"CODE_{error.value}")
 
 
-def _query(fn: Callable[..., T], *args: Any) -> T | _Unsupported:
-    try:
-        return fn(*args)
-    except pynvml.NVMLError as error:
-        if error.value == pynvml.NVML_ERROR_NOT_SUPPORTED:
-            return UNSUPPORTED
-        raise
+class _LibraryLostError(Exception):
+    """NVML itself went away during a read (uninitialised, driver unloaded)."""
+
+    def __init__(self, error: pynvml.NVMLError) -> None:
+        super().__init__(str(error))
+        self.error = error
 
 
-def _value(result: T | _Unsupported) -> T | None:
-    return None if isinstance(result, _Unsupported) else result
+# One way to read a value: the binding's function name (to remember it missing) and the call.
+Variant = tuple[str, Callable[[Any], Any]]
+
+
+def _binding(name: str, *args: Any, **kwargs: Any) -> Variant:
+    """A pynvml function called with the handle and ``args``, looked up when called: an older
+    nvidia-ml-py without it raises AttributeError there, which the query contains."""
+    return name, lambda handle: getattr(pynvml, name)(handle, *args, **kwargs)
+
+
+def _text(variant: Variant) -> Variant:
+    """pynvml decodes names and UUIDs as strict UTF-8; a byte that is none gets U+FFFD instead of
+    an exception (the exception carries the bytes the driver returned)."""
+    name, call = variant
+
+    def read(handle: Any) -> str:
+        try:
+            return str(call(handle))
+        except UnicodeDecodeError as error:
+            return bytes(error.object).decode("utf-8", errors="replace")
+
+    return name, read
 
 
 @dataclass(frozen=True)
@@ -83,32 +94,110 @@ class NvmlPoll:
 @dataclass
 class _GpuResult:
     index: int
-    devices: tuple[DeviceReading, ...] = ()
+    devices: tuple[DeviceReading, ...] | None = None  # None: keep the last reading (it ages out)
     errors: list[tuple[str, str, str]] = field(default_factory=list)
     lost: bool = False
+    library_error: pynvml.NVMLError | None = None
 
 
 class _GpuWorker:
     """A daemon thread that reads one GPU when asked; a hung call blocks only this thread."""
 
     def __init__(self, index: int, read: Callable[[int], _GpuResult]) -> None:
-        self._requests: queue.Queue[Future[_GpuResult]] = queue.Queue()
+        self._requests: queue.Queue[Future[_GpuResult] | None] = queue.Queue()
         self._read = read
         self._index = index
-        threading.Thread(target=self._run, name=f"nvml-gpu{index}", daemon=True).start()
+        self.thread = threading.Thread(target=self._run, name=f"nvml-gpu{index}", daemon=True)
+        self.thread.start()
 
     def submit(self) -> Future[_GpuResult]:
         future: Future[_GpuResult] = Future()
         self._requests.put(future)
         return future
 
+    def stop(self) -> None:
+        self._requests.put(None)
+
     def _run(self) -> None:
-        while True:
-            future = self._requests.get()
+        while (future := self._requests.get()) is not None:
             try:
                 future.set_result(self._read(self._index))
             except BaseException as error:  # surfaced to the poll loop through the future
                 future.set_exception(error)
+
+
+class _OncePer:
+    """Logs a message once per key: a fault that repeats every poll is one line, not one a second."""
+
+    def __init__(self) -> None:
+        self._seen: set[tuple[Any, ...]] = set()
+
+    def first(self, *key: Any) -> bool:
+        if key in self._seen:
+            return False
+        self._seen.add(key)
+        return True
+
+
+class _Query:
+    """Contained reads of one device during one read of its GPU (see the module docstring)."""
+
+    def __init__(self, reader: NvmlReader, errors: list[tuple[str, str, str]], index: int, uuid: str) -> None:
+        self._reader = reader
+        self._errors = errors
+        self._index = index
+        self.uuid = uuid
+
+    def value(self, name: str, handle: Any, *variants: Variant) -> Any | None:
+        """The first variant that answers, starting from the one that answered here before; None
+        when unsupported, missing or failed. Lost GPUs and a lost library are raised."""
+        reader = self._reader
+        remembered = (self.uuid, name)
+        first = reader.variant_of.get(remembered, 0)
+        for position in range(first, len(variants)):
+            function, call = variants[position]
+            if function in reader.missing_functions:
+                continue
+            try:
+                result = call(handle)
+            except pynvml.NVMLError as error:
+                if error.value in _LIBRARY_FATAL:
+                    raise _LibraryLostError(error) from error
+                if error.value in _DEVICE_FATAL:
+                    raise
+                if error.value == pynvml.NVML_ERROR_FUNCTION_NOT_FOUND:
+                    reader.forget_function(function, "the driver")
+                    continue
+                if error.value in _TRY_OLDER and position + 1 < len(variants):
+                    reader.variant_of[remembered] = position + 1
+                    continue
+                if error.value == pynvml.NVML_ERROR_NOT_SUPPORTED:
+                    self._unsupported(name)
+                    return None
+                self.count(error_kind(error))
+                return None
+            except (AttributeError, TypeError):  # not in these bindings, or with other arguments
+                reader.forget_function(function, "nvidia-ml-py")
+                continue
+            except Exception:
+                self.count(UNEXPECTED)
+                if reader.logged.first("unexpected", self.uuid, name):
+                    log.exception("GPU %d (%s): reading %s failed; left out", self._index, self.uuid, name)
+                return None
+            return result
+        self._unsupported(name)  # every variant is missing from the bindings or the driver
+        return None
+
+    def count(self, kind: str) -> None:
+        self._errors.append((str(self._index), self.uuid, kind))
+
+    def for_device(self, uuid: str) -> _Query:
+        """The same GPU's errors, for another device of it (a MIG device)."""
+        return _Query(self._reader, self._errors, self._index, uuid)
+
+    def _unsupported(self, name: str) -> None:
+        if name in _EXPORTED and self._reader.logged.first("unsupported", self.uuid, name):
+            log.info("GPU %d (%s): %s not supported; that series is left out", self._index, self.uuid, name)
 
 
 class NvmlReader:
@@ -122,23 +211,36 @@ class NvmlReader:
         self._retry_max_s = retry_max_s
         self._retry_s = retry_min_s
         self._next_init = 0.0
+        self._closed = False
         self._workers: dict[int, _GpuWorker] = {}
         self._in_flight: dict[int, Future[_GpuResult]] = {}
         self._last: dict[int, tuple[DeviceReading, ...]] = {}
+        # The UUID each index last answered with: a lost GPU often cannot tell it any more.
+        self._uuids: dict[int, str] = {}
+        self._lost: set[int] = set()
         self._last_seen_us: dict[str, int] = {}
-        self._unsupported_logged: set[tuple[str, str]] = set()
         self._interval_s = 1.0
+        # What this process learnt about the calls: functions missing from the bindings or the
+        # driver (they do not come back while it runs), and per (device, value) the variant to use.
+        self.missing_functions: set[str] = set()
+        self.variant_of: dict[tuple[str, str], int] = {}
+        self.logged = _OncePer()
+
+    def forget_function(self, function: str, where: str) -> None:
+        if function not in self.missing_functions:
+            self.missing_functions.add(function)
+            log.warning("%s is not in %s here: the older call is used, or the value is left out", function, where)
 
     def try_init(self) -> bool:
         """Initialises NVML if it is time to try; logs one line per change of status."""
         if self.initialised:
             return True
         now = time.monotonic()
-        if now < self._next_init:
+        if self._closed or now < self._next_init:
             return False
         try:
             pynvml.nvmlInit()
-            self.driver_version = str(pynvml.nvmlSystemGetDriverVersion())
+            self.driver_version = _decoded(pynvml.nvmlSystemGetDriverVersion)
         except pynvml.NVMLError as error:
             status = f"NVML init failed: {error_kind(error)} ({error})"
             if error.value == pynvml.NVML_ERROR_LIBRARY_NOT_FOUND:
@@ -156,101 +258,123 @@ class NvmlReader:
         return True
 
     def _lose_library(self, error: pynvml.NVMLError) -> None:
+        if not self.initialised:
+            return
         self.initialised = False
         self.status = f"NVML lost: {error_kind(error)}"
         log.error("%s; re-initialising", self.status)
         with contextlib.suppress(pynvml.NVMLError):
             pynvml.nvmlShutdown()
 
+    def close(self, timeout_s: float = 0.5) -> None:
+        """Stops the GPU threads (one stuck in a driver call is a daemon and is left behind) and
+        shuts NVML down. The reader reads nothing afterwards."""
+        self._closed = True
+        for worker in self._workers.values():
+            worker.stop()
+        deadline = time.monotonic() + timeout_s
+        for worker in self._workers.values():
+            worker.thread.join(max(0.0, deadline - time.monotonic()))
+        if self.initialised:
+            self.initialised = False
+            self.status = "NVML shut down"
+            with contextlib.suppress(pynvml.NVMLError):
+                pynvml.nvmlShutdown()
+
     def poll(self, interval_s: float, deadline_s: float) -> NvmlPoll:
         """Reads all GPUs, waiting at most ``deadline_s`` for them; stuck GPUs keep their last reading."""
         if not self.try_init():
             return NvmlPoll(devices=(), errors=())
         try:
-            count = pynvml.nvmlDeviceGetCount()
+            count = int(pynvml.nvmlDeviceGetCount())
         except pynvml.NVMLError as error:
             self._lose_library(error)
             return NvmlPoll(devices=(), errors=())
         self._interval_s = interval_s
         for gone in [i for i in self._last if i >= count]:
             del self._last[gone]
+        errors: list[tuple[str, str, str]] = []
         started: dict[int, Future[_GpuResult]] = {}
         for index in range(count):
             previous = self._in_flight.get(index)
             if previous is not None and not previous.done():
                 continue  # still stuck in an earlier read: serve what we had
             if previous is not None:
-                self._absorb(previous)
+                errors.extend(self._absorb(index, previous))
             worker = self._workers.get(index)
             if worker is None:
                 worker = self._workers[index] = _GpuWorker(index, self._read_gpu)
             started[index] = self._in_flight[index] = worker.submit()
         wait_futures(list(started.values()), timeout=deadline_s)
-        errors: list[tuple[str, str, str]] = []
         for index, future in started.items():
             if future.done():
-                errors.extend(self._absorb(future))
-                del self._in_flight[index]
+                errors.extend(self._absorb(index, future))
         devices = tuple(d for index in sorted(self._last) if index < count for d in self._last[index])
         return NvmlPoll(devices=devices, errors=tuple(errors))
 
-    def _absorb(self, future: Future[_GpuResult]) -> list[tuple[str, str, str]]:
+    def _absorb(self, index: int, future: Future[_GpuResult]) -> list[tuple[str, str, str]]:
+        """Takes in one finished read, exactly once (the future is dropped); never raises."""
+        del self._in_flight[index]
         error = future.exception()
-        if error is not None:
-            if isinstance(error, pynvml.NVMLError) and error.value in _LIBRARY_FATAL:
-                self._lose_library(error)
-                return []
-            raise error
+        if error is not None:  # only what escapes _read_gpu's own guard (a BaseException)
+            if self.logged.first("read escaped", index, type(error)):
+                log.error("GPU %d: read failed: %r; its last reading ages out", index, error)
+            return [(str(index), self._uuids.get(index, ""), UNEXPECTED)]
         result = future.result()
+        if result.library_error is not None:
+            self._lose_library(result.library_error)
+            return []
         if result.lost:
             self._last.pop(result.index, None)
-        else:
+        elif result.devices is not None:
             self._last[result.index] = result.devices
         return result.errors
 
     def _read_gpu(self, index: int) -> _GpuResult:
+        """One GPU and its MIG devices; no exception escapes (the result says what happened)."""
         result = _GpuResult(index=index)
-        known = self._last.get(index)
-        uuid = known[0].uuid if known else ""  # a lost GPU often cannot tell its UUID any more
+        uuid = self._uuids.get(index, "")
         try:
             handle = pynvml.nvmlDeviceGetHandleByIndex(index)
-            uuid = str(pynvml.nvmlDeviceGetUUID(handle))
-            result.devices = self._read_device(handle, index, uuid, result.errors)
+            query = _Query(self, result.errors, index, uuid)
+            read_uuid = query.value("uuid", handle, _text(_binding("nvmlDeviceGetUUID")))
+            if read_uuid is None:  # no identity, nothing to attribute: as if lost (the error is counted)
+                result.lost = True
+                self._log_lost(index, uuid, "no UUID")
+                return result
+            uuid = self._uuids[index] = query.uuid = read_uuid
+            result.devices = self._read_device(handle, index, query)
+        except _LibraryLostError as lost:
+            result.library_error = lost.error
+            return result
         except pynvml.NVMLError as error:
             if error.value in _LIBRARY_FATAL:
-                raise
+                result.library_error = error
+                return result
             result.errors.append((str(index), uuid, error_kind(error)))
             result.lost = True
-            if error.value not in _DEVICE_FATAL:
-                log.warning("GPU %d (%s): %s", index, uuid or "uuid unknown", error)
+            self._log_lost(index, uuid, error_kind(error))
+            return result
+        except Exception:
+            result.errors.append((str(index), uuid, UNEXPECTED))
+            if self.logged.first("gpu read", index):
+                log.exception("GPU %d (%s): read failed; its last reading ages out", index, uuid or "uuid unknown")
+            return result
+        if index in self._lost:
+            self._lost.discard(index)
+            log.info("GPU %d (%s) is answering again", index, uuid)
         return result
 
-    def _field(
-        self, errors: list[tuple[str, str, str]], index: int, uuid: str, name: str, fn: Callable[..., T], *args: Any
-    ) -> T | None:
-        """One value; unsupported or failed values are left out (failures counted, lost GPUs raised)."""
-        try:
-            result = _query(fn, *args)
-        except pynvml.NVMLError as error:
-            if error.value in _DEVICE_FATAL or error.value in _LIBRARY_FATAL:
-                raise
-            errors.append((str(index), uuid, error_kind(error)))
-            return None
-        if isinstance(result, _Unsupported) and (uuid, name) not in self._unsupported_logged:
-            self._unsupported_logged.add((uuid, name))
-            if name in _EXPORTED:
-                log.info("GPU %d (%s): %s not supported; that series is left out", index, uuid, name)
-        return _value(result)
+    def _log_lost(self, index: int, uuid: str, why: str) -> None:
+        if index not in self._lost:
+            self._lost.add(index)
+            log.warning("GPU %d (%s) is lost (%s); its series are left out until it answers", index, uuid or "?", why)
 
-    def _read_device(
-        self, handle: Any, index: int, uuid: str, errors: list[tuple[str, str, str]]
-    ) -> tuple[DeviceReading, ...]:
-        field = partial(self._field, errors, index, uuid)
-        model = field("name", _name, handle) or ""
-        mig_devices = (
-            self._read_mig_devices(handle, index, uuid, model, errors) if field("MIG mode", _mig_mode, handle) else ()
-        )
-        processes = field("process list", _running_processes, handle)
+    def _read_device(self, handle: Any, index: int, query: _Query) -> tuple[DeviceReading, ...]:
+        model = query.value("name", handle, _text(_binding("nvmlDeviceGetName"))) or ""
+        mig_mode = query.value("MIG mode", handle, _binding("nvmlDeviceGetMigMode"))
+        mig_devices = self._read_mig_devices(handle, index, query, model) if mig_mode and mig_mode[0] else ()
+        processes = query.value("process list", handle, ("nvmlDeviceGetComputeRunningProcesses", _running_processes))
         own_processes = processes
         if processes is not None and mig_devices:
             mig_gis = {d.gpu_instance_id for d in mig_devices}
@@ -259,54 +383,59 @@ class NvmlReader:
                 replace(d, processes=tuple(p for p in processes if p.gpu_instance_id == d.gpu_instance_id))
                 for d in mig_devices
             )
-        utilisation = field("utilisation", _utilisation, handle)
+        utilisation = query.value("utilisation", handle, _binding("nvmlDeviceGetUtilizationRates"))
         process_sm = (
-            field("per-process utilisation", self._process_sm_percent, handle, uuid)
+            query.value(
+                "per-process utilisation",
+                handle,
+                ("nvmlDeviceGetProcessUtilization", lambda h: self._process_sm_percent(h, query.uuid)),
+            )
             if utilisation is not None
             else None
         )
-        memory = field("memory info", _memory_info, handle)
+        memory = query.value("memory info", handle, *_MEMORY)
+        temperature = query.value("temperature", handle, *_TEMPERATURE)
+        power = query.value("power usage", handle, _binding("nvmlDeviceGetPowerUsage"))
+        minor = query.value("minor number", handle, _binding("nvmlDeviceGetMinorNumber"))
         gpu = DeviceReading(
             index=index,
-            uuid=uuid,
+            uuid=query.uuid,
             model=model,
             sampled_at=time.monotonic(),
-            minor_number=field("minor number", _minor_number, handle),
-            duty_cycle_percent=utilisation,
-            memory_used_bytes=memory[0] if memory else None,
-            memory_total_bytes=memory[1] if memory else None,
-            temperature_celsius=field("temperature", _temperature, handle),
-            power_milliwatts=field("power usage", _power, handle),
+            minor_number=int(minor) if minor is not None else None,
+            duty_cycle_percent=float(utilisation.gpu) if utilisation is not None else None,
+            memory_used_bytes=int(memory.used) if memory is not None else None,
+            memory_total_bytes=int(memory.total) if memory is not None else None,
+            temperature_celsius=float(temperature) if temperature is not None else None,
+            power_milliwatts=float(power) if power is not None else None,
             processes=own_processes,
             process_sm_percent=process_sm,
         )
         return (gpu, *mig_devices)
 
-    def _read_mig_devices(
-        self, handle: Any, index: int, uuid: str, model: str, errors: list[tuple[str, str, str]]
-    ) -> tuple[DeviceReading, ...]:
+    def _read_mig_devices(self, handle: Any, index: int, query: _Query, model: str) -> tuple[DeviceReading, ...]:
         found: list[DeviceReading] = []
-        slots = self._field(errors, index, uuid, "MIG count", pynvml.nvmlDeviceGetMaxMigDeviceCount, handle)
-        for slot in range(slots or 0):
-            try:
-                mig = pynvml.nvmlDeviceGetMigDeviceHandleByIndex(handle, slot)
-            except pynvml.NVMLError as error:
-                if error.value in (pynvml.NVML_ERROR_NOT_FOUND, pynvml.NVML_ERROR_INVALID_ARGUMENT):
-                    continue  # an empty slot
-                raise
-            mig_uuid = str(pynvml.nvmlDeviceGetUUID(mig))
-            field = partial(self._field, errors, index, mig_uuid)
-            memory = field("memory info", _memory_info, mig)
+        slots = query.value("MIG count", handle, _binding("nvmlDeviceGetMaxMigDeviceCount")) or 0
+        for slot in range(int(slots)):
+            mig = query.value("MIG device", handle, ("nvmlDeviceGetMigDeviceHandleByIndex", _mig_slot(slot)))
+            if mig is None:  # an empty slot, or an error counted
+                continue
+            mig_uuid = query.value("MIG uuid", mig, _text(_binding("nvmlDeviceGetUUID")))
+            instance = query.value("MIG instance", mig, _binding("nvmlDeviceGetGpuInstanceId"))
+            if mig_uuid is None or instance is None:
+                continue  # a MIG device that cannot say who it is cannot be attributed
+            mig_query = query.for_device(mig_uuid)
+            memory = mig_query.value("memory info", mig, *_MEMORY)
             found.append(
                 DeviceReading(
                     index=index,
                     uuid=mig_uuid,
-                    model=field("name", _name, mig) or model,
+                    model=mig_query.value("name", mig, _text(_binding("nvmlDeviceGetName"))) or model,
                     sampled_at=time.monotonic(),
-                    parent_uuid=uuid,
-                    gpu_instance_id=int(pynvml.nvmlDeviceGetGpuInstanceId(mig)),
-                    memory_used_bytes=memory[0] if memory else None,
-                    memory_total_bytes=memory[1] if memory else None,
+                    parent_uuid=query.uuid,
+                    gpu_instance_id=int(instance),
+                    memory_used_bytes=int(memory.used) if memory is not None else None,
+                    memory_total_bytes=int(memory.total) if memory is not None else None,
                 )
             )
         return tuple(found)
@@ -330,6 +459,37 @@ class NvmlReader:
         return {pid: util for pid, (_, util) in latest.items()}
 
 
+def _mig_slot(slot: int) -> Callable[[Any], Any]:
+    def handle_in_slot(handle: Any) -> Any:
+        try:
+            return pynvml.nvmlDeviceGetMigDeviceHandleByIndex(handle, slot)
+        except pynvml.NVMLError as error:
+            if error.value in (pynvml.NVML_ERROR_NOT_FOUND, pynvml.NVML_ERROR_INVALID_ARGUMENT):
+                return None  # no MIG device in this slot
+            raise
+
+    return handle_in_slot
+
+
+def _decoded(call: Callable[[], Any]) -> str:
+    try:
+        return str(call())
+    except UnicodeDecodeError as error:
+        return bytes(error.object).decode("utf-8", errors="replace")
+
+
+# v2 where the driver has it (v1 counts the driver's reserved memory as used).
+_MEMORY: Sequence[Variant] = (
+    ("nvmlDeviceGetMemoryInfo_v2", lambda h: pynvml.nvmlDeviceGetMemoryInfo(h, version=pynvml.nvmlMemory_v2)),
+    _binding("nvmlDeviceGetMemoryInfo"),
+)
+# The GPU core sensor: the versioned call where the bindings and driver have it, else the deprecated one.
+_TEMPERATURE: Sequence[Variant] = (
+    _binding("nvmlDeviceGetTemperatureV", 0),  # NVML_TEMPERATURE_GPU
+    _binding("nvmlDeviceGetTemperature", 0),
+)
+
+
 def _running_processes(handle: Any) -> tuple[GpuProcess, ...]:
     def instance(value: int) -> int | None:
         return None if value == _NO_INSTANCE else value
@@ -343,44 +503,3 @@ def _running_processes(handle: Any) -> tuple[GpuProcess, ...]:
         )
         for p in pynvml.nvmlDeviceGetComputeRunningProcesses(handle)
     )
-
-
-def _memory_info(handle: Any) -> tuple[int, int]:
-    """(used, total) bytes; v2 where the driver has it (v1 counts reserved memory as used)."""
-    try:
-        memory = pynvml.nvmlDeviceGetMemoryInfo(handle, version=pynvml.nvmlMemory_v2)
-    except pynvml.NVMLError as error:
-        if error.value not in _TRY_OLDER:
-            raise
-        memory = pynvml.nvmlDeviceGetMemoryInfo(handle)
-    return int(memory.used), int(memory.total)
-
-
-def _temperature(handle: Any) -> float:
-    """The GPU core sensor; the versioned call where the driver has it, else the deprecated one."""
-    try:
-        return float(pynvml.nvmlDeviceGetTemperatureV(handle, pynvml.NVML_TEMPERATURE_GPU))
-    except pynvml.NVMLError as error:
-        if error.value not in _TRY_OLDER:
-            raise
-        return float(pynvml.nvmlDeviceGetTemperature(handle, pynvml.NVML_TEMPERATURE_GPU))
-
-
-def _name(handle: Any) -> str:
-    return str(pynvml.nvmlDeviceGetName(handle))
-
-
-def _minor_number(handle: Any) -> int:
-    return int(pynvml.nvmlDeviceGetMinorNumber(handle))
-
-
-def _mig_mode(handle: Any) -> bool:
-    return bool(pynvml.nvmlDeviceGetMigMode(handle)[0])
-
-
-def _utilisation(handle: Any) -> float:
-    return float(pynvml.nvmlDeviceGetUtilizationRates(handle).gpu)
-
-
-def _power(handle: Any) -> float:
-    return float(pynvml.nvmlDeviceGetPowerUsage(handle))

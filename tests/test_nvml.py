@@ -2,19 +2,75 @@
 
 from __future__ import annotations
 
+import ctypes
+import json
 import logging
+import os
+import subprocess
+import sys
+import threading
 import time
 from pathlib import Path
 
+import pynvml
 import pytest
+import requests
 
 from exporter.nvml import NvmlReader
+from tests.conftest import Node, find
+from tests.sim.fakelib import build_fake_nvml
 from tests.sim.scenario import GIB, NVML_ERROR_DRIVER_NOT_LOADED, Gpu, Mig, Proc, Scenario, gpu_uuid, mig_uuid
+
+ROOT = Path(__file__).resolve().parent.parent
 
 
 def by_uuid(reader: NvmlReader, deadline_s: float = 2.0):  # type: ignore[no-untyped-def]
     result = reader.poll(interval_s=1.0, deadline_s=deadline_s)
     return {d.uuid: d for d in result.devices}, result.errors
+
+
+def calls_made(fake_nvml: Path, call: str) -> int:
+    """How often the fake library was asked ``call`` (its scenario name), across devices."""
+    library = ctypes.CDLL(str(fake_nvml))
+    library.fakeNvmlCallCount.restype = ctypes.c_ulonglong
+    return int(library.fakeNvmlCallCount(call.encode()))
+
+
+def older_driver(directory: Path, *missing: str) -> Path:
+    """A directory holding a libnvidia-ml.so.1 without the C symbols ``missing``."""
+    return build_fake_nvml(without=missing, directory=directory).parent
+
+
+# Polls in a process of its own: one with an older driver's library loaded (pynvml caches the
+# library and its function pointers per process). Prints each poll's devices and errors as JSON.
+_POLL_IN_A_PROCESS = """
+import json, logging, sys
+from exporter.nvml import NvmlReader
+logging.basicConfig(level=logging.INFO, stream=sys.stderr)
+reader = NvmlReader()
+for _ in range(int(sys.argv[1])):
+    poll = reader.poll(interval_s=1.0, deadline_s=5.0)
+    print(json.dumps({
+        "devices": {d.uuid: {"temperature": d.temperature_celsius, "memory": d.memory_used_bytes,
+                             "duty": d.duty_cycle_percent, "power": d.power_milliwatts} for d in poll.devices},
+        "errors": poll.errors,
+    }))
+reader.close()
+"""
+
+
+def poll_in_a_process(library_dir: Path, scenario: Path, polls: int) -> tuple[list[dict], str]:  # type: ignore[type-arg]
+    env = {**os.environ, "LD_LIBRARY_PATH": str(library_dir), "FAKE_NVML_SCENARIO": str(scenario)}
+    done = subprocess.run(
+        [sys.executable, "-c", _POLL_IN_A_PROCESS, str(polls)],
+        env=env,
+        cwd=ROOT,
+        capture_output=True,
+        text=True,
+        timeout=60,
+        check=True,
+    )
+    return [json.loads(line) for line in done.stdout.splitlines()], done.stderr
 
 
 def test_reads_every_value_of_every_gpu(scenario_file: Path) -> None:
@@ -139,3 +195,138 @@ def test_driver_not_loaded_then_loaded(scenario_file: Path) -> None:
     time.sleep(0.1)
     assert set(by_uuid(reader)[0]) == {gpu_uuid(0)}
     assert reader.initialised
+
+
+def test_a_name_that_is_no_utf8_is_decoded_with_replacement(scenario_file: Path) -> None:
+    Scenario(
+        gpus=[
+            Gpu(gpu_uuid(0), name=b"NVIDIA H100 \xff80GB", util=42, temp=61),
+            Gpu(gpu_uuid(1), name="NVIDIA A100-SXM4-40GB", mig=True),
+        ],
+        migs=[Mig(parent=1, uuid=mig_uuid(0), gi=1, name=b"NVIDIA A100 MIG \xfe1g", used=GIB)],
+    ).write(scenario_file)
+    reader = NvmlReader()
+    for _ in range(3):  # every poll, not just the first: the fault never stops polling
+        devices, errors = by_uuid(reader)
+        assert devices[gpu_uuid(0)].model == "NVIDIA H100 \ufffd80GB"
+        assert (devices[gpu_uuid(0)].duty_cycle_percent, devices[gpu_uuid(0)].temperature_celsius) == (42.0, 61.0)
+        assert devices[mig_uuid(0)].model == "NVIDIA A100 MIG \ufffd1g"
+        assert devices[mig_uuid(0)].memory_used_bytes == GIB
+        assert errors == ()
+
+
+def test_the_call_variant_that_answers_is_remembered(scenario_file: Path, fake_nvml: Path) -> None:
+    Scenario(gpus=[Gpu(gpu_uuid(0), used=3 * GIB, reserved=GIB, temp=70, unsupported=("memv2", "tempv"))]).write(
+        scenario_file
+    )
+    reader = NvmlReader()
+    before = {call: calls_made(fake_nvml, call) for call in ("memv2", "mem", "tempv", "temp")}
+    for _ in range(4):
+        devices, _ = by_uuid(reader)
+        assert devices[gpu_uuid(0)].memory_used_bytes == 4 * GIB
+        assert devices[gpu_uuid(0)].temperature_celsius == 70.0
+    made = {call: calls_made(fake_nvml, call) - n for call, n in before.items()}
+    # The newer calls are asked once (tempv not at all with bindings that lack it), not every poll.
+    assert (made["memv2"], made["mem"], made["temp"]) == (1, 4, 4)
+    assert made["tempv"] <= 1
+
+
+def test_a_function_missing_from_the_driver_leaves_only_its_value_out(scenario_file: Path, tmp_path: Path) -> None:
+    Scenario(gpus=[Gpu(gpu_uuid(0), util=42, temp=61, used=3 * GIB), Gpu(gpu_uuid(1), util=7)]).write(scenario_file)
+    library = older_driver(tmp_path / "old", "nvmlDeviceGetTemperatureV", "nvmlDeviceGetTemperature")
+    polls, log = poll_in_a_process(library, scenario_file, polls=3)
+    for poll in polls:
+        first = poll["devices"][gpu_uuid(0)]
+        assert first["temperature"] is None
+        assert (first["duty"], first["memory"], first["power"]) == (42.0, 3 * GIB, 100_000.0)
+        assert poll["devices"][gpu_uuid(1)]["duty"] == 7.0
+        assert poll["errors"] == []
+    # Logged once each (TemperatureV may be missing from the bindings already, as in nvidia-ml-py 12.535).
+    assert log.count("nvmlDeviceGetTemperatureV is not in") == 1, log
+    assert log.count("nvmlDeviceGetTemperature is not in the driver") == 1, log
+
+
+def test_an_older_driver_without_the_versioned_call_uses_the_older_one(scenario_file: Path, tmp_path: Path) -> None:
+    Scenario(gpus=[Gpu(gpu_uuid(0), temp=61, used=3 * GIB, reserved=GIB)]).write(scenario_file)
+    library = older_driver(tmp_path / "old", "nvmlDeviceGetTemperatureV", "nvmlDeviceGetMemoryInfo_v2")
+    polls, _ = poll_in_a_process(library, scenario_file, polls=2)
+    assert [p["devices"][gpu_uuid(0)]["temperature"] for p in polls] == [61.0, 61.0]
+    assert [p["devices"][gpu_uuid(0)]["memory"] for p in polls] == [4 * GIB, 4 * GIB]  # v1: reserved is used
+
+
+def test_a_lost_gpu_keeps_its_uuid_and_is_logged_once_per_change(
+    scenario_file: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    caplog.set_level(logging.INFO, logger="exporter.nvml")
+    scenario = Scenario(gpus=[Gpu(gpu_uuid(0)), Gpu(gpu_uuid(1))])
+    scenario.write(scenario_file)
+    reader = NvmlReader()
+    by_uuid(reader)
+    scenario.gpus[0].lost = True
+    scenario.write(scenario_file)
+    for _ in range(3):
+        devices, errors = by_uuid(reader)
+        assert set(devices) == {gpu_uuid(1)}
+        assert errors == (("0", gpu_uuid(0), "GPU_IS_LOST"),)  # never a second series with uuid=""
+    scenario.gpus[0].lost = False
+    scenario.write(scenario_file)
+    by_uuid(reader)
+    by_uuid(reader)
+    lines = [r.getMessage() for r in caplog.records if "GPU 0" in r.getMessage()]
+    assert len(lines) == 2, lines
+    assert "is lost (GPU_IS_LOST)" in lines[0] and gpu_uuid(0) in lines[0]
+    assert "answering again" in lines[1]
+
+
+def test_a_gpu_that_cannot_tell_its_uuid_is_dropped_counted_and_read_again(scenario_file: Path) -> None:
+    scenario = Scenario(gpus=[Gpu(gpu_uuid(0), util=10), Gpu(gpu_uuid(1), util=20)])
+    scenario.write(scenario_file)
+    reader = NvmlReader()
+    by_uuid(reader)
+    scenario.gpus[0].fail = {"uuid": 999}
+    scenario.write(scenario_file)
+    devices, errors = by_uuid(reader)
+    assert set(devices) == {gpu_uuid(1)}
+    assert errors == (("0", gpu_uuid(0), "UNKNOWN"),)
+    scenario.gpus[0].fail = {}
+    scenario.write(scenario_file)
+    assert by_uuid(reader)[0][gpu_uuid(0)].duty_cycle_percent == 10.0
+
+
+def test_close_stops_the_gpu_threads_and_shuts_nvml_down(scenario_file: Path) -> None:
+    Scenario(gpus=[Gpu(gpu_uuid(0)), Gpu(gpu_uuid(1))]).write(scenario_file)
+    before = set(threading.enumerate())
+    reader = NvmlReader()
+    assert len(by_uuid(reader)[0]) == 2
+    started = set(threading.enumerate()) - before
+    assert {t.name for t in started} == {"nvml-gpu0", "nvml-gpu1"}
+    reader.close()
+    assert not [t for t in started if t.is_alive()]
+    with pytest.raises(pynvml.NVMLError_Uninitialized):
+        pynvml.nvmlDeviceGetCount()
+    assert reader.poll(interval_s=1.0, deadline_s=1.0).devices == ()
+
+
+def test_the_agent_exports_a_gpu_whose_name_is_no_utf8(node: Node, start_agent) -> None:  # type: ignore[no-untyped-def]
+    node.scenario.gpus[1].name = b"NVIDIA A10 \xfe"
+    node.scenario.write(node.scenario_path)
+    agent = start_agent([*node.args(), "--no-kubernetes"], node.scenario_path)
+    samples = agent.wait_for(lambda s: len(find(s, "duty_cycle_current")) == 2, what="both GPUs")
+    assert find(samples, "duty_cycle_current", uuid=gpu_uuid(1))[0][0]["model"] == "NVIDIA A10 \ufffd"
+    node.scenario.gpus[1].util = 77  # polling goes on
+    node.scenario.write(node.scenario_path)
+    agent.wait_for(lambda s: [v for _, v in find(s, "duty_cycle_current", uuid=gpu_uuid(1))] == [77], what="77 %")
+    assert requests.get(agent.url + "/readyz", timeout=5).status_code == 200
+
+
+def test_the_agent_with_a_driver_missing_a_function(node: Node, start_agent, tmp_path: Path) -> None:  # type: ignore[no-untyped-def]
+    library = older_driver(tmp_path / "old", "nvmlDeviceGetTemperatureV", "nvmlDeviceGetTemperature")
+    agent = start_agent([*node.args(), "--no-kubernetes"], node.scenario_path, library_dir=library)
+    samples = agent.wait_for(lambda s: len(find(s, "power_usage_milliwatts_current")) == 2, what="both GPUs")
+    assert find(samples, "temperature_celsius_current") == []
+    assert find(samples, "duty_cycle_current", uuid=gpu_uuid(0))[0][1] == 42
+    node.scenario.gpus[0].util = 55  # polling goes on
+    node.scenario.write(node.scenario_path)
+    agent.wait_for(lambda s: [v for _, v in find(s, "duty_cycle_current", uuid=gpu_uuid(0))] == [55], what="55 %")
+    assert requests.get(agent.url + "/readyz", timeout=5).status_code == 200
+    assert agent.log().count("nvmlDeviceGetTemperature is not in the driver") == 1

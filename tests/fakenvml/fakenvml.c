@@ -3,19 +3,27 @@
  *
  * It exports the C symbols that nvidia-ml-py (module pynvml) resolves for the calls the agent
  * makes, with the same signatures and struct layouts as NVML's nvml.h, so the real ctypes
- * bindings run unchanged against it. Its GPUs, MIG devices, processes and faults come from a
- * scenario file named by $FAKE_NVML_SCENARIO, which is re-read whenever it changes (write it
+ * bindings run unchanged against it. Its GPUs, MIG devices, processes, Xid events and faults come
+ * from a scenario file named by $FAKE_NVML_SCENARIO, which is re-read whenever it changes (write it
  * with rename() so a reader never sees half a file). One line per object, tab-separated
  * key=value fields:
  *
  *   driver  init=<rc>  version=<string>
  *   gpu     uuid= name= minor= util= memutil= total= used= reserved= temp= power= mig=0|1
+ *           smclock= memclock= (MHz)  energy= (mJ)  plimit= (mW)  enc= dec= (%)  pcietx= pcierx= (KB/s)
+ *           replay=  ecccorr= eccunc=  remapcorr= remapunc= remappending=0|1 remapfailed=0|1
+ *           reasons=<clocks event reasons bitmask>  gpm=0|1  smactive= smocc= tensor= dram= (GPM, %)
  *           lost=0|1  unsupported=<call>,<call>  fail=<call>:<rc>,...  block=<call>:<seconds>
- *   mig     parent=<gpu index> uuid= name= gi= ci= total= used=
+ *   mig     parent=<gpu index> uuid= name= gi= ci= total= used= smactive= smocc= tensor= dram=
  *   proc    gpu=<gpu index> pid= mem=<bytes|na> sm=<percent> gi= ci=
+ *   xid     gpu=<gpu index> code=<xid> gi= ci= seq=<n>   (an event; seq numbers grow, each is delivered once)
  *
+ * fakeNvmlCallCount(call name) (not an NVML symbol) tells tests how often a call was made.
+ * Text values (uuid, name) may hold %XX escapes for bytes that are no UTF-8 (e.g. name=A%FFB).
  * Call names for unsupported/fail/block: name uuid minor util mem memv2 temp tempv power procs
- * procutil mig.
+ * procutil mig clock energy plimit enc dec pcie replay ecc remap reasons gpm events.
+ * A symbol is dropped (an older driver) by building the library with a linker version script that
+ * makes it local: see tests/sim/fakelib.py.
  */
 #include <errno.h>
 #include <limits.h>
@@ -34,6 +42,7 @@
 #define NVML_ERROR_NOT_SUPPORTED 3
 #define NVML_ERROR_NOT_FOUND 6
 #define NVML_ERROR_INSUFFICIENT_SIZE 7
+#define NVML_ERROR_TIMEOUT 10
 #define NVML_ERROR_GPU_IS_LOST 15
 #define NVML_ERROR_ARGUMENT_VERSION_MISMATCH 25
 #define NVML_ERROR_UNKNOWN 999
@@ -41,7 +50,10 @@
 #define MAX_GPUS 64
 #define MAX_MIGS_PER_GPU 7
 #define MAX_PROCS 4096
-#define MAX_CALLS 16
+#define MAX_CALLS 32
+#define MAX_XIDS 4096
+#define MAX_EVENT_SETS 16
+#define XID_CRITICAL_ERROR 0x8ULL
 #define NO_INSTANCE 0xFFFFFFFFu
 
 typedef struct {
@@ -77,10 +89,52 @@ typedef struct {
     unsigned int smUtil, memUtil, encUtil, decUtil;
 } nvmlProcessUtilizationSample_t;
 
-static const char *CALLS[MAX_CALLS] = {"name", "uuid",  "minor", "util",  "mem",      "memv2",
-                                       "temp", "tempv", "power", "procs", "procutil", "mig"};
+static const char *CALLS[MAX_CALLS] = {"name",   "uuid",   "minor", "util", "mem",    "memv2",   "temp",
+                                       "tempv",  "power",  "procs", "procutil", "mig", "clock", "energy",
+                                       "plimit", "enc",    "dec",   "pcie", "replay", "ecc",   "remap",
+                                       "reasons", "gpm",   "events"};
 enum { C_NAME, C_UUID, C_MINOR, C_UTIL, C_MEM, C_MEMV2, C_TEMP, C_TEMPV, C_POWER, C_PROCS,
-       C_PROCUTIL, C_MIG };
+       C_PROCUTIL, C_MIG, C_CLOCK, C_ENERGY, C_PLIMIT, C_ENC, C_DEC, C_PCIE, C_REPLAY, C_ECC, C_REMAP,
+       C_REASONS, C_GPM, C_EVENTS };
+
+typedef struct {
+    unsigned int version;
+    unsigned int isSupportedDevice;
+} nvmlGpmSupport_t;
+
+typedef struct {
+    const char *shortName, *longName, *unit;
+} nvmlGpmMetricInfo_t;
+
+typedef struct {
+    unsigned int metricId;
+    int nvmlReturn;
+    double value;
+    nvmlGpmMetricInfo_t metricInfo;
+} nvmlGpmMetric_t;
+
+/* An opaque sample: what the device reported when it was taken. */
+typedef struct {
+    int taken, is_mig;
+    const void *device;
+    unsigned gi;
+    unsigned long long at_us;
+    double sm_active, sm_occupancy, tensor, dram;
+} gpm_sample;
+
+/* metrics[] is as long as the caller's NVML_GPM_METRIC_MAX; only numMetrics entries are touched. */
+typedef struct {
+    unsigned int version;
+    unsigned int numMetrics;
+    gpm_sample *sample1, *sample2;
+    nvmlGpmMetric_t metrics[];
+} nvmlGpmMetricsGet_t;
+
+typedef struct {
+    void *device;
+    unsigned long long eventType, eventData;
+    unsigned int gpuInstanceId, computeInstanceId;
+} nvmlEventData_t;
 
 struct device {
     int present, is_mig, parent, index;
@@ -89,6 +143,10 @@ struct device {
     unsigned long long total, used, reserved;
     int temp;
     unsigned power;
+    unsigned smclock, memclock, plimit, enc, dec, pcietx, pcierx, replay;
+    unsigned remapcorr, remapunc, remappending, remapfailed, gpm;
+    unsigned long long energy, ecccorr, eccunc, reasons;
+    double smactive, smocc, tensor, dram;
     int lost;
     int fail_rc[MAX_CALLS];     /* 0: no injected failure */
     unsigned block_s[MAX_CALLS]; /* seconds to block in that call */
@@ -99,15 +157,30 @@ struct proc {
     unsigned long long mem;
 };
 
+struct xid {
+    unsigned gpu, code, gi, ci;
+    unsigned long long seq;
+};
+
+/* An event set: the event types registered per GPU, and the last event delivered. */
+struct event_set {
+    int used;
+    unsigned long long types[MAX_GPUS];
+    unsigned long long delivered;
+};
+
 static pthread_mutex_t lock = PTHREAD_MUTEX_INITIALIZER;
 static struct device gpus[MAX_GPUS];
 static struct device migs[MAX_GPUS][MAX_MIGS_PER_GPU];
 static struct proc procs[MAX_PROCS];
-static unsigned gpu_count, proc_count;
+static struct xid xids[MAX_XIDS];
+static struct event_set event_sets[MAX_EVENT_SETS];
+static unsigned gpu_count, proc_count, xid_count;
 static int init_rc;
 static char driver_version[80] = "fake";
 static int initialised;
 static struct stat loaded;
+static unsigned long long call_counts[MAX_CALLS];
 
 static int call_id(const char *name) {
     for (int i = 0; i < MAX_CALLS && CALLS[i]; i++)
@@ -131,6 +204,21 @@ static void parse_call_list(char *value, int *out_int, unsigned *out_uint, int d
     }
 }
 
+/* Copies a text value, turning %XX escapes into the bytes they name. */
+static void unescape(char *out, size_t size, const char *in) {
+    size_t n = 0;
+    while (*in && n + 1 < size) {
+        unsigned byte;
+        if (in[0] == '%' && sscanf(in + 1, "%2x", &byte) == 1 && in[1] && in[2]) {
+            out[n++] = (char)byte;
+            in += 3;
+        } else {
+            out[n++] = *in++;
+        }
+    }
+    out[n] = '\0';
+}
+
 static void parse_device(struct device *d, char *fields) {
     memset(d, 0, sizeof *d);
     d->present = 1;
@@ -140,8 +228,8 @@ static void parse_device(struct device *d, char *fields) {
         if (!eq) continue;
         *eq = '\0';
         char *k = kv, *v = eq + 1;
-        if (!strcmp(k, "uuid")) snprintf(d->uuid, sizeof d->uuid, "%s", v);
-        else if (!strcmp(k, "name")) snprintf(d->name, sizeof d->name, "%s", v);
+        if (!strcmp(k, "uuid")) unescape(d->uuid, sizeof d->uuid, v);
+        else if (!strcmp(k, "name")) unescape(d->name, sizeof d->name, v);
         else if (!strcmp(k, "minor")) d->minor = strtoul(v, NULL, 10);
         else if (!strcmp(k, "util")) d->util = strtoul(v, NULL, 10);
         else if (!strcmp(k, "memutil")) d->memutil = strtoul(v, NULL, 10);
@@ -151,6 +239,27 @@ static void parse_device(struct device *d, char *fields) {
         else if (!strcmp(k, "temp")) d->temp = (int)strtol(v, NULL, 10);
         else if (!strcmp(k, "power")) d->power = strtoul(v, NULL, 10);
         else if (!strcmp(k, "mig")) d->mig_enabled = strtoul(v, NULL, 10);
+        else if (!strcmp(k, "smclock")) d->smclock = strtoul(v, NULL, 10);
+        else if (!strcmp(k, "memclock")) d->memclock = strtoul(v, NULL, 10);
+        else if (!strcmp(k, "energy")) d->energy = strtoull(v, NULL, 10);
+        else if (!strcmp(k, "plimit")) d->plimit = strtoul(v, NULL, 10);
+        else if (!strcmp(k, "enc")) d->enc = strtoul(v, NULL, 10);
+        else if (!strcmp(k, "dec")) d->dec = strtoul(v, NULL, 10);
+        else if (!strcmp(k, "pcietx")) d->pcietx = strtoul(v, NULL, 10);
+        else if (!strcmp(k, "pcierx")) d->pcierx = strtoul(v, NULL, 10);
+        else if (!strcmp(k, "replay")) d->replay = strtoul(v, NULL, 10);
+        else if (!strcmp(k, "ecccorr")) d->ecccorr = strtoull(v, NULL, 10);
+        else if (!strcmp(k, "eccunc")) d->eccunc = strtoull(v, NULL, 10);
+        else if (!strcmp(k, "remapcorr")) d->remapcorr = strtoul(v, NULL, 10);
+        else if (!strcmp(k, "remapunc")) d->remapunc = strtoul(v, NULL, 10);
+        else if (!strcmp(k, "remappending")) d->remappending = strtoul(v, NULL, 10);
+        else if (!strcmp(k, "remapfailed")) d->remapfailed = strtoul(v, NULL, 10);
+        else if (!strcmp(k, "reasons")) d->reasons = strtoull(v, NULL, 0);
+        else if (!strcmp(k, "gpm")) d->gpm = strtoul(v, NULL, 10);
+        else if (!strcmp(k, "smactive")) d->smactive = strtod(v, NULL);
+        else if (!strcmp(k, "smocc")) d->smocc = strtod(v, NULL);
+        else if (!strcmp(k, "tensor")) d->tensor = strtod(v, NULL);
+        else if (!strcmp(k, "dram")) d->dram = strtod(v, NULL);
         else if (!strcmp(k, "lost")) d->lost = (int)strtol(v, NULL, 10);
         else if (!strcmp(k, "parent")) d->parent = (int)strtol(v, NULL, 10);
         else if (!strcmp(k, "gi")) d->gi = strtoul(v, NULL, 10);
@@ -178,6 +287,22 @@ static void parse_proc(struct proc *p, char *fields) {
     }
 }
 
+static void parse_xid(struct xid *x, char *fields) {
+    memset(x, 0, sizeof *x);
+    x->gi = x->ci = NO_INSTANCE;
+    for (char *save = NULL, *kv = strtok_r(fields, "\t\n", &save); kv; kv = strtok_r(NULL, "\t\n", &save)) {
+        char *eq = strchr(kv, '=');
+        if (!eq) continue;
+        *eq = '\0';
+        char *k = kv, *v = eq + 1;
+        if (!strcmp(k, "gpu")) x->gpu = strtoul(v, NULL, 10);
+        else if (!strcmp(k, "code")) x->code = strtoul(v, NULL, 10);
+        else if (!strcmp(k, "gi")) x->gi = strtoul(v, NULL, 10);
+        else if (!strcmp(k, "ci")) x->ci = strtoul(v, NULL, 10);
+        else if (!strcmp(k, "seq")) x->seq = strtoull(v, NULL, 10);
+    }
+}
+
 /* Re-reads the scenario if the file changed since the last read. Caller holds the lock. */
 static void reload_locked(void) {
     const char *path = getenv("FAKE_NVML_SCENARIO");
@@ -195,7 +320,7 @@ static void reload_locked(void) {
         for (unsigned j = 0; j < MAX_MIGS_PER_GPU; j++) migs[i][j].present = 0;
     }
     unsigned mig_fill[MAX_GPUS] = {0};
-    gpu_count = proc_count = 0;
+    gpu_count = proc_count = xid_count = 0;
     init_rc = NVML_SUCCESS;
     char line[4096];
     while (fgets(line, sizeof line, f)) {
@@ -224,6 +349,8 @@ static void reload_locked(void) {
             }
         } else if (!strcmp(line, "proc") && proc_count < MAX_PROCS) {
             parse_proc(&procs[proc_count++], rest);
+        } else if (!strcmp(line, "xid") && xid_count < MAX_XIDS) {
+            parse_xid(&xids[xid_count++], rest);
         }
     }
     fclose(f);
@@ -243,12 +370,22 @@ static int enter(const void *handle, int call, struct device *out) {
         return NVML_ERROR_INVALID_ARGUMENT;
     }
     *out = *d;
+    if (call >= 0) call_counts[call]++;
     int lost = !d->present || d->lost || (d->is_mig && (gpus[d->parent].lost || !gpus[d->parent].present));
     pthread_mutex_unlock(&lock);
     if (lost) return NVML_ERROR_GPU_IS_LOST;
     if (call >= 0 && out->block_s[call]) sleep(out->block_s[call]);
     if (call >= 0 && out->fail_rc[call]) return out->fail_rc[call];
     return NVML_SUCCESS;
+}
+
+/* Not NVML: how many times a call (by its scenario name) was made, for tests to see what was retried. */
+unsigned long long fakeNvmlCallCount(const char *name) {
+    int id = call_id(name);
+    pthread_mutex_lock(&lock);
+    unsigned long long n = id < 0 ? 0 : call_counts[id];
+    pthread_mutex_unlock(&lock);
+    return n;
 }
 
 int nvmlInitWithFlags(unsigned int flags) {
@@ -277,6 +414,8 @@ const char *nvmlErrorString(int rc) {
     case NVML_ERROR_NOT_SUPPORTED: return "Not Supported";
     case NVML_ERROR_NOT_FOUND: return "Not Found";
     case NVML_ERROR_GPU_IS_LOST: return "GPU is lost";
+    case NVML_ERROR_TIMEOUT: return "Timeout";
+    case 13: return "Function Not Found";
     case 9: return "Driver Not Loaded";
     default: return "Unknown Error";
     }
@@ -532,6 +671,281 @@ int nvmlDeviceGetComputeInstanceId(void *device, unsigned int *id) {
     return NVML_SUCCESS;
 }
 
+int nvmlDeviceGetClockInfo(void *device, int type, unsigned int *mhz) {
+    struct device d;
+    int rc = enter(device, C_CLOCK, &d);
+    if (rc != NVML_SUCCESS) return rc;
+    if (d.is_mig) return NVML_ERROR_NOT_SUPPORTED;
+    switch (type) {
+    case 0: /* graphics */
+    case 1: *mhz = d.smclock; break; /* SM */
+    case 2: *mhz = d.memclock; break;
+    case 3: *mhz = d.smclock * 9 / 10; break; /* video */
+    default: return NVML_ERROR_INVALID_ARGUMENT;
+    }
+    return NVML_SUCCESS;
+}
+
+int nvmlDeviceGetTotalEnergyConsumption(void *device, unsigned long long *millijoules) {
+    struct device d;
+    int rc = enter(device, C_ENERGY, &d);
+    if (rc != NVML_SUCCESS) return rc;
+    if (d.is_mig) return NVML_ERROR_NOT_SUPPORTED;
+    *millijoules = d.energy;
+    return NVML_SUCCESS;
+}
+
+int nvmlDeviceGetEnforcedPowerLimit(void *device, unsigned int *milliwatts) {
+    struct device d;
+    int rc = enter(device, C_PLIMIT, &d);
+    if (rc != NVML_SUCCESS) return rc;
+    if (d.is_mig) return NVML_ERROR_NOT_SUPPORTED;
+    *milliwatts = d.plimit;
+    return NVML_SUCCESS;
+}
+
+static int codec_utilisation(void *device, int call, unsigned int *util, unsigned int *period_us) {
+    struct device d;
+    int rc = enter(device, call, &d);
+    if (rc != NVML_SUCCESS) return rc;
+    if (d.is_mig) return NVML_ERROR_NOT_SUPPORTED;
+    *util = call == C_ENC ? d.enc : d.dec;
+    *period_us = 167000;
+    return NVML_SUCCESS;
+}
+
+int nvmlDeviceGetEncoderUtilization(void *device, unsigned int *util, unsigned int *period_us) {
+    return codec_utilisation(device, C_ENC, util, period_us);
+}
+
+int nvmlDeviceGetDecoderUtilization(void *device, unsigned int *util, unsigned int *period_us) {
+    return codec_utilisation(device, C_DEC, util, period_us);
+}
+
+/* counter: NVML_PCIE_UTIL_TX_BYTES 0, NVML_PCIE_UTIL_RX_BYTES 1; KB/s over a 20 ms sample. */
+int nvmlDeviceGetPcieThroughput(void *device, int counter, unsigned int *kib_per_s) {
+    struct device d;
+    int rc = enter(device, C_PCIE, &d);
+    if (rc != NVML_SUCCESS) return rc;
+    if (d.is_mig) return NVML_ERROR_NOT_SUPPORTED;
+    if (counter != 0 && counter != 1) return NVML_ERROR_INVALID_ARGUMENT;
+    *kib_per_s = counter == 0 ? d.pcietx : d.pcierx;
+    return NVML_SUCCESS;
+}
+
+int nvmlDeviceGetPcieReplayCounter(void *device, unsigned int *value) {
+    struct device d;
+    int rc = enter(device, C_REPLAY, &d);
+    if (rc != NVML_SUCCESS) return rc;
+    if (d.is_mig) return NVML_ERROR_NOT_SUPPORTED;
+    *value = d.replay;
+    return NVML_SUCCESS;
+}
+
+/* errorType: corrected 0, uncorrected 1; counterType: volatile 0, aggregate 1 (here the same counts). */
+int nvmlDeviceGetTotalEccErrors(void *device, int error_type, int counter_type, unsigned long long *count) {
+    struct device d;
+    int rc = enter(device, C_ECC, &d);
+    if (rc != NVML_SUCCESS) return rc;
+    if (d.is_mig) return NVML_ERROR_NOT_SUPPORTED;
+    if ((error_type != 0 && error_type != 1) || (counter_type != 0 && counter_type != 1))
+        return NVML_ERROR_INVALID_ARGUMENT;
+    *count = error_type == 0 ? d.ecccorr : d.eccunc;
+    return NVML_SUCCESS;
+}
+
+int nvmlDeviceGetRemappedRows(void *device, unsigned int *corr, unsigned int *unc, unsigned int *pending,
+                              unsigned int *failure) {
+    struct device d;
+    int rc = enter(device, C_REMAP, &d);
+    if (rc != NVML_SUCCESS) return rc;
+    if (d.is_mig) return NVML_ERROR_NOT_SUPPORTED;
+    *corr = d.remapcorr;
+    *unc = d.remapunc;
+    *pending = d.remappending;
+    *failure = d.remapfailed;
+    return NVML_SUCCESS;
+}
+
+/* The current name, and the name older drivers (< 535) export: one may be dropped from the build. */
+int nvmlDeviceGetCurrentClocksEventReasons(void *device, unsigned long long *reasons) {
+    struct device d;
+    int rc = enter(device, C_REASONS, &d);
+    if (rc != NVML_SUCCESS) return rc;
+    if (d.is_mig) return NVML_ERROR_NOT_SUPPORTED;
+    *reasons = d.reasons;
+    return NVML_SUCCESS;
+}
+
+int nvmlDeviceGetCurrentClocksThrottleReasons(void *device, unsigned long long *reasons) {
+    return nvmlDeviceGetCurrentClocksEventReasons(device, reasons);
+}
+
+/* ---- GPM: supported where the scenario says gpm=1 (Hopper and newer); values of the later sample. */
+
+int nvmlGpmQueryDeviceSupport(void *device, nvmlGpmSupport_t *support) {
+    struct device d;
+    int rc = enter(device, C_GPM, &d);
+    if (rc != NVML_SUCCESS) return rc;
+    if (support->version != 1) return NVML_ERROR_ARGUMENT_VERSION_MISMATCH;
+    support->isSupportedDevice = d.is_mig ? gpus[d.parent].gpm : d.gpm;
+    return NVML_SUCCESS;
+}
+
+int nvmlGpmSampleAlloc(gpm_sample **sample) {
+    if (!sample) return NVML_ERROR_INVALID_ARGUMENT;
+    *sample = calloc(1, sizeof **sample);
+    return *sample ? NVML_SUCCESS : NVML_ERROR_UNKNOWN;
+}
+
+int nvmlGpmSampleFree(gpm_sample *sample) {
+    free(sample);
+    return NVML_SUCCESS;
+}
+
+static void fill_sample(gpm_sample *s, const struct device *d, const void *handle, unsigned gi, int is_mig) {
+    s->taken = 1;
+    s->is_mig = is_mig;
+    s->device = handle;
+    s->gi = gi;
+    s->at_us = now_us();
+    s->sm_active = d->smactive;
+    s->sm_occupancy = d->smocc;
+    s->tensor = d->tensor;
+    s->dram = d->dram;
+}
+
+int nvmlGpmSampleGet(void *device, gpm_sample *sample) {
+    struct device d;
+    int rc = enter(device, C_GPM, &d);
+    if (rc != NVML_SUCCESS) return rc;
+    if (!sample) return NVML_ERROR_INVALID_ARGUMENT;
+    if (!d.gpm || d.is_mig) return NVML_ERROR_NOT_SUPPORTED;
+    fill_sample(sample, &d, device, NO_INSTANCE, 0);
+    return NVML_SUCCESS;
+}
+
+/* device: the parent GPU's handle; the MIG device is named by its GPU instance id. */
+int nvmlGpmMigSampleGet(void *device, unsigned int gpu_instance_id, gpm_sample *sample) {
+    struct device d;
+    int rc = enter(device, C_GPM, &d);
+    if (rc != NVML_SUCCESS) return rc;
+    if (!sample || d.is_mig) return NVML_ERROR_INVALID_ARGUMENT;
+    if (!d.gpm) return NVML_ERROR_NOT_SUPPORTED;
+    pthread_mutex_lock(&lock);
+    rc = NVML_ERROR_NOT_FOUND;
+    for (unsigned j = 0; j < MAX_MIGS_PER_GPU; j++) {
+        const struct device *m = &migs[d.index][j];
+        if (m->present && m->gi == gpu_instance_id) {
+            fill_sample(sample, m, device, gpu_instance_id, 1);
+            rc = NVML_SUCCESS;
+            break;
+        }
+    }
+    pthread_mutex_unlock(&lock);
+    return rc;
+}
+
+int nvmlGpmMetricsGet(nvmlGpmMetricsGet_t *request) {
+    if (!request) return NVML_ERROR_INVALID_ARGUMENT;
+    if (request->version != 1) return NVML_ERROR_ARGUMENT_VERSION_MISMATCH;
+    const gpm_sample *a = request->sample1, *b = request->sample2;
+    /* Two samples of the same device, the second taken later. */
+    if (!a || !b || !a->taken || !b->taken || a->device != b->device || a->gi != b->gi || b->at_us <= a->at_us)
+        return NVML_ERROR_INVALID_ARGUMENT;
+    for (unsigned i = 0; i < request->numMetrics; i++) {
+        nvmlGpmMetric_t *m = &request->metrics[i];
+        m->nvmlReturn = NVML_SUCCESS;
+        memset(&m->metricInfo, 0, sizeof m->metricInfo);
+        switch (m->metricId) {
+        case 2: m->value = b->sm_active; break;    /* NVML_GPM_METRIC_SM_UTIL */
+        case 3: m->value = b->sm_occupancy; break; /* NVML_GPM_METRIC_SM_OCCUPANCY */
+        case 5: m->value = b->tensor; break;       /* NVML_GPM_METRIC_ANY_TENSOR_UTIL */
+        case 10: m->value = b->dram; break;        /* NVML_GPM_METRIC_DRAM_BW_UTIL */
+        default: m->value = 0; m->nvmlReturn = NVML_ERROR_NOT_SUPPORTED;
+        }
+    }
+    return NVML_SUCCESS;
+}
+
+/* ---- Events: Xid critical errors from the scenario's xid lines, each delivered once per event set. */
+
+int nvmlEventSetCreate(struct event_set **set) {
+    if (!set) return NVML_ERROR_INVALID_ARGUMENT;
+    pthread_mutex_lock(&lock);
+    reload_locked();
+    int rc = initialised ? NVML_ERROR_UNKNOWN : NVML_ERROR_UNINITIALIZED;
+    for (unsigned i = 0; initialised && i < MAX_EVENT_SETS; i++) {
+        if (!event_sets[i].used) {
+            memset(&event_sets[i], 0, sizeof event_sets[i]);
+            event_sets[i].used = 1;
+            /* Only events that happen from now on: the highest sequence number seen so far. */
+            for (unsigned j = 0; j < xid_count; j++)
+                if (xids[j].seq > event_sets[i].delivered) event_sets[i].delivered = xids[j].seq;
+            *set = &event_sets[i];
+            rc = NVML_SUCCESS;
+            break;
+        }
+    }
+    pthread_mutex_unlock(&lock);
+    return rc;
+}
+
+int nvmlEventSetFree(struct event_set *set) {
+    if (!set) return NVML_ERROR_INVALID_ARGUMENT;
+    pthread_mutex_lock(&lock);
+    set->used = 0;
+    pthread_mutex_unlock(&lock);
+    return NVML_SUCCESS;
+}
+
+int nvmlDeviceRegisterEvents(void *device, unsigned long long types, struct event_set *set) {
+    struct device d;
+    int rc = enter(device, C_EVENTS, &d);
+    if (rc != NVML_SUCCESS) return rc;
+    if (!set || !set->used) return NVML_ERROR_INVALID_ARGUMENT;
+    if (d.is_mig || (types & ~XID_CRITICAL_ERROR)) return NVML_ERROR_NOT_SUPPORTED;
+    pthread_mutex_lock(&lock);
+    set->types[d.index] |= types;
+    pthread_mutex_unlock(&lock);
+    return NVML_SUCCESS;
+}
+
+/* The oldest undelivered event on a registered GPU, waiting up to timeout_ms; TIMEOUT when none. */
+int nvmlEventSetWait_v2(struct event_set *set, nvmlEventData_t *data, unsigned int timeout_ms) {
+    if (!set || !data) return NVML_ERROR_INVALID_ARGUMENT;
+    unsigned long long deadline = now_us() + (unsigned long long)timeout_ms * 1000ULL;
+    for (;;) {
+        pthread_mutex_lock(&lock);
+        reload_locked();
+        if (!initialised || !set->used) {
+            pthread_mutex_unlock(&lock);
+            return initialised ? NVML_ERROR_INVALID_ARGUMENT : NVML_ERROR_UNINITIALIZED;
+        }
+        const struct xid *next = NULL;
+        for (unsigned i = 0; i < xid_count; i++) {
+            const struct xid *x = &xids[i];
+            if (x->seq > set->delivered && x->gpu < MAX_GPUS && (set->types[x->gpu] & XID_CRITICAL_ERROR) &&
+                (!next || x->seq < next->seq))
+                next = x;
+        }
+        if (next) {
+            set->delivered = next->seq;
+            data->device = &gpus[next->gpu];
+            data->eventType = XID_CRITICAL_ERROR;
+            data->eventData = next->code;
+            data->gpuInstanceId = next->gi;
+            data->computeInstanceId = next->ci;
+            pthread_mutex_unlock(&lock);
+            return NVML_SUCCESS;
+        }
+        pthread_mutex_unlock(&lock);
+        if (now_us() >= deadline) return NVML_ERROR_TIMEOUT;
+        struct timespec step = {0, 20 * 1000 * 1000}; /* the scenario file is re-checked every 20 ms */
+        nanosleep(&step, NULL);
+    }
+}
+
 /*
  * Calls the agent does not make but peer exporters do (the benchmark runs nvitop-exporter on the
  * same scenario): fixed, plausible answers of a datacenter GPU, so the peer pays for each call as it
@@ -543,30 +957,6 @@ int nvmlSystemGetCudaDriverVersion(int *version) {
 }
 
 int nvmlSystemGetCudaDriverVersion_v2(int *version) { return nvmlSystemGetCudaDriverVersion(version); }
-
-int nvmlDeviceGetClockInfo(void *device, int type, unsigned int *mhz) {
-    struct device d;
-    int rc = enter(device, -1, &d);
-    if (rc == NVML_SUCCESS) *mhz = type == 2 ? 2619 : 1980; /* memory clock : graphics/SM */
-    return rc;
-}
-
-static int codec_utilisation(void *device, unsigned int *util, unsigned int *period_us) {
-    struct device d;
-    int rc = enter(device, -1, &d);
-    if (rc != NVML_SUCCESS) return rc;
-    *util = 0;
-    *period_us = 167000;
-    return NVML_SUCCESS;
-}
-
-int nvmlDeviceGetEncoderUtilization(void *device, unsigned int *util, unsigned int *period_us) {
-    return codec_utilisation(device, util, period_us);
-}
-
-int nvmlDeviceGetDecoderUtilization(void *device, unsigned int *util, unsigned int *period_us) {
-    return codec_utilisation(device, util, period_us);
-}
 
 int nvmlDeviceGetFanSpeed(void *device, unsigned int *speed) {
     struct device d;
@@ -588,14 +978,6 @@ int nvmlDeviceGetGraphicsRunningProcesses_v3(void *device, unsigned int *count, 
     int rc = enter(device, -1, &d);
     (void)infos;
     if (rc == NVML_SUCCESS) *count = 0; /* compute-only node */
-    return rc;
-}
-
-int nvmlDeviceGetPcieThroughput(void *device, int counter, unsigned int *kib_per_s) {
-    struct device d;
-    int rc = enter(device, -1, &d);
-    (void)counter;
-    if (rc == NVML_SUCCESS) *kib_per_s = 0;
     return rc;
 }
 

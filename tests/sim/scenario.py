@@ -1,6 +1,6 @@
 """Scenarios for the fake libnvidia-ml.so.1 (tests/fakenvml/fakenvml.c): GPUs, MIG devices,
-processes and faults, written atomically so the library, which re-reads the file whenever it
-changes, never sees half of one."""
+processes, Xid events and faults, written atomically so the library, which re-reads the file
+whenever it changes, never sees half of one."""
 
 from __future__ import annotations
 
@@ -10,12 +10,20 @@ from pathlib import Path
 
 GIB = 1024**3
 NVML_ERROR_DRIVER_NOT_LOADED = 9
+# Models with GPM (Hopper and newer): a Gpu's ``gpm`` defaults to whether its name is one of these.
+GPM_MODELS = ("H100", "H200", "H800", "GH200", "B100", "B200", "GB200")
+
+
+def _text(value: str | bytes) -> str:
+    """A name or UUID for the file: bytes that are no printable ASCII (and ``%``) as %XX escapes."""
+    raw = value.encode() if isinstance(value, str) else value
+    return "".join(chr(b) if 0x20 <= b < 0x7F and b != 0x25 else f"%{b:02X}" for b in raw)
 
 
 @dataclass
 class Gpu:
     uuid: str
-    name: str = "NVIDIA H100 80GB HBM3"
+    name: str | bytes = "NVIDIA H100 80GB HBM3"  # bytes: what NVML returns, UTF-8 or not
     minor: int | None = None  # defaults to the GPU's index
     util: int = 0
     memutil: int = 0
@@ -25,6 +33,27 @@ class Gpu:
     temp: int = 40
     power: int = 100_000
     mig: bool = False
+    sm_clock: int = 1980  # MHz
+    mem_clock: int = 2619  # MHz
+    energy: int = 0  # mJ since the driver loaded
+    power_limit: int = 700_000  # mW
+    encoder: int = 0  # percent
+    decoder: int = 0
+    pcie_tx: int = 0  # KB/s
+    pcie_rx: int = 0
+    pcie_replays: int = 0
+    ecc_corrected: int = 0
+    ecc_uncorrected: int = 0
+    remapped_correctable: int = 0
+    remapped_uncorrectable: int = 0
+    remap_pending: bool = False
+    remap_failed: bool = False
+    clock_reasons: int = 0  # nvmlClocksEventReason bitmask
+    gpm: bool | None = None  # None: as the model (GPM_MODELS)
+    sm_active: float = 0.0  # GPM percentages
+    sm_occupancy: float = 0.0
+    tensor_active: float = 0.0
+    dram_bandwidth: float = 0.0
     lost: bool = False
     unsupported: tuple[str, ...] = ()
     fail: dict[str, int] = field(default_factory=dict)
@@ -36,10 +65,14 @@ class Mig:
     parent: int
     uuid: str
     gi: int
-    name: str = "NVIDIA A100-SXM4-40GB MIG 1g.5gb"
+    name: str | bytes = "NVIDIA A100-SXM4-40GB MIG 1g.5gb"
     ci: int = 0
     total: int = 5 * GIB
     used: int = 0
+    sm_active: float = 0.0  # GPM percentages
+    sm_occupancy: float = 0.0
+    tensor_active: float = 0.0
+    dram_bandwidth: float = 0.0
 
 
 @dataclass
@@ -53,19 +86,31 @@ class Proc:
 
 
 @dataclass
+class Xid:
+    """An Xid critical error event. Append only: an event's sequence number is its place in the list."""
+
+    gpu: int
+    code: int
+    gi: int | None = None  # the GPU instance of a MIG device it happened on
+    ci: int | None = None
+
+
+@dataclass
 class Scenario:
     gpus: list[Gpu] = field(default_factory=list)
     migs: list[Mig] = field(default_factory=list)
     procs: list[Proc] = field(default_factory=list)
+    xids: list[Xid] = field(default_factory=list)
     init_rc: int = 0
     driver_version: str = "550.54.15"
 
     def render(self) -> str:
         lines = [f"driver\tinit={self.init_rc}\tversion={self.driver_version}"]
         for index, gpu in enumerate(self.gpus):
+            gpm = gpu.gpm if gpu.gpm is not None else any(m in str(gpu.name) for m in GPM_MODELS)
             fields = {
-                "uuid": gpu.uuid,
-                "name": gpu.name,
+                "uuid": _text(gpu.uuid),
+                "name": _text(gpu.name),
                 "minor": gpu.minor if gpu.minor is not None else index,
                 "util": gpu.util,
                 "memutil": gpu.memutil,
@@ -75,6 +120,27 @@ class Scenario:
                 "temp": gpu.temp,
                 "power": gpu.power,
                 "mig": int(gpu.mig),
+                "smclock": gpu.sm_clock,
+                "memclock": gpu.mem_clock,
+                "energy": gpu.energy,
+                "plimit": gpu.power_limit,
+                "enc": gpu.encoder,
+                "dec": gpu.decoder,
+                "pcietx": gpu.pcie_tx,
+                "pcierx": gpu.pcie_rx,
+                "replay": gpu.pcie_replays,
+                "ecccorr": gpu.ecc_corrected,
+                "eccunc": gpu.ecc_uncorrected,
+                "remapcorr": gpu.remapped_correctable,
+                "remapunc": gpu.remapped_uncorrectable,
+                "remappending": int(gpu.remap_pending),
+                "remapfailed": int(gpu.remap_failed),
+                "reasons": gpu.clock_reasons,
+                "gpm": int(gpm),
+                "smactive": gpu.sm_active,
+                "smocc": gpu.sm_occupancy,
+                "tensor": gpu.tensor_active,
+                "dram": gpu.dram_bandwidth,
                 "lost": int(gpu.lost),
             }
             if gpu.unsupported:
@@ -86,13 +152,19 @@ class Scenario:
             lines.append("gpu\t" + "\t".join(f"{k}={v}" for k, v in fields.items()))
         for mig in self.migs:
             lines.append(
-                f"mig\tparent={mig.parent}\tuuid={mig.uuid}\tname={mig.name}\tgi={mig.gi}\tci={mig.ci}"
-                f"\ttotal={mig.total}\tused={mig.used}"
+                f"mig\tparent={mig.parent}\tuuid={_text(mig.uuid)}\tname={_text(mig.name)}\tgi={mig.gi}\tci={mig.ci}"
+                f"\ttotal={mig.total}\tused={mig.used}\tsmactive={mig.sm_active}\tsmocc={mig.sm_occupancy}"
+                f"\ttensor={mig.tensor_active}\tdram={mig.dram_bandwidth}"
             )
         for proc in self.procs:
             line = f"proc\tgpu={proc.gpu}\tpid={proc.pid}\tmem={'na' if proc.mem is None else proc.mem}\tsm={proc.sm}"
             if proc.gi is not None:
                 line += f"\tgi={proc.gi}\tci={proc.ci if proc.ci is not None else 0}"
+            lines.append(line)
+        for seq, xid in enumerate(self.xids, start=1):
+            line = f"xid\tgpu={xid.gpu}\tcode={xid.code}\tseq={seq}"
+            if xid.gi is not None:
+                line += f"\tgi={xid.gi}\tci={xid.ci if xid.ci is not None else 0}"
             lines.append(line)
         return "\n".join(lines) + "\n"
 
