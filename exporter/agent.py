@@ -48,7 +48,7 @@ class Agent:
 
     def __init__(self, config: Config) -> None:
         self.config = config
-        self.nvml = NvmlReader()
+        self.nvml = NvmlReader(groups=config.metric_groups)
         self.sources = PodSources(
             PodResourcesClient(config.pod_resources_socket), ProcReader(config.proc_root), config.interval_s
         )

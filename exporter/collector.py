@@ -14,34 +14,17 @@ from typing import Any
 from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, Metric
 from prometheus_client.registry import Collector
 
-from exporter.model import GpuSeries, Snapshot
+from exporter.catalogue import DEVICE_FAMILIES, POD_FAMILIES, POD_LABELS
+from exporter.model import DeviceReading, GpuSeries, Snapshot
 
-GPU_LABELS = ["node", "gpu", "uuid", "model", "namespace", "pod", "container"]
+GPU_LABELS = list(POD_LABELS)
 
-# name -> (help text with the unit, how to read the value from a series)
+# name -> (help text with the unit, how to read the value from a series): the seed's *_current
+# families, declared in the catalogue.
 GPU_GAUGES: dict[str, tuple[str, Callable[[GpuSeries], float | int | None]]] = {
-    "duty_cycle_current": (
-        "GPU utilisation in percent (0-100): the device's, or on a GPU shared by several pods the pod's "
-        "own processes' SM utilisation summed. Absent on MIG devices, where NVML does not measure it.",
-        lambda s: s.duty_cycle_percent,
-    ),
-    "memory_used_bytes_current": (
-        "GPU memory used, in bytes: the device's, or on a shared GPU the pod's own processes' memory summed.",
-        lambda s: s.memory_used_bytes,
-    ),
-    "memory_total_bytes_current": (
-        "GPU memory total, in bytes, of the device (GPU or MIG device).",
-        lambda s: s.device.memory_total_bytes,
-    ),
-    "temperature_celsius_current": (
-        "GPU core temperature in degrees Celsius.",
-        lambda s: s.device.temperature_celsius,
-    ),
-    "power_usage_milliwatts_current": (
-        "GPU board power draw in milliwatts.",
-        lambda s: s.device.power_milliwatts,
-    ),
+    f.name: (f.help, f.pod_value) for f in POD_FAMILIES if f.labels == POD_LABELS and f.pod_value is not None
 }
+_POD_INFO = next(f for f in POD_FAMILIES if f.name == "gpu_pod_info")
 
 
 class SnapshotCollector(Collector):
@@ -68,6 +51,7 @@ class SnapshotCollector(Collector):
                 if value is not None:
                     family.add_metric(_labels(snapshot.node, series), value)
             yield family
+        yield from _device_families(snapshot.node, fresh)
         yield from _self_metrics(snapshot, stale=len(snapshot.attribution.series) - len(fresh))
 
 
@@ -99,6 +83,28 @@ class AgeCollector(Collector):
         for uuid, device in sorted(sampled.items()):
             ages.add_metric([str(device.index), uuid], max(0.0, now - device.sampled_at))
         yield ages
+
+
+def _device_families(node: str, fresh: list[GpuSeries]) -> Iterator[Metric]:
+    """gpu_pod_info, then the catalogue's per-device families: once per device, however many pods
+    use it (a pod label on a shared GPU's counter would count it once per pod)."""
+    info = GaugeMetricFamily(_POD_INFO.name, _POD_INFO.help, labels=list(_POD_INFO.labels))
+    devices: dict[str, DeviceReading] = {}
+    for series in fresh:
+        device = devices.setdefault(series.device.uuid, series.device)
+        if series.pod:
+            info.add_metric([node, str(device.index), device.uuid, series.namespace, series.pod, series.container], 1)
+    yield info
+    for declared in DEVICE_FAMILIES:
+        rows = [(device, samples) for device in devices.values() if (samples := device.metrics.get(declared.name))]
+        if not rows:
+            continue  # not enabled, or no device supports it
+        kind = CounterMetricFamily if declared.type == "counter" else GaugeMetricFamily
+        family = kind(declared.name, declared.help, labels=list(declared.labels))
+        for device, samples in rows:
+            for extra, value in samples:
+                family.add_metric([node, str(device.index), device.uuid, device.model, *extra], value)
+        yield family
 
 
 def _labels(node: str, series: GpuSeries) -> list[str]:

@@ -11,6 +11,7 @@ from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from typing import NoReturn
 
+from exporter.catalogue import GROUPS, parse_groups
 from exporter.webconfig import WebConfig, WebConfigError, load_web_config
 
 DEFAULT_SOCKET = "/var/lib/kubelet/pod-resources/kubelet.sock"
@@ -33,6 +34,7 @@ class Config:
     kubernetes: bool
     log_level: str
     web: WebConfig | None
+    metric_groups: frozenset[str] = frozenset(GROUPS)
 
 
 class _Parser(argparse.ArgumentParser):
@@ -103,6 +105,12 @@ def build_parser(environ: Mapping[str, str]) -> _Parser:
     )
     add("--log-level", _env("LOG_LEVEL"), "debug, info, warning or error (default info)", default="info")
     add(
+        "--metrics",
+        _env("METRICS"),
+        f"comma-separated metric groups to export, of {', '.join(GROUPS)}; seed is always on (default: all)",
+        default="all",
+    )
+    add(
         "--web-config",
         _env("WEB_CONFIG"),
         "Prometheus exporter-toolkit web config file enabling TLS and/or basic auth on /metrics (default: none)",
@@ -134,6 +142,10 @@ def parse_config(argv: Sequence[str] | None = None, environ: Mapping[str, str] |
     level = str(args.log_level).lower()
     if level not in ("debug", "info", "warning", "error"):
         parser.bad("--log-level", f"want debug, info, warning or error, got {args.log_level!r}")
+    try:
+        metric_groups = parse_groups(str(args.metrics))
+    except ValueError as error:
+        parser.bad("--metrics", str(error))
     web = None
     if args.web_config:
         try:
@@ -152,6 +164,7 @@ def parse_config(argv: Sequence[str] | None = None, environ: Mapping[str, str] |
         kubernetes=not args.no_kubernetes,
         log_level=level,
         web=web,
+        metric_groups=metric_groups,
     )
 
 

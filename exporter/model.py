@@ -40,6 +40,9 @@ class DeviceReading:
     processes: tuple[GpuProcess, ...] | None = None
     # pid -> SM utilisation percent over the last interval; None: not measurable on this device.
     process_sm_percent: Mapping[int, float] | None = None
+    # The catalogue's per-device families (exporter.catalogue): family name -> ((extra label values,
+    # value), ...). A family the device does not support is not in it.
+    metrics: Mapping[str, tuple[tuple[tuple[str, ...], float], ...]] = field(default_factory=dict)
 
 
 @dataclass(frozen=True)

@@ -10,6 +10,10 @@ any other error is counted and leaves that one value out. Which call variant ans
 Each GPU is read on its own daemon thread: NVML calls can block for a long time after some driver
 faults (a ctypes call cannot be interrupted), and one stuck GPU must not stop the others from being
 read, nor the process from exiting.
+
+What is read is driven by the metric catalogue (exporter.catalogue): the sources the enabled
+groups need, rarely changing ones every SLOW_EVERY polls, GPM metrics between two samples a poll
+apart, and Xid counts from the events watcher (exporter.nvmlevents), merged in at each poll.
 """
 
 from __future__ import annotations
@@ -19,7 +23,8 @@ import logging
 import queue
 import threading
 import time
-from collections.abc import Callable, Sequence
+from collections import Counter
+from collections.abc import Callable, Iterable, Mapping
 from concurrent.futures import Future
 from concurrent.futures import wait as wait_futures
 from dataclasses import dataclass, field, replace
@@ -27,7 +32,20 @@ from typing import Any
 
 import pynvml
 
+from exporter.catalogue import (
+    GPM_METRICS,
+    GROUPS,
+    SLOW_EVERY,
+    SOURCES,
+    Call,
+    Family,
+    Source,
+    device_samples,
+    enabled_families,
+    reads_for,
+)
 from exporter.model import DeviceReading, GpuProcess
+from exporter.nvmlevents import XidCounts, XidWatcher
 
 log = logging.getLogger(__name__)
 
@@ -41,8 +59,6 @@ _DEVICE_FATAL = {pynvml.NVML_ERROR_GPU_IS_LOST, pynvml.NVML_ERROR_RESET_REQUIRED
 _LIBRARY_FATAL = {pynvml.NVML_ERROR_UNINITIALIZED, pynvml.NVML_ERROR_DRIVER_NOT_LOADED}
 # The newer call variant does not answer on this device: use the older one.
 _TRY_OLDER = {pynvml.NVML_ERROR_NOT_SUPPORTED, pynvml.NVML_ERROR_ARGUMENT_VERSION_MISMATCH}
-# Values that become series: an unsupported one is logged once, as its series will be missing.
-_EXPORTED = {"utilisation", "memory info", "temperature", "power usage"}
 # The error kind counted for an exception that is no NVML error (a bug, or bindings we do not know).
 UNEXPECTED = "UNEXPECTED"
 
@@ -67,6 +83,21 @@ def _binding(name: str, *args: Any, **kwargs: Any) -> Variant:
     """A pynvml function called with the handle and ``args``, looked up when called: an older
     nvidia-ml-py without it raises AttributeError there, which the query contains."""
     return name, lambda handle: getattr(pynvml, name)(handle, *args, **kwargs)
+
+
+def _source_variant(source: Source, call: Call) -> Variant:
+    """A catalogue call; its answer made plain inside the contained call."""
+    label = f"{call.function} ({call.version})" if call.version else call.function
+
+    def read(handle: Any) -> Any:
+        function = getattr(pynvml, call.function)
+        kwargs = {"version": getattr(pynvml, call.version)} if call.version else {}
+        return source.plain(function(handle, *call.args, **kwargs))
+
+    return label, read
+
+
+_VARIANTS = {key: tuple(_source_variant(source, call) for call in source.calls) for key, source in SOURCES.items()}
 
 
 def _text(variant: Variant) -> Variant:
@@ -148,9 +179,10 @@ class _Query:
         self._index = index
         self.uuid = uuid
 
-    def value(self, name: str, handle: Any, *variants: Variant) -> Any | None:
+    def value(self, name: str, handle: Any, *variants: Variant, exported: bool = False) -> Any | None:
         """The first variant that answers, starting from the one that answered here before; None
-        when unsupported, missing or failed. Lost GPUs and a lost library are raised."""
+        when unsupported, missing or failed. Lost GPUs and a lost library are raised. An
+        ``exported`` value that is not supported is logged once: its series will be missing."""
         reader = self._reader
         remembered = (self.uuid, name)
         first = reader.variant_of.get(remembered, 0)
@@ -172,7 +204,7 @@ class _Query:
                     reader.variant_of[remembered] = position + 1
                     continue
                 if error.value == pynvml.NVML_ERROR_NOT_SUPPORTED:
-                    self._unsupported(name)
+                    self._unsupported(name, exported)
                     return None
                 self.count(error_kind(error))
                 return None
@@ -185,7 +217,7 @@ class _Query:
                     log.exception("GPU %d (%s): reading %s failed; left out", self._index, self.uuid, name)
                 return None
             return result
-        self._unsupported(name)  # every variant is missing from the bindings or the driver
+        self._unsupported(name, exported)  # every variant is missing from the bindings or the driver
         return None
 
     def count(self, kind: str) -> None:
@@ -195,15 +227,15 @@ class _Query:
         """The same GPU's errors, for another device of it (a MIG device)."""
         return _Query(self._reader, self._errors, self._index, uuid)
 
-    def _unsupported(self, name: str) -> None:
-        if name in _EXPORTED and self._reader.logged.first("unsupported", self.uuid, name):
+    def _unsupported(self, name: str, exported: bool) -> None:
+        if exported and self._reader.logged.first("unsupported", self.uuid, name):
             log.info("GPU %d (%s): %s not supported; that series is left out", self._index, self.uuid, name)
 
 
 class NvmlReader:
     """Initialises NVML (retrying with backoff) and reads every GPU each poll."""
 
-    def __init__(self, retry_min_s: float = 1.0, retry_max_s: float = 30.0) -> None:
+    def __init__(self, retry_min_s: float = 1.0, retry_max_s: float = 30.0, groups: Iterable[str] = GROUPS) -> None:
         self.initialised = False
         self.status = "NVML not initialised yet"
         self.driver_version = ""
@@ -225,6 +257,21 @@ class NvmlReader:
         self.missing_functions: set[str] = set()
         self.variant_of: dict[tuple[str, str], int] = {}
         self.logged = _OncePer()
+        self._families = enabled_families(groups)
+        self._gpu_sources = reads_for(self._families, mig=False)
+        self._mig_sources = reads_for(self._families, mig=True)
+        self._xid_families = tuple(f for f in self._families if "xid" in f.reads)
+        self._xid = XidWatcher() if self._xid_families else None
+        self._polls = 0
+        # Rarely changing values: (uuid, source) -> (poll read at, plain value).
+        self._slow: dict[tuple[str, str], tuple[int, Any]] = {}
+        self._gpm_supported: dict[str, bool] = {}
+        self._gpm_samples: dict[tuple[int, str], Any] = {}  # (GPU index, device uuid) -> the last sample
+
+    @property
+    def xid_gpus_watched(self) -> int:
+        """GPUs registered for Xid events right now (0 with the health group off)."""
+        return self._xid.registered if self._xid is not None else 0
 
     def forget_function(self, function: str, where: str) -> None:
         if function not in self.missing_functions:
@@ -260,6 +307,9 @@ class NvmlReader:
     def _lose_library(self, error: pynvml.NVMLError) -> None:
         if not self.initialised:
             return
+        if self._xid is not None:
+            self._xid.watch(())
+        self._gpm_samples.clear()  # allocated by the library that went away
         self.initialised = False
         self.status = f"NVML lost: {error_kind(error)}"
         log.error("%s; re-initialising", self.status)
@@ -273,8 +323,16 @@ class NvmlReader:
         for worker in self._workers.values():
             worker.stop()
         deadline = time.monotonic() + timeout_s
+        if self._xid is not None:
+            self._xid.close(timeout_s)
         for worker in self._workers.values():
             worker.thread.join(max(0.0, deadline - time.monotonic()))
+        stuck = {index for index, worker in self._workers.items() if worker.thread.is_alive()}
+        for (index, _uuid), sample in list(self._gpm_samples.items()):
+            if index not in stuck:  # a stuck read may still hold its sample
+                with contextlib.suppress(pynvml.NVMLError):
+                    pynvml.nvmlGpmSampleFree(sample)
+        self._gpm_samples.clear()
         if self.initialised:
             self.initialised = False
             self.status = "NVML shut down"
@@ -291,6 +349,7 @@ class NvmlReader:
             self._lose_library(error)
             return NvmlPoll(devices=(), errors=())
         self._interval_s = interval_s
+        self._polls += 1
         for gone in [i for i in self._last if i >= count]:
             del self._last[gone]
         errors: list[tuple[str, str, str]] = []
@@ -310,6 +369,9 @@ class NvmlReader:
             if future.done():
                 errors.extend(self._absorb(index, future))
         devices = tuple(d for index in sorted(self._last) if index < count for d in self._last[index])
+        if self._xid is not None and self.initialised:
+            self._xid.watch([(d.index, d.uuid) for d in devices if d.parent_uuid is None])
+            devices = _with_xid(devices, self._xid.counts(), self._xid_families)
         return NvmlPoll(devices=devices, errors=tuple(errors))
 
     def _absorb(self, index: int, future: Future[_GpuResult]) -> list[tuple[str, str, str]]:
@@ -383,7 +445,8 @@ class NvmlReader:
                 replace(d, processes=tuple(p for p in processes if p.gpu_instance_id == d.gpu_instance_id))
                 for d in mig_devices
             )
-        utilisation = query.value("utilisation", handle, _binding("nvmlDeviceGetUtilizationRates"))
+        reads = self._read_sources(handle, query, self._gpu_sources)
+        utilisation = reads.get("utilisation")
         process_sm = (
             query.value(
                 "per-process utilisation",
@@ -393,9 +456,7 @@ class NvmlReader:
             if utilisation is not None
             else None
         )
-        memory = query.value("memory info", handle, *_MEMORY)
-        temperature = query.value("temperature", handle, *_TEMPERATURE)
-        power = query.value("power usage", handle, _binding("nvmlDeviceGetPowerUsage"))
+        memory = reads.get("memory")
         minor = query.value("minor number", handle, _binding("nvmlDeviceGetMinorNumber"))
         gpu = DeviceReading(
             index=index,
@@ -403,15 +464,81 @@ class NvmlReader:
             model=model,
             sampled_at=time.monotonic(),
             minor_number=int(minor) if minor is not None else None,
-            duty_cycle_percent=float(utilisation.gpu) if utilisation is not None else None,
-            memory_used_bytes=int(memory.used) if memory is not None else None,
-            memory_total_bytes=int(memory.total) if memory is not None else None,
-            temperature_celsius=float(temperature) if temperature is not None else None,
-            power_milliwatts=float(power) if power is not None else None,
+            duty_cycle_percent=utilisation[0] if utilisation is not None else None,
+            memory_used_bytes=memory[0] if memory is not None else None,
+            memory_total_bytes=memory[1] if memory is not None else None,
+            temperature_celsius=reads.get("temperature"),
+            power_milliwatts=reads.get("power"),
             processes=own_processes,
             process_sm_percent=process_sm,
+            metrics=device_samples(self._families, reads),
         )
         return (gpu, *mig_devices)
+
+    def _read_sources(
+        self, handle: Any, query: _Query, sources: Iterable[Source], instance: int | None = None
+    ) -> dict[str, Any]:
+        """The plain value of each source (None: absent). On a MIG device ``handle`` is its
+        parent's and ``instance`` its GPU instance id, which GPM samples need."""
+        reads: dict[str, Any] = {}
+        for source in sources:
+            if source.key == "xid":
+                continue  # counted by the events watcher, merged in at the end of the poll
+            if source.key == "gpm":
+                reads["gpm"] = self._gpm(handle, query, instance)
+            elif source.slow:
+                cached = self._slow.get((query.uuid, source.key))
+                if cached is None or self._polls - cached[0] >= SLOW_EVERY:
+                    value = query.value(source.described, handle, *_VARIANTS[source.key], exported=True)
+                    cached = self._slow[(query.uuid, source.key)] = (self._polls, value)
+                reads[source.key] = cached[1]
+            else:
+                reads[source.key] = query.value(source.described, handle, *_VARIANTS[source.key], exported=True)
+        return reads
+
+    def _gpm(self, handle: Any, query: _Query, instance: int | None) -> dict[int, float] | None:
+        """GPM metrics between the device's last sample and one taken now; None where GPM is not
+        supported (before Hopper) and on the first poll, which only takes a sample."""
+        supported = self._gpm_supported.get(query.uuid)
+        if supported is None:
+            support = query.value("GPM support", handle, _binding("nvmlGpmQueryDeviceSupport"))
+            if support is None:
+                return None  # unsupported or failed: asked again next poll
+            supported = self._gpm_supported[query.uuid] = bool(support.isSupportedDevice)
+        if not supported:
+            return None
+        key = (query._index, query.uuid)
+        result: dict[int, float] | None = query.value(
+            "GPM metrics", handle, ("nvmlGpmSampleGet", lambda h: self._gpm_metrics(h, key, instance)), exported=True
+        )
+        return result
+
+    def _gpm_metrics(self, handle: Any, key: tuple[int, str], instance: int | None) -> dict[int, float] | None:
+        sample = pynvml.nvmlGpmSampleAlloc()
+        try:
+            if instance is None:
+                pynvml.nvmlGpmSampleGet(handle, sample)
+            else:
+                pynvml.nvmlGpmMigSampleGet(handle, instance, sample)
+        except BaseException:
+            pynvml.nvmlGpmSampleFree(sample)
+            raise
+        previous = self._gpm_samples.get(key)
+        self._gpm_samples[key] = sample
+        if previous is None:
+            return None
+        try:
+            request = pynvml.c_nvmlGpmMetricsGet_t()
+            request.version = pynvml.NVML_GPM_METRICS_GET_VERSION
+            request.numMetrics = len(GPM_METRICS)
+            request.sample1, request.sample2 = previous, sample
+            for slot, metric in enumerate(GPM_METRICS):
+                request.metrics[slot].metricId = metric
+            pynvml.nvmlGpmMetricsGet(request)
+            answered = [request.metrics[slot] for slot in range(len(GPM_METRICS))]
+            return {int(m.metricId): float(m.value) for m in answered if m.nvmlReturn == pynvml.NVML_SUCCESS}
+        finally:
+            pynvml.nvmlGpmSampleFree(previous)
 
     def _read_mig_devices(self, handle: Any, index: int, query: _Query, model: str) -> tuple[DeviceReading, ...]:
         found: list[DeviceReading] = []
@@ -425,7 +552,10 @@ class NvmlReader:
             if mig_uuid is None or instance is None:
                 continue  # a MIG device that cannot say who it is cannot be attributed
             mig_query = query.for_device(mig_uuid)
-            memory = mig_query.value("memory info", mig, *_MEMORY)
+            reads = self._read_sources(mig, mig_query, [s for s in self._mig_sources if s.key != "gpm"])
+            if any(s.key == "gpm" for s in self._mig_sources):
+                reads["gpm"] = self._gpm(handle, mig_query, int(instance))
+            memory = reads.get("memory")
             found.append(
                 DeviceReading(
                     index=index,
@@ -434,8 +564,9 @@ class NvmlReader:
                     sampled_at=time.monotonic(),
                     parent_uuid=query.uuid,
                     gpu_instance_id=int(instance),
-                    memory_used_bytes=int(memory.used) if memory is not None else None,
-                    memory_total_bytes=int(memory.total) if memory is not None else None,
+                    memory_used_bytes=memory[0] if memory is not None else None,
+                    memory_total_bytes=memory[1] if memory is not None else None,
+                    metrics=device_samples(self._families, reads),
                 )
             )
         return tuple(found)
@@ -478,16 +609,23 @@ def _decoded(call: Callable[[], Any]) -> str:
         return bytes(error.object).decode("utf-8", errors="replace")
 
 
-# v2 where the driver has it (v1 counts the driver's reserved memory as used).
-_MEMORY: Sequence[Variant] = (
-    ("nvmlDeviceGetMemoryInfo_v2", lambda h: pynvml.nvmlDeviceGetMemoryInfo(h, version=pynvml.nvmlMemory_v2)),
-    _binding("nvmlDeviceGetMemoryInfo"),
-)
-# The GPU core sensor: the versioned call where the bindings and driver have it, else the deprecated one.
-_TEMPERATURE: Sequence[Variant] = (
-    _binding("nvmlDeviceGetTemperatureV", 0),  # NVML_TEMPERATURE_GPU
-    _binding("nvmlDeviceGetTemperature", 0),
-)
+def _with_xid(
+    devices: tuple[DeviceReading, ...], counts: XidCounts, families: tuple[Family, ...]
+) -> tuple[DeviceReading, ...]:
+    """Each device's Xid counts: an event naming a GPU instance counts on that MIG device (on its
+    GPU while no such MIG device is known)."""
+    migs = {(d.parent_uuid, d.gpu_instance_id): d.uuid for d in devices if d.parent_uuid is not None}
+    per_device: dict[str, Counter[int]] = {}
+    for (gpu_uuid, instance), by_xid in counts.items():
+        target = migs.get((gpu_uuid, instance), gpu_uuid)
+        per_device.setdefault(target, Counter()).update(by_xid)
+    merged = []
+    for device in devices:
+        xids: Mapping[int, int] | None = per_device.get(device.uuid)
+        if xids:
+            device = replace(device, metrics={**device.metrics, **device_samples(families, {"xid": xids})})
+        merged.append(device)
+    return tuple(merged)
 
 
 def _running_processes(handle: Any) -> tuple[GpuProcess, ...]:

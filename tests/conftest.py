@@ -41,6 +41,23 @@ def scenario_file(tmp_path: Path, monkeypatch: pytest.MonkeyPatch, fake_nvml: Pa
     return path
 
 
+@pytest.fixture
+def nvml_reader(scenario_file: Path) -> Iterator:  # type: ignore[type-arg]
+    """Makes NvmlReaders over the fake library and closes them after the test (their threads and
+    NVML event sets would otherwise outlive it)."""
+    from exporter.nvml import NvmlReader
+
+    readers: list[NvmlReader] = []
+
+    def make(**kwargs: object) -> NvmlReader:
+        readers.append(NvmlReader(**kwargs))  # type: ignore[arg-type]
+        return readers[-1]
+
+    yield make
+    for reader in readers:
+        reader.close()
+
+
 def free_port() -> int:
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))

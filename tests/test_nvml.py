@@ -10,6 +10,7 @@ import subprocess
 import sys
 import threading
 import time
+from collections.abc import Callable
 from pathlib import Path
 
 import pynvml
@@ -22,6 +23,7 @@ from tests.sim.fakelib import build_fake_nvml
 from tests.sim.scenario import GIB, NVML_ERROR_DRIVER_NOT_LOADED, Gpu, Mig, Proc, Scenario, gpu_uuid, mig_uuid
 
 ROOT = Path(__file__).resolve().parent.parent
+MakeReader = Callable[..., NvmlReader]  # the nvml_reader fixture
 
 
 def by_uuid(reader: NvmlReader, deadline_s: float = 2.0):  # type: ignore[no-untyped-def]
@@ -52,7 +54,8 @@ for _ in range(int(sys.argv[1])):
     poll = reader.poll(interval_s=1.0, deadline_s=5.0)
     print(json.dumps({
         "devices": {d.uuid: {"temperature": d.temperature_celsius, "memory": d.memory_used_bytes,
-                             "duty": d.duty_cycle_percent, "power": d.power_milliwatts} for d in poll.devices},
+                             "duty": d.duty_cycle_percent, "power": d.power_milliwatts,
+                             "metrics": d.metrics} for d in poll.devices},
         "errors": poll.errors,
     }))
 reader.close()
@@ -73,7 +76,7 @@ def poll_in_a_process(library_dir: Path, scenario: Path, polls: int) -> tuple[li
     return [json.loads(line) for line in done.stdout.splitlines()], done.stderr
 
 
-def test_reads_every_value_of_every_gpu(scenario_file: Path) -> None:
+def test_reads_every_value_of_every_gpu(scenario_file: Path, nvml_reader: MakeReader) -> None:
     Scenario(
         gpus=[
             Gpu(gpu_uuid(0), util=42, used=3 * GIB, reserved=1 * GIB, temp=61, power=312_500),
@@ -81,7 +84,7 @@ def test_reads_every_value_of_every_gpu(scenario_file: Path) -> None:
         ],
         procs=[Proc(gpu=0, pid=4242, mem=2 * GIB, sm=30), Proc(gpu=0, pid=4243, mem=GIB, sm=0)],
     ).write(scenario_file)
-    devices, errors = by_uuid(NvmlReader())
+    devices, errors = by_uuid(nvml_reader())
     first = devices[gpu_uuid(0)]
     assert (first.index, first.model, first.minor_number) == (0, "NVIDIA H100 80GB HBM3", 0)
     assert first.duty_cycle_percent == 42.0
@@ -94,10 +97,12 @@ def test_reads_every_value_of_every_gpu(scenario_file: Path) -> None:
     assert errors == ()
 
 
-def test_not_supported_values_are_absent_not_zero(scenario_file: Path, caplog: pytest.LogCaptureFixture) -> None:
+def test_not_supported_values_are_absent_not_zero(
+    scenario_file: Path, nvml_reader: MakeReader, caplog: pytest.LogCaptureFixture
+) -> None:
     caplog.set_level(logging.INFO, logger="exporter.nvml")
     Scenario(gpus=[Gpu(gpu_uuid(0), unsupported=("power", "temp")), Gpu(gpu_uuid(1))]).write(scenario_file)
-    reader = NvmlReader()
+    reader = nvml_reader()
     devices, errors = by_uuid(reader)
     by_uuid(reader)
     assert devices[gpu_uuid(0)].power_milliwatts is None
@@ -109,27 +114,29 @@ def test_not_supported_values_are_absent_not_zero(scenario_file: Path, caplog: p
     assert len(logged) == 2, logged  # once per value, not once per poll
 
 
-def test_older_drivers_fall_back_to_v1_memory_and_legacy_temperature(scenario_file: Path) -> None:
+def test_older_drivers_fall_back_to_v1_memory_and_legacy_temperature(
+    scenario_file: Path, nvml_reader: MakeReader
+) -> None:
     Scenario(gpus=[Gpu(gpu_uuid(0), used=3 * GIB, reserved=GIB, temp=70, unsupported=("memv2", "tempv"))]).write(
         scenario_file
     )
-    devices, _ = by_uuid(NvmlReader())
+    devices, _ = by_uuid(nvml_reader())
     assert devices[gpu_uuid(0)].memory_used_bytes == 4 * GIB  # v1 counts reserved as used
     assert devices[gpu_uuid(0)].temperature_celsius == 70.0
 
 
-def test_a_failing_value_is_counted_and_left_out(scenario_file: Path) -> None:
+def test_a_failing_value_is_counted_and_left_out(scenario_file: Path, nvml_reader: MakeReader) -> None:
     Scenario(gpus=[Gpu(gpu_uuid(0), fail={"power": 999})]).write(scenario_file)
-    devices, errors = by_uuid(NvmlReader())
+    devices, errors = by_uuid(nvml_reader())
     assert devices[gpu_uuid(0)].power_milliwatts is None
     assert devices[gpu_uuid(0)].duty_cycle_percent == 0.0
     assert errors == (("0", gpu_uuid(0), "UNKNOWN"),)
 
 
-def test_lost_gpu_is_dropped_and_counted_then_picked_up_again(scenario_file: Path) -> None:
+def test_lost_gpu_is_dropped_and_counted_then_picked_up_again(scenario_file: Path, nvml_reader: MakeReader) -> None:
     scenario = Scenario(gpus=[Gpu(gpu_uuid(0), util=10), Gpu(gpu_uuid(1), util=20)])
     scenario.write(scenario_file)
-    reader = NvmlReader()
+    reader = nvml_reader()
     assert set(by_uuid(reader)[0]) == {gpu_uuid(0), gpu_uuid(1)}
     scenario.gpus[0].lost = True
     scenario.write(scenario_file)
@@ -141,10 +148,10 @@ def test_lost_gpu_is_dropped_and_counted_then_picked_up_again(scenario_file: Pat
     assert set(by_uuid(reader)[0]) == {gpu_uuid(0), gpu_uuid(1)}
 
 
-def test_a_blocked_gpu_does_not_hold_up_the_others(scenario_file: Path) -> None:
+def test_a_blocked_gpu_does_not_hold_up_the_others(scenario_file: Path, nvml_reader: MakeReader) -> None:
     scenario = Scenario(gpus=[Gpu(gpu_uuid(0), util=10), Gpu(gpu_uuid(1), util=20)])
     scenario.write(scenario_file)
-    reader = NvmlReader()
+    reader = nvml_reader()
     fresh, _ = by_uuid(reader)
     scenario.gpus[0].block = {"util": 3}
     scenario.write(scenario_file)
@@ -165,13 +172,13 @@ def test_a_blocked_gpu_does_not_hold_up_the_others(scenario_file: Path) -> None:
     assert devices[gpu_uuid(0)].sampled_at > fresh[gpu_uuid(0)].sampled_at
 
 
-def test_mig_devices_and_their_processes(scenario_file: Path) -> None:
+def test_mig_devices_and_their_processes(scenario_file: Path, nvml_reader: MakeReader) -> None:
     Scenario(
         gpus=[Gpu(gpu_uuid(0), name="NVIDIA A100-SXM4-40GB", mig=True, total=40 * GIB)],
         migs=[Mig(parent=0, uuid=mig_uuid(0), gi=1, used=GIB), Mig(parent=0, uuid=mig_uuid(1), gi=2, used=2 * GIB)],
         procs=[Proc(gpu=0, pid=500, mem=None, gi=1), Proc(gpu=0, pid=501, mem=None, gi=2)],
     ).write(scenario_file)
-    devices, errors = by_uuid(NvmlReader())
+    devices, errors = by_uuid(nvml_reader())
     parent, first, second = devices[gpu_uuid(0)], devices[mig_uuid(0)], devices[mig_uuid(1)]
     assert parent.duty_cycle_percent is None  # NVML has no utilisation in MIG mode
     assert parent.processes == ()
@@ -183,10 +190,10 @@ def test_mig_devices_and_their_processes(scenario_file: Path) -> None:
     assert errors == ()
 
 
-def test_driver_not_loaded_then_loaded(scenario_file: Path) -> None:
+def test_driver_not_loaded_then_loaded(scenario_file: Path, nvml_reader: MakeReader) -> None:
     scenario = Scenario(gpus=[Gpu(gpu_uuid(0))], init_rc=NVML_ERROR_DRIVER_NOT_LOADED)
     scenario.write(scenario_file)
-    reader = NvmlReader(retry_min_s=0.05)
+    reader = nvml_reader(retry_min_s=0.05)
     assert by_uuid(reader)[0] == {}
     assert not reader.initialised
     assert "DRIVER_NOT_LOADED" in reader.status
@@ -197,7 +204,7 @@ def test_driver_not_loaded_then_loaded(scenario_file: Path) -> None:
     assert reader.initialised
 
 
-def test_a_name_that_is_no_utf8_is_decoded_with_replacement(scenario_file: Path) -> None:
+def test_a_name_that_is_no_utf8_is_decoded_with_replacement(scenario_file: Path, nvml_reader: MakeReader) -> None:
     Scenario(
         gpus=[
             Gpu(gpu_uuid(0), name=b"NVIDIA H100 \xff80GB", util=42, temp=61),
@@ -205,7 +212,7 @@ def test_a_name_that_is_no_utf8_is_decoded_with_replacement(scenario_file: Path)
         ],
         migs=[Mig(parent=1, uuid=mig_uuid(0), gi=1, name=b"NVIDIA A100 MIG \xfe1g", used=GIB)],
     ).write(scenario_file)
-    reader = NvmlReader()
+    reader = nvml_reader()
     for _ in range(3):  # every poll, not just the first: the fault never stops polling
         devices, errors = by_uuid(reader)
         assert devices[gpu_uuid(0)].model == "NVIDIA H100 \ufffd80GB"
@@ -215,11 +222,13 @@ def test_a_name_that_is_no_utf8_is_decoded_with_replacement(scenario_file: Path)
         assert errors == ()
 
 
-def test_the_call_variant_that_answers_is_remembered(scenario_file: Path, fake_nvml: Path) -> None:
+def test_the_call_variant_that_answers_is_remembered(
+    scenario_file: Path, nvml_reader: MakeReader, fake_nvml: Path
+) -> None:
     Scenario(gpus=[Gpu(gpu_uuid(0), used=3 * GIB, reserved=GIB, temp=70, unsupported=("memv2", "tempv"))]).write(
         scenario_file
     )
-    reader = NvmlReader()
+    reader = nvml_reader()
     before = {call: calls_made(fake_nvml, call) for call in ("memv2", "mem", "tempv", "temp")}
     for _ in range(4):
         devices, _ = by_uuid(reader)
@@ -255,12 +264,12 @@ def test_an_older_driver_without_the_versioned_call_uses_the_older_one(scenario_
 
 
 def test_a_lost_gpu_keeps_its_uuid_and_is_logged_once_per_change(
-    scenario_file: Path, caplog: pytest.LogCaptureFixture
+    scenario_file: Path, nvml_reader: MakeReader, caplog: pytest.LogCaptureFixture
 ) -> None:
     caplog.set_level(logging.INFO, logger="exporter.nvml")
     scenario = Scenario(gpus=[Gpu(gpu_uuid(0)), Gpu(gpu_uuid(1))])
     scenario.write(scenario_file)
-    reader = NvmlReader()
+    reader = nvml_reader()
     by_uuid(reader)
     scenario.gpus[0].lost = True
     scenario.write(scenario_file)
@@ -278,10 +287,12 @@ def test_a_lost_gpu_keeps_its_uuid_and_is_logged_once_per_change(
     assert "answering again" in lines[1]
 
 
-def test_a_gpu_that_cannot_tell_its_uuid_is_dropped_counted_and_read_again(scenario_file: Path) -> None:
+def test_a_gpu_that_cannot_tell_its_uuid_is_dropped_counted_and_read_again(
+    scenario_file: Path, nvml_reader: MakeReader
+) -> None:
     scenario = Scenario(gpus=[Gpu(gpu_uuid(0), util=10), Gpu(gpu_uuid(1), util=20)])
     scenario.write(scenario_file)
-    reader = NvmlReader()
+    reader = nvml_reader()
     by_uuid(reader)
     scenario.gpus[0].fail = {"uuid": 999}
     scenario.write(scenario_file)
@@ -293,13 +304,13 @@ def test_a_gpu_that_cannot_tell_its_uuid_is_dropped_counted_and_read_again(scena
     assert by_uuid(reader)[0][gpu_uuid(0)].duty_cycle_percent == 10.0
 
 
-def test_close_stops_the_gpu_threads_and_shuts_nvml_down(scenario_file: Path) -> None:
+def test_close_stops_the_reader_threads_and_shuts_nvml_down(scenario_file: Path, nvml_reader: MakeReader) -> None:
     Scenario(gpus=[Gpu(gpu_uuid(0)), Gpu(gpu_uuid(1))]).write(scenario_file)
     before = set(threading.enumerate())
-    reader = NvmlReader()
+    reader = nvml_reader()
     assert len(by_uuid(reader)[0]) == 2
     started = set(threading.enumerate()) - before
-    assert {t.name for t in started} == {"nvml-gpu0", "nvml-gpu1"}
+    assert {t.name for t in started} == {"nvml-gpu0", "nvml-gpu1", "nvml-events"}
     reader.close()
     assert not [t for t in started if t.is_alive()]
     with pytest.raises(pynvml.NVMLError_Uninitialized):

@@ -1,0 +1,514 @@
+"""The metric catalogue: every GPU family the agent exports, declared once.
+
+Each family says its name, help, unit, type, group (``--metrics``), the devices it covers (GPU,
+MIG) and the NVML read behind it. The NVML reader reads exactly the sources the enabled groups
+need and turns them into samples here; the collector renders these families; the README's metric
+table is checked against this table (tests/test_catalogue.py). A new metric is one entry.
+
+Pure data and pure functions: the NVML calls are named, not imported (exporter.nvml calls them),
+and the values handed to ``Source.plain`` are the bindings' structs read by attribute.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Iterable, Iterator, Mapping
+from dataclasses import dataclass
+from typing import Any, Literal
+
+from exporter.model import GpuSeries
+
+SEED = "seed"
+# --metrics: seed is always on; the default is every group.
+GROUPS = (SEED, "health", "clocks", "power", "pcie", "media", "profiling")
+
+# The labels of every per-device family; the extra ones of a family follow them.
+DEVICE_LABELS = ("node", "gpu", "uuid", "model")
+# The seed's *_current families carry the pod using the device, as they always have.
+POD_LABELS = ("node", "gpu", "uuid", "model", "namespace", "pod", "container")
+# The join from a device to the pods using it.
+POD_INFO_LABELS = ("node", "gpu", "uuid", "namespace", "pod", "container")
+
+Samples = tuple[tuple[tuple[str, ...], float], ...]  # (extra label values, value) pairs
+
+
+@dataclass(frozen=True)
+class Call:
+    """A pynvml function, called with the device handle then ``args``; ``version`` names the
+    pynvml struct-version object passed as ``version=`` (e.g. ``nvmlMemory_v2``)."""
+
+    function: str
+    args: tuple[int, ...] = ()
+    version: str | None = None
+
+
+@dataclass(frozen=True)
+class Source:
+    """One NVML read of a device. ``calls`` are variants, newest first: the reader remembers per
+    device which one answers. No calls: the reader has its own code for it (GPM samples, Xid
+    events). ``plain`` turns the answer into plain data (numbers, tuples)."""
+
+    key: str
+    calls: tuple[Call, ...]
+    plain: Callable[[Any], Any] = lambda answer: answer
+    slow: bool = False  # changes rarely: read every SLOW_EVERY polls
+    mig: bool = False  # read on MIG devices too
+    what: str = ""  # for the logs, when not the key
+
+    @property
+    def described(self) -> str:
+        return self.what or self.key.replace("_", " ")
+
+
+# Rarely changing values (ECC counts, remapped rows, PCIe replays) are read every this many polls.
+SLOW_EVERY = 10
+
+SOURCES: dict[str, Source] = {
+    s.key: s
+    for s in (
+        Source("utilisation", (Call("nvmlDeviceGetUtilizationRates"),), lambda u: (float(u.gpu), float(u.memory))),
+        Source(
+            "memory",
+            # v2 where the driver has it: v1 counts the driver's reserved memory as used.
+            (Call("nvmlDeviceGetMemoryInfo", version="nvmlMemory_v2"), Call("nvmlDeviceGetMemoryInfo")),
+            lambda m: (int(m.used), int(m.total)),
+            mig=True,
+            what="memory info",
+        ),
+        Source(
+            "temperature",
+            (Call("nvmlDeviceGetTemperatureV", (0,)), Call("nvmlDeviceGetTemperature", (0,))),  # NVML_TEMPERATURE_GPU
+            float,
+        ),
+        Source("power", (Call("nvmlDeviceGetPowerUsage"),), float, what="power usage"),
+        Source("sm_clock", (Call("nvmlDeviceGetClockInfo", (1,)),), int),  # NVML_CLOCK_SM
+        Source("memory_clock", (Call("nvmlDeviceGetClockInfo", (2,)),), int),  # NVML_CLOCK_MEM
+        Source("energy", (Call("nvmlDeviceGetTotalEnergyConsumption"),), int),
+        Source("power_limit", (Call("nvmlDeviceGetEnforcedPowerLimit"),), int),
+        Source("encoder", (Call("nvmlDeviceGetEncoderUtilization"),), lambda answer: int(answer[0])),
+        Source("decoder", (Call("nvmlDeviceGetDecoderUtilization"),), lambda answer: int(answer[0])),
+        Source("pcie_tx", (Call("nvmlDeviceGetPcieThroughput", (0,)),), int),  # NVML_PCIE_UTIL_TX_BYTES
+        Source("pcie_rx", (Call("nvmlDeviceGetPcieThroughput", (1,)),), int),  # NVML_PCIE_UTIL_RX_BYTES
+        Source("pcie_replays", (Call("nvmlDeviceGetPcieReplayCounter"),), int, slow=True),
+        # (error type corrected 0 / uncorrected 1, NVML_VOLATILE_ECC 0): since the driver loaded.
+        Source("ecc_corrected", (Call("nvmlDeviceGetTotalEccErrors", (0, 0)),), int, slow=True),
+        Source("ecc_uncorrected", (Call("nvmlDeviceGetTotalEccErrors", (1, 0)),), int, slow=True),
+        Source("remapped_rows", (Call("nvmlDeviceGetRemappedRows"),), lambda rows: tuple(map(int, rows)), slow=True),
+        Source(
+            "clock_events",
+            (Call("nvmlDeviceGetCurrentClocksEventReasons"), Call("nvmlDeviceGetCurrentClocksThrottleReasons")),
+            int,
+        ),
+        Source("gpm", (), mig=True),  # {GPM metric id: percent} between two samples a poll apart
+        Source("xid", (), mig=True),  # {Xid: events counted} from NVML events (exporter.nvmlevents)
+    )
+}
+
+# GPM metric ids (nvmlGpmMetricId_t), all percentages.
+GPM_SM_ACTIVE, GPM_SM_OCCUPANCY, GPM_TENSOR_ACTIVE, GPM_DRAM_BANDWIDTH = 2, 3, 5, 10
+GPM_METRICS = (GPM_SM_ACTIVE, GPM_SM_OCCUPANCY, GPM_TENSOR_ACTIVE, GPM_DRAM_BANDWIDTH)
+
+# nvmlClocksEventReason bits, named as the gpu_clock_event_active{reason} label.
+CLOCK_EVENT_REASONS = {
+    "gpu_idle": 0x1,
+    "applications_clocks_setting": 0x2,
+    "sw_power_cap": 0x4,
+    "hw_slowdown": 0x8,
+    "sync_boost": 0x10,
+    "sw_thermal_slowdown": 0x20,
+    "hw_thermal_slowdown": 0x40,
+    "hw_power_brake_slowdown": 0x80,
+}
+
+
+@dataclass(frozen=True)
+class Family:
+    """One exported family. Device families take ``samples`` from the device's plain reads
+    (keyed by Source.key); the seed's pod families take ``pod_value`` from an attributed series."""
+
+    name: str  # as exposed: counters end in _total
+    help: str
+    unit: str
+    type: Literal["gauge", "counter"]
+    group: str
+    nvml: str  # where the value comes from, for the docs
+    labels: tuple[str, ...] = DEVICE_LABELS
+    reads: tuple[str, ...] = ()
+    samples: Callable[[Mapping[str, Any]], Iterable[tuple[tuple[str, ...], float | None]]] | None = None
+    pod_value: Callable[[GpuSeries], float | None] | None = None
+
+    @property
+    def devices(self) -> str:
+        """GPU, or GPU and MIG: where the family can have series."""
+        if self.pod_value is not None:
+            return "GPU, MIG"
+        return "GPU, MIG" if all(SOURCES[key].mig for key in self.reads) else "GPU"
+
+
+def _one(key: str, convert: Callable[[Any], float | None]) -> Callable[[Mapping[str, Any]], Iterator[Any]]:
+    """One sample, no extra labels, from one source."""
+
+    def samples(reads: Mapping[str, Any]) -> Iterator[tuple[tuple[str, ...], float | None]]:
+        if reads.get(key) is not None:
+            yield (), convert(reads[key])
+
+    return samples
+
+
+def _by_label(**by: tuple[str, Callable[[Any], float | None]]) -> Callable[[Mapping[str, Any]], Iterator[Any]]:
+    """One sample per value of the family's extra label, each from its own source."""
+
+    def samples(reads: Mapping[str, Any]) -> Iterator[tuple[tuple[str, ...], float | None]]:
+        for label, (key, convert) in by.items():
+            if reads.get(key) is not None:
+                yield (label,), convert(reads[key])
+
+    return samples
+
+
+def _percent_as_ratio(value: float) -> float:
+    return value / 100.0
+
+
+def _gpm(metric: int) -> Callable[[Any], float | None]:
+    def ratio(metrics: Mapping[int, float]) -> float | None:
+        return metrics[metric] / 100.0 if metric in metrics else None
+
+    return ratio
+
+
+def _clock_events(reasons: Mapping[str, Any]) -> Iterator[tuple[tuple[str, ...], float]]:
+    mask = reasons.get("clock_events")
+    if mask is not None:
+        for reason, bit in CLOCK_EVENT_REASONS.items():
+            yield (reason,), float(bool(mask & bit))
+
+
+def _xid(reads: Mapping[str, Any]) -> Iterator[tuple[tuple[str, ...], float]]:
+    for xid, count in sorted((reads.get("xid") or {}).items()):
+        yield (str(xid),), float(count)
+
+
+_WHOLE_DEVICE = "Absent on MIG devices."
+
+FAMILIES: tuple[Family, ...] = (
+    # --- seed: the five *_current families with their pod labels, and the pod join
+    Family(
+        "duty_cycle_current",
+        "GPU utilisation in percent (0-100): the device's, or on a GPU shared by several pods the pod's "
+        "own processes' SM utilisation summed. Absent on MIG devices, where NVML does not measure it.",
+        "percent",
+        "gauge",
+        SEED,
+        "`nvmlDeviceGetUtilizationRates().gpu`; on a GPU shared by several pods, the pod's own processes' "
+        "SM utilisation (`nvmlDeviceGetProcessUtilization`) summed",
+        POD_LABELS,
+        pod_value=lambda s: s.duty_cycle_percent,
+    ),
+    Family(
+        "memory_used_bytes_current",
+        "GPU memory used, in bytes: the device's, or on a shared GPU the pod's own processes' memory summed.",
+        "bytes",
+        "gauge",
+        SEED,
+        "`nvmlDeviceGetMemoryInfo` v2 (v1 on older drivers); on a shared GPU, the pod's processes' "
+        "`usedGpuMemory` summed",
+        POD_LABELS,
+        pod_value=lambda s: s.memory_used_bytes,
+    ),
+    Family(
+        "memory_total_bytes_current",
+        "GPU memory total, in bytes, of the device (GPU or MIG device).",
+        "bytes",
+        "gauge",
+        SEED,
+        "`nvmlDeviceGetMemoryInfo`: the device's total",
+        POD_LABELS,
+        pod_value=lambda s: s.device.memory_total_bytes,
+    ),
+    Family(
+        "temperature_celsius_current",
+        "GPU core temperature in degrees Celsius.",
+        "celsius",
+        "gauge",
+        SEED,
+        "`nvmlDeviceGetTemperatureV` (falls back to `nvmlDeviceGetTemperature`)",
+        POD_LABELS,
+        pod_value=lambda s: s.device.temperature_celsius,
+    ),
+    Family(
+        "power_usage_milliwatts_current",
+        "GPU board power draw in milliwatts.",
+        "milliwatts",
+        "gauge",
+        SEED,
+        "`nvmlDeviceGetPowerUsage`",
+        POD_LABELS,
+        pod_value=lambda s: s.device.power_milliwatts,
+    ),
+    Family(
+        "gpu_pod_info",
+        "1 for each pod using a device (GPU or MIG device): join per-device families to pods on node, gpu and uuid.",
+        "info",
+        "gauge",
+        SEED,
+        "pod-resources allocations and the GPU processes' cgroups",
+        POD_INFO_LABELS,
+        pod_value=lambda s: 1.0 if s.pod else None,
+    ),
+    Family(
+        "gpu_memory_utilization_ratio",
+        "Fraction of the last sample period (0-1) during which GPU memory was being read or written. " + _WHOLE_DEVICE,
+        "ratio",
+        "gauge",
+        SEED,
+        "`nvmlDeviceGetUtilizationRates().memory` ÷ 100",
+        reads=("utilisation",),
+        samples=_one("utilisation", lambda u: u[1] / 100.0),
+    ),
+    # --- clocks
+    Family(
+        "gpu_sm_clock_hertz",
+        "Current SM clock, in hertz. " + _WHOLE_DEVICE,
+        "hertz",
+        "gauge",
+        "clocks",
+        "`nvmlDeviceGetClockInfo(NVML_CLOCK_SM)` (MHz × 10⁶)",
+        reads=("sm_clock",),
+        samples=_one("sm_clock", lambda mhz: mhz * 1e6),
+    ),
+    Family(
+        "gpu_memory_clock_hertz",
+        "Current memory clock, in hertz. " + _WHOLE_DEVICE,
+        "hertz",
+        "gauge",
+        "clocks",
+        "`nvmlDeviceGetClockInfo(NVML_CLOCK_MEM)` (MHz × 10⁶)",
+        reads=("memory_clock",),
+        samples=_one("memory_clock", lambda mhz: mhz * 1e6),
+    ),
+    # --- power
+    Family(
+        "gpu_energy_joules_total",
+        "Energy the GPU consumed since the driver loaded, in joules (Volta and newer). " + _WHOLE_DEVICE,
+        "joules",
+        "counter",
+        "power",
+        "`nvmlDeviceGetTotalEnergyConsumption` (mJ ÷ 1000)",
+        reads=("energy",),
+        samples=_one("energy", lambda mj: mj / 1000.0),
+    ),
+    Family(
+        "gpu_power_limit_watts",
+        "Power limit the driver enforces, in watts. " + _WHOLE_DEVICE,
+        "watts",
+        "gauge",
+        "power",
+        "`nvmlDeviceGetEnforcedPowerLimit` (mW ÷ 1000)",
+        reads=("power_limit",),
+        samples=_one("power_limit", lambda mw: mw / 1000.0),
+    ),
+    # --- media
+    Family(
+        "gpu_encoder_utilization_ratio",
+        "Fraction of the sampling period (0-1) the video encoder was busy. " + _WHOLE_DEVICE,
+        "ratio",
+        "gauge",
+        "media",
+        "`nvmlDeviceGetEncoderUtilization` ÷ 100",
+        reads=("encoder",),
+        samples=_one("encoder", _percent_as_ratio),
+    ),
+    Family(
+        "gpu_decoder_utilization_ratio",
+        "Fraction of the sampling period (0-1) the video decoder was busy. " + _WHOLE_DEVICE,
+        "ratio",
+        "gauge",
+        "media",
+        "`nvmlDeviceGetDecoderUtilization` ÷ 100",
+        reads=("decoder",),
+        samples=_one("decoder", _percent_as_ratio),
+    ),
+    # --- pcie
+    Family(
+        "gpu_pcie_throughput_bytes_per_second",
+        "PCIe throughput over a 20 ms sample, in bytes per second, by direction (tx: from the GPU, rx: to it). "
+        + _WHOLE_DEVICE,
+        "bytes per second",
+        "gauge",
+        "pcie",
+        "`nvmlDeviceGetPcieThroughput(NVML_PCIE_UTIL_TX_BYTES | RX_BYTES)` (KB/s × 1024)",
+        labels=(*DEVICE_LABELS, "direction"),
+        reads=("pcie_tx", "pcie_rx"),
+        samples=_by_label(tx=("pcie_tx", lambda kb: kb * 1024.0), rx=("pcie_rx", lambda kb: kb * 1024.0)),
+    ),
+    # --- health
+    Family(
+        "gpu_pcie_replay_errors_total",
+        "PCIe replays (retransmitted packets) since the driver loaded; a rising count is a failing link. "
+        + _WHOLE_DEVICE,
+        "errors",
+        "counter",
+        "health",
+        "`nvmlDeviceGetPcieReplayCounter`",
+        reads=("pcie_replays",),
+        samples=_one("pcie_replays", float),
+    ),
+    Family(
+        "gpu_xid_errors_total",
+        "Xid critical errors reported by the driver since the agent started, by Xid code; a code's series "
+        "appears at 1 on its first event. Counted on the MIG device when the event names its GPU instance.",
+        "errors",
+        "counter",
+        "health",
+        "NVML events: `nvmlDeviceRegisterEvents(nvmlEventTypeXidCriticalError)`, `nvmlEventSetWait_v2` "
+        "on a thread of its own",
+        labels=(*DEVICE_LABELS, "xid"),
+        reads=("xid",),
+        samples=_xid,
+    ),
+    Family(
+        "gpu_ecc_errors_total",
+        "ECC memory errors since the driver loaded (volatile counts), by type: corrected, uncorrected. "
+        + _WHOLE_DEVICE,
+        "errors",
+        "counter",
+        "health",
+        "`nvmlDeviceGetTotalEccErrors(type, NVML_VOLATILE_ECC)`",
+        labels=(*DEVICE_LABELS, "type"),
+        reads=("ecc_corrected", "ecc_uncorrected"),
+        samples=_by_label(corrected=("ecc_corrected", float), uncorrected=("ecc_uncorrected", float)),
+    ),
+    Family(
+        "gpu_remapped_rows",
+        "Memory rows remapped, by the kind of error that caused it: correctable, uncorrectable (Ampere and "
+        "newer). " + _WHOLE_DEVICE,
+        "rows",
+        "gauge",
+        "health",
+        "`nvmlDeviceGetRemappedRows` (corrRows, uncRows)",
+        labels=(*DEVICE_LABELS, "kind"),
+        reads=("remapped_rows",),
+        samples=_by_label(
+            correctable=("remapped_rows", lambda rows: float(rows[0])),
+            uncorrectable=("remapped_rows", lambda rows: float(rows[1])),
+        ),
+    ),
+    Family(
+        "gpu_row_remap_pending",
+        "1 when a row remap is pending: the GPU needs a reset to apply it. " + _WHOLE_DEVICE,
+        "boolean",
+        "gauge",
+        "health",
+        "`nvmlDeviceGetRemappedRows` (isPending)",
+        reads=("remapped_rows",),
+        samples=_one("remapped_rows", lambda rows: float(bool(rows[2]))),
+    ),
+    Family(
+        "gpu_row_remap_failed",
+        "1 when a row remap failed: the GPU should be taken out of service. " + _WHOLE_DEVICE,
+        "boolean",
+        "gauge",
+        "health",
+        "`nvmlDeviceGetRemappedRows` (failureOccurred)",
+        reads=("remapped_rows",),
+        samples=_one("remapped_rows", lambda rows: float(bool(rows[3]))),
+    ),
+    Family(
+        "gpu_clock_event_active",
+        "1 while a reason is holding the clocks down (throttling), by reason. " + _WHOLE_DEVICE,
+        "boolean",
+        "gauge",
+        "health",
+        "`nvmlDeviceGetCurrentClocksEventReasons` (older drivers: `nvmlDeviceGetCurrentClocksThrottleReasons`)",
+        labels=(*DEVICE_LABELS, "reason"),
+        reads=("clock_events",),
+        samples=_clock_events,
+    ),
+    # --- profiling (GPM: Hopper and newer)
+    Family(
+        "gpu_sm_active_ratio",
+        "Fraction of SMs busy (0-1) over the last poll interval; absent where GPM is not supported.",
+        "ratio",
+        "gauge",
+        "profiling",
+        "GPM `NVML_GPM_METRIC_SM_UTIL` ÷ 100 (`nvmlGpmMigSampleGet` on MIG)",
+        reads=("gpm",),
+        samples=_one("gpm", _gpm(GPM_SM_ACTIVE)),
+    ),
+    Family(
+        "gpu_sm_occupancy_ratio",
+        "Resident warps over the theoretical maximum (0-1) over the last poll interval; absent where GPM "
+        "is not supported.",
+        "ratio",
+        "gauge",
+        "profiling",
+        "GPM `NVML_GPM_METRIC_SM_OCCUPANCY` ÷ 100",
+        reads=("gpm",),
+        samples=_one("gpm", _gpm(GPM_SM_OCCUPANCY)),
+    ),
+    Family(
+        "gpu_tensor_active_ratio",
+        "Fraction of time (0-1) the SMs ran any tensor operation over the last poll interval; absent where "
+        "GPM is not supported.",
+        "ratio",
+        "gauge",
+        "profiling",
+        "GPM `NVML_GPM_METRIC_ANY_TENSOR_UTIL` ÷ 100",
+        reads=("gpm",),
+        samples=_one("gpm", _gpm(GPM_TENSOR_ACTIVE)),
+    ),
+    Family(
+        "gpu_dram_bandwidth_ratio",
+        "DRAM bandwidth used over the theoretical maximum (0-1) over the last poll interval; absent where "
+        "GPM is not supported.",
+        "ratio",
+        "gauge",
+        "profiling",
+        "GPM `NVML_GPM_METRIC_DRAM_BW_UTIL` ÷ 100",
+        reads=("gpm",),
+        samples=_one("gpm", _gpm(GPM_DRAM_BANDWIDTH)),
+    ),
+)
+
+# The seed's own reads: the *_current families and attribution use them whatever the groups.
+SEED_READS = ("utilisation", "memory", "temperature", "power")
+POD_FAMILIES = tuple(f for f in FAMILIES if f.pod_value is not None)
+DEVICE_FAMILIES = tuple(f for f in FAMILIES if f.samples is not None)
+
+
+def parse_groups(text: str) -> frozenset[str]:
+    """``--metrics``: comma-separated groups, or ``all``; seed is always on. ValueError names an unknown one."""
+    wanted = {part.strip() for part in text.split(",") if part.strip()}
+    if "all" in wanted:
+        wanted = (wanted - {"all"}) | set(GROUPS)
+    unknown = sorted(wanted - set(GROUPS))
+    if unknown:
+        known = ", ".join(GROUPS)
+        raise ValueError(
+            f"unknown group {', '.join(map(repr, unknown))}; want a comma-separated list of {known} or all"
+        )
+    return frozenset(wanted | {SEED})
+
+
+def enabled_families(groups: Iterable[str]) -> tuple[Family, ...]:
+    chosen = set(groups) | {SEED}
+    return tuple(f for f in DEVICE_FAMILIES if f.group in chosen)
+
+
+def reads_for(families: Iterable[Family], mig: bool) -> tuple[Source, ...]:
+    """The sources a device needs for these families (a MIG device only those read on MIG)."""
+    keys = dict.fromkeys(key for family in families for key in family.reads)
+    keys.update(dict.fromkeys(SEED_READS))
+    return tuple(SOURCES[key] for key in keys if not mig or SOURCES[key].mig)
+
+
+def device_samples(families: Iterable[Family], reads: Mapping[str, Any]) -> dict[str, Samples]:
+    """Each family's samples from one device's plain reads; a family with no value is left out."""
+    out: dict[str, Samples] = {}
+    for family in families:
+        if family.samples is None:
+            continue
+        samples = tuple((labels, float(v)) for labels, v in family.samples(reads) if v is not None)
+        if samples:
+            out[family.name] = samples
+    return out

@@ -1,0 +1,160 @@
+"""Xid critical errors from NVML events, counted on a thread of their own.
+
+``nvmlEventSetWait`` blocks, so it never runs on the poll path. The watcher registers the GPUs the
+reader found for ``nvmlEventTypeXidCriticalError`` and counts each event once, by GPU UUID and
+GPU instance (a MIG device), and by Xid code. Any failure (NVML gone, a GPU lost, an exception
+of any type) frees the event set, logs one line per change of state and retries with jittered
+exponential backoff, as client-go's reflector does; events that happen while it is not
+registered are not seen (NVML does not queue them for a set that does not exist).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import ctypes
+import logging
+import random
+import threading
+from collections import Counter
+from collections.abc import Sequence
+from typing import Any
+
+import pynvml
+
+log = logging.getLogger(__name__)
+
+_NO_INSTANCE = 0xFFFFFFFF
+
+XidCounts = dict[tuple[str, int | None], dict[int, int]]  # (GPU uuid, GPU instance id) -> Xid -> count
+
+
+def _address(handle: Any) -> int | None:
+    return ctypes.cast(handle, ctypes.c_void_p).value
+
+
+class XidWatcher:
+    def __init__(self, wait_ms: int = 250, retry_min_s: float = 1.0, retry_max_s: float = 30.0) -> None:
+        self._wait_ms = wait_ms
+        self._retry_min_s = retry_min_s
+        self._retry_max_s = retry_max_s
+        self._lock = threading.Lock()
+        self._wanted: tuple[tuple[int, str], ...] = ()
+        self._counts: Counter[tuple[str, int | None, int]] = Counter()
+        self._stop = threading.Event()
+        self._changed = threading.Event()
+        self._thread: threading.Thread | None = None
+        self.registered = 0  # GPUs registered for Xid events right now
+
+    def watch(self, gpus: Sequence[tuple[int, str]]) -> None:
+        """The GPUs (index, uuid) to watch; the thread starts on the first call. Never blocks."""
+        wanted = tuple(gpus)
+        with self._lock:
+            if wanted == self._wanted and self._thread is not None:
+                return
+            self._wanted = wanted
+            self._changed.set()
+            if self._thread is None and not self._stop.is_set():
+                self._thread = threading.Thread(target=self._run, name="nvml-events", daemon=True)
+                self._thread.start()
+
+    def counts(self) -> XidCounts:
+        with self._lock:
+            items = list(self._counts.items())
+        out: XidCounts = {}
+        for (uuid, instance, xid), count in items:
+            out.setdefault((uuid, instance), {})[xid] = count
+        return out
+
+    def close(self, timeout_s: float = 0.5) -> None:
+        self._stop.set()
+        self._changed.set()
+        if self._thread is not None:
+            self._thread.join(timeout_s)
+
+    def _run(self) -> None:
+        event_set: Any = None
+        handles: dict[int, str] = {}  # handle address -> GPU uuid
+        retry_s = self._retry_min_s
+        failing: str | None = None
+        while not self._stop.is_set():
+            try:
+                if self._changed.is_set():
+                    self._changed.clear()
+                    event_set = self._free(event_set)
+                    event_set, handles = self._register()
+                if event_set is None:
+                    self._changed.wait(self._wait_ms / 1000)
+                    continue
+                try:
+                    data = pynvml.nvmlEventSetWait_v2(event_set, self._wait_ms)
+                except pynvml.NVMLError as error:
+                    if error.value != pynvml.NVML_ERROR_TIMEOUT:
+                        raise
+                    data = None
+                if data is not None:
+                    self._count(data, handles)
+                if failing is not None:
+                    log.info("Xid events: watching again (%d GPUs)", self.registered)
+                    failing = None
+                retry_s = self._retry_min_s
+            except Exception as error:  # any fault: back off and register afresh
+                state = f"{type(error).__name__}: {error}"
+                if state != failing:
+                    log.warning("Xid events: %s; retrying with backoff", state)
+                    failing = state
+                event_set = self._free(event_set)
+                self.registered = 0
+                self._changed.set()  # register again after the pause
+                self._stop.wait(retry_s * random.uniform(0.5, 1.5))
+                retry_s = min(retry_s * 2, self._retry_max_s)
+        self._free(event_set)
+
+    def _register(self) -> tuple[Any, dict[int, str]]:
+        with self._lock:
+            wanted = self._wanted
+        if not wanted:
+            self.registered = 0
+            return None, {}
+        event_set = pynvml.nvmlEventSetCreate()
+        handles: dict[int, str] = {}
+        try:
+            for index, uuid in wanted:
+                handle = pynvml.nvmlDeviceGetHandleByIndex(index)
+                try:
+                    pynvml.nvmlDeviceRegisterEvents(handle, pynvml.nvmlEventTypeXidCriticalError, event_set)
+                except pynvml.NVMLError as error:
+                    if error.value != pynvml.NVML_ERROR_NOT_SUPPORTED:
+                        raise
+                    log.info("GPU %d (%s): Xid events not supported; gpu_xid_errors_total is left out", index, uuid)
+                    continue
+                address = _address(handle)
+                if address is not None:
+                    handles[address] = uuid
+        except BaseException:
+            self._free(event_set)
+            raise
+        if len(handles) != self.registered:
+            log.info("Xid events: watching %d of %d GPUs", len(handles), len(wanted))
+        self.registered = len(handles)
+        if not handles:
+            return self._free(event_set), {}
+        return event_set, handles
+
+    def _count(self, data: Any, handles: dict[int, str]) -> None:
+        if not int(data.eventType) & pynvml.nvmlEventTypeXidCriticalError:
+            return
+        uuid = handles.get(_address(data.device) or 0)
+        if uuid is None:
+            return  # not a GPU we registered (cannot happen with one set per watcher)
+        instance = int(data.gpuInstanceId)
+        key = (uuid, None if instance == _NO_INSTANCE else instance, int(data.eventData))
+        with self._lock:
+            self._counts[key] += 1
+        log.warning("GPU %s: Xid %d%s", uuid, key[2], "" if key[1] is None else f" on GPU instance {key[1]}")
+
+    @staticmethod
+    def _free(event_set: Any) -> None:
+        if event_set is not None:
+            with contextlib.suppress(pynvml.NVMLError):  # NVML went away with it
+                pynvml.nvmlEventSetFree(event_set)
+        return None
