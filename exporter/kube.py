@@ -1,173 +1,450 @@
-"""The Kubernetes API edge: a watch of the pods on this node, kept as a UID -> PodInfo map.
+"""The Kubernetes API edge: a list/watch reflector as client-go's, and the watch of this node's pods on it.
 
-List once, then watch from the list's resourceVersion; a broken watch resumes from the last
-resourceVersion seen (bookmarks included), and only an expired one (410 Gone) costs a relist.
-The map is replaced, never mutated, so the poll loop reads a consistent copy without locks.
+A reflector keeps one resource in memory as compact frozen records (a caller's function turns each
+object into one; whole objects are never kept). It lists in pages, watches from the list's
+resourceVersion with bookmarks, resumes a broken watch from the last version seen and re-lists only
+when that version is gone (410). Every failure waits on client-go's reflector backoff (about 1 s
+doubling to 30 s, with jitter, reset after two healthy minutes), so a 410 storm or an API that is
+away costs a few requests a minute instead of hundreds a second. ``up`` is false while failing and
+each change of state is logged once. No fault in one event or object ends the thread.
 """
 
 from __future__ import annotations
 
-import json
 import logging
+import random
+import re
 import threading
-from collections.abc import Mapping
-from typing import Any
+import time
+from collections import Counter
+from collections.abc import Callable, Mapping
+from types import MappingProxyType
+from typing import Any, Generic, TypeVar
 
-from kubernetes import client, config
-from kubernetes.client.exceptions import ApiException
-from kubernetes.watch.watch import iter_resp_lines
-
+from exporter.kubeclient import (
+    MAX_ERROR_BODY_BYTES,
+    ApiError,
+    ConfigError,
+    KubeClient,
+    ProtocolError,
+    StreamTimeout,
+    api_error,
+    decode_json,
+    load_credentials,
+)
 from exporter.model import PodInfo
 
 log = logging.getLogger(__name__)
 
-WATCH_SECONDS = 300  # the server ends each watch after this; we resume from the last version
+T = TypeVar("T")
+
+PAGE_SIZE = 500  # client-go's pager default
+LIST_TIMEOUT_S = 60.0  # per page
+MIN_WATCH_TIMEOUT_S = 300.0  # the server ends each watch after 5-10 minutes (client-go's spread)
+READ_GRACE_S = 30.0  # beyond the watch's timeout, before a silent server counts as hung
+PROBATION_S = 1.0  # a watch quiet this long after its head is healthy; ending sooner with nothing is not
+JSON = "application/json"
+METADATA_LIST = "application/json;as=PartialObjectMetadataList;g=meta.k8s.io;v=v1,application/json"
+METADATA_WATCH = "application/json;as=PartialObjectMetadata;g=meta.k8s.io;v=v1,application/json"
 
 
-def api_client(kubeconfig: str | None) -> client.ApiClient:
-    """From a kubeconfig file, or the pod's service account when None."""
-    if kubeconfig:
-        loaded: client.ApiClient = config.new_client_from_config(config_file=kubeconfig)
-        return loaded
-    configuration = client.Configuration()
-    config.incluster_config.InClusterConfigLoader(
-        token_filename=config.incluster_config.SERVICE_TOKEN_FILENAME,
-        cert_filename=config.incluster_config.SERVICE_CERT_FILENAME,
-    ).load_and_set(configuration)
-    return client.ApiClient(configuration)
+class Backoff:
+    """client-go's reflector backoff manager: ``initial_s`` doubling to ``cap_s``, each delay
+    stretched by up to ``jitter`` of itself so nodes spread out, back to ``initial_s`` once no delay
+    was asked for during ``reset_after_s`` (the API was healthy meanwhile)."""
+
+    def __init__(
+        self,
+        initial_s: float = 1.0,
+        cap_s: float = 30.0,
+        factor: float = 2.0,
+        jitter: float = 0.5,
+        reset_after_s: float = 120.0,
+        clock: Callable[[], float] = time.monotonic,
+    ) -> None:
+        self.initial_s = initial_s
+        self.cap_s = cap_s
+        self.factor = factor
+        self.jitter = jitter
+        self.reset_after_s = reset_after_s
+        self._clock = clock
+        self._next_s = initial_s
+        self._last: float | None = None
+
+    def next_delay(self) -> float:
+        now = self._clock()
+        if self._last is not None and now - self._last > self.reset_after_s:
+            self._next_s = self.initial_s
+        self._last = now
+        delay = self._next_s
+        self._next_s = min(self._next_s * self.factor, self.cap_s)
+        return delay * (1 + self.jitter * random.random())
 
 
-def pod_info(raw: Mapping[str, Any]) -> PodInfo:
-    """A pod object's JSON (as the API serves it) reduced to what attribution needs."""
-    metadata = raw.get("metadata", {})
-    status = raw.get("status", {})
-    containers: dict[str, str] = {}
-    for key in ("containerStatuses", "initContainerStatuses", "ephemeralContainerStatuses"):
-        for container in status.get(key) or ():
-            container_id = container.get("containerID") or ""
-            if container_id:
-                containers[container_id.split("://", 1)[-1]] = container.get("name", "")
-    return PodInfo(
-        uid=metadata.get("uid", ""),
-        namespace=metadata.get("namespace", ""),
-        name=metadata.get("name", ""),
-        phase=status.get("phase", ""),
-        container_names=containers,
-        labels=dict(metadata.get("labels") or {}),
-    )
+class _Expired(Exception):  # noqa: N818 (a state of the watch, not an error in itself)
+    """410 Gone: the watch's resourceVersion has left the server's history."""
 
 
-class _WatchExpiredError(Exception):
-    """The watch's resourceVersion is too old: relist."""
+def _uid(raw: Mapping[str, Any]) -> str:
+    return str(raw["metadata"]["uid"])
 
 
-class PodWatcher:
-    """Keeps the pods scheduled on ``node_name`` (all pods when None) in memory, from a background thread."""
+class Reflector(Generic[T]):
+    """One resource (``path``, or a function finding it, e.g. by discovery) kept as ``uid -> record``.
 
-    def __init__(self, node_name: str | None, kubeconfig: str | None, retry_s: float = 2.0) -> None:
-        self.node_name = node_name
-        self.up = False
+    ``convert`` turns an object's JSON into a record, or None to leave it out; it may raise on an
+    object it cannot read, which is then counted in ``errors`` and skipped. With ``metadata_only``
+    the server sends PartialObjectMetadata (``metadata`` alone), which is all some callers need.
+    """
+
+    def __init__(
+        self,
+        what: str,
+        path: str | Callable[[KubeClient], str],
+        convert: Callable[[Mapping[str, Any]], T | None],
+        connect: Callable[[], KubeClient],
+        field_selector: str | None = None,
+        label_selector: str | None = None,
+        metadata_only: bool = False,
+        page_size: int = PAGE_SIZE,
+        backoff: Backoff | None = None,
+        watch_timeout_s: float | None = None,
+        probation_s: float = PROBATION_S,
+    ) -> None:
+        self.what = what
+        self.errors: Counter[str] = Counter()  # contained faults: bad_event, bad_object
+        self._path = path
+        self._convert = convert
+        self._connect = connect
+        self._selectors = {
+            key: value for key, value in (("fieldSelector", field_selector), ("labelSelector", label_selector)) if value
+        }
+        self._accept_list = METADATA_LIST if metadata_only else JSON
+        self._accept_watch = METADATA_WATCH if metadata_only else JSON
+        self._page_size = page_size
+        self._backoff = backoff or Backoff()
+        self._watch_timeout_s = watch_timeout_s
+        self._probation_s = probation_s
+        self._lock = threading.Lock()
+        self._store: dict[str, T] = {}
+        self._changes = 0
+        self._published: tuple[int, Mapping[str, T]] = (-1, MappingProxyType({}))
         self._synced = False
-        self._pods: dict[str, PodInfo] = {}
-        self._kubeconfig = kubeconfig
-        self._retry_s = retry_s
+        self._up = False
+        self._failure: str | None = None  # the kind of failure last logged, None while healthy
+        self._failures = 0
+        self._fresh_list = False  # listed, and no watch has shown progress since
+        self._client: KubeClient | None = None
         self._stop = threading.Event()
-        self._thread = threading.Thread(target=self._run, name="pod-watch", daemon=True)
+        self._thread = threading.Thread(target=self._run, name=f"watch {what}", daemon=True)
+
+    # --- what callers read ---
+    @property
+    def items(self) -> Mapping[str, T] | None:
+        """Records by UID, or None until the first list completed (unknown, not empty)."""
+        if not self._synced:
+            return None
+        changes, published = self._published
+        if changes != self._changes:
+            with self._lock:
+                self._published = (self._changes, MappingProxyType(dict(self._store)))
+            changes, published = self._published
+        return published
 
     @property
-    def pods(self) -> Mapping[str, PodInfo] | None:
-        """Pods by UID, or None until the first list succeeded (the API is unknown, not empty)."""
-        return self._pods if self._synced else None
+    def up(self) -> bool:
+        """False while requests fail or watches cannot be kept open."""
+        return self._up
+
+    @property
+    def synced(self) -> bool:
+        return self._synced
 
     def start(self) -> None:
         self._thread.start()
 
     def stop(self) -> None:
+        """Ends the thread soon: requests in flight are cut off."""
         self._stop.set()
+        client = self._client
+        if client is not None:
+            client.close()
 
-    def _api(self) -> client.CoreV1Api:
-        return client.CoreV1Api(api_client(self._kubeconfig))
+    def join(self, timeout: float | None = None) -> None:
+        if self._thread.ident is not None:
+            self._thread.join(timeout)
 
+    # --- the loop ---
     def _run(self) -> None:
-        api: client.CoreV1Api | None = None
-        version: str | None = None
-        last_error = ""
-        while not self._stop.is_set():
+        version: str | None = None  # None: list first
+        path = ""
+        delay = 0.0
+        while not self._stop.wait(delay):
+            delay = 0.0
             try:
-                if api is None:
-                    api = self._api()
+                if self._client is None:
+                    self._client = self._connect()
+                    if self._stop.is_set():
+                        break
+                client = self._client
                 if version is None:
-                    version = self._list(api)
-                version = self._watch(api, version)
-                last_error = ""
-            except _WatchExpiredError:
+                    path = self._path if isinstance(self._path, str) else self._path(client)
+                    version = self._list(client, path)
+                version = self._watch(client, path, version)
+            except _Expired:
                 version = None
-            except ApiException as error:
-                if error.status == 410:
-                    version = None
-                    continue
-                self.up = False
-                log.warning("Kubernetes API error %s: %s; retrying", error.status, error.reason)
-                self._stop.wait(self._retry_s)
-            except Exception as error:  # the API edge: any failure means "retry later"
-                self.up = False
-                message = f"Kubernetes API unavailable ({type(error).__name__}: {error})"
-                if message != last_error:
-                    log.warning("%s; pods named from pod-resources only, retrying", message.splitlines()[0])
-                    last_error = message
-                if isinstance(error, config.ConfigException):
-                    api = None
-                self._stop.wait(self._retry_s)
-
-    def _selector(self) -> str | None:
-        return f"spec.nodeName={self.node_name}" if self.node_name else None
-
-    def _list(self, api: client.CoreV1Api) -> str:
-        # With _preload_content=False the client returns the raw HTTP response, not a V1PodList.
-        response: Any = api.list_pod_for_all_namespaces(
-            field_selector=self._selector(), _preload_content=False, _request_timeout=30
-        )
-        body = json.loads(response.data)
-        pods = {info.uid: info for info in (pod_info(item) for item in body.get("items") or ()) if info.uid}
-        self._pods = pods
-        if not self._synced:
-            where = f"on node {self.node_name}" if self.node_name else "in the cluster"
-            log.info("watching %d pods %s through the Kubernetes API", len(pods), where)
-        self._synced = True
-        self.up = True
-        return str(body.get("metadata", {}).get("resourceVersion", ""))
-
-    def _watch(self, api: client.CoreV1Api, version: str) -> str:
-        response: Any = api.list_pod_for_all_namespaces(
-            field_selector=self._selector(),
-            watch=True,
-            resource_version=version,
-            allow_watch_bookmarks=True,
-            timeout_seconds=WATCH_SECONDS,
-            _preload_content=False,
-            _request_timeout=(10, WATCH_SECONDS + 30),
-        )
-        try:
-            self.up = True
-            for line in iter_resp_lines(response):
+                if self._fresh_list:  # not even one event since the list: the server cannot be watched
+                    self._failed("watch expired right after the list (410 Gone)", "")
+                else:
+                    log.debug("%s: watch expired (410 Gone); listing again", self.what)
+                delay = self._backoff.next_delay()
+            except Exception as error:  # the API edge: any failure means "back off, then retry"
                 if self._stop.is_set():
                     break
-                event = json.loads(line)
-                kind, obj = event.get("type"), event.get("object") or {}
-                if kind == "ERROR":
-                    if obj.get("code") == 410:
-                        raise _WatchExpiredError()
-                    raise ApiException(status=obj.get("code"), reason=obj.get("message"))
-                version = str(obj.get("metadata", {}).get("resourceVersion", version))
-                if kind == "BOOKMARK":
+                detail = error.message if isinstance(error, ApiError) else str(error)
+                self._failed(_kind(error), detail, unexpected=not _expected(error))
+                if isinstance(error, ConfigError | OSError) and not isinstance(error, TimeoutError):
+                    self._client = None  # credentials, CA or address may have changed: load them again
+                delay = self._backoff.next_delay()
+
+    def _list(self, client: KubeClient, path: str) -> str:
+        """All pages into a new store, swapped in whole; the list's resourceVersion."""
+        records: dict[str, T] = {}
+        token = ""
+        restarted = False
+        while True:
+            params = dict(self._selectors, limit=str(self._page_size))
+            if token:
+                params["continue"] = token
+            try:
+                page = client.get_json(path, params, self._accept_list, LIST_TIMEOUT_S)
+            except ApiError as error:
+                if error.status == 410 and token and not restarted:
+                    # The continue token outlived the server's history: start again from page one.
+                    records.clear()
+                    token, restarted = "", True
                     continue
-                info = pod_info(obj)
-                pods = dict(self._pods)
-                if kind == "DELETED":
-                    pods.pop(info.uid, None)
-                else:
-                    pods[info.uid] = info
-                self._pods = pods
-        finally:
-            response.release_conn()
+                raise
+            if self._stop.is_set():
+                raise InterruptedError("stopping")
+            if not isinstance(page, dict):
+                raise ProtocolError("a list answer that is not an object")
+            for item in page.get("items") or ():
+                self._absorb(records, item)
+            meta = page.get("metadata") or {}
+            token = str(meta.get("continue") or "")
+            if not token:
+                version = str(meta.get("resourceVersion") or "")
+                break
+        if not version:
+            raise ProtocolError("a list without a resourceVersion")
+        with self._lock:
+            self._store = records
+            self._changes += 1
+        self._fresh_list = True
+        if not self._synced:
+            log.info("%s: listed %d through the Kubernetes API, watching for changes", self.what, len(records))
+            self._synced = True
+            if self._failure is None:
+                self._up = True
         return version
+
+    def _absorb(self, records: dict[str, T], item: object) -> None:
+        try:
+            if not isinstance(item, dict):
+                raise ProtocolError("a list item that is not an object")
+            record = self._convert(item)
+            if record is not None:
+                records[_uid(item)] = record
+        except Exception as error:  # one unreadable object is left out, never the whole list
+            self._contained("bad_object", error)
+
+    def _watch(self, client: KubeClient, path: str, version: str) -> str:
+        """Follows changes until the server ends the watch; the last resourceVersion seen."""
+        timeout_s = self._watch_timeout_s or MIN_WATCH_TIMEOUT_S * (1 + random.random())
+        params = dict(
+            self._selectors,
+            watch="true",
+            resourceVersion=version,
+            allowWatchBookmarks="true",
+            timeoutSeconds=str(int(timeout_s)),
+        )
+        started = time.monotonic()
+        end = started + timeout_s + READ_GRACE_S
+        connection = client.open(path, params, self._accept_watch, end)
+        try:
+            status = connection.read_head(end)
+            if status >= 400:
+                error = api_error(status, connection.read_body(end, MAX_ERROR_BODY_BYTES))
+                raise _Expired() if status == 410 else error
+            if status != 200:
+                raise ApiError(status, "Unexpected", "")
+            probation_end = time.monotonic() + self._probation_s
+            proven = False
+            while not self._stop.is_set():
+                try:
+                    line = connection.read_line(end if proven else min(end, probation_end))
+                except StreamTimeout:
+                    if proven or time.monotonic() >= end:
+                        raise
+                    proven = True  # open and quiet: a healthy watch on a quiet resource
+                    self._progressed()
+                    continue
+                if line is None:
+                    if not proven:
+                        raise ProtocolError("the watch ended at once with nothing in it")
+                    return version
+                if line.strip():
+                    version = self._apply(line, version)
+                    if not proven:
+                        proven = True
+                        self._progressed()
+            return version
+        finally:
+            connection.close()
+
+    def _apply(self, line: bytes, version: str) -> str:
+        """One watch event into the store; the resourceVersion to resume from."""
+        event = decode_json(line)  # not JSON: the stream is broken; resume from the last good version
+        if not isinstance(event, dict):
+            self._contained("bad_event", ProtocolError(f"an event that is not an object: {line[:80]!r}"))
+            return version
+        kind, obj = event.get("type"), event.get("object")
+        if kind == "ERROR":
+            status = obj if isinstance(obj, dict) else {}
+            code = status.get("code")
+            if code == 410:
+                raise _Expired()
+            raise ApiError(
+                code if isinstance(code, int) else 500, str(status.get("reason", "")), str(status.get("message", ""))
+            )
+        uid = None
+        record = None
+        try:
+            if not isinstance(obj, dict) or kind not in ("ADDED", "MODIFIED", "DELETED", "BOOKMARK"):
+                raise ProtocolError(f"an event of type {kind!r} with a {type(obj).__name__}")
+            version = str(obj["metadata"].get("resourceVersion") or version)
+            if kind == "BOOKMARK":
+                return version
+            uid = _uid(obj)
+            if kind != "DELETED":
+                record = self._convert(obj)
+        except Exception as error:  # one unreadable object is skipped (and forgotten); the watch goes on
+            self._contained("bad_object", error)
+        if uid is not None:
+            with self._lock:
+                if record is None:
+                    self._store.pop(uid, None)
+                else:
+                    self._store[uid] = record
+                self._changes += 1
+        return version
+
+    # --- state and its log lines ---
+    def _progressed(self) -> None:
+        """A watch is delivering: healthy again if we were failing."""
+        self._fresh_list = False
+        if self._failure is not None:
+            log.info("%s: Kubernetes API healthy again after %d failed attempts", self.what, self._failures)
+            self._failure = None
+            self._failures = 0
+        self._up = True
+
+    def _failed(self, kind: str, detail: str, unexpected: bool = False) -> None:
+        self._up = False
+        self._failures += 1
+        if kind != self._failure:
+            log.warning(
+                "%s: Kubernetes API failing (%s%s); retrying with backoff up to %gs, keeping what was last seen",
+                self.what,
+                kind,
+                f": {detail.splitlines()[0]}" if detail and detail != kind else "",
+                self._backoff.cap_s,
+                exc_info=unexpected,
+            )
+            self._failure = kind
+
+    def _contained(self, kind: str, error: Exception) -> None:
+        self.errors[kind] += 1
+        if self.errors[kind] == 1:
+            log.warning(
+                "%s: skipped %s (%s: %s); further ones are only counted", self.what, kind, type(error).__name__, error
+            )
+
+
+def _kind(error: Exception) -> str:
+    if isinstance(error, ApiError):
+        return f"HTTP {error.status}" + (f" {error.reason}" if error.reason else "")
+    if isinstance(error, StreamTimeout):
+        return "no answer in time"
+    if isinstance(error, ProtocolError):
+        return "unreadable answer"
+    if isinstance(error, ConfigError):
+        return "credentials"
+    return type(error).__name__
+
+
+def _expected(error: Exception) -> bool:
+    return isinstance(error, ApiError | StreamTimeout | ProtocolError | ConfigError | OSError)
+
+
+_SURROGATE = re.compile("[\ud800-\udfff]")
+
+
+def _text(value: object) -> str:
+    """A string safe to encode anywhere: lone surrogates (from ``\\udc80`` escapes) replaced."""
+    text = value if isinstance(value, str) else ("" if value is None else str(value))
+    return text if text.isascii() else _SURROGATE.sub("\ufffd", text)
+
+
+def pod_info(raw: Mapping[str, Any]) -> PodInfo:
+    """A pod object's JSON (as the API serves it) reduced to what attribution needs."""
+    metadata = raw.get("metadata") or {}
+    status = raw.get("status") or {}
+    containers: dict[str, str] = {}
+    for key in ("containerStatuses", "initContainerStatuses", "ephemeralContainerStatuses"):
+        for container in status.get(key) or ():
+            container_id = _text(container.get("containerID"))
+            if container_id:
+                containers[container_id.split("://", 1)[-1]] = _text(container.get("name"))
+    return PodInfo(
+        uid=_text(metadata.get("uid")),
+        namespace=_text(metadata.get("namespace")),
+        name=_text(metadata.get("name")),
+        phase=_text(status.get("phase")),
+        container_names=containers,
+        labels={_text(k): _text(v) for k, v in (metadata.get("labels") or {}).items()},
+    )
+
+
+class PodWatcher:
+    """The pods scheduled on ``node_name`` (all pods when None) by UID, from a background thread."""
+
+    def __init__(self, node_name: str | None, kubeconfig: str | None, backoff: Backoff | None = None) -> None:
+        self.node_name = node_name
+        self.reflector: Reflector[PodInfo] = Reflector(
+            f"pods on node {node_name}" if node_name else "pods in the cluster",
+            "/api/v1/pods",
+            pod_info,
+            connect=lambda: KubeClient(load_credentials(kubeconfig)),
+            field_selector=f"spec.nodeName={node_name}" if node_name else None,
+            backoff=backoff,
+        )
+
+    @property
+    def pods(self) -> Mapping[str, PodInfo] | None:
+        """Pods by UID, or None until the first list succeeded (the API is unknown, not empty)."""
+        return self.reflector.items
+
+    @property
+    def up(self) -> bool:
+        return self.reflector.up
+
+    def start(self) -> None:
+        self.reflector.start()
+
+    def stop(self) -> None:
+        self.reflector.stop()
+
+    def join(self, timeout: float | None = None) -> None:
+        self.reflector.join(timeout)

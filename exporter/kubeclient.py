@@ -1,0 +1,481 @@
+"""The Kubernetes API over HTTP/1.1 on the standard library: where the API is, who we are, and GET
+requests whose every wait and size is bounded.
+
+Why not the ``kubernetes`` package: on every node it costs ~30 MB to import and ~20 MB more of model
+objects, while the agent needs two shapes of GET (a JSON list page, a stream of JSON lines). The
+adapter, one per cluster, keeps that client for its reviews.
+
+Why a socket and not ``http.client``: a watch is proven healthy by a quiet second after its response
+head, which needs a read that can time out and be tried again; ``http.client``'s buffered reader is
+unusable after one timeout. Each request is one connection (``Connection: close``): lists are rare
+and a watch holds its connection for minutes, so pooling would buy nothing.
+
+Credentials, as client-go reads them: in a pod, the service account's token (re-read whenever the
+kubelet rotates the file), its CA and ``KUBERNETES_SERVICE_HOST``/``_PORT``; for development, the
+current context of a kubeconfig, in the subset ``server``, ``certificate-authority(-data)``,
+``insecure-skip-tls-verify``, ``tls-server-name``, ``client-certificate/key(-data)``, ``token``,
+``tokenFile`` (anything else, such as ``exec`` plugins, is refused by name).
+"""
+
+from __future__ import annotations
+
+import base64
+import contextlib
+import json
+import os
+import socket
+import ssl
+import tempfile
+import threading
+import time
+from collections.abc import Callable, Mapping
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+from urllib.parse import quote, urlencode, urlsplit
+
+SERVICE_ACCOUNT_DIR = Path("/var/run/secrets/kubernetes.io/serviceaccount")
+CONNECT_TIMEOUT_S = 10.0
+MAX_HEAD_BYTES = 64 * 1024
+MAX_LINE_BYTES = 16 * 1024 * 1024  # one watch event; etcd refuses objects over 1.5 MiB
+MAX_BODY_BYTES = 64 * 1024 * 1024  # one list page (500 pods are a few MB)
+MAX_ERROR_BODY_BYTES = 64 * 1024
+MAX_TOKEN_BYTES = 64 * 1024
+_RECV_BYTES = 64 * 1024
+
+
+class ConfigError(Exception):
+    """Credentials cannot be loaded (missing file, unsupported kubeconfig field, not in a pod)."""
+
+
+class ApiError(Exception):
+    """The API answered with an error status (its ``Status`` object's reason and message when given)."""
+
+    def __init__(self, status: int, reason: str, message: str) -> None:
+        super().__init__(f"HTTP {status} {reason}: {message}" if message else f"HTTP {status} {reason}")
+        self.status = status
+        self.reason = reason
+        self.message = message
+
+
+class ProtocolError(Exception):
+    """The server's bytes are not the HTTP or JSON we can read (or exceed our bounds)."""
+
+
+class StreamTimeout(Exception):  # noqa: N818 (not an error: the caller decides what a quiet stream means)
+    """Nothing arrived before the deadline; the connection is intact and can be read again."""
+
+
+class TokenFile:
+    """A bearer token file, re-read when the kubelet rotates it (a new inode, mtime or size)."""
+
+    def __init__(self, path: Path) -> None:
+        self.path = path
+        self._seen: tuple[int, int, int] | None = None
+        self._token = ""
+
+    def read(self) -> str:
+        try:
+            stat = os.stat(self.path)
+            seen = (stat.st_ino, stat.st_mtime_ns, stat.st_size)
+            if seen != self._seen:
+                with open(self.path, "rb") as file:
+                    self._token = file.read(MAX_TOKEN_BYTES).decode("utf-8", "replace").strip()
+                self._seen = seen
+        except OSError as error:
+            raise ConfigError(f"cannot read token file {self.path}: {error.strerror or error}") from error
+        return self._token
+
+
+@dataclass(frozen=True)
+class Credentials:
+    """Where the API is and how we prove who we are to it."""
+
+    scheme: str
+    host: str
+    port: int
+    base_path: str  # a prefix some proxies put before /api, "" for kube-apiserver itself
+    tls: ssl.SSLContext | None
+    server_hostname: str
+    token: Callable[[], str] | None  # called per request, so a rotated token is used at once
+
+    @property
+    def where(self) -> str:
+        host = f"[{self.host}]" if ":" in self.host else self.host
+        return f"{self.scheme}://{host}:{self.port}{self.base_path}"
+
+
+def load_credentials(kubeconfig: str | None) -> Credentials:
+    """From a kubeconfig file, or the pod's service account when None."""
+    return kubeconfig_credentials(Path(kubeconfig)) if kubeconfig else in_cluster_credentials()
+
+
+def in_cluster_credentials(
+    environ: Mapping[str, str] | None = None, directory: Path = SERVICE_ACCOUNT_DIR
+) -> Credentials:
+    environ = os.environ if environ is None else environ
+    host, port = environ.get("KUBERNETES_SERVICE_HOST", ""), environ.get("KUBERNETES_SERVICE_PORT", "")
+    if not host or not port:
+        raise ConfigError("not in a pod (KUBERNETES_SERVICE_HOST/PORT unset) and no --kubeconfig given")
+    if not port.isdigit():
+        raise ConfigError(f"KUBERNETES_SERVICE_PORT is not a port number: {port!r}")
+    token = TokenFile(directory / "token")
+    token.read()  # fail now, by name, if there is none
+    return Credentials(
+        scheme="https",
+        host=host,
+        port=int(port),
+        base_path="",
+        tls=_tls_context(ca_file=directory / "ca.crt"),
+        server_hostname=host,
+        token=token.read,
+    )
+
+
+def kubeconfig_credentials(path: Path) -> Credentials:
+    import yaml  # only for development runs: in a pod the agent never reads YAML
+
+    try:
+        config = yaml.safe_load(path.read_bytes())
+    except (OSError, yaml.YAMLError) as error:
+        raise ConfigError(f"cannot read kubeconfig {path}: {error}") from error
+    if not isinstance(config, dict):
+        raise ConfigError(f"kubeconfig {path} is not a mapping")
+    context_name = config.get("current-context")
+    context = _named(config, "contexts", "context", context_name, path)
+    cluster = _named(config, "clusters", "cluster", context.get("cluster"), path)
+    user = _named(config, "users", "user", context.get("user"), path) if context.get("user") else {}
+    unsupported = sorted(set(user) - {"token", "tokenFile", "client-certificate", "client-key"} - _DATA_KEYS)
+    if unsupported:
+        raise ConfigError(f"kubeconfig {path}: user field(s) {', '.join(unsupported)} not supported by this agent")
+    base = path.parent
+    server = urlsplit(str(cluster.get("server") or ""))
+    if server.scheme not in ("http", "https") or not server.hostname:
+        raise ConfigError(f"kubeconfig {path}: cluster server {cluster.get('server')!r} is not an http(s) URL")
+    tls = None
+    if server.scheme == "https":
+        tls = _tls_context(
+            ca_file=_path(cluster.get("certificate-authority"), base),
+            ca_data=_b64(cluster.get("certificate-authority-data"), "certificate-authority-data", path),
+            cert_file=_path(user.get("client-certificate"), base),
+            cert_data=_b64(user.get("client-certificate-data"), "client-certificate-data", path),
+            key_file=_path(user.get("client-key"), base),
+            key_data=_b64(user.get("client-key-data"), "client-key-data", path),
+            insecure=bool(cluster.get("insecure-skip-tls-verify")),
+        )
+    token: Callable[[], str] | None = None
+    if user.get("token"):
+        static = str(user["token"])
+        token = lambda: static  # noqa: E731
+    elif user.get("tokenFile"):
+        token = TokenFile(_path(user["tokenFile"], base) or Path()).read
+    return Credentials(
+        scheme=server.scheme,
+        host=server.hostname,
+        port=server.port or (443 if server.scheme == "https" else 80),
+        base_path=server.path.rstrip("/"),
+        tls=tls,
+        server_hostname=str(cluster.get("tls-server-name") or server.hostname),
+        token=token,
+    )
+
+
+_DATA_KEYS = {"client-certificate-data", "client-key-data"}
+
+
+def _named(config: dict[str, Any], section: str, key: str, name: object, path: Path) -> dict[str, Any]:
+    for entry in config.get(section) or ():
+        if isinstance(entry, dict) and entry.get("name") == name and isinstance(entry.get(key), dict):
+            found: dict[str, Any] = entry[key]
+            return found
+    raise ConfigError(f"kubeconfig {path}: no {key} named {name!r} in {section}")
+
+
+def _path(value: object, base: Path) -> Path | None:
+    return (base / str(value)) if value else None
+
+
+def _b64(value: object, field: str, path: Path) -> bytes | None:
+    if not value:
+        return None
+    try:
+        return base64.b64decode(str(value), validate=True)
+    except ValueError as error:
+        raise ConfigError(f"kubeconfig {path}: {field} is not base64") from error
+
+
+def _tls_context(
+    ca_file: Path | None = None,
+    ca_data: bytes | None = None,
+    cert_file: Path | None = None,
+    cert_data: bytes | None = None,
+    key_file: Path | None = None,
+    key_data: bytes | None = None,
+    insecure: bool = False,
+) -> ssl.SSLContext:
+    try:
+        context = ssl.create_default_context(
+            cafile=str(ca_file) if ca_file else None, cadata=ca_data.decode() if ca_data else None
+        )
+        if insecure:
+            context.check_hostname = False
+            context.verify_mode = ssl.CERT_NONE
+        if cert_file or cert_data:
+            if cert_data or key_data:
+                # ssl loads a certificate and key only from files: a private, short-lived copy.
+                with tempfile.TemporaryDirectory(prefix="kubeclient-") as private:
+                    cert = Path(private, "client.crt")
+                    key = Path(private, "client.key")
+                    cert.write_bytes(cert_data or (cert_file.read_bytes() if cert_file else b""))
+                    key.write_bytes(key_data or (key_file.read_bytes() if key_file else b""))
+                    context.load_cert_chain(cert, key)
+            else:
+                context.load_cert_chain(str(cert_file), str(key_file) if key_file else None)
+    except (OSError, ssl.SSLError, ValueError) as error:
+        raise ConfigError(f"cannot set up TLS: {error}") from error
+    return context
+
+
+class Connection:
+    """One request's connection: the response head, then its body by lines or whole.
+
+    Every read takes an absolute ``time.monotonic()`` deadline and raises ``StreamTimeout`` when it
+    passes, leaving the connection readable; the body's framing (chunked, sized, or until close) is
+    decoded incrementally, so a timeout in the middle of a chunk loses nothing.
+    """
+
+    def __init__(self, sock: socket.socket, on_close: Callable[[socket.socket], None] | None = None) -> None:
+        self.sock = sock
+        self._on_close = on_close
+        self.status = 0
+        self.headers: dict[str, str] = {}
+        self._raw = bytearray()  # bytes from the socket not yet decoded
+        self._body = bytearray()  # decoded body bytes not yet returned
+        self._eof = False
+        self._framing = "close"
+        self._left = 0  # bytes left in the current chunk, or in a sized body
+        self._after_chunk = False  # the CRLF after a chunk's data is still to be read
+        self._done = False
+
+    def _fill(self, deadline: float) -> None:
+        """Appends what the socket has; sets ``_eof`` when the peer closed."""
+        if self._eof:
+            raise ProtocolError("connection closed early")
+        pending = self.sock.pending() if isinstance(self.sock, ssl.SSLSocket) else 0
+        if not pending:
+            left = deadline - time.monotonic()
+            if left <= 0:
+                raise StreamTimeout()
+            self.sock.settimeout(left)
+        try:
+            data = self.sock.recv(_RECV_BYTES)
+        except TimeoutError as error:
+            raise StreamTimeout() from error
+        except ssl.SSLZeroReturnError:
+            data = b""
+        if not data:
+            self._eof = True
+        self._raw += data
+
+    def _raw_line(self, deadline: float, limit: int) -> bytes:
+        while True:
+            end = self._raw.find(b"\n")
+            if end >= 0:
+                line = bytes(self._raw[: end + 1])
+                del self._raw[: end + 1]
+                return line.rstrip(b"\r\n")
+            if len(self._raw) > limit:
+                raise ProtocolError("header or chunk line too long")
+            self._fill(deadline)
+
+    def read_head(self, deadline: float) -> int:
+        """The status code; the headers land in ``headers`` (names lower-cased)."""
+        while b"\r\n\r\n" not in self._raw and b"\n\n" not in self._raw:
+            if len(self._raw) > MAX_HEAD_BYTES:
+                raise ProtocolError("response head too long")
+            self._fill(deadline)
+        status_line = self._raw_line(deadline, MAX_HEAD_BYTES).decode("latin-1")
+        parts = status_line.split(" ", 2)
+        if len(parts) < 2 or not parts[0].startswith("HTTP/1.") or not parts[1].isdigit():
+            raise ProtocolError(f"not an HTTP/1.x response: {status_line[:80]!r}")
+        while line := self._raw_line(deadline, MAX_HEAD_BYTES):
+            name, _, value = line.decode("latin-1").partition(":")
+            self.headers[name.strip().lower()] = value.strip()
+        self.status = int(parts[1])
+        if "chunked" in self.headers.get("transfer-encoding", "").lower():
+            self._framing = "chunked"
+        elif self.headers.get("content-length", "").isdigit():
+            self._framing, self._left = "length", int(self.headers["content-length"])
+            self._done = self._left == 0
+        return self.status
+
+    def _decode_more(self, deadline: float) -> None:
+        """Moves at least one body byte from ``_raw`` to ``_body``, or marks the body done."""
+        if self._framing == "chunked":
+            if self._after_chunk:
+                self._raw_line(deadline, 2)
+                self._after_chunk = False
+            if self._left == 0:
+                size = self._raw_line(deadline, 1024).split(b";", 1)[0].strip()
+                try:
+                    self._left = int(size, 16)
+                except ValueError as error:
+                    raise ProtocolError(f"bad chunk size {size[:20]!r}") from error
+                if self._left == 0:
+                    while self._raw_line(deadline, MAX_HEAD_BYTES):  # trailers, then the empty line
+                        pass
+                    self._done = True
+                    return
+        if self._framing == "close":
+            if not self._raw:
+                if self._eof:
+                    self._done = True
+                    return
+                self._fill(deadline)
+            self._body += self._raw
+            self._raw.clear()
+            return
+        if not self._raw:
+            self._fill(deadline)  # a close before the body's end raises
+            if not self._raw:
+                raise ProtocolError("connection closed inside the body")
+        taken = min(self._left, len(self._raw))
+        self._body += self._raw[:taken]
+        del self._raw[:taken]
+        self._left -= taken
+        if self._left == 0:
+            if self._framing == "chunked":
+                self._after_chunk = True
+            else:
+                self._done = True
+
+    def read_line(self, deadline: float, limit: int = MAX_LINE_BYTES) -> bytes | None:
+        """The next newline-terminated line of the body (without it), or None at its end."""
+        searched = 0
+        while True:
+            end = self._body.find(b"\n", searched)
+            if end >= 0:
+                line = bytes(self._body[:end])
+                del self._body[: end + 1]
+                return line
+            searched = len(self._body)
+            if searched > limit:
+                raise ProtocolError(f"a line of the response exceeds {limit} bytes")
+            if self._done:
+                if self._body:
+                    line = bytes(self._body)
+                    self._body.clear()
+                    return line
+                return None
+            self._decode_more(deadline)
+
+    def read_body(self, deadline: float, limit: int = MAX_BODY_BYTES) -> bytes:
+        while not self._done:
+            if len(self._body) > limit:
+                raise ProtocolError(f"response body exceeds {limit} bytes")
+            self._decode_more(deadline)
+        body = bytes(self._body)
+        self._body.clear()
+        return body
+
+    def close(self) -> None:
+        if self._on_close is not None:
+            self._on_close(self.sock)
+        with contextlib.suppress(OSError):
+            self.sock.close()
+
+
+def decode_json(data: bytes) -> Any:
+    """JSON that is not valid UTF-8 is read with replacement characters, never refused."""
+    try:
+        return json.loads(data.decode("utf-8", "replace"))
+    except ValueError as error:
+        raise ProtocolError(f"response is not JSON: {error}") from error
+
+
+def api_error(status: int, body: bytes) -> ApiError:
+    """An ``ApiError`` from an error response's ``Status`` body (or its absence)."""
+    reason, message = "", ""
+    try:
+        parsed = json.loads(body.decode("utf-8", "replace"))
+        if isinstance(parsed, dict):
+            reason, message = str(parsed.get("reason") or ""), str(parsed.get("message") or "")
+    except ValueError:
+        message = body[:200].decode("utf-8", "replace")
+    return ApiError(status, reason, message)
+
+
+class KubeClient:
+    """GET requests to one API server. ``close()`` ends every request in flight, from any thread."""
+
+    def __init__(self, credentials: Credentials, user_agent: str = "gpu-pod-exporter") -> None:
+        self.credentials = credentials
+        self.user_agent = user_agent
+        self._open: set[socket.socket] = set()
+        self._lock = threading.Lock()
+        self._closed = False
+
+    def open(self, path: str, params: Mapping[str, str], accept: str, deadline: float) -> Connection:
+        """Connects and sends ``GET path?params``; the caller reads the response and closes it."""
+        creds = self.credentials
+        query = urlencode(params, quote_via=quote)
+        target = creds.base_path + path + (f"?{query}" if query else "")
+        host = f"[{creds.host}]" if ":" in creds.host else creds.host
+        headers = [
+            f"GET {target} HTTP/1.1",
+            f"Host: {host}:{creds.port}",
+            f"User-Agent: {self.user_agent}",
+            f"Accept: {accept}",
+            "Connection: close",
+        ]
+        if creds.token is not None:
+            headers.append(f"Authorization: Bearer {creds.token()}")
+        timeout = max(0.001, min(CONNECT_TIMEOUT_S, deadline - time.monotonic()))
+        sock = socket.create_connection((creds.host, creds.port), timeout=timeout)
+        try:
+            sock.setsockopt(socket.SOL_SOCKET, socket.SO_KEEPALIVE, 1)
+            if hasattr(socket, "TCP_KEEPIDLE"):  # a dead peer is noticed in about a minute, not hours
+                sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_KEEPIDLE, 30)
+                sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_KEEPINTVL, 10)
+                sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_KEEPCNT, 3)
+            if creds.tls is not None:
+                sock = creds.tls.wrap_socket(sock, server_hostname=creds.server_hostname)
+            with self._lock:
+                if self._closed:
+                    raise ConnectionAbortedError("client closed")
+                self._open.add(sock)
+            sock.sendall(("\r\n".join(headers) + "\r\n\r\n").encode("utf-8", "replace"))
+        except BaseException:
+            self._forget(sock)
+            sock.close()
+            raise
+        return Connection(sock, self._forget)
+
+    def get_json(self, path: str, params: Mapping[str, str], accept: str, timeout_s: float) -> Any:
+        """A whole JSON response; an error status raises ``ApiError``."""
+        deadline = time.monotonic() + timeout_s
+        connection = self.open(path, params, accept, deadline)
+        try:
+            status = connection.read_head(deadline)
+            if status >= 400:
+                raise api_error(status, connection.read_body(deadline, MAX_ERROR_BODY_BYTES))
+            if status != 200:
+                raise ApiError(status, "Unexpected", "")
+            return decode_json(connection.read_body(deadline))
+        finally:
+            connection.close()
+
+    def _forget(self, sock: socket.socket) -> None:
+        with self._lock:
+            self._open.discard(sock)
+
+    def close(self) -> None:
+        """Ends all requests in flight: their reads return at once with an error."""
+        with self._lock:
+            self._closed = True
+            open_sockets = list(self._open)
+        for sock in open_sockets:
+            # The plain socket's shutdown, also for TLS: wakes the reader without touching the
+            # TLS state another thread is using.
+            with contextlib.suppress(OSError):
+                socket.socket.shutdown(sock, socket.SHUT_RDWR)
