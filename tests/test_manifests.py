@@ -40,12 +40,15 @@ def one(objects: list[dict[str, Any]], kind: str) -> dict[str, Any]:
 
 @pytest.mark.parametrize("overlay", OVERLAYS)
 def test_every_object_validates(overlay: str) -> None:
-    schema = json.loads((ROOT / "tests" / "schemas" / "servicemonitor.json").read_text())
+    schemas = {
+        kind: json.loads((ROOT / "tests" / "schemas" / f"{kind.lower()}.json").read_text())
+        for kind in ("ServiceMonitor", "PrometheusRule")  # prometheus-operator's, not Kubernetes'
+    }
     objects = render(overlay)
     assert objects
     for obj in objects:
-        if obj["kind"] == "ServiceMonitor":
-            jsonschema.validate(obj, schema)
+        if obj["kind"] in schemas:
+            jsonschema.validate(obj, schemas[obj["kind"]])
         else:
             kubernetes_validate.validate(obj, KUBERNETES_VERSION, strict=True)
 

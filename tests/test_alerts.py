@@ -1,0 +1,102 @@
+"""The GPU alerts (daemonset/prometheus/gpu-alerts.yaml): promtool checks the rules and runs their
+unit tests (tests/alerts/gpu-alerts.test.yaml), where each alert fires on its series and stays
+quiet otherwise; the PrometheusRule of the operator overlay holds the same rules; every series the
+rules read is one the agent exports."""
+
+from __future__ import annotations
+
+import os
+import shutil
+import subprocess
+from pathlib import Path
+from typing import Any
+
+import promql_parser
+import pytest
+import requests
+import yaml
+
+from exporter.catalogue import FAMILIES
+from tests.conftest import Node
+from tests.test_dashboards import metric_names
+
+ROOT = Path(__file__).resolve().parent.parent
+RULES = ROOT / "daemonset" / "prometheus" / "gpu-alerts.yaml"
+OPERATOR_RULES = ROOT / "daemonset" / "overlays" / "prometheus-operator" / "gpu-alerts.yaml"
+UNIT_TESTS = ROOT / "tests" / "alerts" / "gpu-alerts.test.yaml"
+
+
+def promtool() -> str:
+    found = shutil.which("promtool")
+    if found is None:
+        if os.environ.get("CI"):
+            pytest.fail("promtool is needed (Debian package prometheus)")
+        pytest.skip("promtool is not installed (apt-get install prometheus)")
+    return found
+
+
+def alerts(groups: list[dict[str, Any]]) -> dict[str, dict[str, Any]]:
+    return {rule["alert"]: rule for group in groups for rule in group["rules"]}
+
+
+def test_promtool_checks_the_rules() -> None:
+    done = subprocess.run([promtool(), "check", "rules", str(RULES)], capture_output=True, text=True)
+    assert done.returncode == 0, done.stdout + done.stderr
+    assert "SUCCESS: 12 rules found" in done.stdout
+
+
+def test_promtool_unit_tests_pass() -> None:
+    done = subprocess.run(
+        [promtool(), "test", "rules", UNIT_TESTS.name], cwd=UNIT_TESTS.parent, capture_output=True, text=True
+    )
+    assert done.returncode == 0, done.stdout + done.stderr
+    assert "SUCCESS" in done.stdout
+
+
+def test_every_alert_is_tested_firing_and_quiet() -> None:
+    fired: set[str] = set()
+    quiet: set[str] = set()
+    for case in yaml.safe_load(UNIT_TESTS.read_text())["tests"]:
+        for check in case["alert_rule_test"]:
+            (fired if check["exp_alerts"] else quiet).add(check["alertname"])
+    names = set(alerts(yaml.safe_load(RULES.read_text())["groups"]))
+    assert fired == names
+    assert quiet == names
+
+
+def test_the_operator_overlay_ships_the_same_rules() -> None:
+    rule = yaml.safe_load(OPERATOR_RULES.read_text())
+    assert rule["kind"] == "PrometheusRule"
+    assert rule["spec"]["groups"] == yaml.safe_load(RULES.read_text())["groups"]
+
+
+def test_the_issues_alerts_are_there_with_their_severities() -> None:
+    rules = alerts(yaml.safe_load(RULES.read_text())["groups"])
+    severity = {name: rule["labels"]["severity"] for name, rule in rules.items()}
+    assert severity == {
+        "GpuXidCritical": "critical",
+        "GpuXidWarning": "warning",
+        "GpuEccUncorrectable": "critical",
+        "GpuRowRemapFailed": "critical",
+        "GpuRowRemapPending": "warning",
+        "GpuClocksSlowedDown": "warning",
+        "GpuMemoryNearlyFull": "warning",
+        "GpuExporterDown": "warning",
+        "GpuExporterStale": "warning",
+        "GpuExporterDeviceStuck": "warning",
+        "GpuExporterNvmlDown": "critical",
+        "GpuExporterPodResourcesDown": "warning",
+    }
+    assert '"48|62|64|74|79|95|119|120"' in rules["GpuXidCritical"]["expr"]
+    assert rules["GpuClocksSlowedDown"]["for"] == "5m"
+
+
+def test_the_rules_read_only_series_the_agent_exports(node: Node, start_agent) -> None:  # type: ignore[no-untyped-def]
+    agent = start_agent([*node.args(), "--no-kubernetes"], node.scenario_path)
+    agent.wait_for(lambda s: s != {}, what="a scrape")
+    text = requests.get(agent.url + "/metrics", timeout=5).text
+    exported = {line.split()[2] for line in text.splitlines() if line.startswith("# TYPE ")}
+    exported |= {family.name for family in FAMILIES} | {"up"}  # Xid series appear on the first event
+    for name, rule in alerts(yaml.safe_load(RULES.read_text())["groups"]).items():
+        read = metric_names(promql_parser.parse(rule["expr"]))
+        assert read and read <= exported, (name, read - exported)
