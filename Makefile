@@ -1,12 +1,24 @@
-PYTHON ?= python3
+# Which Python make installs into and runs with: the active virtualenv if there is one, else the
+# project's own .venv (made on first use from python3). PYTHON=... chooses another one, e.g. CI's
+# `make test PYTHON=python3` for the system interpreter. `make install` says which it uses.
+ifdef VIRTUAL_ENV
+PYTHON ?= $(VIRTUAL_ENV)/bin/python
+else
+PYTHON ?= .venv/bin/python
+endif
+PROJECT_VENV := $(if $(filter .venv/bin/python,$(PYTHON)),.venv/bin/python)
 
 .PHONY: install fake-nvml run run-adapter demo test lint bench bench-adapter clean
 
-install:
+.venv/bin/python:
+	python3 -m venv .venv
+
+install: $(PROJECT_VENV)
+	@echo "make: installing gpu-pod-exporter (editable, with its test and lint tools) into $$($(PYTHON) -c 'import sys; print(sys.prefix)')"
 	$(PYTHON) -m pip install -q -e '.[test,lint]'
 
 # The fake libnvidia-ml.so.1 the tests and the simulated node load through the real pynvml bindings.
-fake-nvml:
+fake-nvml: $(PROJECT_VENV)
 	$(PYTHON) -c 'from tests.sim.fakelib import build_fake_nvml; build_fake_nvml()'
 
 # Runs the agent against the simulated node (no GPU, no cluster needed): see tests/sim/node.py.
@@ -27,17 +39,17 @@ test: install fake-nvml
 	$(PYTHON) -m pytest -q
 
 lint: install
-	ruff check exporter tests
-	ruff format --check exporter tests
-	mypy exporter
-	lint-imports
+	$(PYTHON) -m ruff check exporter tests
+	$(PYTHON) -m ruff format --check exporter tests
+	$(PYTHON) -m mypy exporter
+	$(PYTHON) -c 'from importlinter.cli import lint_imports_command; lint_imports_command()'
 
 clean:
-	rm -f tests/fakenvml/libnvidia-ml.so.1 exporter/podresources/api_pb2*.py exporter/podresources/api_pb2*.pyi
+	rm -rf build tests/fakenvml/libnvidia-ml.so.1 exporter/podresources/api_pb2*.py exporter/podresources/api_pb2*.pyi
 
 # Side-by-side with nvitop-exporter on the same fake NVML scenarios; not part of make test (~15 min).
 bench: install fake-nvml
-	$(PYTHON) -m pip install -q 'nvitop-exporter>=1.4' 'matplotlib>=3.7'
+	$(PYTHON) -m pip install -q 'nvitop-exporter>=1.4' 'matplotlib>=3.7.3'
 	$(PYTHON) -m bench.compare --out bench/results
 
 # The adapter's latency for the HPA's request over a 500-pod selector, against a real Prometheus.
