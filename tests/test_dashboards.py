@@ -6,6 +6,7 @@ from __future__ import annotations
 import json
 import re
 import threading
+import time
 from collections.abc import Iterator
 from http.server import ThreadingHTTPServer
 from pathlib import Path
@@ -19,7 +20,7 @@ from exporter.httpserver import Handler
 from tests.conftest import free_port, parse_samples
 from tests.sim.kubelet import FakeKubelet, PodDevices
 from tests.sim.prometheus import Prometheus
-from tests.sim.scenario import Gpu, Scenario, gpu_uuid
+from tests.sim.scenario import Gpu, Scenario, Xid, gpu_uuid
 
 DASHBOARDS = Path(__file__).resolve().parent.parent / "dashboards"
 # Series of kube-state-metrics (a named external exporter) that the HPA dashboard reads.
@@ -130,9 +131,16 @@ def scraped(tmp_path_factory: pytest.TempPathFactory) -> Iterator[tuple[Promethe
 
     directory = tmp_path_factory.mktemp("dashboards")
     scenario = directory / "scenario.txt"
-    Scenario(
-        gpus=[Gpu(gpu_uuid(0), util=30), Gpu(gpu_uuid(1), util=0), Gpu(gpu_uuid(2), util=55), Gpu(gpu_uuid(3), util=0)]
-    ).write(scenario)
+    busy = {"sm_active": 45.0, "sm_occupancy": 30.0, "tensor_active": 20.0, "dram_bandwidth": 35.0}
+    node = Scenario(
+        gpus=[
+            Gpu(gpu_uuid(0), util=30, energy=9_000_000, pcie_tx=1000, **busy),
+            Gpu(gpu_uuid(1), util=0, clock_reasons=0x1),  # idle
+            Gpu(gpu_uuid(2), util=55, clock_reasons=0x4, encoder=10, **busy),  # capped by software power limit
+            Gpu(gpu_uuid(3), util=0, clock_reasons=0x1),
+        ]
+    )
+    node.write(scenario)
     kubelet = FakeKubelet(str(directory / "kubelet.sock")).start()
     kubelet.set_pods(
         [
@@ -154,7 +162,17 @@ def scraped(tmp_path_factory: pytest.TempPathFactory) -> Iterator[tuple[Promethe
         directory / "prometheus", [f"127.0.0.1:{agent.port}", f"127.0.0.1:{ksm.server_address[1]}"], free_port()
     )
     try:
-        prometheus.wait_for("count(gpu_exporter_gpu_sharing_pods) > 0 and count(kube_deployment_status_replicas) > 0")
+        # An Xid on GPU 0 once the agent watches for them (events before that are not delivered).
+        deadline = time.monotonic() + 30
+        while "Xid events: watching 4 of 4 GPUs" not in agent.log() and time.monotonic() < deadline:
+            time.sleep(0.1)
+        node.xids.append(Xid(gpu=0, code=79))
+        node.write(scenario)
+        prometheus.wait_for(
+            "count(gpu_exporter_gpu_sharing_pods) > 0 and count(kube_deployment_status_replicas) > 0"
+            " and count(gpu_xid_errors_total) > 0 and count(gpu_sm_active_ratio) > 0"
+            " and count(increase(gpu_energy_joules_total[1h])) > 0"  # two scrapes, for increase()
+        )
         yield prometheus, agent.url
     finally:
         prometheus.stop()
