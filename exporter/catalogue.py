@@ -123,7 +123,8 @@ CLOCK_EVENT_REASONS = {
 @dataclass(frozen=True)
 class Family:
     """One exported family. Device families take ``samples`` from the device's plain reads
-    (keyed by Source.key); the seed's pod families take ``pod_value`` from an attributed series."""
+    (keyed by Source.key); the seed's pod families take ``pod_value`` from an attributed series
+    (their ``reads`` say where it comes from, and so on which devices it exists)."""
 
     name: str  # as exposed: counters end in _total
     help: str
@@ -138,9 +139,7 @@ class Family:
 
     @property
     def devices(self) -> str:
-        """GPU, or GPU and MIG: where the family can have series."""
-        if self.pod_value is not None:
-            return "GPU, MIG"
+        """GPU, or GPU and MIG: where the family can have series (where all its reads are made)."""
         return "GPU, MIG" if all(SOURCES[key].mig for key in self.reads) else "GPU"
 
 
@@ -202,6 +201,7 @@ FAMILIES: tuple[Family, ...] = (
         "`nvmlDeviceGetUtilizationRates().gpu`; on a GPU shared by several pods, the pod's own processes' "
         "SM utilisation (`nvmlDeviceGetProcessUtilization`) summed",
         POD_LABELS,
+        reads=("utilisation",),
         pod_value=lambda s: s.duty_cycle_percent,
     ),
     Family(
@@ -213,6 +213,7 @@ FAMILIES: tuple[Family, ...] = (
         "`nvmlDeviceGetMemoryInfo` v2 (v1 on older drivers); on a shared GPU, the pod's processes' "
         "`usedGpuMemory` summed",
         POD_LABELS,
+        reads=("memory",),
         pod_value=lambda s: s.memory_used_bytes,
     ),
     Family(
@@ -223,6 +224,7 @@ FAMILIES: tuple[Family, ...] = (
         SEED,
         "`nvmlDeviceGetMemoryInfo`: the device's total",
         POD_LABELS,
+        reads=("memory",),
         pod_value=lambda s: s.device.memory_total_bytes,
     ),
     Family(
@@ -233,6 +235,7 @@ FAMILIES: tuple[Family, ...] = (
         SEED,
         "`nvmlDeviceGetTemperatureV` (falls back to `nvmlDeviceGetTemperature`)",
         POD_LABELS,
+        reads=("temperature",),
         pod_value=lambda s: s.device.temperature_celsius,
     ),
     Family(
@@ -243,6 +246,7 @@ FAMILIES: tuple[Family, ...] = (
         SEED,
         "`nvmlDeviceGetPowerUsage`",
         POD_LABELS,
+        reads=("power",),
         pod_value=lambda s: s.device.power_milliwatts,
     ),
     Family(
@@ -336,7 +340,7 @@ FAMILIES: tuple[Family, ...] = (
         "bytes per second",
         "gauge",
         "pcie",
-        "`nvmlDeviceGetPcieThroughput(NVML_PCIE_UTIL_TX_BYTES | RX_BYTES)` (KB/s × 1024)",
+        "`nvmlDeviceGetPcieThroughput` (TX_BYTES, RX_BYTES; KB/s × 1024)",
         labels=(*DEVICE_LABELS, "direction"),
         reads=("pcie_tx", "pcie_rx"),
         samples=_by_label(tx=("pcie_tx", lambda kb: kb * 1024.0), rx=("pcie_rx", lambda kb: kb * 1024.0)),
