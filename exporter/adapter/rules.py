@@ -68,6 +68,14 @@ DEFAULT_RULES = Rules(
         Rule("memory_used_bytes_current", "memory_used_bytes_current", TOTAL),
         Rule("temperature_celsius_current", "temperature_celsius_current", AVERAGE),
         Rule("power_usage_milliwatts_current", "power_usage_milliwatts_current", TOTAL),
+        # Per pod: the average SM activity (GPM, percent) over the GPUs it holds alone, joined to pods
+        # through gpu_pod_info; absent on a shared GPU, where the device's activity is not the pod's.
+        Rule(
+            "sm_active_current",
+            "gpu_pod_info",
+            "100 * avg by (<<.GroupBy>>) ((<<.Series>>{<<.LabelMatchers>>} * on (node, gpu, uuid) group_left "
+            "gpu_sm_active_ratio) and on (node, gpu, uuid) (count by (node, gpu, uuid) (<<.Series>>) == 1))",
+        ),
     ),
     external=(
         Rule("gpu_duty_cycle", "duty_cycle_current", "avg(<<.Series>>{<<.LabelMatchers>>})"),
