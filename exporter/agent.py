@@ -33,6 +33,7 @@ from exporter.server import Exposition, MetricsServer
 
 if TYPE_CHECKING:
     from exporter.kube import PodWatcher
+    from exporter.resourceslices import SliceWatcher
 
 log = logging.getLogger("exporter")
 
@@ -53,11 +54,14 @@ class Agent:
             PodResourcesClient(config.pod_resources_socket), ProcReader(config.proc_root), config.interval_s
         )
         self.pods: PodWatcher | None = None
+        self.slices: SliceWatcher | None = None  # DRA devices; the watch starts with the first DRA claim
         if config.kubernetes:
             # Imported here: with --no-kubernetes the watch and its HTTP client are not loaded at all.
             from exporter.kube import PodWatcher
+            from exporter.resourceslices import SliceWatcher
 
             self.pods = PodWatcher(config.node_name, config.kubeconfig)
+            self.slices = SliceWatcher(config.node_name, config.kubeconfig)
         self._snapshot: Snapshot | None = None
         self._device_errors: Counter[tuple[str, str, str]] = Counter()
         self._last_success: float | None = None
@@ -78,8 +82,9 @@ class Agent:
         self.sources.want_owners(p.pid for device in nvml_poll.devices for p in device.processes or ())
         sources = self.sources.view()
         pods = self.pods.pods if self.pods is not None else None
+        dra = self.slices.devices(sources.allocations) if self.slices is not None else None
         attribution = (
-            attribute(nvml_poll.devices, sources.allocations, sources.owners, pods)
+            attribute(nvml_poll.devices, sources.allocations, sources.owners, pods, dra)
             if nvml_poll.devices
             else EMPTY_ATTRIBUTION
         )
@@ -177,10 +182,14 @@ class Agent:
         self.sources.stop()
         if self.pods is not None:
             self.pods.stop()
+        if self.slices is not None:
+            self.slices.stop()
         self.sources.join(max(0.0, deadline - time.monotonic()))
         self.sources.kubelet.close()
         if self.pods is not None:
             self.pods.join(max(0.0, deadline - time.monotonic()))
+        if self.slices is not None:
+            self.slices.join(max(0.0, deadline - time.monotonic()))
         self.nvml.close()
 
 

@@ -13,13 +13,16 @@ from collections.abc import Iterable, Mapping
 from dataclasses import dataclass
 
 from exporter.deviceids import DeviceRef, is_gpu_resource, parse_device_id
+from exporter.dra import DeviceKey, fallback_minor, gpu_drivers
 from exporter.model import (
     Allocation,
     Attribution,
+    ClaimAllocation,
     DeviceReading,
     GpuSeries,
     PodInfo,
     ProcessOwner,
+    ResolvedClaim,
 )
 
 PodKey = tuple[str, str]  # (namespace, pod name)
@@ -68,6 +71,7 @@ def attribute(
     allocations: Iterable[Allocation],
     owners: Mapping[int, ProcessOwner | None],
     pods: Mapping[str, PodInfo] | None,
+    dra_devices: Mapping[DeviceKey, str] | None = None,
 ) -> Attribution:
     """Joins one poll's readings into labelled series.
 
@@ -75,11 +79,18 @@ def attribute(
     its cgroup was read; a PID missing from it is pending, its cgroup not read yet). ``pods`` maps
     pod UID to the pod, or is None when the Kubernetes API is not available; then only the
     kubelet's allocations name pods, and shares of a shared device cannot be measured.
+    ``dra_devices`` maps the DRA devices of this node's ResourceSlices to NVML UUIDs, or is None
+    while no slice can be read (then NVIDIA's ``gpu-<minor>`` device names are read instead).
     """
     device_list = list(devices)
     finished = {(p.namespace, p.name) for p in (pods or {}).values() if p.finished}
     holders: dict[str, dict[PodKey, _Holder]] = defaultdict(dict)
-    unknown_ids = _hold_allocated(holders, _DeviceIndex(device_list), allocations, finished)
+    index = _DeviceIndex(device_list)
+    allocation_list = list(allocations)
+    plugin = [a for a in allocation_list if not isinstance(a, ClaimAllocation)]
+    unknown_ids = _hold_allocated(holders, index, plugin, finished)
+    claims = [a for a in allocation_list if isinstance(a, ClaimAllocation)]
+    claimed = _hold_claimed(holders, index, claims, finished, dra_devices, unknown_ids)
     by_owner, foreign = _hold_by_process(holders, device_list, owners, pods)
     series: list[GpuSeries] = []
     sharing: dict[str, int] = {}
@@ -94,6 +105,7 @@ def attribute(
         sharing_pods=sharing,
         unknown_device_ids=dict(unknown_ids),
         processes_by_owner=dict(by_owner),
+        dra_allocations=claimed,
     )
 
 
@@ -120,6 +132,43 @@ def _hold_allocated(
         if allocation.container:
             holder.containers.add(allocation.container)
     return unknown_ids
+
+
+def _hold_claimed(
+    holders: dict[str, dict[PodKey, _Holder]],
+    index: _DeviceIndex,
+    claims: Iterable[ClaimAllocation],
+    finished: set[PodKey],
+    dra_devices: Mapping[DeviceKey, str] | None,
+    unknown_ids: Counter[str],
+) -> tuple[ResolvedClaim, ...]:
+    """Adds DRA allocations of GPUs to ``holders``, resolved through the ResourceSlices' ``uuid``
+    attribute (or, while no slice can be read, a ``gpu-<minor>`` name); counts those that resolve
+    to no device here in ``unknown_ids`` by driver, and returns the resolved ones. Several claims
+    or share ids on one device share it as device-plugin replicas do."""
+    ours = gpu_drivers(dra_devices)
+    resolved: list[ResolvedClaim] = []
+    for claim in claims:
+        if claim.driver not in ours:
+            continue
+        if dra_devices is not None:
+            uuid = dra_devices.get((claim.driver, claim.pool, claim.device))
+            ref = DeviceRef(uuid=uuid) if uuid is not None else None
+        else:
+            minor = fallback_minor(claim.driver, claim.device)
+            ref = DeviceRef(minor_number=minor) if minor is not None else None
+        device = index.resolve(ref) if ref is not None else None
+        if device is None or not claim.namespace or not claim.pod:
+            unknown_ids[claim.driver] += 1
+            continue
+        key = (claim.namespace, claim.pod)
+        if key in finished:
+            continue
+        holder = holders[device.uuid].setdefault(key, _Holder(set(), set()))
+        if claim.container:
+            holder.containers.add(claim.container)
+        resolved.append(ResolvedClaim(claim, device.uuid))
+    return tuple(resolved)
 
 
 def _hold_by_process(

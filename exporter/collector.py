@@ -52,6 +52,7 @@ class SnapshotCollector(Collector):
                     family.add_metric(_labels(snapshot.node, series), value)
             yield family
         yield from _device_families(snapshot.node, fresh)
+        yield _dra_allocations(snapshot, {s.device.uuid for s in fresh})
         yield from _self_metrics(snapshot, stale=len(snapshot.attribution.series) - len(fresh))
 
 
@@ -105,6 +106,27 @@ def _device_families(node: str, fresh: list[GpuSeries]) -> Iterator[Metric]:
             for extra, value in samples:
                 family.add_metric([node, str(device.index), device.uuid, device.model, *extra], value)
         yield family
+
+
+DRA_HOLDER_LABELS = ("node", "namespace", "pod", "container")
+DRA_DEVICE_LABELS = ("claim_namespace", "claim", "driver", "pool", "device", "uuid")
+
+
+def _dra_allocations(snapshot: Snapshot, fresh_uuids: set[str]) -> Metric:
+    """One series per DRA allocation resolved to a device here, so a claim joins to its GPU."""
+    family = GaugeMetricFamily(
+        "gpu_dra_allocation_info",
+        "1 for each device a container holds through a Dynamic Resource Allocation claim, resolved to its GPU "
+        "or MIG device (uuid) through the node's ResourceSlices: join claims to per-device families on uuid.",
+        labels=[*DRA_HOLDER_LABELS, *DRA_DEVICE_LABELS],
+    )
+    for resolved in snapshot.attribution.dra_allocations:
+        claim = resolved.allocation
+        if resolved.uuid in fresh_uuids:
+            holder = (claim.namespace, claim.pod, claim.container)
+            source = (claim.claim_namespace, claim.claim, claim.driver, claim.pool, claim.device)
+            family.add_metric([snapshot.node, *holder, *source, resolved.uuid], 1)
+    return family
 
 
 def _labels(node: str, series: GpuSeries) -> list[str]:

@@ -57,6 +57,36 @@ class Allocation:
 
 
 @dataclass(frozen=True)
+class ClaimAllocation(Allocation):
+    """A device Dynamic Resource Allocation handed to a container (pod-resources ``dynamic_resources``).
+
+    ``resource_name`` is the DRA driver and ``device_id`` the device's name in its pool: the
+    (driver, pool, device) triple names it in the node's ResourceSlices.
+    """
+
+    claim_namespace: str
+    claim: str
+    pool: str
+    share_id: str | None = None  # set when several consumers share the device (Kubernetes 1.35+)
+
+    @property
+    def driver(self) -> str:
+        return self.resource_name
+
+    @property
+    def device(self) -> str:
+        return self.device_id
+
+
+@dataclass(frozen=True)
+class ResolvedClaim:
+    """A DRA allocation and the NVML device (GPU or MIG UUID) it resolved to on this node."""
+
+    allocation: ClaimAllocation
+    uuid: str
+
+
+@dataclass(frozen=True)
 class PodInfo:
     """What the Kubernetes API says about a pod on this node."""
 
@@ -101,6 +131,7 @@ class Attribution:
     sharing_pods: Mapping[str, int]  # device uuid -> number of pods using it
     unknown_device_ids: Mapping[str, int]  # resource name -> ids that name no device here
     processes_by_owner: Mapping[str, int]  # "pod" | "host" | "unknown_pod" | "exited" -> count
+    dra_allocations: tuple[ResolvedClaim, ...] = ()  # DRA allocations that name a device here
 
 
 @dataclass(frozen=True)

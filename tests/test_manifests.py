@@ -83,8 +83,10 @@ def test_the_agents_security_and_scheduling_settings() -> None:
     assert service["clusterIP"] == "None" and service["ports"] == [
         {"name": "metrics", "port": 9400, "targetPort": "metrics"}
     ]
-    (rule,) = one(objects, "ClusterRole")["rules"]
-    assert rule == {"apiGroups": [""], "resources": ["pods"], "verbs": ["get", "list", "watch"]}
+    assert one(objects, "ClusterRole")["rules"] == [
+        {"apiGroups": [""], "resources": ["pods"], "verbs": ["get", "list", "watch"]},
+        {"apiGroups": ["resource.k8s.io"], "resources": ["resourceslices"], "verbs": ["get", "list", "watch"]},
+    ]
 
 
 def test_scrape_setups_keep_the_agents_pod_labels() -> None:

@@ -5,9 +5,9 @@ from __future__ import annotations
 import time
 from pathlib import Path
 
-from exporter.model import Allocation
+from exporter.model import Allocation, ClaimAllocation
 from exporter.podresources.client import PodResourcesClient
-from tests.sim.kubelet import FakeKubelet, PodDevices
+from tests.sim.kubelet import Claim, ClaimDevice, FakeKubelet, PodDevices
 from tests.sim.scenario import gpu_uuid
 
 BERT = PodDevices("default", "bert-intent-detection-7c9f", {"server": [("nvidia.com/gpu", [gpu_uuid(0)])]})
@@ -37,6 +37,36 @@ def test_lists_device_allocations(tmp_path: Path) -> None:
             Allocation("ml", "trainer", "b", "example.com/nic", "eth1"),
         ]
         assert client.up
+    finally:
+        client.close()
+        kubelet.stop()
+
+
+def test_lists_dynamic_resource_allocation_claims_beside_device_plugin_devices(tmp_path: Path) -> None:
+    gpu0 = ClaimDevice("gpu.nvidia.com", "node-1", "gpu-0")
+    shared = ClaimDevice("gpu.nvidia.com", "node-1", "gpu-1", share_id="7f3c")
+    kubelet = FakeKubelet(str(tmp_path / "kubelet.sock")).start()
+    kubelet.set_pods(
+        [
+            BERT,
+            PodDevices(
+                "ml",
+                "llm",
+                claims={"server": [Claim("ml", "llm-gpu", (gpu0,)), Claim("shared", "pool-claim", (shared,))]},
+            ),
+        ]
+    )
+    client = PodResourcesClient(kubelet.socket_path)
+    try:
+        assert client.list_allocations() == [
+            Allocation("default", "bert-intent-detection-7c9f", "server", "nvidia.com/gpu", gpu_uuid(0)),
+            ClaimAllocation("ml", "llm", "server", "gpu.nvidia.com", "gpu-0", "ml", "llm-gpu", "node-1", None),
+            ClaimAllocation("ml", "llm", "server", "gpu.nvidia.com", "gpu-1", "shared", "pool-claim", "node-1", "7f3c"),
+        ]
+        kubelet.dynamic_resources = False  # a kubelet before 1.34, or with the gate off: devices only, as before
+        assert client.list_allocations() == [
+            Allocation("default", "bert-intent-detection-7c9f", "server", "nvidia.com/gpu", gpu_uuid(0))
+        ]
     finally:
         client.close()
         kubelet.stop()

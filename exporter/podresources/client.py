@@ -1,4 +1,5 @@
-"""The kubelet edge: the only module that speaks gRPC. Lists device allocations over pod-resources v1.
+"""The kubelet edge: the only module that speaks gRPC. Lists device allocations over pod-resources v1:
+the device plugins' (``devices``) and Dynamic Resource Allocation's (``dynamic_resources``).
 
 One long-lived channel on the kubelet's unix socket, opened lazily and kept across polls (gRPC
 reconnects it by itself when the kubelet restarts). The kubelet rate-limits this API and answers
@@ -13,7 +14,7 @@ from collections import Counter
 
 import grpc
 
-from exporter.model import Allocation
+from exporter.model import Allocation, ClaimAllocation
 from exporter.podresources import api_pb2, api_pb2_grpc
 
 log = logging.getLogger(__name__)
@@ -49,7 +50,8 @@ class PodResourcesClient:
         return self._stub
 
     def list_allocations(self) -> list[Allocation] | None:
-        """The kubelet's current device allocations, or None when it cannot be asked right now."""
+        """The kubelet's current device allocations (DRA ones as ``ClaimAllocation``), or None when it
+        cannot be asked right now."""
         now = time.monotonic()
         if now < self._next_call:
             return None  # backing off: the caller treats this like an unreachable kubelet
@@ -64,7 +66,7 @@ class PodResourcesClient:
         self.up = True
         self._backoff_s = 0.0
         self._last_error = ""
-        return [
+        allocations = [
             Allocation(
                 namespace=pod.namespace,
                 pod=pod.name,
@@ -77,6 +79,25 @@ class PodResourcesClient:
             for devices in container.devices
             for device_id in devices.device_ids
         ]
+        # Dynamic Resource Allocation: empty from a kubelet before 1.34 (or with the gate off).
+        allocations.extend(
+            ClaimAllocation(
+                namespace=pod.namespace,
+                pod=pod.name,
+                container=container.name,
+                resource_name=device.driver_name,
+                device_id=device.device_name,
+                claim_namespace=claim.claim_namespace,
+                claim=claim.claim_name,
+                pool=device.pool_name,
+                share_id=device.share_id if device.HasField("share_id") else None,
+            )
+            for pod in response.pod_resources
+            for container in pod.containers
+            for claim in container.dynamic_resources
+            for device in claim.claim_resources
+        )
+        return allocations
 
     def _fail(self, now: float, code: grpc.StatusCode, error: grpc.RpcError) -> None:
         self.up = False

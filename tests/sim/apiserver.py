@@ -21,11 +21,14 @@ answers as the real API does for the calls made:
   ``as=PartialObjectMetadata`` on a watch sends such objects in its events; any other Accept gets
   the full objects.
 - ResourceSlices (``resource.k8s.io``, cluster-scoped) at ``/apis/resource.k8s.io/<v>/resourceslices``
-  for each version in ``resource_versions`` (``v1``, ``v1beta1``), with the discovery document
-  ``/apis/resource.k8s.io`` (an APIGroup naming the served versions, ``v1`` preferred). Slices are
-  stored in the ``v1`` shape (device attributes at ``spec.devices[].attributes``) and served in
-  ``v1beta1`` with them under ``spec.devices[].basic`` (``attributes``, ``capacity``), as upstream's
-  conversion does. Field selectors: ``metadata.name``, ``spec.nodeName``, ``spec.driver``.
+  for each version in ``resource_versions`` (``v1``, ``v1beta2``, ``v1beta1``), with the discovery
+  document ``/apis/resource.k8s.io`` (an APIGroup naming the served versions, the first preferred).
+  Slices follow upstream's types: ``spec.driver``, ``spec.nodeName``, ``spec.pool`` (``name``,
+  ``generation``, ``resourceSliceCount``) and ``spec.devices[].name``; they are stored in the ``v1``
+  shape (device attributes at ``spec.devices[].attributes``, each value one of ``string``, ``int``,
+  ``bool``, ``version``), served so in ``v1`` and ``v1beta2``, and in ``v1beta1`` with them under
+  ``spec.devices[].basic`` (``attributes``, ``capacity``), as upstream's conversion does. Field
+  selectors: ``metadata.name``, ``spec.nodeName``, ``spec.driver``.
 
 Faults tests can cause: ``break_watches()``, ``compact()`` (history gone: resuming watches get 410),
 ``expire_continues()``, ``watch_gone`` (every watch answers 410 at once, forever), ``fail_status``
@@ -680,7 +683,7 @@ def _api_group(versions: tuple[str, ...]) -> Obj:
 
 def _served(resource: str, version: str, obj: Obj) -> Obj:
     """The stored object as the requested version shows it."""
-    if resource != "resourceslices" or version == "v1":
+    if resource != "resourceslices" or version != "v1beta1":  # v1beta2 has v1's shape
         return obj
     converted = copy.deepcopy(obj)
     converted["apiVersion"] = f"{RESOURCE_GROUP}/{version}"

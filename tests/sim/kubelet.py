@@ -1,5 +1,9 @@
 """A real gRPC server for the kubelet's pod-resources v1 API on a unix socket, serving what a
-test says each pod holds. Built from the same .proto as the agent's client."""
+test says each pod holds: device-plugin devices, and Dynamic Resource Allocation claims in
+``dynamic_resources`` as a 1.35 kubelet does (driver, pool and device names, the CDI device name
+NVIDIA's driver gives, ``share_id`` when set). ``dynamic_resources=False`` plays a kubelet that
+does not send them (older than 1.34, or the gate off). Built from the same .proto as the agent's
+client."""
 
 from __future__ import annotations
 
@@ -14,12 +18,51 @@ import grpc
 from exporter.podresources import api_pb2, api_pb2_grpc
 
 
+@dataclass(frozen=True)
+class ClaimDevice:
+    """One device of a claim: (driver, pool, device) as in the node's ResourceSlices."""
+
+    driver: str
+    pool: str
+    device: str
+    share_id: str | None = None
+
+
+@dataclass(frozen=True)
+class Claim:
+    namespace: str
+    name: str
+    devices: tuple[ClaimDevice, ...]
+
+
 @dataclass
 class PodDevices:
     namespace: str
     name: str
     # container name -> [(resource name, [device ids])]
     containers: dict[str, list[tuple[str, list[str]]]] = field(default_factory=dict)
+    # container name -> the DRA claims it uses
+    claims: dict[str, list[Claim]] = field(default_factory=dict)
+
+
+def _dynamic_resources(claims: list[Claim]) -> list[api_pb2.DynamicResource]:
+    return [
+        api_pb2.DynamicResource(
+            claim_name=claim.name,
+            claim_namespace=claim.namespace,
+            claim_resources=[
+                api_pb2.ClaimResource(
+                    cdi_devices=[api_pb2.CDIDevice(name=f"k8s.{d.driver}/claim={claim.name}-{d.device}")],
+                    driver_name=d.driver,
+                    pool_name=d.pool,
+                    device_name=d.device,
+                    share_id=d.share_id,
+                )
+                for d in claim.devices
+            ],
+        )
+        for claim in claims
+    ]
 
 
 class _Servicer(api_pb2_grpc.PodResourcesListerServicer):
@@ -33,6 +76,7 @@ class _Servicer(api_pb2_grpc.PodResourcesListerServicer):
             exhausted = kubelet.exhausted
             delay = kubelet.delay_s
             pods = list(kubelet.pods)
+            dynamic = kubelet.dynamic_resources
         if exhausted:
             context.abort(grpc.StatusCode.RESOURCE_EXHAUSTED, "rejected request by rate limit")
         if delay:
@@ -47,10 +91,11 @@ class _Servicer(api_pb2_grpc.PodResourcesListerServicer):
                             name=container,
                             devices=[
                                 api_pb2.ContainerDevices(resource_name=resource, device_ids=ids)
-                                for resource, ids in devices
+                                for resource, ids in pod.containers.get(container, [])
                             ],
+                            dynamic_resources=_dynamic_resources(pod.claims.get(container, []) if dynamic else []),
                         )
-                        for container, devices in pod.containers.items()
+                        for container in dict.fromkeys([*pod.containers, *pod.claims])
                     ],
                 )
                 for pod in pods
@@ -66,6 +111,7 @@ class FakeKubelet:
         self.calls = 0
         self.exhausted = False
         self.delay_s = 0.0
+        self.dynamic_resources = True
         self._server: grpc.Server | None = None
 
     def set_pods(self, pods: list[PodDevices]) -> None:

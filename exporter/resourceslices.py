@@ -1,0 +1,68 @@
+"""This node's ResourceSlices (``resource.k8s.io``), watched to resolve DRA devices to NVML devices.
+
+One reflector (exporter.kube) restricted to ``spec.nodeName=<node>``, in the newest version the
+server serves (``v1``, else ``v1beta2``, else ``v1beta1``: discovered from ``/apis/resource.k8s.io``
+at each list), with the same backoff, health and logging as the pod watch. It starts only when the
+kubelet first reports a DRA allocation: a node without DRA never asks the API for slices and
+needs no RBAC for them. Each slice is kept as the ``uuid`` attributes of its devices.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterable, Mapping
+
+from exporter.dra import DeviceKey, SliceRecord, device_uuids, slice_record
+from exporter.kube import Backoff, Reflector
+from exporter.kubeclient import ApiError, KubeClient, load_credentials
+from exporter.model import Allocation, ClaimAllocation
+
+GROUP = "resource.k8s.io"
+VERSIONS = ("v1", "v1beta2", "v1beta1")  # preferred first; all carry the devices' uuid attribute
+
+
+def discover(client: KubeClient) -> str:
+    """The ResourceSlice collection path in the newest version the server serves."""
+    group = client.get_json(f"/apis/{GROUP}", {}, "application/json", 30)
+    served = {v.get("version") for v in group.get("versions") or () if isinstance(v, dict)}
+    for version in VERSIONS:
+        if version in served:
+            return f"/apis/{GROUP}/{version}/resourceslices"
+    raise ApiError(404, "NotFound", f"{GROUP} serves none of {', '.join(VERSIONS)} (only {sorted(map(str, served))})")
+
+
+class SliceWatcher:
+    """The ResourceSlices of ``node_name``, read through the Kubernetes API once DRA is in use."""
+
+    def __init__(self, node_name: str, kubeconfig: str | None, backoff: Backoff | None = None) -> None:
+        self.reflector: Reflector[SliceRecord] = Reflector(
+            f"ResourceSlices on node {node_name}",
+            discover,
+            slice_record,
+            connect=lambda: KubeClient(load_credentials(kubeconfig)),
+            field_selector=f"spec.nodeName={node_name}",
+            backoff=backoff,
+        )
+        self._started = False
+        self._index: tuple[Mapping[str, SliceRecord] | None, dict[DeviceKey, str] | None] = (None, None)
+
+    def devices(self, allocations: Iterable[Allocation]) -> Mapping[DeviceKey, str] | None:
+        """(driver, pool, device) -> NVML UUID, or None while slices cannot be read (not listed yet,
+        forbidden, not served, API away before the first list). Starts the watch the first time
+        ``allocations`` hold a DRA allocation."""
+        if not self._started and any(isinstance(a, ClaimAllocation) for a in allocations):
+            self._started = True
+            self.reflector.start()
+        items = self.reflector.items
+        if items is None:
+            return None
+        seen, index = self._index
+        if seen is not items or index is None:  # the reflector publishes a new mapping on each change
+            index = device_uuids(items.values())
+            self._index = (items, index)
+        return index
+
+    def stop(self) -> None:
+        self.reflector.stop()
+
+    def join(self, timeout: float | None = None) -> None:
+        self.reflector.join(timeout)
