@@ -158,6 +158,7 @@ class Reflector(Generic[T]):
 
     @property
     def synced(self) -> bool:
+        """True once a first list completed; what was last seen is kept while failing after that."""
         return self._synced
 
     def start(self) -> None:
