@@ -17,9 +17,7 @@ import os
 import platform
 import re
 import shutil
-import signal
 import statistics
-import subprocess
 import sys
 import tempfile
 import time
@@ -33,22 +31,15 @@ from tests.conftest import free_port
 from tests.sim.apiserver import FakeApiServer
 from tests.sim.fakelib import build_fake_nvml
 from tests.sim.kubelet import FakeKubelet, PodDevices
-from tests.sim.processes import spawn_agent
+from tests.sim.processes import Process, spawn_agent
 from tests.sim.procfs import FakeProc, systemd_v2
 from tests.sim.scenario import Scenario
 
 EXPORTERS = ("gpu-pod-exporter", "nvitop-exporter")
 
 
-def wait_listening(url: str, timeout_s: float = 30) -> None:
-    deadline = time.monotonic() + timeout_s
-    while time.monotonic() < deadline:
-        try:
-            requests.get(url, timeout=5)
-            return
-        except requests.RequestException:
-            time.sleep(0.2)
-    raise RuntimeError(f"{url} never answered")
+def wait_answering(process: Process, url: str) -> None:
+    process.wait_until(lambda: requests.get(url, timeout=5).status_code > 0, timeout_s=30, what=f"answering {url}")
 
 
 def start(
@@ -60,7 +51,7 @@ def start(
     interval: float = 1.0,
     kubeconfig: Path | None = None,
     extra: tuple[str, ...] = (),
-) -> subprocess.Popen[bytes]:
+) -> Process:
     if exporter == "gpu-pod-exporter":
         watch = ["--kubeconfig", str(kubeconfig)] if kubeconfig else ["--no-kubernetes"]
         return spawn_agent(
@@ -87,7 +78,7 @@ def start(
     env = dict(
         os.environ, LD_LIBRARY_PATH=str(build_fake_nvml().parent), FAKE_NVML_SCENARIO=str(state / "scenario.txt")
     )
-    return subprocess.Popen(command, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    return Process(command, what=exporter, env=env)
 
 
 def poll_durations_ms(url: str, samples: int) -> list[float]:
@@ -129,7 +120,7 @@ class SimulatedNode:
         self.process = start(exporter, self.state, self.port, self.kubelet, proc, kubeconfig=kubeconfig, extra=extra)
 
     def __enter__(self) -> SimulatedNode:
-        wait_listening(self.url)
+        wait_answering(self.process, self.url)
         time.sleep(3)  # warm-up: a few polls
         return self
 
@@ -139,11 +130,7 @@ class SimulatedNode:
         return (cpu_seconds(self.process.pid) - before) * 60 / seconds
 
     def __exit__(self, *_: object) -> None:
-        self.process.send_signal(signal.SIGTERM)
-        try:
-            self.process.wait(timeout=10)
-        except subprocess.TimeoutExpired:
-            self.process.kill()
+        self.process.stop()
         self.kubelet.stop()
         self.api.stop()
 
@@ -236,7 +223,7 @@ def churn(polls: int, interval: float) -> dict[str, float]:
         Scenario(gpus=scenario.gpus, procs=procs).write(state / "scenario.txt")
 
     try:
-        wait_listening(url)
+        wait_answering(process, url)
         generation(0)
         time.sleep(3)
         rss_before = rss_bytes(process.pid)
@@ -251,8 +238,7 @@ def churn(polls: int, interval: float) -> dict[str, float]:
             "rss_growth_percent": 100 * (rss_after - rss_before) / rss_before,
         }
     finally:
-        process.send_signal(signal.SIGTERM)
-        process.wait(timeout=10)
+        process.stop()
         kubelet.stop()
 
 

@@ -3,9 +3,7 @@
 from __future__ import annotations
 
 import ctypes
-import signal
 import socket
-import subprocess
 import time
 from collections.abc import Iterator
 from pathlib import Path
@@ -17,7 +15,7 @@ from prometheus_client.parser import text_string_to_metric_families
 from tests.sim.apiserver import FakeApiServer, pod_json
 from tests.sim.fakelib import build_fake_nvml
 from tests.sim.kubelet import FakeKubelet, PodDevices
-from tests.sim.processes import spawn_agent, wait_for_port
+from tests.sim.processes import spawn_agent
 from tests.sim.procfs import FakeProc, systemd_v2
 from tests.sim.scenario import Gpu, Proc, Scenario, gpu_uuid
 
@@ -91,17 +89,13 @@ class AgentProcess:
         self.url = f"{'https' if ca else 'http'}://127.0.0.1:{self.port}"
         self.verify: str | bool = str(ca) if ca else True
         self.log_path = log_path
-        self._log = open(log_path, "wb")  # noqa: SIM115 (closed in stop)
         self.process = spawn_agent(
-            self.port, scenario, *args, library_dir=lib_dir or Path("/nonexistent"), output=self._log
+            self.port, scenario, *args, library_dir=lib_dir or Path("/nonexistent"), output=log_path
         )
-        try:
-            wait_for_port(self.port, self.process, what="the agent")
-        except RuntimeError as error:
-            raise RuntimeError(f"{error}:\n{self.log()}") from error
+        self.process.wait_for_port(self.port)
 
     def log(self) -> str:
-        return self.log_path.read_text(errors="replace")
+        return self.process.log()
 
     def scrape(self) -> Samples:
         response = requests.get(self.url + "/metrics", timeout=5)
@@ -121,16 +115,7 @@ class AgentProcess:
 
     def stop(self) -> float:
         """SIGTERM; returns how long the agent took to exit."""
-        started = time.monotonic()
-        if self.process.poll() is None:
-            self.process.send_signal(signal.SIGTERM)
-            try:
-                self.process.wait(timeout=10)
-            except subprocess.TimeoutExpired:
-                self.process.kill()
-                self.process.wait()
-        self._log.close()
-        return time.monotonic() - started
+        return self.process.stop()
 
 
 @pytest.fixture

@@ -11,7 +11,6 @@ from __future__ import annotations
 import math
 import os
 import signal
-import subprocess
 import sys
 import tempfile
 import time
@@ -20,6 +19,7 @@ from pathlib import Path
 from tests.sim.apiserver import FakeApiServer, pod_json
 from tests.sim.fakelib import build_fake_nvml
 from tests.sim.kubelet import FakeKubelet, PodDevices
+from tests.sim.processes import Process
 from tests.sim.procfs import FakeProc, systemd_v2
 from tests.sim.scenario import GIB, Gpu, Proc, Scenario, gpu_uuid
 
@@ -93,7 +93,7 @@ def main(argv: list[str]) -> int:
         flush=True,
     )
     env = dict(os.environ, LD_LIBRARY_PATH=str(library.parent), FAKE_NVML_SCENARIO=str(scenario_path))
-    agent = subprocess.Popen(
+    agent = Process(
         [
             sys.executable,
             "-m",
@@ -108,6 +108,8 @@ def main(argv: list[str]) -> int:
             str(kubeconfig),
             *argv,
         ],
+        what="the agent",
+        output=None,  # the terminal's: this is what make run shows
         env=env,
     )
     stopping = False
@@ -123,9 +125,7 @@ def main(argv: list[str]) -> int:
             time.sleep(1)
             scenario_at(time.monotonic() - started).write(scenario_path)
     finally:
-        if agent.poll() is None:
-            agent.send_signal(signal.SIGTERM)
-            agent.wait(timeout=10)
+        agent.stop()
         kubelet.stop()
         api.stop()
     return agent.returncode or 0

@@ -1,18 +1,107 @@
-"""Starting the project's programs as real processes for tests, demos and benchmarks."""
+"""Starting programs as real processes for tests, demos and benchmarks: ours (the agent, the adapter,
+the simulated node) and peers (Prometheus, hey, nvitop-exporter, inference replicas), one way.
+
+A :class:`Process` is a ``subprocess.Popen`` that knows where its output goes, waits until a
+readiness condition holds (failing with its log if it exits first or time runs out), and stops with
+SIGTERM, then SIGKILL after a grace period; as a context manager it stops on leaving."""
 
 from __future__ import annotations
 
 import os
+import signal
 import socket
 import subprocess
 import sys
 import time
+from collections.abc import Callable, Mapping, Sequence
 from pathlib import Path
+from types import TracebackType
 from typing import IO, Any
 
 from tests.sim.fakelib import build_fake_nvml
 
 ROOT = Path(__file__).resolve().parents[2]
+
+Output = Path | IO[Any] | int | None
+"""Where a process's stdout and stderr go: a log file (Path, or one already open), the caller's own
+output (None), or nowhere (subprocess.DEVNULL)."""
+
+
+class Process(subprocess.Popen[bytes]):
+    def __init__(
+        self,
+        argv: Sequence[str],
+        *,
+        what: str,
+        output: Output = subprocess.DEVNULL,
+        env: Mapping[str, str] | None = None,
+        cwd: Path | None = ROOT,
+    ) -> None:
+        self.what = what
+        self.log_path: Path | None = None
+        self._log: IO[bytes] | None = None
+        stdout: IO[Any] | int | None
+        if isinstance(output, Path):
+            self.log_path, self._log = output, output.open("wb")
+            stdout = self._log
+        else:
+            stdout = output
+        super().__init__(
+            list(argv), env=env, cwd=cwd, stdout=stdout, stderr=subprocess.STDOUT if stdout is not None else None
+        )
+
+    def log(self) -> str:
+        """What it has written so far, when it writes to a log file."""
+        return self.log_path.read_text(errors="replace") if self.log_path else ""
+
+    def wait_until(self, ready: Callable[[], bool], timeout_s: float = 15, what: str = "ready") -> Process:
+        """Until ``ready()`` holds (an OSError from it, a refused connection say, means not yet).
+        Raises RuntimeError, with the log's end, if the process exits first or time runs out."""
+        deadline = time.monotonic() + timeout_s
+        while True:
+            if self.poll() is not None:
+                raise RuntimeError(f"{self.what} exited with {self.returncode} before {what}{self._tail()}")
+            try:
+                if ready():
+                    return self
+            except OSError:  # requests' errors are OSErrors too
+                pass
+            if time.monotonic() > deadline:
+                raise RuntimeError(f"{self.what} was not {what} within {timeout_s} s{self._tail()}")
+            time.sleep(0.05)
+
+    def wait_for_port(self, port: int, timeout_s: float = 15) -> Process:
+        """Until something accepts connections on 127.0.0.1:``port``."""
+        return self.wait_until(lambda: _accepts(port), timeout_s, f"listening on {port}")
+
+    def stop(self, grace_s: float = 10, signum: int = signal.SIGTERM) -> float:
+        """``signum`` (SIGTERM), then SIGKILL if it has not exited within ``grace_s``; returns the
+        seconds it took. Stopping a stopped process only closes its log."""
+        started = time.monotonic()
+        if self.poll() is None:
+            self.send_signal(signum)
+            try:
+                self.wait(timeout=grace_s)
+            except subprocess.TimeoutExpired:
+                self.kill()
+                self.wait()
+        if self._log is not None:
+            self._log.close()
+        return time.monotonic() - started
+
+    def __exit__(
+        self, exc_type: type[BaseException] | None, exc: BaseException | None, traceback: TracebackType | None
+    ) -> None:
+        self.stop()
+
+    def _tail(self) -> str:
+        text = self.log()
+        return f"; its log ({self.log_path}) ends:\n{text[-3000:]}" if text else ""
+
+
+def _accepts(port: int) -> bool:
+    socket.create_connection(("127.0.0.1", port), timeout=1).close()
+    return True
 
 
 def spawn_agent(
@@ -20,8 +109,8 @@ def spawn_agent(
     scenario: Path | None,
     *args: str,
     library_dir: Path | None = None,
-    output: IO[Any] | int = subprocess.DEVNULL,
-) -> subprocess.Popen[bytes]:
+    output: Output = subprocess.DEVNULL,
+) -> Process:
     """``python -m exporter`` on 127.0.0.1:``port`` with the fake NVML library (``library_dir``, by
     default the built one; pass an empty folder for "no driver") driven by ``scenario``."""
     env = {k: v for k, v in os.environ.items() if not k.startswith("GPU_EXPORTER_")}
@@ -29,34 +118,25 @@ def spawn_agent(
     env["PYTHONUNBUFFERED"] = "1"
     if scenario is not None:
         env["FAKE_NVML_SCENARIO"] = str(scenario)
-    return subprocess.Popen(
+    return Process(
         [sys.executable, "-m", "exporter", "--listen", f"127.0.0.1:{port}", *args],
+        what="the agent",
+        output=output,
         env=env,
-        stdout=output,
-        stderr=subprocess.STDOUT,
-        cwd=ROOT,
     )
 
 
-def spawn_adapter(port: int, *args: str, output: IO[Any] | int = subprocess.DEVNULL) -> subprocess.Popen[bytes]:
+def spawn_adapter(port: int, *args: str, output: Output = subprocess.DEVNULL) -> Process:
     """``python -m exporter.adapter`` on https://127.0.0.1:``port``."""
-    return subprocess.Popen(
+    return Process(
         [sys.executable, "-m", "exporter.adapter", "--secure-port", str(port), "--bind-address", "127.0.0.1", *args],
-        stdout=output,
-        stderr=subprocess.STDOUT,
-        cwd=ROOT,
+        what="the adapter",
+        output=output,
     )
 
 
-def wait_for_port(port: int, process: subprocess.Popen[bytes], timeout_s: float = 15, what: str = "") -> None:
+def wait_for_port(port: int, process: Process, timeout_s: float = 15, what: str = "") -> None:
     """Until something accepts connections on ``port``; fails if ``process`` exits first."""
-    deadline = time.monotonic() + timeout_s
-    while time.monotonic() < deadline:
-        if process.poll() is not None:
-            raise RuntimeError(f"{what or process.args} exited with {process.returncode} before listening")
-        try:
-            socket.create_connection(("127.0.0.1", port), timeout=1).close()
-            return
-        except OSError:
-            time.sleep(0.05)
-    raise RuntimeError(f"{what or process.args} did not listen on {port} in time")
+    if what:
+        process.what = what
+    process.wait_for_port(port, timeout_s)

@@ -5,13 +5,14 @@ from __future__ import annotations
 
 import os
 import shutil
-import subprocess
 import time
 from pathlib import Path
 from typing import Any
 
 import pytest
 import requests
+
+from tests.sim.processes import Process
 
 
 def installed(binary_name: str) -> str:
@@ -35,7 +36,6 @@ class Prometheus:
         )
         self.url = f"http://127.0.0.1:{port}"
         self.log_path = directory / "prometheus.log"
-        self._log = self.log_path.open("wb")
         if kind == "prometheus":
             command = [
                 installed("prometheus"),
@@ -53,7 +53,7 @@ class Prometheus:
                 "-search.latencyOffset=0s",
                 "-search.disableCache",
             ]
-        self.process = subprocess.Popen(command, stdout=self._log, stderr=subprocess.STDOUT)
+        self.process = Process(command, what=kind, output=self.log_path)
 
     def query(self, promql: str) -> list[dict[str, Any]]:
         body = requests.get(f"{self.url}/api/v1/query", params={"query": promql}, timeout=5).json()
@@ -71,9 +71,7 @@ class Prometheus:
             except requests.ConnectionError:
                 pass
             time.sleep(0.5)
-        pytest.fail(f"Prometheus never had {promql}:\n{self.log_path.read_text()[-3000:]}")
+        pytest.fail(f"{self.process.what} never had {promql}:\n{self.process.log()[-3000:]}")
 
     def stop(self) -> None:
-        self.process.terminate()
-        self.process.wait(timeout=10)
-        self._log.close()
+        self.process.stop()
