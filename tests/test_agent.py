@@ -259,3 +259,24 @@ def test_a_pod_name_that_cannot_be_encoded_does_not_freeze_metrics(node: Node, s
         node.scenario.write(node.scenario_path)
         agent.wait_for(lambda s, u=util: pods_of(s).get(BERT) == u, timeout_s=3, what=f"utilisation {util}")
     assert requests.get(agent.url + "/readyz", timeout=2).status_code == 200
+
+
+def test_a_watch_answering_410_forever_backs_off_and_says_so(node: Node, start_agent) -> None:  # type: ignore[no-untyped-def]
+    agent = start_agent(node.args(), node.scenario_path)
+    agent.wait_for(lambda s: find(s, "gpu_exporter_kubernetes_up") == [({}, 1.0)], what="the watch up")
+    node.api.watch_gone = True
+    node.api.break_watches()
+    agent.wait_for(lambda s: find(s, "gpu_exporter_kubernetes_up") == [({}, 0.0)], what="the watch down")
+    started, calls_before = time.monotonic(), len(node.api.calls)
+    time.sleep(6)
+    requests_made = len(node.api.calls) - calls_before
+    # client-go's backoff (about 1 s doubling to 30 s): a handful of requests, where a tight
+    # re-list loop made hundreds a second.
+    assert requests_made <= 12, f"{requests_made} requests in {time.monotonic() - started:.1f}s"
+    samples = agent.scrape()
+    assert find(samples, "gpu_exporter_kubernetes_up") == [({}, 0.0)]
+    assert len(find(samples, "duty_cycle_current")) == 2  # device data unaffected
+    node.api.watch_gone = False
+    agent.wait_for(lambda s: find(s, "gpu_exporter_kubernetes_up") == [({}, 1.0)], timeout_s=40, what="recovery")
+    warnings = [line for line in agent.log().splitlines() if "WARNING" in line and "exporter.kube" in line]
+    assert len(warnings) <= 2, warnings  # one line per change of state, not per retry
