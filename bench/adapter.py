@@ -92,9 +92,9 @@ def main() -> int:
             )
         )
     finally:
-        adapter.terminate()
+        adapter.stop()
         prometheus.stop()
-        agent.terminate()
+        agent.stop()
         kubelet.stop()
         api.stop()
     return 0

@@ -5,24 +5,26 @@ Prints curl commands equivalent to ``kubectl get --raw`` through the API server'
 from __future__ import annotations
 
 import signal
-import subprocess
 import sys
 import tempfile
 import time
 from pathlib import Path
 
 from tests.adapter.test_adapter import start_adapter
-from tests.conftest import ROOT, free_port
+from tests.conftest import free_port
 from tests.sim.apiserver import FakeApiServer, pod_json
 from tests.sim.certs import make_pki
 from tests.sim.node import NODE, PODS
+from tests.sim.processes import Process
 from tests.sim.prometheus import Prometheus
 
 
 def main() -> int:
     directory = Path(tempfile.mkdtemp(prefix="adapter-demo-"))
     agent_port = free_port()
-    node = subprocess.Popen([sys.executable, "-m", "tests.sim.node", "--listen", f"127.0.0.1:{agent_port}"], cwd=ROOT)
+    node = Process(
+        [sys.executable, "-m", "tests.sim.node", "--listen", f"127.0.0.1:{agent_port}"], what="the node", output=None
+    )
     prometheus = Prometheus(directory / "prometheus", [f"127.0.0.1:{agent_port}"], free_port())
     api = FakeApiServer().start()
     for ns, pod, uid, *_ in PODS:
@@ -51,10 +53,9 @@ Ctrl-C stops everything.""",
     except KeyboardInterrupt:
         pass
     finally:
-        adapter.terminate()
+        adapter.stop()
         prometheus.stop()
-        node.send_signal(signal.SIGINT)
-        node.wait(timeout=10)
+        node.stop(signum=signal.SIGINT)
         api.stop()
     return 0
 
