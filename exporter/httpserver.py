@@ -1,26 +1,65 @@
-"""HTTP plumbing the agent's and the adapter's servers share: a threaded server that can wrap TLS
-without letting one client's handshake block the others, a handler that answers with a body of
-known length, and serving until SIGTERM or SIGINT."""
+"""HTTP plumbing the agent's and the adapter's servers share: a server whose cost is bounded by
+what it is asked to compute, not by how many clients hold a connection or how slowly they talk; a
+handler that answers with a body of known length; and serving until SIGTERM or SIGINT.
+
+Why not a thread per connection (``ThreadingHTTPServer``): a client that drips one header byte
+every few seconds then holds a thread for as long as it likes, and 2000 of them held 2000 threads
+and 40-75 MB. Here one thread, the loop, owns every socket. It accepts, does TLS handshakes without
+blocking, reads until a whole request (head and body) has arrived, and writes responses out. Only
+a complete request goes to one of a few worker threads, which runs the ``Handler`` on bytes in
+memory and hands the response back as bytes. So a connection costs a thread only while its request
+is being computed, never while its client is slow to send or to read. Around that:
+
+- at most ``max_connections`` are open: beyond it, the connection that has waited longest without
+  a complete request is closed to admit the new one (then the longest idle, then the slowest
+  reader), so a flood of slow clients cannot lock out a scraper that sends its request at once;
+- the TLS handshake and the whole first request must arrive within ``request_timeout`` of the
+  accept, a later request within ``request_timeout`` of its first byte; an idle keep-alive
+  connection is closed after ``idle_timeout``, a response not taken within ``write_timeout``;
+- a request head is at most 32 KiB and a body at most 16 KiB (neither server takes bodies);
+  chunked request bodies are refused.
+"""
 
 from __future__ import annotations
 
+import collections
+import contextlib
+import errno
+import io
 import logging
+import selectors
 import signal
+import socket
 import ssl
 import threading
-from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+import time
+from collections.abc import Callable, Mapping
+from http.server import BaseHTTPRequestHandler
 from types import FrameType
 from typing import Any
 
 log = logging.getLogger(__name__)
 
+MAX_HEAD_BYTES = 32 * 1024
+MAX_BODY_BYTES = 16 * 1024
+_LINGER_S = 1.0  # how long a connection closed after an error answer may still send (then RST is harmless)
+_SEND_BYTES = 256 * 1024
+_OUT_OF_FDS = (errno.EMFILE, errno.ENFILE, errno.ENOBUFS, errno.ENOMEM)
+
 
 class Handler(BaseHTTPRequestHandler):
+    """What a route sees: ``BaseHTTPRequestHandler``'s attributes (``path``, ``headers``,
+    ``connection`` — an ``ssl.SSLSocket`` over TLS, for ``getpeercert()``) plus ``send``.
+
+    Also works under the standard library's servers (the tests' stand-ins use it so)."""
+
     protocol_version = "HTTP/1.1"
-    # Headers and body go out in two writes: without TCP_NODELAY, Nagle's algorithm holds the body
-    # until the client's delayed ACK (~40 ms) on every keep-alive request.
+    # Under a standard-library server, headers and body go out in two writes: without TCP_NODELAY,
+    # Nagle's algorithm holds the body until the client's delayed ACK (~40 ms) on every keep-alive
+    # request. ``Server`` sets it on every connection itself.
     disable_nagle_algorithm = True
-    timeout = 10  # a client that stalls mid-request loses its thread after this many seconds
+    timeout = 10  # under a standard-library server only: ``Server`` applies its own deadlines
+    server: Server  # type: ignore[assignment]  # ours, not a socketserver
 
     def send(
         self, code: int, body: bytes, content_type: str, send_body: bool = True, headers: dict[str, str] | None = None
@@ -35,28 +74,575 @@ class Handler(BaseHTTPRequestHandler):
             self.wfile.write(body)
 
     def log_message(self, format: str, *args: object) -> None:  # noqa: A002 (http.server's signature)
-        log.debug("%s %s", self.address_string(), format % args)
+        if log.isEnabledFor(logging.DEBUG):
+            log.debug("%s %s", self.address_string(), format % args)
 
 
-class Server(ThreadingHTTPServer):
-    daemon_threads = True
-    request_queue_size = 128
+class _Response:
+    """The handler's ``wfile``: keeps what it writes (a rendered body is kept, not copied)."""
 
-    def __init__(self, address: tuple[str, int], handler: type[Handler], tls: ssl.SSLContext | None) -> None:
-        super().__init__(address, handler)
-        if tls is not None:
-            # The handshake happens on the connection's own thread, at its first read, so a client
-            # that never completes one cannot hold up the accept loop.
-            self.socket = tls.wrap_socket(self.socket, server_side=True, do_handshake_on_connect=False)
+    __slots__ = ("chunks",)
 
-    def handle_error(self, request: Any, client_address: Any) -> None:
-        """A client that hangs up, times out or fails the TLS handshake is its problem, not ours."""
-        log.debug("connection from %s failed", client_address, exc_info=True)
+    def __init__(self) -> None:
+        self.chunks: list[bytes] = []
+
+    def write(self, data: bytes) -> int:
+        self.chunks.append(data if type(data) is bytes else bytes(data))
+        return len(data)
+
+    def flush(self) -> None:
+        pass
+
+
+class _RefusedError(Exception):
+    """A request the loop answers itself, closing the connection after."""
+
+    def __init__(self, code: int, reason: str) -> None:
+        super().__init__(reason)
+        self.code, self.reason = code, reason
+
+
+_HANDSHAKE, _READ, _BUSY, _WRITE, _LINGER = range(5)
+
+
+class _Connection:
+    __slots__ = (
+        "address",
+        "buffer",
+        "closed",
+        "deadline",
+        "eof",
+        "events",
+        "group",
+        "keep_alive",
+        "pending",
+        "scanned",
+        "sock",
+        "state",
+    )
+
+    def __init__(self, sock: socket.socket, address: Any, state: int) -> None:
+        self.sock = sock
+        self.address = address
+        self.state = state
+        self.buffer = bytearray()
+        self.scanned = 0  # bytes of ``buffer`` already searched for the end of the head
+        self.eof = False  # the client will send nothing more
+        self.keep_alive = False
+        self.pending: collections.deque[memoryview] = collections.deque()
+        self.group: dict[_Connection, None] | None = None
+        self.deadline = 0.0
+        self.events = 0
+        self.closed = False
+
+
+class Server:
+    """Serves ``handler`` on ``address``, over TLS when ``tls`` is given.
+
+    ``peer_check`` sees each client certificate (``getpeercert()``) after the handshake; a ``False``
+    closes the connection before any request is read. ``workers`` bounds the threads computing
+    answers; they start as needed. ``start()`` serves from a thread, ``stop()`` stops serving,
+    closes every connection and the listening socket, and returns within about a second.
+    """
+
+    def __init__(
+        self,
+        address: tuple[str, int],
+        handler: type[Handler],
+        tls: ssl.SSLContext | None,
+        *,
+        peer_check: Callable[[Mapping[str, Any]], bool] | None = None,
+        max_connections: int = 512,
+        workers: int = 16,
+        request_timeout: float = 10.0,
+        idle_timeout: float = 120.0,
+        write_timeout: float = 30.0,
+    ) -> None:
+        self.handler_class = handler
+        self.tls = tls
+        self.peer_check = peer_check
+        self.max_connections = max_connections
+        self.max_workers = workers
+        self.request_timeout = request_timeout
+        self.idle_timeout = idle_timeout
+        self.write_timeout = write_timeout
+        family = socket.AF_INET6 if ":" in address[0] else socket.AF_INET
+        self.socket = socket.socket(family, socket.SOCK_STREAM)
+        try:
+            self.socket.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+            self.socket.bind(address)
+            self.socket.listen(128)
+            self.socket.setblocking(False)
+        except OSError:
+            self.socket.close()
+            raise
+        self.server_address: tuple[str, int] = self.socket.getsockname()[:2]
+        self._selector = selectors.DefaultSelector()
+        self._wake_in, self._wake_out = socket.socketpair()
+        self._wake_in.setblocking(False)
+        self._wake_out.setblocking(False)
+        self._selector.register(self._wake_in, selectors.EVENT_READ, "wake")
+        self._selector.register(self.socket, selectors.EVENT_READ, "accept")
+        self._accept_paused_until: float | None = None
+        self._connections: set[_Connection] = set()
+        # Open connections by what they are doing, each in the order they started doing it; the
+        # first of the first non-empty group is the one closed to admit a new connection.
+        self._opening: dict[_Connection, None] = {}  # handshake, partial request, lingering close
+        self._idle: dict[_Connection, None] = {}  # keep-alive, waiting for the next request
+        self._writing: dict[_Connection, None] = {}
+        self._at_limit = False
+        self._refusing_peers = False
+        self._next_sweep = 0.0
+        self._done: collections.deque[tuple[_Connection, list[bytes], bool]] = collections.deque()
+        self._jobs: collections.deque[tuple[_Connection, bytes] | None] = collections.deque()
+        self._job_ready = threading.Condition()
+        self._workers: list[threading.Thread] = []
+        self._idle_workers = 0
+        self._stopping = threading.Event()
+        self._thread: threading.Thread | None = None
+
+    # -- life cycle, called from the owner's thread --------------------------------------------
 
     def start(self) -> threading.Thread:
-        thread = threading.Thread(target=self.serve_forever, kwargs={"poll_interval": 0.1}, name="http", daemon=True)
-        thread.start()
-        return thread
+        self._thread = threading.Thread(target=self._serve, name="http", daemon=True)
+        self._thread.start()
+        return self._thread
+
+    def shutdown(self) -> None:
+        """Stops serving: the loop closes every connection; workers finish their request or are
+        left behind (daemon threads) after a short wait."""
+        self._stopping.set()
+        self._wake()
+        if self._thread is not None:
+            self._thread.join(timeout=5)
+        with self._job_ready:
+            self._jobs.extend([None] * len(self._workers))
+            self._job_ready.notify_all()
+        deadline = time.monotonic() + 0.5
+        for worker in self._workers:
+            worker.join(timeout=max(0.0, deadline - time.monotonic()))
+
+    def server_close(self) -> None:
+        """Closes the listening socket (and every connection, if the loop never ran)."""
+        for conn in list(self._connections):
+            self._close(conn)
+        self._selector.close()
+        self.socket.close()
+        self._wake_in.close()
+        self._wake_out.close()
+
+    def stop(self) -> None:
+        self.shutdown()
+        self.server_close()
+
+    def handle_error(self, request: Any, client_address: Any) -> None:
+        """A handler raised: the client gets a 500 and the connection is closed; serving goes on."""
+        log.exception("request from %s failed", client_address)
+
+    # -- the loop ------------------------------------------------------------------------------
+
+    def _serve(self) -> None:
+        try:
+            while not self._stopping.is_set():
+                self._turn()
+        finally:
+            for conn in list(self._connections):
+                self._close(conn)
+
+    def _turn(self) -> None:
+        """One wait for events and the work they bring; any fault in one connection closes that
+        connection only."""
+        if self._accept_paused_until is not None:
+            timeout: float | None = 0.1
+        elif self._connections:
+            timeout = 0.25
+        else:
+            timeout = None
+        try:
+            events = self._selector.select(timeout)
+        except (OSError, ValueError):  # closed under us by server_close
+            self._stopping.set()
+            return
+        for key, _mask in events:
+            if key.data == "accept":
+                self._accept()
+            elif key.data == "wake":
+                self._drain_wake()
+            else:
+                self._guarded(self._ready, key.data)
+        while self._done:
+            conn, chunks, keep_alive = self._done.popleft()
+            if not conn.closed:
+                conn.keep_alive = keep_alive
+                self._guarded(self._respond, conn, chunks)
+        self._sweep()
+
+    def _guarded(self, step: Callable[..., None], conn: _Connection, *args: Any) -> None:
+        try:
+            step(conn, *args)
+        except Exception:
+            log.exception("connection from %s failed", conn.address)
+            self._close(conn)
+
+    def _ready(self, conn: _Connection) -> None:
+        if conn.closed:  # closed earlier in this turn, to admit another
+            return
+        if conn.state == _HANDSHAKE:
+            self._handshake(conn)
+        elif conn.state == _READ:
+            self._read(conn)
+        elif conn.state == _WRITE:
+            self._write(conn)
+        elif conn.state == _LINGER:
+            self._linger(conn)
+
+    def _accept(self) -> None:
+        for _ in range(64):  # then let the connections already open have a turn
+            try:
+                sock, address = self.socket.accept()
+            except BlockingIOError:
+                return
+            except OSError as error:
+                if error.errno in _OUT_OF_FDS:
+                    self._note_limit(f"cannot accept: {error.strerror}")
+                    if not self._evict():
+                        self._pause_accepting()
+                    return
+                continue  # the client gave up before we accepted (ECONNABORTED and kin)
+            if len(self._connections) >= self.max_connections:
+                self._note_limit(f"{len(self._connections)} connections open, the most allowed")
+                if not self._evict():
+                    sock.close()
+                    continue
+            try:
+                sock.setblocking(False)
+                sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+                if self.tls is not None:
+                    sock = self.tls.wrap_socket(sock, server_side=True, do_handshake_on_connect=False)
+            except OSError:
+                sock.close()
+                continue
+            conn = _Connection(sock, address, _HANDSHAKE if self.tls is not None else _READ)
+            self._connections.add(conn)
+            self._enter(conn, self._opening, self.request_timeout)
+            if conn.state == _HANDSHAKE:
+                self._guarded(self._handshake, conn)
+            else:
+                self._watch(conn, selectors.EVENT_READ)
+
+    def _handshake(self, conn: _Connection) -> None:
+        sock = conn.sock
+        assert isinstance(sock, ssl.SSLSocket)
+        try:
+            sock.do_handshake()
+        except ssl.SSLWantReadError:
+            self._watch(conn, selectors.EVENT_READ)
+            return
+        except ssl.SSLWantWriteError:
+            self._watch(conn, selectors.EVENT_WRITE)
+            return
+        except OSError as error:  # ssl.SSLError included: a bad certificate, plain HTTP, a reset
+            log.debug("TLS handshake with %s failed: %s", conn.address, error)
+            self._close(conn)
+            return
+        if self.peer_check is not None:
+            allowed = self.peer_check(sock.getpeercert() or {})
+            if allowed == self._refusing_peers:  # a change: log it once
+                self._refusing_peers = not allowed
+                if allowed:
+                    log.info("a client certificate was allowed again (from %s)", conn.address[0])
+                else:
+                    log.warning("refused the client certificate of %s: not allowed by the web config", conn.address[0])
+            if not allowed:
+                self._close(conn)
+                return
+        conn.state = _READ
+        self._watch(conn, selectors.EVENT_READ)
+        self._read(conn)  # the first request may have come with the handshake's last flight
+
+    def _read(self, conn: _Connection) -> None:
+        sock, buffer = conn.sock, conn.buffer
+        limit = MAX_HEAD_BYTES + MAX_BODY_BYTES
+        while len(buffer) <= limit:
+            try:
+                data = sock.recv(min(65536, limit + 1 - len(buffer)))
+            except (BlockingIOError, ssl.SSLWantReadError, ssl.SSLWantWriteError):
+                break
+            except OSError:
+                self._close(conn)
+                return
+            if not data:
+                conn.eof = True
+                break
+            if not buffer and conn.group is self._idle:  # the first byte of a later request
+                self._enter(conn, self._opening, self.request_timeout)
+            buffer += data
+        self._next_request(conn)
+
+    def _next_request(self, conn: _Connection) -> None:
+        """Hands the buffered request to a worker once it is complete; refuses it when it cannot be."""
+        buffer = conn.buffer
+        blank = len(buffer) - len(buffer.lstrip(b"\r\n")) if buffer[:1] in (b"\r", b"\n") else 0  # type: ignore[comparison-overlap]
+        if blank:  # empty lines before a request are ignored
+            del buffer[:blank]
+            conn.scanned = max(0, conn.scanned - blank)
+        end = _head_end(buffer, conn.scanned)
+        if end < 0:
+            conn.scanned = max(0, len(buffer) - 2)
+            if len(buffer) > MAX_HEAD_BYTES:
+                self._refuse(conn, _RefusedError(431, "request head too large"))
+            elif conn.eof:
+                self._close(conn)
+            return
+        try:
+            if end > MAX_HEAD_BYTES:
+                raise _RefusedError(431, "request head too large")
+            total = end + _body_length(bytes(buffer[:end]))
+        except _RefusedError as refusal:
+            self._refuse(conn, refusal)
+            return
+        if len(buffer) < total:
+            if conn.eof:
+                self._close(conn)
+            return
+        request = bytes(buffer[:total])
+        del buffer[:total]
+        conn.scanned = 0
+        conn.state = _BUSY
+        self._enter(conn, None, 0.0)
+        self._watch(conn, 0)
+        self._submit(conn, request)
+
+    def _refuse(self, conn: _Connection, refusal: _RefusedError) -> None:
+        conn.buffer.clear()
+        conn.keep_alive = False
+        self._respond(conn, [_closing_answer(refusal.code, refusal.reason)])
+
+    def _respond(self, conn: _Connection, chunks: list[bytes]) -> None:
+        chunks = [chunk for chunk in chunks if chunk]
+        if len(chunks) > 1 and sum(map(len, chunks)) <= 65536:
+            chunks = [b"".join(chunks)]  # one segment for a small answer
+        conn.pending = collections.deque(memoryview(chunk) for chunk in chunks)
+        conn.state = _WRITE
+        self._enter(conn, self._writing, self.write_timeout)
+        self._write(conn)
+
+    def _write(self, conn: _Connection) -> None:
+        pending = conn.pending
+        while pending:
+            try:
+                sent = conn.sock.send(pending[0][:_SEND_BYTES])
+            except (BlockingIOError, ssl.SSLWantWriteError):
+                self._watch(conn, selectors.EVENT_WRITE)
+                return
+            except ssl.SSLWantReadError:
+                self._watch(conn, selectors.EVENT_READ)
+                return
+            except OSError:
+                self._close(conn)
+                return
+            if sent == len(pending[0]):
+                pending.popleft()
+            else:
+                pending[0] = pending[0][sent:]
+        if conn.keep_alive:
+            self._await_request(conn)
+        elif conn.eof:
+            self._close(conn)
+        else:
+            self._close_after_linger(conn)
+
+    def _await_request(self, conn: _Connection) -> None:
+        conn.state = _READ
+        if conn.buffer:  # pipelined, or the next request already begun
+            self._enter(conn, self._opening, self.request_timeout)
+        else:
+            self._enter(conn, self._idle, self.idle_timeout)
+        self._watch(conn, selectors.EVENT_READ)
+        if isinstance(conn.sock, ssl.SSLSocket) and conn.sock.pending():
+            self._read(conn)
+        else:
+            self._next_request(conn)
+
+    def _close_after_linger(self, conn: _Connection) -> None:
+        """Closing with unread bytes from the client makes the kernel send a reset, which can make
+        the client drop the answer just sent: stop sending, then read and discard for a moment."""
+        try:
+            conn.sock.shutdown(socket.SHUT_WR)  # an SSLSocket drops its TLS layer here
+        except OSError:
+            self._close(conn)
+            return
+        conn.state = _LINGER
+        self._enter(conn, self._opening, _LINGER_S)
+        self._watch(conn, selectors.EVENT_READ)
+
+    def _linger(self, conn: _Connection) -> None:
+        try:
+            while conn.sock.recv(65536):
+                pass
+        except (BlockingIOError, ssl.SSLWantReadError):
+            return
+        except OSError:
+            pass
+        self._close(conn)
+
+    # -- bookkeeping ----------------------------------------------------------------------------
+
+    def _enter(self, conn: _Connection, group: dict[_Connection, None] | None, timeout_s: float) -> None:
+        if conn.group is not None:
+            del conn.group[conn]
+        conn.group = group
+        if group is not None:
+            group[conn] = None
+        conn.deadline = time.monotonic() + timeout_s
+
+    def _watch(self, conn: _Connection, events: int) -> None:
+        if events == conn.events:
+            return
+        if conn.events == 0:
+            self._selector.register(conn.sock, events, conn)
+        elif events == 0:
+            self._selector.unregister(conn.sock)
+        else:
+            self._selector.modify(conn.sock, events, conn)
+        conn.events = events
+
+    def _close(self, conn: _Connection) -> None:
+        if conn.closed:
+            return
+        conn.closed = True
+        if conn.events:
+            with contextlib.suppress(KeyError, ValueError, OSError):
+                self._selector.unregister(conn.sock)
+            conn.events = 0
+        self._enter(conn, None, 0.0)
+        self._connections.discard(conn)
+        conn.sock.close()
+
+    def _evict(self) -> bool:
+        for group in (self._opening, self._idle, self._writing):
+            if group:
+                self._close(next(iter(group)))
+                return True
+        return False
+
+    def _sweep(self) -> None:
+        now = time.monotonic()
+        if now < self._next_sweep:
+            return
+        self._next_sweep = now + 0.1
+        for group in (self._opening, self._idle, self._writing):
+            for conn in [c for c in group if c.deadline <= now]:
+                log.debug("closing %s: past its deadline", conn.address)
+                self._close(conn)
+        if self._accept_paused_until is not None and now >= self._accept_paused_until:
+            self._accept_paused_until = None
+            self._selector.register(self.socket, selectors.EVENT_READ, "accept")
+        if self._at_limit and len(self._connections) < self.max_connections // 2:
+            self._at_limit = False
+            log.info("connections back under the limit: %d open", len(self._connections))
+
+    def _note_limit(self, why: str) -> None:
+        if not self._at_limit:
+            self._at_limit = True
+            log.warning("%s: closing the oldest unfinished connections to admit new ones", why)
+
+    def _pause_accepting(self) -> None:
+        self._selector.unregister(self.socket)
+        self._accept_paused_until = time.monotonic() + 0.1
+
+    def _wake(self) -> None:
+        with contextlib.suppress(OSError):  # full (a wake-up is pending anyway) or closed
+            self._wake_out.send(b"\0")
+
+    def _drain_wake(self) -> None:
+        try:
+            while self._wake_in.recv(4096):
+                pass
+        except OSError:
+            pass
+
+    # -- workers --------------------------------------------------------------------------------
+
+    def _submit(self, conn: _Connection, request: bytes) -> None:
+        with self._job_ready:
+            self._jobs.append((conn, request))
+            if self._idle_workers == 0 and len(self._workers) < self.max_workers:
+                worker = threading.Thread(target=self._work, name=f"http-worker-{len(self._workers)}", daemon=True)
+                self._workers.append(worker)
+                worker.start()
+            self._job_ready.notify()
+
+    def _work(self) -> None:
+        while True:
+            with self._job_ready:
+                self._idle_workers += 1
+                while not self._jobs:
+                    self._job_ready.wait()
+                self._idle_workers -= 1
+                job = self._jobs.popleft()
+            if job is None:
+                return
+            conn, request = job
+            chunks, keep_alive = self._handle(conn, request)
+            self._done.append((conn, chunks, keep_alive))
+            self._wake()
+
+    def _handle(self, conn: _Connection, request: bytes) -> tuple[list[bytes], bool]:
+        """Runs the handler on one complete request; returns what it wrote and whether the
+        connection stays open."""
+        handler = self.handler_class.__new__(self.handler_class)
+        handler.server = self
+        handler.request = handler.connection = conn.sock
+        handler.client_address = conn.address
+        handler.rfile = io.BytesIO(request)
+        response = _Response()
+        handler.wfile = response  # type: ignore[assignment]
+        handler.close_connection = True
+        try:
+            handler.handle_one_request()
+        except Exception:
+            self.handle_error(conn.sock, conn.address)
+            return [_closing_answer(500, "Internal Server Error")], False
+        return response.chunks, not handler.close_connection
+
+
+def _closing_answer(code: int, reason: str) -> bytes:
+    body = f"{reason}\n".encode()
+    head = (
+        f"HTTP/1.1 {code} {reason}\r\nContent-Type: text/plain; charset=utf-8\r\n"
+        f"Content-Length: {len(body)}\r\nConnection: close\r\n\r\n"
+    )
+    return head.encode() + body
+
+
+def _head_end(buffer: bytearray, start: int) -> int:
+    """Where the head ends (just past its empty line), searching from ``start``; -1 if not yet."""
+    ends = [i + 3 for i in (buffer.find(b"\n\r\n", start),) if i >= 0]
+    ends += [i + 2 for i in (buffer.find(b"\n\n", start),) if i >= 0]
+    return min(ends, default=-1)
+
+
+def _body_length(head: bytes) -> int:
+    """The Content-Length the head declares (0 without one), as the handler will read it."""
+    length: bytes | None = None
+    for line in head.split(b"\n")[1:]:
+        name, colon, value = line.partition(b":")
+        if not colon:
+            continue
+        name = name.strip().lower()
+        if name == b"transfer-encoding":
+            raise _RefusedError(501, "Transfer-Encoding is not supported")
+        if name == b"content-length":
+            value = value.strip()
+            if not value.isdigit() or (length is not None and value != length):
+                raise _RefusedError(400, "bad Content-Length")
+            length = value
+    if length is None:
+        return 0
+    if len(length) > 9 or int(length) > MAX_BODY_BYTES:
+        raise _RefusedError(413, "request body too large")
+    return int(length)
 
 
 def wait_for_signal(logger: logging.Logger) -> None:

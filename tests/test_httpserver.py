@@ -1,0 +1,334 @@
+"""The shared HTTP server under clients that are slow, silent, numerous or rude, over real sockets
+(plain and TLS): real requests keep being answered, threads stay bounded, deadlines close what
+never completes. The agent is also tried as a process, as a slowloris attack would find it."""
+
+from __future__ import annotations
+
+import contextlib
+import http.client
+import re
+import socket
+import ssl
+import threading
+import time
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import pytest
+import requests
+
+from exporter.httpserver import Handler, Server
+from tests.sim.certs import Pki, make_pki
+from tests.sim.scenario import Gpu, Scenario, gpu_uuid
+
+WORKERS = 4
+BIG = b"x" * 16_000_000  # more than loopback's socket buffers hold
+
+
+class Echo(Handler):
+    """Answers with what a route can see of its request; ``/big`` is 16 MB, ``/boom`` raises,
+    ``/block`` waits for the test."""
+
+    release = threading.Event()
+
+    def do_GET(self) -> None:  # noqa: N802 (http.server's naming)
+        if self.path == "/boom":
+            raise RuntimeError("a bug in a route")
+        if self.path == "/block":
+            self.release.wait(30)
+        if self.path == "/big":
+            self.send(200, BIG, "text/plain")
+            return
+        peer: dict[str, Any] = (
+            self.connection.getpeercert() if isinstance(self.connection, ssl.SSLSocket) else None
+        ) or {}
+        names = [value for rdn in peer.get("subject", ()) for key, value in rdn if key == "commonName"]
+        body = f"{self.path} port={self.client_address[1]} cn={''.join(names)}"
+        self.send(200, body.encode(), "text/plain")
+
+    def do_POST(self) -> None:  # noqa: N802
+        body = self.rfile.read(int(self.headers.get("Content-Length", "0")))
+        self.send(200, b"got " + body, "text/plain")
+
+
+def serve(tls: ssl.SSLContext | None = None, **limits: float) -> Server:
+    server = Server(("127.0.0.1", 0), Echo, tls, workers=WORKERS, **limits)  # type: ignore[arg-type]
+    server.start()
+    return server
+
+
+@pytest.fixture
+def servers() -> Iterator[list[Server]]:
+    started: list[Server] = []
+    yield started
+    Echo.release.set()
+    for server in started:
+        server.stop()
+    Echo.release.clear()
+
+
+def get(server: Server, path: str = "/", context: ssl.SSLContext | None = None) -> tuple[int, str]:
+    host, port = server.server_address
+    connection = (
+        http.client.HTTPSConnection(host, port, context=context, timeout=10)
+        if context
+        else http.client.HTTPConnection(host, port, timeout=10)
+    )
+    try:
+        connection.request("GET", path)
+        response = connection.getresponse()
+        return response.status, response.read().decode()
+    finally:
+        connection.close()
+
+
+def connect(server: Server) -> socket.socket:
+    return socket.create_connection(server.server_address, timeout=10)
+
+
+def closed_by_server(sock: socket.socket, within_s: float) -> bool:
+    """Whether the server closes ``sock`` within ``within_s`` (reading and discarding meanwhile)."""
+    sock.settimeout(within_s)
+    try:
+        while sock.recv(65536):
+            pass
+    except (ConnectionResetError, BrokenPipeError):
+        return True
+    except TimeoutError:
+        return False
+    return True
+
+
+def drip(sockets: list[socket.socket], stop: threading.Event, every_s: float = 0.1) -> None:
+    """One more header byte to every socket every ``every_s``, never the end of the head."""
+    head = b"GET / HTTP/1.1\r\nHost: x\r\nX-Slow: " + b"a" * 100_000
+    position = 0
+    while not stop.wait(every_s):
+        for sock in sockets:
+            with contextlib.suppress(OSError):  # closed by the server: its deadline or its limit
+                sock.send(head[position : position + 1])
+        position += 1
+
+
+def test_slow_clients_hold_no_threads_while_requests_are_answered(servers: list[Server]) -> None:
+    threads_before = threading.active_count()
+    servers.append(server := serve(request_timeout=60))
+    slow = [connect(server) for _ in range(300)]
+    stop = threading.Event()
+    dripper = threading.Thread(target=drip, args=(slow, stop), daemon=True)
+    dripper.start()
+    try:
+        time.sleep(0.5)
+        answers = [get(server, f"/{n}") for n in range(20)]
+        assert all(status == 200 for status, _ in answers)
+        # The loop, the workers, the dripper: not a thread per connection.
+        assert threading.active_count() <= threads_before + 1 + WORKERS + 1
+        assert not any(closed_by_server(sock, 0.01) for sock in slow[-10:])  # still open, still dripping
+    finally:
+        stop.set()
+        dripper.join()
+        for sock in slow:
+            sock.close()
+
+
+def test_a_request_that_never_completes_is_closed_after_the_deadline(servers: list[Server]) -> None:
+    servers.append(server := serve(request_timeout=1))
+    dripping, body_missing = connect(server), connect(server)
+    stop = threading.Event()
+    dripper = threading.Thread(target=drip, args=([dripping], stop, 0.2), daemon=True)
+    dripper.start()
+    body_missing.sendall(b"POST / HTTP/1.1\r\nHost: x\r\nContent-Length: 100\r\n\r\nonly ten b")
+    try:
+        # A byte every 0.2 s would keep a per-read timeout waiting for ever; the deadline does not.
+        assert closed_by_server(dripping, 10)
+        assert closed_by_server(body_missing, 10)
+    finally:
+        stop.set()
+        dripper.join()
+    assert get(server, "/after")[0] == 200
+
+
+def test_over_the_limit_the_oldest_unfinished_connection_makes_room(servers: list[Server]) -> None:
+    servers.append(server := serve(max_connections=20, request_timeout=60))
+    held = []
+    for _ in range(20):
+        sock = connect(server)
+        sock.sendall(b"GET / HT")
+        held.append(sock)
+        time.sleep(0.01)  # so the server sees them in this order
+    status, body = get(server, "/newcomer")
+    assert (status, body.split()[0]) == (200, "/newcomer")
+    assert closed_by_server(held[0], 5)
+    assert not closed_by_server(held[-1], 0.2)
+    # A request completed on a connection that was held is still answered.
+    held[-1].sendall(b"TP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n")
+    assert held[-1].recv(65536).startswith(b"HTTP/1.1 200")
+    for sock in held:
+        sock.close()
+
+
+def test_keep_alive_pipelining_bodies_and_the_idle_deadline(servers: list[Server]) -> None:
+    servers.append(server := serve(idle_timeout=1))
+    connection = http.client.HTTPConnection(*server.server_address, timeout=10)
+    ports = set()
+    for n in range(3):
+        connection.request("GET", f"/{n}")
+        response = connection.getresponse()
+        assert response.status == 200
+        ports.add(response.read().split()[1])
+    assert len(ports) == 1  # one connection served all three
+    connection.close()
+
+    sock = connect(server)
+    sock.sendall(b"POST /a HTTP/1.1\r\nHost: x\r\nContent-Length: 7\r\n\r\npayloadGET /b HTTP/1.1\r\nHost: x\r\n\r\n")
+    received = b""
+    while b"cn=" not in received:
+        received += sock.recv(65536)
+    assert re.findall(rb"\r\n\r\n(got [a-z]+|/[a-z])", received) == [b"got payload", b"/b"]
+    # Idle past idle_timeout (1 s): closed by the server well before a generous 5 s.
+    assert closed_by_server(sock, 5)
+
+
+@pytest.mark.parametrize(
+    ("request_bytes", "status"),
+    [
+        (b"GET / HTTP/1.1\r\nHost: x\r\nX-Big: " + b"a" * 40_000 + b"\r\n\r\n", b"431"),
+        (b"POST / HTTP/1.1\r\nHost: x\r\nTransfer-Encoding: chunked\r\n\r\n5\r\nhello\r\n0\r\n\r\n", b"501"),
+        (b"POST / HTTP/1.1\r\nHost: x\r\nContent-Length: 99999999\r\n\r\n", b"413"),
+        (b"POST / HTTP/1.1\r\nHost: x\r\nContent-Length: 3\r\nContent-Length: 4\r\n\r\nabcd", b"400"),
+    ],
+    ids=["head-too-large", "chunked-body", "body-too-large", "two-lengths"],
+)
+def test_requests_beyond_the_bounds_are_answered_and_closed(
+    servers: list[Server], request_bytes: bytes, status: bytes
+) -> None:
+    servers.append(server := serve())
+    sock = connect(server)
+    sock.sendall(request_bytes)
+    answer = sock.recv(65536)
+    assert answer.split()[1] == status and b"Connection: close" in answer
+    assert closed_by_server(sock, 5)
+
+
+def test_a_route_that_raises_answers_500_and_the_server_carries_on(servers: list[Server]) -> None:
+    servers.append(server := serve())
+    assert get(server, "/boom")[0] == 500
+    assert get(server, "/fine")[0] == 200
+
+
+def test_clients_that_do_not_read_hold_no_threads(servers: list[Server]) -> None:
+    threads_before = threading.active_count()
+    servers.append(server := serve(write_timeout=60))
+    readers = []
+    for _ in range(10):
+        sock = socket.socket()
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 4096)  # a small window, before connecting
+        sock.connect(server.server_address)
+        sock.sendall(b"GET /big HTTP/1.1\r\nHost: x\r\n\r\n")
+        readers.append(sock)
+    time.sleep(0.5)
+    assert get(server, "/meanwhile")[0] == 200
+    assert threading.active_count() <= threads_before + 1 + WORKERS
+    # Each still gets its answer in full once it reads.
+    readers[0].settimeout(10)
+    received = 0
+    while received < len(BIG):
+        received += len(readers[0].recv(1 << 20))
+    for sock in readers:
+        sock.close()
+
+
+def test_stop_is_prompt_with_a_request_in_a_handler(servers: list[Server]) -> None:
+    server = serve()
+    port = server.server_address[1]
+    blocked = connect(server)
+    blocked.sendall(b"GET /block HTTP/1.1\r\nHost: x\r\n\r\n")
+    time.sleep(0.3)
+    started = time.monotonic()
+    server.stop()
+    assert time.monotonic() - started < 3
+    assert closed_by_server(blocked, 5)
+    with pytest.raises(ConnectionRefusedError):
+        socket.create_connection(("127.0.0.1", port), timeout=2)
+    Echo.release.set()
+
+
+@pytest.fixture
+def pki(tmp_path: Path) -> Pki:
+    return make_pki(tmp_path)
+
+
+def tls_server_context(pki: Pki) -> ssl.SSLContext:
+    context = ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER)
+    context.load_cert_chain(pki.server_cert, pki.server_key)
+    context.load_verify_locations(pki.ca)
+    context.verify_mode = ssl.CERT_OPTIONAL  # as the adapter asks kube-apiserver's front proxy
+    return context
+
+
+def test_tls_slow_handshakes_block_no_one_and_the_client_certificate_reaches_the_route(
+    servers: list[Server], pki: Pki
+) -> None:
+    threads_before = threading.active_count()
+    servers.append(server := serve(tls_server_context(pki), request_timeout=60))
+    stalled = []
+    for n in range(100):
+        sock = connect(server)
+        if n % 2:
+            sock.sendall(b"\x16\x03\x01\x02\x00\x01")  # the first bytes of a ClientHello, then nothing
+        stalled.append(sock)
+    client = ssl.create_default_context(cafile=str(pki.ca))
+    status, body = get(server, "/anonymous", client)
+    assert (status, body.split()[-1]) == (200, "cn=")
+    client.load_cert_chain(pki.client_cert, pki.client_key)
+    status, body = get(server, "/with-cert", client)
+    assert (status, body.split()[-1]) == (200, "cn=prometheus")
+    assert threading.active_count() <= threads_before + 1 + WORKERS
+    # Plain HTTP on the TLS port is closed, not answered in the clear.
+    plain = connect(server)
+    plain.sendall(b"GET / HTTP/1.1\r\nHost: x\r\n\r\n")
+    assert closed_by_server(plain, 5)
+    for sock in stalled:
+        sock.close()
+
+
+def test_a_stalled_tls_handshake_is_closed_after_the_deadline(servers: list[Server], pki: Pki) -> None:
+    servers.append(server := serve(tls_server_context(pki), request_timeout=1))
+    sock = connect(server)
+    sock.sendall(b"\x16\x03\x01\x02\x00\x01")
+    assert closed_by_server(sock, 10)
+
+
+def process_threads(pid: int) -> int:
+    return int(re.search(r"Threads:\s+(\d+)", Path(f"/proc/{pid}/status").read_text()).group(1))  # type: ignore[union-attr]
+
+
+def test_the_agent_under_a_slowloris_attack(tmp_path: Path, start_agent) -> None:  # type: ignore[no-untyped-def]
+    """More slow connections than the agent admits: scrapes are answered, threads do not grow with
+    connections."""
+    scenario = tmp_path / "scenario.txt"
+    Scenario(gpus=[Gpu(gpu_uuid(0), util=33)]).write(scenario)
+    agent = start_agent(["--no-kubernetes", "--pod-resources-socket", str(tmp_path / "none.sock")], scenario)
+    assert requests.get(agent.url + "/metrics", timeout=5).status_code == 200
+    threads_before = process_threads(agent.process.pid)
+    slow = []
+    for _ in range(600):
+        try:
+            slow.append(socket.create_connection(("127.0.0.1", agent.port), timeout=5))
+        except OSError:
+            break
+    stop = threading.Event()
+    dripper = threading.Thread(target=drip, args=(slow, stop, 0.5), daemon=True)
+    dripper.start()
+    try:
+        time.sleep(1)
+        for _ in range(20):
+            scrape = requests.get(agent.url + "/metrics", timeout=5)
+            assert scrape.status_code == 200 and "gpu_exporter_nvml_up" in scrape.text
+        assert process_threads(agent.process.pid) <= threads_before + 16
+    finally:
+        stop.set()
+        dripper.join()
+        for sock in slow:
+            sock.close()
