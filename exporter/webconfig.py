@@ -8,21 +8,27 @@ work unchanged::
       key_file: server.key
       client_auth_type: RequireAndVerifyClientCert   # optional, with client_ca_file
       client_ca_file: ca.crt
+      client_allowed_sans: [prometheus.monitoring.svc]  # optional: only these client certificates
       min_version: TLS12
     basic_auth_users:
       prometheus: $2y$10$...   # bcrypt hash
 
-Options that only make sense for Go's TLS stack (cipher_suites, curve_preferences,
-prefer_server_cipher_suites) and http_server_config are accepted for compatibility and left to
-Python's defaults. Relative paths are relative to the config file, as in exporter-toolkit.
+Behaviour follows exporter-toolkit's: ``client_allowed_sans`` admits a client certificate only when
+one of its DNS, IP, email or URI names is listed (and needs a client certificate to be required);
+an unknown user is checked against a dummy hash so that answers take as long as for a known one;
+verified credentials are remembered by a hash of them. Options that only make sense for Go's TLS
+stack (cipher_suites, curve_preferences, prefer_server_cipher_suites, http_server_config.http2) are
+accepted for compatibility and left to Python's defaults; http_server_config.headers is refused
+rather than ignored. Relative paths are relative to the config file, as in exporter-toolkit.
 """
 
 from __future__ import annotations
 
 import base64
-import binascii
+import collections
 import hashlib
-import hmac
+import ipaddress
+import re
 import ssl
 import threading
 from collections.abc import Mapping
@@ -35,7 +41,7 @@ import yaml
 
 
 class WebConfigError(ValueError):
-    """The web config cannot be used; the message says what is wrong."""
+    """The web config cannot be used; the message (one line) says which field and why."""
 
 
 _TLS_VERSIONS = {
@@ -49,93 +55,213 @@ _CLIENT_AUTH = {
     "NoClientCert": ssl.CERT_NONE,
     "RequestClientCert": ssl.CERT_OPTIONAL,
     "RequireAnyClientCert": ssl.CERT_REQUIRED,
+    "RequireClientCert": ssl.CERT_REQUIRED,  # exporter-toolkit keeps this older name
     "VerifyClientCertIfGiven": ssl.CERT_OPTIONAL,
     "RequireAndVerifyClientCert": ssl.CERT_REQUIRED,
 }
-_TLS_KEYS = {
-    "cert_file",
-    "key_file",
-    "client_auth_type",
-    "client_ca_file",
-    "min_version",
-    "max_version",
-    "cipher_suites",
-    "curve_preferences",
-    "prefer_server_cipher_suites",
-    "client_allowed_sans",
+_STRING, _STRINGS, _BOOL = "a string", "a list of strings", "true or false"
+_TLS_FIELDS = {
+    "cert_file": _STRING,
+    "key_file": _STRING,
+    "client_auth_type": _STRING,
+    "client_ca_file": _STRING,
+    "min_version": _STRING,
+    "max_version": _STRING,
+    "cipher_suites": _STRINGS,
+    "curve_preferences": _STRINGS,
+    "prefer_server_cipher_suites": _BOOL,
+    "client_allowed_sans": _STRINGS,
 }
-_TOP_KEYS = {"tls_server_config", "basic_auth_users", "http_server_config"}
+_HTTP_FIELDS = {"http2": _BOOL, "headers": "a mapping"}
+_TOP_FIELDS = {"tls_server_config", "basic_auth_users", "http_server_config"}
+# What bcrypt libraries write ($2a$, $2b$, $2y$, $2x$), as exporter-toolkit's bcrypt.Cost checks it.
+_BCRYPT_HASH = re.compile(r"\$2[abxy]\$(\d\d)\$[./A-Za-z0-9]{53}")
+# bcrypt reads only the first 72 bytes of a password; bcrypt >= 4.1 raises on longer ones.
+_BCRYPT_MAX_PASSWORD = 72
 
 
 class BasicAuth:
-    """Checks ``Authorization: Basic`` headers against bcrypt hashes, caching verified pairs.
+    """Checks ``Authorization: Basic`` headers against bcrypt hashes.
 
-    bcrypt is slow on purpose (tens of milliseconds); a scraper sends the same credentials every
-    time, so a verified (user, password) pair is remembered by its SHA-256 instead of re-hashed.
+    bcrypt is slow on purpose (tens of milliseconds), so as in exporter-toolkit: a user that is not
+    configured is checked against a dummy hash of the same cost (otherwise its quick 401 would tell
+    which user names exist); one check runs at a time (a flood of guesses costs one core, not all);
+    and credentials that passed are remembered by a SHA-256 of user, hash and password, the most
+    recent ``cache_size`` of them, so a scraper sending the same credentials does not pay bcrypt
+    every time.
     """
 
-    def __init__(self, users: Mapping[str, str]) -> None:
-        self._users = {user: hashed.encode() for user, hashed in users.items()}
-        self._verified: set[bytes] = set()
+    def __init__(self, users: Mapping[str, str], cache_size: int = 256) -> None:
+        self._users = {user.encode(): hashed.encode() for user, hashed in users.items()}
+        costs = collections.Counter(hashed[4:6] for hashed in users.values())
+        self._dummy = bcrypt.hashpw(b"not anyone's password", bcrypt.gensalt(int(costs.most_common(1)[0][0])))
+        self._cache_size = cache_size
+        self._verified: collections.OrderedDict[bytes, None] = collections.OrderedDict()
         self._lock = threading.Lock()
+        self._bcrypt = threading.Lock()
 
     def allows(self, header: str | None) -> bool:
-        if not header or not header.startswith("Basic "):
+        credentials = _basic_credentials(header)
+        if credentials is None:
             return False
-        try:
-            user, _, password = base64.b64decode(header[6:], validate=True).decode().partition(":")
-        except (binascii.Error, UnicodeDecodeError):
-            return False
+        user, password = credentials
+        if len(password) > _BCRYPT_MAX_PASSWORD:
+            return False  # never a configured password, whoever the user
         hashed = self._users.get(user)
-        if hashed is None:
-            return False
-        key = hashlib.sha256(hashed + b"\0" + password.encode()).digest()
+        key = _digest(user, hashed or b"", password)
         with self._lock:
-            if any(hmac.compare_digest(key, known) for known in self._verified):
+            if key in self._verified:
+                self._verified.move_to_end(key)
                 return True
-        if not bcrypt.checkpw(password.encode(), hashed):
+        with self._bcrypt:
+            try:
+                matches = bcrypt.checkpw(password, hashed or self._dummy)
+            except ValueError:  # a password bcrypt will not take (it holds a NUL byte)
+                matches = False
+        if not matches or hashed is None:
             return False
         with self._lock:
-            self._verified.add(key)
+            self._verified[key] = None
+            if len(self._verified) > self._cache_size:
+                self._verified.popitem(last=False)
         return True
+
+
+def _basic_credentials(header: str | None) -> tuple[bytes, bytes] | None:
+    """User and password of a Basic Authorization header, the scheme in any case (RFC 7617), as
+    Go's ``Request.BasicAuth`` reads them; None when it is not one."""
+    if header is None or header[:6].lower() != "basic ":
+        return None
+    try:
+        decoded = base64.b64decode(header[6:], validate=True)
+    except ValueError:  # binascii.Error, or characters outside ASCII
+        return None
+    user, colon, password = decoded.partition(b":")
+    return (user, password) if colon else None
+
+
+def _digest(*parts: bytes) -> bytes:
+    digest = hashlib.sha256()
+    for part in parts:
+        digest.update(len(part).to_bytes(4, "big"))
+        digest.update(part)
+    return digest.digest()
 
 
 @dataclass(frozen=True)
 class WebConfig:
     tls: ssl.SSLContext | None
     auth: BasicAuth | None
+    allowed_sans: frozenset[str] | None = None  # client certificates must carry one of these names
+
+    def allows_peer(self, certificate: Mapping[str, Any]) -> bool:
+        """Whether a verified client certificate (``SSLSocket.getpeercert()``) may connect."""
+        if self.allowed_sans is None:
+            return True
+        return not self.allowed_sans.isdisjoint(_san_values(certificate))
+
+
+def _san_values(certificate: Mapping[str, Any]) -> list[str]:
+    """The certificate's DNS, email, IP and URI names, written as Go writes them."""
+    values = []
+    for kind, value in certificate.get("subjectAltName", ()):
+        if kind in ("DNS", "email", "URI"):
+            values.append(value)
+        elif kind == "IP Address":
+            values.append(_ip_text(value.strip()))
+    return values
+
+
+def _ip_text(value: str) -> str:
+    """An address as Go's ``net.IP.String`` writes it (Python writes IPv6 in full, upper case)."""
+    try:
+        return str(ipaddress.ip_address(value))
+    except ValueError:
+        return value
 
 
 def load_web_config(path: str) -> WebConfig:
     """Reads and checks the file, loading certificates now so a mistake fails at start-up."""
     file = Path(path)
     try:
-        raw = yaml.safe_load(file.read_text()) or {}
+        text = file.read_bytes().decode("utf-8")
     except OSError as error:
         raise WebConfigError(f"cannot read {path!r}: {error.strerror}") from error
+    except UnicodeDecodeError as error:
+        raise WebConfigError(
+            f"{path!r} is not UTF-8 text (byte 0x{error.object[error.start]:02x} at offset {error.start})"
+        ) from error
+    try:
+        raw = yaml.safe_load(text)
     except yaml.YAMLError as error:
         mark = getattr(error, "problem_mark", None)
         where = f" at line {mark.line + 1}" if mark is not None else ""
-        problem = getattr(error, "problem", None) or error
+        problem = getattr(error, "problem", None) or str(error).splitlines()[0]
         raise WebConfigError(f"{path!r} is not valid YAML{where}: {problem}") from error
+    if raw is None:
+        raw = {}
     if not isinstance(raw, dict):
-        raise WebConfigError(f"{path!r}: want a mapping of {', '.join(sorted(_TOP_KEYS))}")
-    unknown = set(raw) - _TOP_KEYS
+        raise WebConfigError(f"{path!r}: want a mapping of {', '.join(sorted(_TOP_FIELDS))}, not {_kind(raw)}")
+    unknown = set(raw) - _TOP_FIELDS
     if unknown:
-        raise WebConfigError(f"{path!r}: unknown field(s) {', '.join(sorted(unknown))}")
-    tls = _tls_context(raw.get("tls_server_config"), file.parent) if raw.get("tls_server_config") else None
-    users = raw.get("basic_auth_users") or {}
-    if not isinstance(users, dict) or not all(isinstance(v, str) and v.startswith("$2") for v in users.values()):
-        raise WebConfigError(f"{path!r}: basic_auth_users wants user: bcrypt-hash pairs")
-    return WebConfig(tls=tls, auth=BasicAuth(users) if users else None)
+        raise WebConfigError(f"{path!r}: unknown field(s) {', '.join(sorted(map(str, unknown)))}")
+    http = _mapping(raw, "http_server_config")
+    _check_fields(http, _HTTP_FIELDS, "http_server_config")
+    if http.get("headers"):
+        raise WebConfigError("http_server_config.headers is not supported by this exporter")
+    tls_config = _mapping(raw, "tls_server_config")
+    tls, allowed_sans = _tls_context(tls_config, file.parent) if tls_config else (None, None)
+    users = _mapping(raw, "basic_auth_users")
+    for user, hashed in users.items():
+        if not isinstance(user, str):
+            raise WebConfigError(f"basic_auth_users: user names are strings, {user!r} is {_kind(user)}")
+        if not isinstance(hashed, str) or not _BCRYPT_HASH.fullmatch(hashed) or not 4 <= int(hashed[4:6]) <= 31:
+            raise WebConfigError(f"basic_auth_users.{user} wants a bcrypt hash ($2y$10$...), not {_kind(hashed)}")
+    return WebConfig(tls=tls, auth=BasicAuth(users) if users else None, allowed_sans=allowed_sans)
 
 
-def _tls_context(config: Any, base: Path) -> ssl.SSLContext:
-    if not isinstance(config, dict):
-        raise WebConfigError("tls_server_config wants a mapping")
-    unknown = set(config) - _TLS_KEYS
+def _kind(value: Any) -> str:
+    """How a YAML value reads to the user, for an error message."""
+    if isinstance(value, bool):
+        return "true/false"
+    if isinstance(value, int | float):
+        return "a number"
+    if isinstance(value, str):
+        return "a string"
+    if isinstance(value, list):
+        return "a list"
+    if isinstance(value, dict):
+        return "a mapping"
+    return "null" if value is None else type(value).__name__
+
+
+def _mapping(config: dict[Any, Any], key: str) -> dict[Any, Any]:
+    value = config.get(key)
+    if value is None:
+        return {}
+    if not isinstance(value, dict):
+        raise WebConfigError(f"{key} wants a mapping, not {_kind(value)}")
+    return value
+
+
+def _check_fields(config: dict[Any, Any], fields: Mapping[str, str], section: str) -> None:
+    unknown = set(config) - set(fields)
     if unknown:
-        raise WebConfigError(f"tls_server_config: unknown field(s) {', '.join(sorted(unknown))}")
+        raise WebConfigError(f"{section}: unknown field(s) {', '.join(sorted(map(str, unknown)))}")
+    for key, value in config.items():
+        want = fields[key]
+        fits = {
+            _STRING: isinstance(value, str),
+            _STRINGS: isinstance(value, list) and all(isinstance(item, str) for item in value),
+            _BOOL: isinstance(value, bool),
+            "a mapping": isinstance(value, dict),
+        }[want]
+        if value is not None and not fits:
+            raise WebConfigError(f"{section}.{key} wants {want}, not {_kind(value)}")
+
+
+def _tls_context(config: dict[Any, Any], base: Path) -> tuple[ssl.SSLContext, frozenset[str] | None]:
+    _check_fields(config, _TLS_FIELDS, "tls_server_config")
     if not config.get("cert_file") or not config.get("key_file"):
         raise WebConfigError("tls_server_config needs both cert_file and key_file")
     context = ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER)
@@ -143,11 +269,15 @@ def _tls_context(config: Any, base: Path) -> ssl.SSLContext:
         context.load_cert_chain(base / config["cert_file"], base / config["key_file"])
     except (OSError, ssl.SSLError) as error:
         raise WebConfigError(f"tls_server_config: cannot load cert_file/key_file: {error}") from error
-    auth_type = config.get("client_auth_type", "")
+    auth_type = config.get("client_auth_type") or ""
     if auth_type not in _CLIENT_AUTH:
-        raise WebConfigError(f"tls_server_config: unknown client_auth_type {auth_type!r}")
+        raise WebConfigError(f"tls_server_config.client_auth_type: unknown {auth_type!r}")
     context.verify_mode = _CLIENT_AUTH[auth_type]
     if config.get("client_ca_file"):
+        if context.verify_mode == ssl.CERT_NONE:
+            raise WebConfigError(
+                "tls_server_config: client_ca_file is set but client_auth_type asks for no certificate"
+            )
         try:
             context.load_verify_locations(base / config["client_ca_file"])
         except (OSError, ssl.SSLError) as error:
@@ -155,11 +285,19 @@ def _tls_context(config: Any, base: Path) -> ssl.SSLContext:
     elif context.verify_mode != ssl.CERT_NONE:
         # Python's TLS verifies every client certificate it asks for, so each mode that asks needs a CA.
         raise WebConfigError(f"tls_server_config: client_auth_type {auth_type} needs client_ca_file")
+    allowed_sans = config.get("client_allowed_sans")
+    if allowed_sans is not None and context.verify_mode != ssl.CERT_REQUIRED:
+        # As exporter-toolkit: with a certificate optional there may be nothing to match.
+        raise WebConfigError(
+            "tls_server_config.client_allowed_sans needs client_auth_type RequireAnyClientCert or "
+            "RequireAndVerifyClientCert"
+        )
     for key, attribute in (("min_version", "minimum_version"), ("max_version", "maximum_version")):
-        if key in config:
+        if config.get(key) is not None:
             if config[key] not in _TLS_VERSIONS:
-                raise WebConfigError(f"tls_server_config: {key} wants one of {', '.join(_TLS_VERSIONS)}")
+                raise WebConfigError(f"tls_server_config.{key} wants one of {', '.join(_TLS_VERSIONS)}")
             setattr(context, attribute, _TLS_VERSIONS[config[key]])
-    if "min_version" not in config:
+    if config.get("min_version") is None:
         context.minimum_version = ssl.TLSVersion.TLSv1_2  # exporter-toolkit's default
-    return context
+    sans = None if allowed_sans is None else frozenset(_ip_text(name) for name in allowed_sans)
+    return context, sans

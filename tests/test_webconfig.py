@@ -2,17 +2,22 @@
 
 from __future__ import annotations
 
+import base64
+import ipaddress
 import socket
 import ssl
+import statistics
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 import bcrypt
 import pytest
 import requests
+from cryptography import x509
 
-from tests.sim.certs import Pki, make_pki
+from tests.sim.certs import Pki, issue_client, make_pki
 from tests.sim.scenario import Gpu, Scenario, gpu_uuid
 
 PASSWORD = "s3cret-scrape"
@@ -88,11 +93,26 @@ def test_client_certificates_when_required(tmp_path: Path, pki: Pki, start_agent
         ("tls_servr_config: {}\n", "unknown field(s) tls_servr_config"),
         ("basic_auth_users:\n  prometheus: plaintext\n", "bcrypt"),
         ("tls_server_config: [\n", "not valid YAML"),
+        # Malformed fields: one line naming the field, never a traceback.
+        ("tls_server_config:\n  cert_file: [a.crt]\n  key_file: a.key\n", "cert_file wants a string, not a list"),
+        ("tls_server_config:\n  cert_file: 5\n  key_file: a.key\n", "cert_file wants a string, not a number"),
+        ("tls_server_config:\n  cert_file: a\n  key_file: b\n  client_auth_type: [x]\n", "client_auth_type wants"),
+        ("tls_server_config:\n  cert_file: a\n  key_file: b\n  min_version: 1.2\n", "min_version wants a string"),
+        ("tls_server_config:\n  cert_file: a\n  key_file: b\n  client_allowed_sans: x.svc\n", "a list of strings"),
+        ("tls_server_config:\n  cert_file: a\n  key_file: b\n  cipher_suites: {a: 1}\n", "cipher_suites wants"),
+        ("tls_server_config: 5\n", "tls_server_config wants a mapping, not a number"),
+        ("basic_auth_users:\n  prometheus: [a]\n", "basic_auth_users.prometheus wants a bcrypt hash"),
+        ("basic_auth_users:\n  123: x\n", "user names are strings"),
+        ("basic_auth_users: [prometheus]\n", "basic_auth_users wants a mapping, not a list"),
+        ("http_server_config:\n  http2: 7\n", "http_server_config.http2 wants true or false"),
+        ("http_server_config:\n  headers:\n    X-Frame-Options: deny\n", "headers is not supported"),
+        ("- tls_server_config\n", "not a list"),
+        (b"basic_auth_users:\n  pr\xf6metheus: x\n", "not UTF-8"),
     ],
 )
-def test_bad_web_config_exits_2_naming_it(tmp_path: Path, content: str, complaint: str) -> None:
+def test_bad_web_config_exits_2_naming_it(tmp_path: Path, content: str | bytes, complaint: str) -> None:
     config = tmp_path / "web.yml"
-    config.write_text(content)
+    config.write_bytes(content if isinstance(content, bytes) else content.encode())
     result = subprocess.run(
         [sys.executable, "-m", "exporter", "--web-config", str(config)], capture_output=True, text=True
     )
@@ -124,3 +144,103 @@ def test_tls_version_floor(tmp_path: Path, pki: Pki, start_agent) -> None:  # ty
     context.maximum_version = ssl.TLSVersion.TLSv1_2
     with socket.create_connection(("127.0.0.1", agent.port)) as raw, pytest.raises(ssl.SSLError):
         context.wrap_socket(raw, server_hostname="127.0.0.1")
+
+
+def test_client_allowed_sans_admit_only_listed_certificates(tmp_path: Path, pki: Pki, start_agent) -> None:  # type: ignore[no-untyped-def]
+    """As exporter-toolkit: a verified client certificate gets in only if one of its DNS, IP, email
+    or URI names is listed; IP addresses match however the certificate spells them."""
+    clients: dict[str, list[x509.GeneralName]] = {
+        "dns": [x509.DNSName("prometheus.monitoring.svc")],
+        "uri": [x509.UniformResourceIdentifier("spiffe://cluster.local/ns/monitoring/sa/prometheus")],
+        "email": [x509.RFC822Name("scraper@example.com")],
+        "ipv6": [x509.IPAddress(ipaddress.ip_address("2001:db8::7"))],
+        "other": [x509.DNSName("intruder.default.svc"), x509.IPAddress(ipaddress.ip_address("10.0.0.9"))],
+    }
+    certs = {name: issue_client(pki, name, sans) for name, sans in clients.items()}
+    allowed = ["prometheus.monitoring.svc", "spiffe://cluster.local/ns/monitoring/sa/prometheus", "scraper@example.com"]
+    sans = "".join(f"    - {name}\n" for name in [*allowed, "2001:DB8:0::7"])
+    config = web_config(
+        tmp_path,
+        pki,
+        f"  client_auth_type: RequireAndVerifyClientCert\n  client_ca_file: {pki.ca}\n  client_allowed_sans:\n{sans}",
+    )
+    agent = start_agent(args(tmp_path, config), scenario(tmp_path), ca=pki.ca)
+
+    def scrape(cert: tuple[Path, Path]) -> int:
+        reply = requests.get(
+            agent.url + "/metrics",
+            verify=agent.verify,
+            auth=("prometheus", PASSWORD),
+            cert=(str(cert[0]), str(cert[1])),
+            timeout=5,
+        )
+        return reply.status_code
+
+    for name in ("dns", "uri", "email", "ipv6"):
+        assert scrape(certs[name]) == 200, name
+    for refused in (certs["other"], (pki.client_cert, pki.client_key), certs["other"]):
+        with pytest.raises(requests.ConnectionError):
+            scrape(refused)
+    assert scrape(certs["dns"]) == 200
+    # Logged once when refusals start, once when an allowed certificate comes back: not per connection.
+    assert agent.log().count("refused the client certificate") == 1
+
+
+def test_client_allowed_sans_need_a_required_client_certificate(tmp_path: Path, pki: Pki) -> None:
+    config = web_config(
+        tmp_path,
+        pki,
+        f"  client_auth_type: VerifyClientCertIfGiven\n  client_ca_file: {pki.ca}\n"
+        "  client_allowed_sans: [prometheus.monitoring.svc]\n",
+    )
+    result = subprocess.run(
+        [sys.executable, "-m", "exporter", "--web-config", str(config)], capture_output=True, text=True, timeout=30
+    )
+    lines = result.stderr.strip().splitlines()
+    assert result.returncode == 2 and len(lines) == 1 and "client_allowed_sans needs client_auth_type" in lines[0]
+
+
+def basic(user: str, password: str, scheme: str = "Basic") -> dict[str, str]:
+    return {"Authorization": f"{scheme} " + base64.b64encode(f"{user}:{password}".encode()).decode()}
+
+
+def test_basic_auth_edges(tmp_path: Path, pki: Pki, start_agent) -> None:  # type: ignore[no-untyped-def]
+    agent = start_agent(args(tmp_path, web_config(tmp_path, pki)), scenario(tmp_path), ca=pki.ca)
+
+    def status(headers: dict[str, str]) -> int:
+        return requests.get(agent.url + "/metrics", verify=agent.verify, headers=headers, timeout=10).status_code
+
+    # The scheme is case-insensitive (RFC 7617), as Go's Request.BasicAuth reads it.
+    assert status(basic("prometheus", PASSWORD, "basic")) == 200
+    assert status(basic("prometheus", PASSWORD, "BASIC")) == 200
+    # bcrypt never hashed a password over 72 bytes: 401, not a dropped connection, for any user.
+    assert status(basic("prometheus", "p" * 100)) == 401
+    assert status(basic("nobody", "p" * 100)) == 401
+    assert status(basic("prometheus", PASSWORD + "\0")) == 401
+    assert status({"Authorization": "Basic not-base64!"}) == 401
+    assert status({"Authorization": "Basic " + base64.b64encode(b"no-colon").decode()}) == 401
+
+
+def test_unknown_users_take_as_long_as_known_ones(tmp_path: Path, pki: Pki, start_agent) -> None:  # type: ignore[no-untyped-def]
+    """A wrong password for a known user costs a bcrypt check; an unknown user must cost the same
+    (a dummy hash), or a quick 401 tells which user names exist. A ratio with a wide margin: today
+    the two differ about 200-fold, equal costs give about 1."""
+    agent = start_agent(args(tmp_path, web_config(tmp_path, pki)), scenario(tmp_path), ca=pki.ca)
+    session = requests.Session()  # one connection: the time is the server's check, not handshakes
+
+    def seconds(user: str) -> float:
+        started = time.perf_counter()
+        assert (
+            session.get(
+                agent.url + "/metrics", verify=agent.verify, headers=basic(user, "wrong"), timeout=10
+            ).status_code
+            == 401
+        )
+        return time.perf_counter() - started
+
+    seconds("warm-up")
+    known, unknown = [], []
+    for _ in range(7):
+        known.append(seconds("prometheus"))
+        unknown.append(seconds("mallory"))
+    assert statistics.median(unknown) > 0.3 * statistics.median(known)
