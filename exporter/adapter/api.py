@@ -6,6 +6,7 @@ k8s.io/apimachinery (APIGroupList, APIGroup, APIResourceList, Status). Pure func
 
 from __future__ import annotations
 
+import re
 import time
 from dataclasses import dataclass
 from typing import Any
@@ -124,21 +125,38 @@ def status(code: int, reason: str, message: str) -> dict[str, Any]:
     }
 
 
+# Object names as the API validates them: namespaces are DNS labels, most objects DNS subdomains.
+_DNS_LABEL = re.compile(r"[a-z0-9]([-a-z0-9]{0,61}[a-z0-9])?")
+_DNS_SUBDOMAIN = re.compile(r"(?=.{1,253}$)[a-z0-9]([-a-z0-9]*[a-z0-9])?(\.[a-z0-9]([-a-z0-9]*[a-z0-9])?)*")
+_RESOURCE = re.compile(r"[a-z0-9]([-a-z0-9.]{0,251}[a-z0-9])?")
+
+
 @dataclass(frozen=True)
 class Route:
-    """What a request path asks for."""
+    """What a request path asks for. For custom metrics, ``namespace`` is the namespace whose data the
+    answer holds: the Pod's, or for a Namespace object the namespace itself (as kube-apiserver's
+    RequestInfo names it for ``GET /api/v1/namespaces/{name}``); None for other root-scoped objects."""
 
     kind: str  # "groups", "group", "resources", "custom", "external"
     group: str = ""
     version: str = ""
     namespace: str | None = None
-    resource: str = ""  # "pods" or "namespaces" for custom metrics
-    name: str = ""  # object name, or "*"
+    resource: str = ""  # "pods", "namespaces", ...
+    name: str = ""  # object name, or "*" for every object the label selector picks
     metric: str = ""
 
 
 def route(path: str) -> Route | None:
-    """Parses an API path; None for paths this server does not serve."""
+    """Parses an API path by the custom and external metrics APIs' grammar; None (404) for anything
+    else. Custom metrics::
+
+        /namespaces/{namespace}/{resource}/{name}/{metric}   a namespaced object; resource is not
+                                                               "namespaces"
+        /namespaces/{name}/metrics/{metric}                   the Namespace object itself
+        /{resource}/{name}/{metric}                           a root-scoped object
+
+    External metrics: ``/namespaces/{namespace}/{metric}``. Names must be valid object names, so a
+    path can never name one namespace and reach into another."""
     parts = [unquote(p) for p in path.strip("/").split("/")]
     if parts == ["apis"]:
         return Route("groups")
@@ -152,14 +170,34 @@ def route(path: str) -> Route | None:
         return None
     if not rest:
         return Route("resources", group_name, version)
+    if any(not part for part in rest):
+        return None
     if group_name == EXTERNAL:
-        if len(rest) == 3 and rest[0] == "namespaces":
+        if len(rest) == 3 and rest[0] == "namespaces" and _DNS_LABEL.fullmatch(rest[1]):
             return Route("external", group_name, version, namespace=rest[1], metric=rest[2])
         return None
-    if len(rest) == 5 and rest[0] == "namespaces":  # /namespaces/{ns}/{resource}/{name}/{metric}
-        return Route("custom", group_name, version, rest[1], rest[2], rest[3], rest[4])
-    if len(rest) == 4 and rest[0] == "namespaces" and rest[2] == "metrics":  # the Namespace object itself
-        return Route("custom", group_name, version, None, "namespaces", rest[1], rest[3])
-    if len(rest) == 3:  # root-scoped objects: /{resource}/{name}/{metric}
-        return Route("custom", group_name, version, None, rest[0], rest[1], rest[2])
+    if rest[0] == "namespaces" and len(rest) in (4, 5) and not _DNS_LABEL.fullmatch(rest[1]):
+        return None
+    if len(rest) == 4 and rest[0] == "namespaces" and rest[2] == "metrics":
+        return Route("custom", group_name, version, rest[1], "namespaces", rest[1], rest[3])
+    if len(rest) == 5 and rest[0] == "namespaces":
+        resource, name = rest[2], rest[3]
+        if resource == "namespaces" or not _RESOURCE.fullmatch(resource) or not _object_name(name):
+            return None
+        return Route("custom", group_name, version, rest[1], resource, name, rest[4])
+    if len(rest) == 3:
+        resource, name = rest[0], rest[1]
+        if resource == "namespaces":  # the Namespace object, root-scoped form
+            return (
+                Route("custom", group_name, version, name, resource, name, rest[2])
+                if _DNS_LABEL.fullmatch(name)
+                else None
+            )
+        if not _RESOURCE.fullmatch(resource) or not _object_name(name):
+            return None
+        return Route("custom", group_name, version, None, resource, name, rest[2])
     return None
+
+
+def _object_name(name: str) -> bool:
+    return name == "*" or bool(_DNS_SUBDOMAIN.fullmatch(name))

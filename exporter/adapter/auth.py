@@ -1,25 +1,39 @@
 """Authentication and authorization as Kubernetes aggregated API servers do them (k8s.io/apiserver).
 
-Who: the front proxy (kube-apiserver) presents a client certificate that chains to the
-requestheader CA (checked in the TLS handshake) and whose CN is an allowed name; the user and
-groups then come from its X-Remote-User / X-Remote-Group headers. Anyone else must bring a bearer
-token, checked with a TokenReview. May they: a SubjectAccessReview for the request's attributes.
-Both reviews are cached briefly, as the apiserver's delegating authenticator/authorizer do.
+Who: a union of two authenticators, tried in order, the first that authenticates wins (union.New):
+the front proxy (kube-apiserver), whose client certificate chains to the requestheader CA (checked
+in the TLS handshake) and has an allowed CN, names the user and groups in its X-Remote-User /
+X-Remote-Group headers; failing that, a bearer token, checked with a TokenReview. May they: a
+SubjectAccessReview for the request's attributes. Both reviews are cached briefly, as the
+apiserver's delegating authenticator/authorizer do; a failed review is never cached.
 """
 
 from __future__ import annotations
 
+import logging
 import threading
 import time
-from collections.abc import Callable, Mapping, Sequence
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 from typing import Any, Protocol
+
+log = logging.getLogger(__name__)
 
 
 @dataclass(frozen=True)
 class User:
     name: str
     groups: tuple[str, ...] = ()
+
+
+@dataclass(frozen=True)
+class RequestHeaderConfig:
+    """What kube-apiserver publishes about its front-proxy client certificates (or the flags say)."""
+
+    client_ca_pem: str
+    allowed_names: tuple[str, ...] = ()  # empty: any certificate the CA signed
+    username_headers: tuple[str, ...] = ("X-Remote-User",)
+    group_headers: tuple[str, ...] = ("X-Remote-Group",)
 
 
 class Reviewer(Protocol):
@@ -50,40 +64,55 @@ class _TtlCache:
         return value
 
 
+def bearer_token(authorization: str) -> str | None:
+    """The token of an ``Authorization`` header, parsed as k8s.io/apiserver's bearertoken
+    authenticator does: the scheme in any case, the token the second space-separated field."""
+    parts = authorization.strip().split(" ")
+    if len(parts) < 2 or parts[0].lower() != "bearer" or not parts[1]:
+        return None
+    return parts[1]
+
+
 class Authenticator:
     def __init__(
         self,
         reviewer: Reviewer,
-        allowed_names: Sequence[str] = (),
-        username_headers: Sequence[str] = ("X-Remote-User",),
-        group_headers: Sequence[str] = ("X-Remote-Group",),
+        front_proxy: RequestHeaderConfig | None = None,
         ttl_s: float = 10.0,
         clock: Callable[[], float] = time.monotonic,
     ) -> None:
         self._reviewer = reviewer
-        self._allowed_names = set(allowed_names)
-        self._username_headers = username_headers
-        self._group_headers = group_headers
+        self.front_proxy = front_proxy  # replaced whole when the published settings change
         self._tokens = _TtlCache(ttl_s, clock)
 
     def authenticate(self, peer_cert: Mapping[str, Any] | None, headers: Any) -> User | None:
         """``peer_cert`` is ssl's verified client certificate (None or empty without one);
         ``headers`` an http.client.HTTPMessage. None means 401."""
-        if peer_cert:
-            subject = dict(field for rdn in peer_cert.get("subject", ()) for field in rdn)
-            if self._allowed_names and subject.get("commonName") not in self._allowed_names:
-                return None
-            name = next((headers.get(h) for h in self._username_headers if headers.get(h)), None)
-            if not name:
-                return None
-            groups = tuple(g for h in self._group_headers for g in (headers.get_all(h) or ()))
-            return User(name, groups)
-        authorization = headers.get("Authorization", "")
-        if authorization.startswith("Bearer ") and authorization[7:].strip():
-            token = authorization[7:].strip()
+        return self._from_front_proxy(peer_cert, headers) or self._from_token(headers)
+
+    def _from_front_proxy(self, peer_cert: Mapping[str, Any] | None, headers: Any) -> User | None:
+        config = self.front_proxy
+        if not peer_cert or config is None:
+            return None
+        subject = dict(field for rdn in peer_cert.get("subject", ()) for field in rdn)
+        if config.allowed_names and subject.get("commonName") not in config.allowed_names:
+            return None
+        name = next((headers.get(h) for h in config.username_headers if headers.get(h)), None)
+        if not name:
+            return None
+        groups = tuple(g for h in config.group_headers for g in (headers.get_all(h) or ()))
+        return User(name, groups)
+
+    def _from_token(self, headers: Any) -> User | None:
+        token = bearer_token(headers.get("Authorization", ""))
+        if token is None:
+            return None
+        try:
             user: User | None = self._tokens.get(token, lambda: self._reviewer.review_token(token))
-            return user
-        return None
+        except Exception as error:  # the API edge: an unanswered review authenticates no one
+            log.warning("TokenReview failed (%s): answering 401", type(error).__name__)
+            return None
+        return user
 
 
 class Authorizer:

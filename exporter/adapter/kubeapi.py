@@ -1,16 +1,31 @@
 """The adapter's Kubernetes API edge: TokenReview, SubjectAccessReview, and the front proxy's
-CA from the ``kube-system/extension-apiserver-authentication`` ConfigMap."""
+CA from the ``kube-system/extension-apiserver-authentication`` ConfigMap. Every call has a deadline:
+a request thread never waits on the API for longer than ``REQUEST_TIMEOUT_S``."""
 
 from __future__ import annotations
 
 import json
 from collections.abc import Mapping
-from dataclasses import dataclass
 from typing import Any
 
-from kubernetes import client
+from kubernetes import client, config
 
-from exporter.adapter.auth import User
+from exporter.adapter.auth import RequestHeaderConfig, User
+
+REQUEST_TIMEOUT_S = 10
+
+
+def api_client(kubeconfig: str | None) -> client.ApiClient:
+    """From a kubeconfig file, or the pod's service account when None; raises when neither works."""
+    if kubeconfig:
+        loaded: client.ApiClient = config.new_client_from_config(config_file=kubeconfig)
+        return loaded
+    configuration = client.Configuration()
+    config.incluster_config.InClusterConfigLoader(
+        token_filename=config.incluster_config.SERVICE_TOKEN_FILENAME,
+        cert_filename=config.incluster_config.SERVICE_CERT_FILENAME,
+    ).load_and_set(configuration)
+    return client.ApiClient(configuration)
 
 
 class KubeReviewer:
@@ -19,7 +34,9 @@ class KubeReviewer:
         self._authz = client.AuthorizationV1Api(authorization)
 
     def review_token(self, token: str) -> User | None:
-        review = self._authn.create_token_review(client.V1TokenReview(spec=client.V1TokenReviewSpec(token=token)))
+        review = self._authn.create_token_review(
+            client.V1TokenReview(spec=client.V1TokenReviewSpec(token=token)), _request_timeout=REQUEST_TIMEOUT_S
+        )
         status = review.status
         if status is None or not status.authenticated or status.user is None:
             return None
@@ -31,21 +48,17 @@ class KubeReviewer:
             spec.non_resource_attributes = client.V1NonResourceAttributes(**attributes)
         else:
             spec.resource_attributes = client.V1ResourceAttributes(**attributes)
-        review = self._authz.create_subject_access_review(client.V1SubjectAccessReview(spec=spec))
+        review = self._authz.create_subject_access_review(
+            client.V1SubjectAccessReview(spec=spec), _request_timeout=REQUEST_TIMEOUT_S
+        )
         return bool(review.status and review.status.allowed)
-
-
-@dataclass(frozen=True)
-class RequestHeaderConfig:
-    client_ca_pem: str
-    allowed_names: tuple[str, ...]
-    username_headers: tuple[str, ...]
-    group_headers: tuple[str, ...]
 
 
 def read_requestheader_config(api: client.ApiClient) -> RequestHeaderConfig:
     """What kube-apiserver publishes about its front-proxy client certificates."""
-    config_map = client.CoreV1Api(api).read_namespaced_config_map("extension-apiserver-authentication", "kube-system")
+    config_map = client.CoreV1Api(api).read_namespaced_config_map(
+        "extension-apiserver-authentication", "kube-system", _request_timeout=REQUEST_TIMEOUT_S
+    )
     data: dict[str, str] = config_map.data or {}
 
     def listed(key: str, default: tuple[str, ...]) -> tuple[str, ...]:

@@ -6,23 +6,30 @@ import argparse
 import datetime
 import ipaddress
 import logging
+import math
 import os
 import socket
 import ssl
 import sys
 from collections.abc import Sequence
+from dataclasses import replace
 from pathlib import Path
 from typing import NoReturn
+from urllib.parse import urlsplit
 
-from exporter.adapter.auth import Authenticator, Authorizer
-from exporter.adapter.kubeapi import KubeReviewer, read_requestheader_config
-from exporter.adapter.prometheus import PrometheusClient
-from exporter.adapter.provider import PrometheusProvider
+from kubernetes import client
+
+from exporter.adapter.auth import Authenticator, Authorizer, RequestHeaderConfig
+from exporter.adapter.frontproxy import FrontProxyTrust
+from exporter.adapter.kubeapi import KubeReviewer, api_client, read_requestheader_config
+from exporter.adapter.pods import PodIndex, pod_meta
+from exporter.adapter.prometheus import PrometheusClient, PrometheusProvider
 from exporter.adapter.rules import DEFAULT_RULES, Rules, RulesError, load_rules
-from exporter.adapter.server import AdapterServer, Services
+from exporter.adapter.server import AdapterServer, Services, tls_context
 from exporter.config import configure_logging
 from exporter.httpserver import wait_for_signal
-from exporter.kube import PodWatcher, api_client
+from exporter.kube import Reflector
+from exporter.kubeclient import ConfigError, KubeClient, load_credentials
 
 log = logging.getLogger("exporter.adapter")
 
@@ -77,11 +84,56 @@ def _rules(path: str | None, parser: _Parser) -> Rules:
     if not path:
         return DEFAULT_RULES
     try:
-        return load_rules(Path(path).read_text(), path)
+        text = Path(path).read_bytes().decode("utf-8")
     except OSError as error:
         parser.error(f"--config: cannot read {path!r}: {error.strerror}")
+    except UnicodeDecodeError as error:
+        parser.error(f"--config: {path!r} is not UTF-8 text (byte {error.start})")
+    try:
+        return load_rules(text, path)
     except RulesError as error:
         parser.error(f"--config: {error}")
+
+
+def _kubernetes(flag: str, kubeconfig: str | None, parser: _Parser) -> client.ApiClient:
+    """An API client from a kubeconfig, or the pod's service account; a missing or broken one is a
+    start-up error naming the flag, never a traceback at the first request."""
+    try:
+        return api_client(kubeconfig)
+    except Exception as error:  # the kubernetes client raises many kinds for a bad kubeconfig
+        reason = " ".join(str(error).split()) or type(error).__name__
+        if kubeconfig:
+            parser.error(f"{flag}: cannot use {kubeconfig!r}: {reason}")
+        parser.error(f"{flag} not given and not running in a cluster ({reason})")
+
+
+def _validate(args: argparse.Namespace, parser: _Parser) -> None:
+    if not 0 < args.secure_port < 65536:
+        parser.error(f"--secure-port: want 1 to 65535, got {args.secure_port}")
+    try:
+        ipaddress.ip_address(args.bind_address)
+    except ValueError:
+        parser.error(f"--bind-address: want an IP address, got {args.bind_address!r}")
+    if not math.isfinite(args.prometheus_timeout) or args.prometheus_timeout <= 0:
+        parser.error(f"--prometheus-timeout: want a positive number of seconds, got {args.prometheus_timeout}")
+    url = urlsplit(args.prometheus_url)
+    if url.scheme not in ("http", "https") or not url.hostname:
+        parser.error(f"--prometheus-url: want an http:// or https:// URL, got {args.prometheus_url!r}")
+    if bool(args.tls_cert_file) != bool(args.tls_private_key_file):
+        parser.error("--tls-cert-file and --tls-private-key-file go together")
+    for flag, value in (
+        ("--requestheader-username-headers", args.requestheader_username_headers),
+        ("--requestheader-group-headers", args.requestheader_group_headers),
+    ):
+        if not _listed(value):
+            parser.error(f"{flag}: want at least one header name")
+    paths = _listed(args.authorization_always_allow_paths)
+    if any(not p.startswith("/") for p in paths):
+        parser.error(f"--authorization-always-allow-paths: want paths starting with /, got {','.join(paths)}")
+
+
+def _listed(value: str) -> tuple[str, ...]:
+    return tuple(v.strip() for v in value.split(",") if v.strip())
 
 
 def self_signed(cert_dir: Path) -> tuple[Path, Path]:
@@ -128,6 +180,16 @@ def self_signed(cert_dir: Path) -> tuple[Path, Path]:
     return cert, key
 
 
+def _serving_pair(args: argparse.Namespace, parser: _Parser) -> tuple[str, str]:
+    if args.tls_cert_file:
+        return args.tls_cert_file, args.tls_private_key_file
+    try:
+        cert, key = self_signed(Path(args.cert_dir))
+    except OSError as error:
+        parser.error(f"--cert-dir: cannot write a self-signed pair to {args.cert_dir!r}: {error.strerror}")
+    return str(cert), str(key)
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     arguments = list(sys.argv[1:] if argv is None else argv)
     if arguments[:1] == ["hpa-explain"]:
@@ -136,66 +198,79 @@ def main(argv: Sequence[str] | None = None) -> int:
         return explain()
     parser = build_parser()
     args = parser.parse_args(arguments)
-    if not 0 < args.secure_port < 65536:
-        parser.error(f"--secure-port: want 1 to 65535, got {args.secure_port}")
-    if args.prometheus_timeout <= 0:
-        parser.error(f"--prometheus-timeout: must be positive, got {args.prometheus_timeout}")
-    if bool(args.tls_cert_file) != bool(args.tls_private_key_file):
-        parser.error("--tls-cert-file and --tls-private-key-file go together")
+    _validate(args, parser)
     rules = _rules(args.config, parser)
-    configure_logging(args.log_level)
-
-    tls = ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER)
-    tls.minimum_version = ssl.TLSVersion.TLSv1_2
-    cert, key = (
-        (args.tls_cert_file, args.tls_private_key_file) if args.tls_cert_file else self_signed(Path(args.cert_dir))
+    main_api = _kubernetes("--kubeconfig", args.kubeconfig, parser)
+    reviewer = KubeReviewer(
+        _kubernetes("--authentication-kubeconfig", args.authentication_kubeconfig or args.kubeconfig, parser),
+        _kubernetes("--authorization-kubeconfig", args.authorization_kubeconfig or args.kubeconfig, parser),
     )
+    cert, key = _serving_pair(args, parser)
     try:
-        tls.load_cert_chain(cert, key)
+        tls_context(cert, key, None)
     except (OSError, ssl.SSLError) as error:
         parser.error(f"--tls-cert-file/--tls-private-key-file: cannot load: {error}")
-
-    main_api = api_client(args.kubeconfig)
-    username_headers = tuple(h.strip() for h in args.requestheader_username_headers.split(",") if h.strip())
-    group_headers = tuple(h.strip() for h in args.requestheader_group_headers.split(",") if h.strip())
-    allowed_names = tuple(n.strip() for n in args.requestheader_allowed_names.split(",") if n.strip())
+    allowed_names = _listed(args.requestheader_allowed_names)
     if args.requestheader_client_ca_file:
-        try:
-            tls.load_verify_locations(cafile=args.requestheader_client_ca_file)
-        except (OSError, ssl.SSLError) as error:
-            parser.error(f"--requestheader-client-ca-file: cannot load: {error}")
-        tls.verify_mode = ssl.CERT_OPTIONAL
-    else:
-        try:
-            published = read_requestheader_config(main_api)
-            tls.load_verify_locations(cadata=published.client_ca_pem)
-            tls.verify_mode = ssl.CERT_OPTIONAL
-            allowed_names = allowed_names or published.allowed_names
-            username_headers, group_headers = published.username_headers, published.group_headers
-        except Exception as error:  # the API edge: without it, only bearer tokens authenticate
-            log.warning("no front-proxy CA (%s): only bearer tokens will authenticate", error)
+        ca_file = Path(args.requestheader_client_ca_file)
 
-    reviewer = KubeReviewer(
-        api_client(args.authentication_kubeconfig or args.kubeconfig),
-        api_client(args.authorization_kubeconfig or args.kubeconfig),
+        def read_front_proxy() -> RequestHeaderConfig:
+            return RequestHeaderConfig(
+                ca_file.read_text(),
+                allowed_names,
+                _listed(args.requestheader_username_headers),
+                _listed(args.requestheader_group_headers),
+            )
+
+        try:
+            tls_context(cert, key, read_front_proxy().client_ca_pem)
+        except (OSError, ssl.SSLError, UnicodeDecodeError) as error:
+            parser.error(f"--requestheader-client-ca-file: cannot load: {error}")
+    else:
+
+        def read_front_proxy() -> RequestHeaderConfig:
+            published = read_requestheader_config(main_api)
+            return replace(published, allowed_names=allowed_names or published.allowed_names)
+
+    try:
+        load_credentials(args.kubeconfig)  # what the pod watch will use: checked now, not at its first list
+    except ConfigError as error:
+        parser.error(f"--kubeconfig: {error}")
+    configure_logging(args.log_level)
+    authenticator = Authenticator(reviewer)
+    reflector = Reflector(
+        "pods in the cluster",
+        "/api/v1/pods",
+        pod_meta,
+        connect=lambda: KubeClient(load_credentials(args.kubeconfig)),  # re-read after failures: tokens rotate
+        metadata_only=True,
     )
-    pods = PodWatcher(None, args.kubeconfig)
-    provider = PrometheusProvider(
-        rules, PrometheusClient(args.prometheus_url, args.prometheus_timeout), lambda: pods.pods
-    )
+    pods = PodIndex(reflector)
+    provider = PrometheusProvider(rules, PrometheusClient(args.prometheus_url, args.prometheus_timeout), pods.names)
+    trust: FrontProxyTrust | None = None
+
+    def not_ready() -> str:
+        if not pods.synced:
+            return "the pod cache has not synced yet"
+        if trust is not None and not trust.loaded.is_set():
+            return "the front proxy's CA has not been read yet"
+        return ""
+
     services = Services(
         custom=provider,
         external=provider,
-        authenticator=Authenticator(reviewer, allowed_names, username_headers, group_headers),
+        authenticator=authenticator,
         authorizer=Authorizer(reviewer),
-        always_allow_paths=frozenset(p.strip() for p in args.authorization_always_allow_paths.split(",")),
-        ready=lambda: pods.pods is not None,
+        always_allow_paths=frozenset(_listed(args.authorization_always_allow_paths)),
+        not_ready=not_ready,
     )
     try:
-        server = AdapterServer((args.bind_address, args.secure_port), tls, services)
+        server = AdapterServer((args.bind_address, args.secure_port), cert, key, services)
     except OSError as error:
         log.error("cannot listen on %s:%d: %s", args.bind_address, args.secure_port, error)
         return 1
+
+    trust = FrontProxyTrust(read_front_proxy, server.trust)
     log.info(
         "gpu-metrics-adapter serving %d custom and %d external metrics from %s on https://%s:%d",
         len(rules.custom),
@@ -204,10 +279,12 @@ def main(argv: Sequence[str] | None = None) -> int:
         args.bind_address,
         args.secure_port,
     )
-    pods.start()
+    trust.start()
+    reflector.start()
     server.start()
     wait_for_signal(log)
     server.shutdown()
     server.server_close()
-    pods.stop()
+    reflector.stop()
+    trust.stop()
     return 0

@@ -1,25 +1,44 @@
-"""The Prometheus edge: instant queries over the HTTP API (``/api/v1/query``).
+"""The metrics behind the API, from Prometheus: the HTTP API client (``/api/v1/query``) and the
+provider that turns the rules into instant queries.
 
 Works with anything that serves that API: Prometheus, VictoriaMetrics, and the Thanos and Mimir
 query frontends. NaN and infinite values are dropped here, so a missing value can never reach the
 HPA as a number. Series the agent stopped exporting are already gone: Prometheus writes a
-staleness marker when a series disappears from a scrape or a scrape fails.
+staleness marker when a series disappears from a scrape or a scrape fails. What Prometheus says
+when it fails goes to the log, never to the API's clients.
 """
 
 from __future__ import annotations
 
+import logging
 import math
+import threading
+from collections.abc import Callable
 from dataclasses import dataclass
 
 import requests
 
+from exporter.adapter.provider import (
+    BadRequestError,
+    ExternalValue,
+    MetricInfo,
+    MetricNotFoundError,
+    MetricValue,
+    ProviderError,
+    UnavailableError,
+)
+from exporter.adapter.rules import Rule, Rules, quote, selector_matchers
+from exporter.adapter.selector import Selector
+
+log = logging.getLogger(__name__)
+
 
 class PrometheusUnavailableError(Exception):
-    """Prometheus could not answer (down, timing out, or failing): the API answers 503."""
+    """Prometheus could not answer (down, timing out, or failing)."""
 
 
 class PrometheusQueryError(Exception):
-    """Prometheus rejected the query (a bad rule): the API answers 500."""
+    """Prometheus rejected the query (a rule's PromQL it cannot run)."""
 
 
 @dataclass(frozen=True)
@@ -39,20 +58,176 @@ class PrometheusClient:
         """An instant query's vector, without NaN or infinite samples."""
         try:
             response = self._session.post(f"{self.url}/api/v1/query", data={"query": promql}, timeout=self.timeout_s)
-        except requests.RequestException as error:
+            body = response.json() if response.status_code in (200, 400, 422) else {}
+        except (requests.RequestException, ValueError) as error:
             raise PrometheusUnavailableError(f"querying {self.url}: {type(error).__name__}") from error
         if response.status_code in (400, 422):
-            raise PrometheusQueryError(response.json().get("error", response.text))
+            raise PrometheusQueryError(str(body.get("error") or response.text[:200]))
         if response.status_code != 200:
             raise PrometheusUnavailableError(f"{self.url} answered {response.status_code}")
-        body = response.json()
-        data = body.get("data", {})
+        data = body.get("data") or {}
         if body.get("status") != "success" or data.get("resultType") != "vector":
             raise PrometheusQueryError(f"unexpected answer: {body.get('error') or data.get('resultType')}")
         samples = []
-        for item in data.get("result", ()):
+        for item in data.get("result") or ():
             timestamp, text = item["value"]
             value = float(text)
             if math.isfinite(value):
                 samples.append(Sample(labels=item.get("metric", {}), value=value, timestamp=float(timestamp)))
         return samples
+
+
+# Each query answers two things per group: the value and, labelled apart, the time of the newest
+# sample behind it, so an answer's timestamp is when the GPU was measured, not when it was asked.
+_FIELD = "gpu_adapter_field"
+
+
+def _timed(rule: Rule, matchers: str, group_by: str) -> str:
+    value = rule.render(matchers, group_by)
+    grouping = f" by ({group_by})" if group_by else ""
+    newest = f"max{grouping} (timestamp({rule.series_query}{{{matchers}}}))"
+    return (
+        f'label_replace({value}, "{_FIELD}", "value", "", "") or '
+        f'label_replace({newest}, "{_FIELD}", "timestamp", "", "")'
+    )
+
+
+def pods_query(rule: Rule, namespace: str) -> str:
+    """One query for every pod of a namespace, whatever the number a request selects: the caller
+    keeps the pods it wants. Matching the namespace alone is cheaper for Prometheus than a regex of
+    pod names (500 pods: 14 ms instead of 30 ms median on Prometheus 2.42). Every naming of the
+    namespace/pod labels the rule allows is tried, and renamed ones are mapped back, so the result
+    is grouped by (namespace, pod) whichever the scrape config used."""
+    alternatives = []
+    for ns_label, pod_label in zip(rule.resources["namespace"], rule.resources["pod"], strict=True):
+        query = _timed(rule, f'{ns_label}={quote(namespace)},{pod_label}!=""', f"{ns_label},{pod_label}")
+        if (ns_label, pod_label) != ("namespace", "pod"):
+            query = (
+                f'label_replace(label_replace({query}, "namespace", "$1", "{ns_label}", "(.*)"), '
+                f'"pod", "$1", "{pod_label}", "(.*)")'
+            )
+        alternatives.append(query)
+    return " or ".join(alternatives)
+
+
+def namespace_query(rule: Rule, namespace: str) -> str:
+    """The rule's aggregate over all the namespace's pods (the Namespace object's metric)."""
+    ns_label = rule.resources["namespace"][0]
+    return _timed(rule, f'{ns_label}={quote(namespace)},{rule.resources["pod"][0]}!=""', ns_label)
+
+
+def external_query(rule: Rule, namespace: str, selector: Selector) -> str:
+    """The rule over the namespace's series matching a metric label selector."""
+    matchers = [f"{rule.resources['namespace'][0]}={quote(namespace)}", *selector_matchers(selector.requirements)]
+    return _timed(rule, ",".join(matchers), "")
+
+
+def _timed_values(samples: list[Sample]) -> dict[frozenset[tuple[str, str]], tuple[float, float]]:
+    """Each group's value paired with its newest sample's time, keyed by the group's labels; groups
+    without a (finite) value are left out, whatever their time."""
+    values: dict[frozenset[tuple[str, str]], float] = {}
+    times: dict[frozenset[tuple[str, str]], float] = {}
+    for sample in samples:
+        group = frozenset((k, v) for k, v in sample.labels.items() if k != _FIELD)
+        field = sample.labels.get(_FIELD)
+        if field == "value":
+            values.setdefault(group, sample.value)
+        elif field == "timestamp":
+            times[group] = max(times.get(group, sample.value), sample.value)
+    return {group: (value, times.get(group, 0.0)) for group, value in values.items()}
+
+
+MAX_REQUIREMENTS = 50  # bounds the PromQL one request can make Prometheus run
+
+PodNames = Callable[[str, Selector], list[str] | None]
+
+
+class PrometheusProvider:
+    """Serves the rules' metrics from Prometheus. The pods a selector picks come from ``pod_names``
+    (namespace, selector -> sorted names, or None until the pod cache has synced), a watch-backed
+    index, never a list call per request."""
+
+    def __init__(self, rules: Rules, prometheus: PrometheusClient, pod_names: PodNames) -> None:
+        self._rules = rules
+        self._prometheus = prometheus
+        self._pod_names = pod_names
+        self._failing = ""  # the backend failure last logged: logged once per change of state
+        self._failing_lock = threading.Lock()
+
+    def list_all_metrics(self) -> list[MetricInfo]:
+        """Every configured metric, always: discovery never depends on data being there."""
+        return [
+            MetricInfo(resource, rule.name, resource == "pods")
+            for rule in self._rules.custom
+            for resource in ("pods", "namespaces")
+        ]
+
+    def list_all_external_metrics(self) -> list[str]:
+        return [rule.name for rule in self._rules.external]
+
+    def _rule(self, info: MetricInfo) -> Rule:
+        rule = self._rules.custom_rule(info.metric)
+        if rule is None or info.resource not in ("pods", "namespaces"):
+            raise MetricNotFoundError(f"the server could not find the metric {info.metric} for {info.resource}")
+        return rule
+
+    def get_metric_by_name(self, namespace: str, name: str, info: MetricInfo) -> MetricValue | None:
+        rule = self._rule(info)
+        if info.resource == "namespaces":
+            timed = _timed_values(self._query(namespace_query(rule, name)))
+            return next((MetricValue("Namespace", "", name, info.metric, v, t) for v, t in timed.values()), None)
+        values = self._pod_values(rule, namespace, [name])
+        return values[0] if values else None
+
+    def get_metric_by_selector(self, namespace: str, selector: Selector, info: MetricInfo) -> list[MetricValue]:
+        rule = self._rule(info)
+        if info.resource != "pods":
+            raise MetricNotFoundError(f"the server could not find the metric {info.metric} for {info.resource}")
+        names = self._pod_names(namespace, selector)
+        if names is None:
+            raise UnavailableError("the adapter's pod cache has not synced yet")
+        return self._pod_values(rule, namespace, names)
+
+    def _pod_values(self, rule: Rule, namespace: str, names: list[str]) -> list[MetricValue]:
+        """One query for all the pods; pods without a (finite) value are left out, never 0."""
+        if not names:
+            return []
+        found: dict[str, tuple[float, float]] = {}
+        for group, timed in _timed_values(self._query(pods_query(rule, namespace))).items():
+            labels = dict(group)
+            if labels.get("namespace") == namespace:
+                found.setdefault(labels.get("pod", ""), timed)
+        return [MetricValue("Pod", namespace, name, rule.name, *found[name]) for name in names if name in found]
+
+    def get_external_metric(self, namespace: str, metric: str, selector: Selector) -> list[ExternalValue]:
+        rule = self._rules.external_rule(metric)
+        if rule is None:
+            raise MetricNotFoundError(f"the server could not find the metric {metric} for external metrics")
+        if len(selector.requirements) > MAX_REQUIREMENTS:
+            raise BadRequestError(f"a label selector of at most {MAX_REQUIREMENTS} requirements is served")
+        timed = _timed_values(self._query(external_query(rule, namespace, selector)))
+        return [ExternalValue(metric, dict(group), value, when) for group, (value, when) in timed.items()]
+
+    def _query(self, promql: str) -> list[Sample]:
+        """Prometheus's answer, or a provider error with a short reason; the backend's own words go to
+        the log, once per change of state."""
+        try:
+            samples = self._prometheus.query(promql)
+        except PrometheusUnavailableError as error:
+            self._note_failure(f"Prometheus unavailable: {error}")
+            raise UnavailableError("the metrics backend is unavailable") from error
+        except PrometheusQueryError as error:
+            self._note_failure(f"Prometheus refused a rule's query ({error}): {promql}")
+            raise ProviderError("the metric's query failed; the adapter's log says why") from error
+        if self._failing:
+            with self._failing_lock:
+                if self._failing:
+                    log.info("Prometheus answers again")
+                    self._failing = ""
+        return samples
+
+    def _note_failure(self, message: str) -> None:
+        with self._failing_lock:
+            if message != self._failing:
+                log.warning("%s", message)
+                self._failing = message

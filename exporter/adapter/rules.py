@@ -15,7 +15,9 @@ In the spirit of prometheus-adapter's rules, but only what this project needs::
       metricsQuery: avg(<<.Series>>{<<.LabelMatchers>>})
 
 ``<<.Series>>`` is the series name, ``<<.LabelMatchers>>`` the matchers for the request's objects
-(and the external request's label selector), ``<<.GroupBy>>`` the object labels. Pure functions.
+(and the external request's label selector), ``<<.GroupBy>>`` the object labels. Everything is
+checked when the file is loaded, so a rule that would fail at request time stops the adapter at
+start instead. Pure functions.
 """
 
 from __future__ import annotations
@@ -27,7 +29,7 @@ from typing import Any
 
 import yaml
 
-from exporter.adapter.selector import Selector
+from exporter.adapter.selector import Requirement
 
 DEFAULT_RESOURCES: Mapping[str, tuple[str, ...]] = {
     "namespace": ("namespace", "exported_namespace"),
@@ -35,10 +37,11 @@ DEFAULT_RESOURCES: Mapping[str, tuple[str, ...]] = {
 }
 AVERAGE = "avg by (<<.GroupBy>>) (<<.Series>>{<<.LabelMatchers>>})"
 TOTAL = "sum by (<<.GroupBy>>) (<<.Series>>{<<.LabelMatchers>>})"
+_PLACEHOLDERS = {"<<.Series>>", "<<.LabelMatchers>>", "<<.GroupBy>>"}
 
 
 class RulesError(ValueError):
-    """The rules file is unusable; the message says where."""
+    """The rules file is unusable; the message names the rule and the field."""
 
 
 @dataclass(frozen=True)
@@ -47,6 +50,13 @@ class Rule:
     series_query: str
     metrics_query: str
     resources: Mapping[str, tuple[str, ...]] = field(default_factory=lambda: dict(DEFAULT_RESOURCES))
+
+    def render(self, matchers: str, group_by: str) -> str:
+        return (
+            self.metrics_query.replace("<<.Series>>", self.series_query)
+            .replace("<<.LabelMatchers>>", matchers)
+            .replace("<<.GroupBy>>", group_by)
+        )
 
 
 @dataclass(frozen=True)
@@ -83,43 +93,137 @@ DEFAULT_RULES = Rules(
     ),
 )
 
-_METRIC_NAME = re.compile(r"^[a-zA-Z_:][a-zA-Z0-9_:]*$")
+_METRIC_NAME = re.compile(r"[a-zA-Z_:][a-zA-Z0-9_:]*")
+_LABEL_NAME = re.compile(r"[a-zA-Z_][a-zA-Z0-9_]*")
 
 
 def load_rules(text: str, origin: str) -> Rules:
-    """Parses a rules file; ``origin`` names it in errors."""
+    """Parses and checks a rules file; ``origin`` names it in errors."""
     try:
         raw = yaml.safe_load(text) or {}
     except yaml.YAMLError as error:
-        raise RulesError(f"{origin}: not valid YAML: {getattr(error, 'problem', error)}") from error
+        raise RulesError(f"{origin}: not valid YAML: {getattr(error, 'problem', None) or error}") from error
     if not isinstance(raw, dict) or set(raw) - {"rules", "external"}:
         raise RulesError(f"{origin}: want a mapping with 'rules' and/or 'external'")
-    return Rules(
-        custom=tuple(_rule(r, f"{origin}: rules[{i}]") for i, r in enumerate(raw.get("rules") or ())),
-        external=tuple(_rule(r, f"{origin}: external[{i}]") for i, r in enumerate(raw.get("external") or ())),
-    )
+    lists = {}
+    for section in ("rules", "external"):
+        items = raw.get(section)
+        if items is not None and not isinstance(items, list):
+            raise RulesError(f"{origin}: {section}: want a list of rules, got {type(items).__name__}")
+        lists[section] = [_rule(r, f"{origin}: {section}[{i}]", section == "rules") for i, r in enumerate(items or ())]
+        names = [r.name for r in lists[section]]
+        duplicate = next((n for n in names if names.count(n) > 1), None)
+        if duplicate:
+            raise RulesError(f"{origin}: {section}: the metric {duplicate} is defined twice")
+    if not lists["rules"] and not lists["external"]:
+        raise RulesError(f"{origin}: defines no metric (want at least one rule under 'rules' or 'external')")
+    return Rules(custom=tuple(lists["rules"]), external=tuple(lists["external"]))
 
 
-def _rule(raw: Any, where: str) -> Rule:
+def _string(raw: dict[str, Any], key: str, where: str, default: str | None = None) -> str:
+    value = raw.get(key, default)
+    if not isinstance(value, str) or not value:
+        raise RulesError(f"{where}.{key}: want a non-empty string")
+    return value
+
+
+def _rule(raw: Any, where: str, custom: bool) -> Rule:
     if not isinstance(raw, dict):
         raise RulesError(f"{where}: want a mapping")
     unknown = set(raw) - {"name", "seriesQuery", "metricsQuery", "resources"}
     if unknown:
-        raise RulesError(f"{where}: unknown field(s) {', '.join(sorted(unknown))}")
-    series = str(raw.get("seriesQuery", ""))
-    name = str(raw.get("name", series))
-    if not _METRIC_NAME.match(str(series)) or not _METRIC_NAME.match(str(name)):
-        raise RulesError(f"{where}: name and seriesQuery must be metric names")
-    query = str(raw.get("metricsQuery", AVERAGE))
-    if "<<.Series>>" not in query or "<<.LabelMatchers>>" not in query:
-        raise RulesError(f"{where}: metricsQuery must use <<.Series>> and <<.LabelMatchers>>")
-    resources = {k: tuple(v) if isinstance(v, list) else (v,) for k, v in (raw.get("resources") or {}).items()}
-    if set(resources) - {"namespace", "pod"}:
-        raise RulesError(f"{where}: resources maps only namespace and pod")
-    return Rule(name, series, query, {**DEFAULT_RESOURCES, **resources})
+        raise RulesError(f"{where}: unknown field(s) {', '.join(sorted(map(str, unknown)))}")
+    series = _string(raw, "seriesQuery", where)
+    if not _METRIC_NAME.fullmatch(series):
+        raise RulesError(f"{where}.seriesQuery: {series!r} is not a metric name")
+    name = _string(raw, "name", where, series)
+    if not _METRIC_NAME.fullmatch(name):
+        raise RulesError(f"{where}.name: {name!r} is not a metric name")
+    where = f"{where} ({name})"
+    query = _string(raw, "metricsQuery", where, AVERAGE)
+    _check_template(query, f"{where}.metricsQuery", needs_group_by=custom)
+    return Rule(name, series, query, _resources(raw.get("resources"), f"{where}.resources"))
 
 
-def _quote(value: str) -> str:
+def _check_template(query: str, where: str, needs_group_by: bool) -> None:
+    unknown = set(re.findall(r"<<[^>]*>>", query)) - _PLACEHOLDERS
+    if unknown:
+        raise RulesError(f"{where}: unknown placeholder {sorted(unknown)[0]}")
+    needed = ["<<.Series>>", "<<.LabelMatchers>>"] + (["<<.GroupBy>>"] if needs_group_by else [])
+    missing = [p for p in needed if p not in query]
+    if missing:
+        why = " (a custom metric is grouped by namespace and pod)" if "<<.GroupBy>>" in missing else ""
+        raise RulesError(f"{where}: must use {' and '.join(missing)}{why}")
+    rendered = Rule("x", "x", query).render('namespace="a"', "namespace,pod")
+    if _unbalanced(rendered):
+        raise RulesError(f"{where}: unbalanced brackets or quotes in {query!r}")
+
+
+def _unbalanced(promql: str) -> bool:
+    """Brackets and quotes must pair up: a cheap check that catches the usual typo at start (a full
+    PromQL parse happens in Prometheus, at the first request)."""
+    closing = {")": "(", "}": "{", "]": "["}
+    stack: list[str] = []
+    quote = ""
+    escaped = False
+    for char in promql:
+        if quote:
+            if escaped:
+                escaped = False
+            elif char == "\\":
+                escaped = True
+            elif char == quote:
+                quote = ""
+        elif char in "\"'`":
+            quote = char
+        elif char in "({[":
+            stack.append(char)
+        elif char in closing and (not stack or stack.pop() != closing[char]):
+            return True
+    return bool(stack or quote)
+
+
+def _resources(raw: Any, where: str) -> dict[str, tuple[str, ...]]:
+    if raw is None:
+        return dict(DEFAULT_RESOURCES)
+    if not isinstance(raw, dict):
+        raise RulesError(f"{where}: want a mapping of namespace and pod to label names")
+    unknown = set(raw) - {"namespace", "pod"}
+    if unknown:
+        raise RulesError(f"{where}: maps only namespace and pod, not {', '.join(sorted(map(str, unknown)))}")
+    resources = dict(DEFAULT_RESOURCES)
+    for key, value in raw.items():
+        labels = value if isinstance(value, list) else [value]
+        if not labels:
+            raise RulesError(f"{where}.{key}: want at least one label name")
+        for label in labels:
+            if not isinstance(label, str) or not _LABEL_NAME.fullmatch(label):
+                raise RulesError(f"{where}.{key}: {label!r} is not a Prometheus label name")
+        resources[key] = tuple(labels)
+    if len(resources["namespace"]) != len(resources["pod"]):
+        raise RulesError(
+            f"{where}: namespace and pod want the same number of label names (they pair up in order), "
+            f"got {len(resources['namespace'])} and {len(resources['pod'])}"
+        )
+    return resources
+
+
+def prometheus_label(key: str) -> str:
+    """A Kubernetes label key as a Prometheus label name, the way Prometheus sanitises names
+    (strutil.SanitizeFullLabelName; kube-state-metrics and Kubernetes service discovery do the same
+    after a prefix): every character outside ``[a-zA-Z0-9_]``, and a leading digit, becomes ``_``.
+    ``app.kubernetes.io/name`` -> ``app_kubernetes_io_name``."""
+    return (
+        "".join(
+            c if ("a" <= c <= "z" or "A" <= c <= "Z" or c == "_" or ("0" <= c <= "9" and i > 0)) else "_"
+            for i, c in enumerate(key)
+        )
+        or "_"
+    )
+
+
+def quote(value: str) -> str:
+    """A PromQL string literal."""
     return '"' + value.replace("\\", "\\\\").replace('"', '\\"').replace("\n", "\\n") + '"'
 
 
@@ -127,63 +231,19 @@ def _regex_alternatives(values: Sequence[str]) -> str:
     return "|".join(re.escape(v) for v in sorted(values))
 
 
-def pods_query(rule: Rule, namespace: str) -> str:
-    """One query for every pod of a namespace, whatever the number a request selects: the caller
-    keeps the pods it wants. Matching the namespace alone is cheaper for Prometheus than a regex of
-    pod names (500 pods: 14 ms instead of 30 ms median on Prometheus 2.42). Every naming of the
-    namespace/pod labels the rule allows is tried, and renamed ones are mapped back, so the result
-    is grouped by (namespace, pod) whichever the scrape config used."""
-    alternatives = []
-    for ns_label, pod_label in zip(rule.resources["namespace"], rule.resources["pod"], strict=False):
-        query = _timed(rule, f'{ns_label}={_quote(namespace)},{pod_label}!=""', f"{ns_label},{pod_label}")
-        if (ns_label, pod_label) != ("namespace", "pod"):
-            query = (
-                f'label_replace(label_replace({query}, "namespace", "$1", "{ns_label}", "(.*)"), '
-                f'"pod", "$1", "{pod_label}", "(.*)")'
-            )
-        alternatives.append(query)
-    return " or ".join(alternatives)
-
-
-def namespace_query(rule: Rule, namespace: str) -> str:
-    """The rule's aggregate over all the namespace's pods (the Namespace object's metric)."""
-    ns_label = rule.resources["namespace"][0]
-    return _timed(rule, f'{ns_label}={_quote(namespace)},{rule.resources["pod"][0]}!=""', ns_label)
-
-
-def external_query(rule: Rule, namespace: str, selector: Selector) -> str:
-    """The rule over the namespace's series matching a metric label selector."""
-    matchers = [f"{rule.resources['namespace'][0]}={_quote(namespace)}"]
-    for requirement in selector.requirements:
+def selector_matchers(requirements: Sequence[Requirement]) -> list[str]:
+    """Label matchers for a Kubernetes label selector's requirements, keys sanitised as Prometheus
+    sanitises them (label values the selector grammar admits need no sanitising, only quoting)."""
+    matchers = []
+    for requirement in requirements:
+        label = prometheus_label(requirement.key)
         values = sorted(requirement.values)
         if requirement.operator == "in":
-            matchers.append(f"{requirement.key}=~{_quote(_regex_alternatives(values))}")
+            matchers.append(f"{label}=~{quote(_regex_alternatives(values))}")
         elif requirement.operator == "notin":
-            matchers.append(f"{requirement.key}!~{_quote(_regex_alternatives(values))}")
+            matchers.append(f"{label}!~{quote(_regex_alternatives(values))}")
         elif requirement.operator == "exists":
-            matchers.append(f'{requirement.key}!=""')
+            matchers.append(f'{label}!=""')
         else:
-            matchers.append(f'{requirement.key}=""')
-    return _timed(rule, ",".join(matchers), "")
-
-
-FIELD = "gpu_adapter_field"  # tells the value of each group from the time of its newest sample
-
-
-def _timed(rule: Rule, matchers: str, group_by: str) -> str:
-    """The rule's value and, in the same query, the time of the newest sample behind it: the
-    answer's timestamp is when the GPU was measured, not when the question was asked."""
-    value = _render(rule, matchers, group_by)
-    grouping = f" by ({group_by})" if group_by else ""
-    newest = f"max{grouping} (timestamp({rule.series_query}{{{matchers}}}))"
-    return (
-        f'label_replace({value}, "{FIELD}", "value", "", "") or label_replace({newest}, "{FIELD}", "timestamp", "", "")'
-    )
-
-
-def _render(rule: Rule, matchers: str, group_by: str) -> str:
-    return (
-        rule.metrics_query.replace("<<.Series>>", rule.series_query)
-        .replace("<<.LabelMatchers>>", matchers)
-        .replace("<<.GroupBy>>", group_by)
-    )
+            matchers.append(f'{label}=""')
+    return matchers

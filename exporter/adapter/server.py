@@ -1,6 +1,7 @@
 """The adapter's HTTPS edge: routes, authentication, authorization and errors as Kubernetes Status.
 
-Everything about metrics is behind the provider interface; this module only speaks HTTP.
+Everything about metrics is behind the provider interface (exporter.adapter.provider); this module
+only speaks HTTP and never sees a backend's own error text.
 """
 
 from __future__ import annotations
@@ -14,18 +15,22 @@ from typing import Any
 from urllib.parse import parse_qs, urlsplit
 
 from exporter.adapter import api
-from exporter.adapter.auth import Authenticator, Authorizer, User
-from exporter.adapter.prometheus import PrometheusQueryError, PrometheusUnavailableError
+from exporter.adapter.auth import Authenticator, Authorizer, RequestHeaderConfig, User
 from exporter.adapter.provider import (
+    BadRequestError,
     CustomMetricsProvider,
     ExternalMetricsProvider,
     MetricInfo,
     MetricNotFoundError,
+    ProviderError,
+    UnavailableError,
 )
 from exporter.adapter.selector import SelectorError, parse_selector
 from exporter.httpserver import Handler, Server
 
 log = logging.getLogger(__name__)
+
+NAMESPACED_RESOURCES = frozenset({"pods"})  # of the resources the providers serve; "namespaces" is root-scoped
 
 
 @dataclass(frozen=True)
@@ -35,7 +40,7 @@ class Services:
     authenticator: Authenticator
     authorizer: Authorizer
     always_allow_paths: frozenset[str]
-    ready: Callable[[], bool]  # the pod cache has synced
+    not_ready: Callable[[], str]  # why /readyz is not ok ("" when ready): caches not synced, no CA yet
 
 
 class _ApiError(Exception):
@@ -44,16 +49,19 @@ class _ApiError(Exception):
         self.code, self.reason, self.message = code, reason, message
 
 
+_NOT_FOUND = _ApiError(404, "NotFound", "the server could not find the requested resource")
+
+
 class _Handler(Handler):
     server: AdapterServer
-    timeout = 30
 
     def do_GET(self) -> None:  # noqa: N802 (http.server's naming)
         url = urlsplit(self.path)
         services = self.server.services
         if url.path in services.always_allow_paths:
-            if url.path == "/readyz" and not services.ready():
-                self.send(503, b"pod cache not synced yet", "text/plain; charset=utf-8")
+            why_not = services.not_ready() if url.path == "/readyz" else ""
+            if why_not:
+                self.send(503, why_not.encode(), "text/plain; charset=utf-8")
             else:
                 self.send(200, b"ok", "text/plain; charset=utf-8")
             return
@@ -63,7 +71,7 @@ class _Handler(Handler):
                 raise _ApiError(401, "Unauthorized", "Unauthorized")
             route = api.route(url.path)
             if route is None:
-                raise _ApiError(404, "NotFound", "the server could not find the requested resource")
+                raise _NOT_FOUND
             self._authorize(user, route, url.path)
             body = self._serve(route, parse_qs(url.query))
         except _ApiError as error:
@@ -82,6 +90,7 @@ class _Handler(Handler):
         return connection.getpeercert() if isinstance(connection, ssl.SSLSocket) else None
 
     def _authorize(self, user: User, route: api.Route, path: str) -> None:
+        """A SubjectAccessReview whose attributes name exactly the object whose data is returned."""
         if route.kind in ("groups", "group", "resources"):
             attributes: dict[str, Any] = {"path": path, "verb": "get"}
             what = f'path "{path}"'
@@ -130,7 +139,10 @@ class _Handler(Handler):
             if route.kind == "external":
                 values = services.external.get_external_metric(route.namespace or "", route.metric, selector)
                 return api.external_value_list(values)
-            info = MetricInfo(route.resource, route.metric, route.resource == "pods")
+            namespaced = route.resource in NAMESPACED_RESOURCES
+            if namespaced != (route.resource != "namespaces" and route.namespace is not None):
+                raise _NOT_FOUND  # a namespaced resource at the root, or a root-scoped one in a namespace
+            info = MetricInfo(route.resource, route.metric, namespaced)
             if route.name == "*":
                 found = services.custom.get_metric_by_selector(route.namespace or "", selector, info)
                 return api.metric_value_list(route.version, found)
@@ -144,13 +156,37 @@ class _Handler(Handler):
             return api.metric_value_list(route.version, [value])
         except MetricNotFoundError as error:
             raise _ApiError(404, "NotFound", str(error)) from error
-        except PrometheusUnavailableError as error:
-            raise _ApiError(503, "ServiceUnavailable", f"metrics backend unavailable: {error}") from error
-        except PrometheusQueryError as error:
-            raise _ApiError(500, "InternalError", f"metrics query failed: {error}") from error
+        except BadRequestError as error:
+            raise _ApiError(400, "BadRequest", str(error)) from error
+        except UnavailableError as error:
+            raise _ApiError(503, "ServiceUnavailable", str(error)) from error
+        except ProviderError as error:
+            raise _ApiError(500, "InternalError", str(error)) from error
+
+
+def tls_context(cert: str, key: str, client_ca_pem: str | None) -> ssl.SSLContext:
+    """The serving context; with the front proxy's CA, client certificates are asked for and verified."""
+    tls = ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER)
+    tls.minimum_version = ssl.TLSVersion.TLSv1_2
+    tls.load_cert_chain(cert, key)
+    if client_ca_pem:
+        tls.load_verify_locations(cadata=client_ca_pem)
+        tls.verify_mode = ssl.CERT_OPTIONAL
+    return tls
 
 
 class AdapterServer(Server):
-    def __init__(self, address: tuple[str, int], tls: ssl.SSLContext, services: Services) -> None:
+    """Serves over TLS with a context that is replaced when the front proxy's CA changes (each
+    accepted connection is wrapped with the context current at that moment). Until a CA is
+    installed no client certificate is asked for, so only bearer tokens authenticate."""
+
+    def __init__(self, address: tuple[str, int], cert: str, key: str, services: Services) -> None:
         self.services = services
-        super().__init__(address, _Handler, tls)
+        self._cert, self._key = cert, key
+        super().__init__(address, _Handler, tls_context(cert, key, None))
+
+    def trust(self, front_proxy: RequestHeaderConfig) -> None:
+        """Installs the front proxy's settings (raises if its CA does not load)."""
+        context = tls_context(self._cert, self._key, front_proxy.client_ca_pem)
+        self.services.authenticator.front_proxy = front_proxy
+        self.tls = context

@@ -27,11 +27,12 @@ from tests.sim.scenario import Gpu, Scenario, gpu_uuid
 
 HPA_PATH = "/apis/custom.metrics.k8s.io/v1beta2/namespaces/default/pods/%2A/duty_cycle_current"
 HPA_USER = "system:serviceaccount:kube-system:horizontal-pod-autoscaler"
-PODS = {  # name -> (labels, GPU index or None, utilisation)
-    "bert-intent-detection-a": ({"app": "bert-intent-detection"}, 0, 22),
-    "bert-intent-detection-b": ({"app": "bert-intent-detection"}, 1, 17),
-    "bert-intent-detection-c": ({"app": "bert-intent-detection"}, None, 0),  # scheduled, no GPU series yet
-    "asr-0": ({"app": "asr"}, 2, 60),
+PODS = {  # name -> (namespace, labels, GPU index or None, utilisation)
+    "bert-intent-detection-a": ("default", {"app": "bert-intent-detection"}, 0, 22),
+    "bert-intent-detection-b": ("default", {"app": "bert-intent-detection"}, 1, 17),
+    "bert-intent-detection-c": ("default", {"app": "bert-intent-detection"}, None, 0),  # no GPU series yet
+    "asr-0": ("default", {"app": "asr"}, 2, 60),
+    "whisper-0": ("speech", {"app": "whisper"}, 3, 45),  # another team's namespace
 }
 NAN_RULES = (
     "rules:\n- name: duty_cycle_current\n  seriesQuery: duty_cycle_current\n"
@@ -40,7 +41,10 @@ NAN_RULES = (
 )
 
 
-def start_adapter(directory: Path, pki: Pki, kubeconfig: Path, prometheus_url: str, *extra: str) -> tuple[Any, str]:
+def start_adapter(
+    directory: Path, pki: Pki, kubeconfig: Path, prometheus_url: str, *extra: str, ready: bool = True
+) -> tuple[Any, str]:
+    """The adapter as a process, once it listens (and, with ``ready``, once /readyz says so)."""
     port = free_port()
     log = (directory / f"adapter-{port}.log").open("wb")
     process = spawn_adapter(
@@ -58,8 +62,16 @@ def start_adapter(directory: Path, pki: Pki, kubeconfig: Path, prometheus_url: s
         *extra,
         output=log,
     )
-    wait_for_port(port, process, what=f"the adapter (log: {directory / f'adapter-{port}.log'})")
-    return process, f"https://127.0.0.1:{port}"
+    what = f"the adapter (log: {directory / f'adapter-{port}.log'})"
+    wait_for_port(port, process, what=what)
+    url = f"https://127.0.0.1:{port}"
+    deadline = time.monotonic() + 30
+    while ready and requests.get(url + "/readyz", verify=str(pki.ca), timeout=5).status_code != 200:
+        if time.monotonic() > deadline or process.poll() is not None:
+            process.terminate()
+            raise RuntimeError(f"{what} never became ready")
+        time.sleep(0.1)
+    return process, url
 
 
 @dataclass
@@ -96,14 +108,12 @@ def stack(request: pytest.FixtureRequest, tmp_path_factory: pytest.TempPathFacto
     """The same cases run against Prometheus and against VictoriaMetrics (the same query API)."""
     directory = tmp_path_factory.mktemp(request.param)
     scenario = directory / "scenario.txt"
-    Scenario(
-        gpus=[Gpu(gpu_uuid(i), util=u) for i, (_, _, u) in enumerate(p for p in PODS.values() if p[1] is not None)]
-    ).write(scenario)
+    Scenario(gpus=[Gpu(gpu_uuid(gpu), util=u) for _, _, gpu, u in PODS.values() if gpu is not None]).write(scenario)
     kubelet = FakeKubelet(str(directory / "kubelet.sock")).start()
     kubelet.set_pods(
         [
-            PodDevices("default", name, {"server": [("nvidia.com/gpu", [gpu_uuid(gpu)])]})
-            for name, (_, gpu, _) in PODS.items()
+            PodDevices(namespace, name, {"server": [("nvidia.com/gpu", [gpu_uuid(gpu)])]})
+            for name, (namespace, _, gpu, _) in PODS.items()
             if gpu is not None
         ]
     )
@@ -111,14 +121,14 @@ def stack(request: pytest.FixtureRequest, tmp_path_factory: pytest.TempPathFacto
     agent = spawn_agent(agent_port, scenario, "--no-kubernetes", "--pod-resources-socket", kubelet.socket_path)
     prometheus = Prometheus(directory / "store", [f"127.0.0.1:{agent_port}"], free_port(), kind=request.param)
     api = FakeApiServer().start()
-    for i, (name, (labels, _, _)) in enumerate(PODS.items()):
-        api.apply(pod_json(f"uid-{i}", "default", name, "gpu-node-1", labels=labels))
+    for i, (name, (namespace, labels, _, _)) in enumerate(PODS.items()):
+        api.apply(pod_json(f"uid-{i}", namespace, name, "gpu-node-1", labels=labels))
     api.tokens["hpa-token"] = (HPA_USER, ["system:serviceaccounts"])
     pki = make_pki(directory)
     kubeconfig = api.write_kubeconfig(directory / "kubeconfig")
     adapter, url = start_adapter(directory, pki, kubeconfig, prometheus.url)
     try:
-        prometheus.wait_for('count(duty_cycle_current{pod!=""}) == 3')
+        prometheus.wait_for('count(duty_cycle_current{pod!=""}) == 4')
         yield Stack(url, pki, api, directory, kubeconfig, prometheus)
     finally:
         adapter.terminate()
@@ -309,6 +319,184 @@ def test_prometheus_down_is_503(stack: Stack) -> None:
             time.sleep(0.1)
             response = stack.get(HPA_PATH + "?labelSelector=app%3Dasr", url=url)
         assert response.status_code == 503 and response.json()["reason"] == "ServiceUnavailable"
+        assert "127.0.0.1" not in response.text  # where the backend is stays in the adapter's log
     finally:
         process.terminate()
         process.wait(timeout=10)
+
+
+CUSTOM = "/apis/custom.metrics.k8s.io/v1beta2"
+BERT = "?labelSelector=app%3Dbert-intent-detection"
+# Every route of the custom and external metrics APIs, for a user allowed in "default" only:
+# (path, expected status). Nothing of namespace "speech" may come back, whatever the path.
+ONE_NAMESPACE_ROUTES = [
+    # The reported attack: "namespaces" as a resource inside "default", answering for "speech".
+    (f"{CUSTOM}/namespaces/default/namespaces/speech/duty_cycle_current", 404),
+    (f"{CUSTOM.replace('v1beta2', 'v1beta1')}/namespaces/default/namespaces/speech/duty_cycle_current", 404),
+    # Names that are no object names cannot smuggle another namespace in.
+    (f"{CUSTOM}/namespaces/default%2Fnamespaces%2Fspeech/metrics/duty_cycle_current", 404),
+    (f"{CUSTOM}/namespaces/default/pods/..%2F..%2Fspeech/duty_cycle_current", 404),
+    (f"{CUSTOM}/namespaces//pods/%2A/duty_cycle_current", 404),
+    # Pods in their own namespace.
+    (f"{CUSTOM}/namespaces/default/pods/%2A/duty_cycle_current{BERT}", 200),
+    (f"{CUSTOM}/namespaces/default/pods/asr-0/duty_cycle_current", 200),
+    (f"{CUSTOM}/namespaces/speech/pods/%2A/duty_cycle_current?labelSelector=app%3Dwhisper", 403),
+    (f"{CUSTOM}/namespaces/speech/pods/whisper-0/duty_cycle_current", 403),
+    # The Namespace object, both forms: authorized in the namespace it is.
+    (f"{CUSTOM}/namespaces/default/metrics/duty_cycle_current", 200),
+    (f"{CUSTOM}/namespaces/default/duty_cycle_current", 200),
+    (f"{CUSTOM}/namespaces/speech/metrics/duty_cycle_current", 403),
+    (f"{CUSTOM}/namespaces/speech/duty_cycle_current", 403),
+    # Root-scoped objects are cluster-wide: not for a user of one namespace.
+    (f"{CUSTOM}/pods/whisper-0/duty_cycle_current", 403),
+    (f"{CUSTOM}/nodes/gpu-node-1/duty_cycle_current", 403),
+    ("/apis/external.metrics.k8s.io/v1beta1/namespaces/default/gpu_duty_cycle", 200),
+    ("/apis/external.metrics.k8s.io/v1beta1/namespaces/speech/gpu_duty_cycle", 403),
+    ("/apis/external.metrics.k8s.io/v1beta1/namespaces/default/speech/gpu_duty_cycle", 404),
+]
+
+
+def _in_default_only(spec: dict[str, Any]) -> bool:
+    if spec.get("user") != "dev":
+        return True
+    return (spec.get("resourceAttributes") or {}).get("namespace") == "default"
+
+
+def test_a_user_of_one_namespace_reads_that_namespace_only_on_every_route(stack: Stack) -> None:
+    eventually_ok(stack, f"{CUSTOM}/namespaces/speech/pods/whisper-0/duty_cycle_current")  # data is there
+    stack.api.allow = _in_default_only
+    try:
+        for path, expected in ONE_NAMESPACE_ROUTES:
+            response = stack.get(path, user="dev")
+            assert response.status_code == expected, (path, response.text)
+            assert "whisper" not in response.text and '"45"' not in response.text, path
+            if expected == 200:
+                assert response.json()["items"], path
+    finally:
+        stack.api.allow = lambda spec: True
+
+
+def test_the_namespace_object_is_reviewed_as_the_namespace_it_is(stack: Stack) -> None:
+    for path in (
+        f"{CUSTOM}/namespaces/speech/metrics/duty_cycle_current",
+        f"{CUSTOM}/namespaces/speech/duty_cycle_current",
+    ):
+        body = eventually_ok(stack, path)
+        assert [(i["describedObject"]["name"], i["value"]) for i in body["items"]] == [("speech", "45")]
+    reviews = [r["resourceAttributes"] for r in stack.api.access_reviews if r.get("resourceAttributes")]
+    assert {
+        "group": "custom.metrics.k8s.io",
+        "version": "v1beta2",
+        "resource": "namespaces",
+        "subresource": "duty_cycle_current",
+        "name": "speech",
+        "namespace": "speech",
+        "verb": "get",
+    } in reviews
+
+
+def test_external_selectors_on_any_label_key_are_answered_not_500(stack: Stack) -> None:
+    base = "/apis/external.metrics.k8s.io/v1beta1/namespaces/default/gpu_duty_cycle?labelSelector="
+    for selector in ("app.kubernetes.io%2Fname%3Dbert", "9lives%3Dx", "example.com%2Fteam-name", "pod%3Dasr-0"):
+        response = stack.get(base + selector)
+        assert response.status_code == 200, (selector, response.text)
+    # The agent's series carry no app_kubernetes_io_name label: nothing matches, and nothing is invented.
+    assert stack.get(base + "app.kubernetes.io%2Fname%3Dbert").json()["items"] == []
+    assert [i["value"] for i in stack.get(base + "pod%3Dasr-0").json()["items"]] == ["60"]
+
+
+def test_a_query_prometheus_refuses_is_500_without_its_words(stack: Stack) -> None:
+    rules = stack.directory / "refused-rules.yaml"
+    rules.write_text(
+        "rules:\n- name: refused\n  seriesQuery: duty_cycle_current\n"
+        "  metricsQuery: avg by (<<.GroupBy>>) (no_such_function(<<.Series>>{<<.LabelMatchers>>}))\n"
+    )
+    process, url = start_adapter(
+        stack.directory, stack.pki, stack.kubeconfig, stack.prometheus.url, "--config", str(rules)
+    )
+    try:
+        response = stack.get(f"{CUSTOM}/namespaces/default/pods/asr-0/refused", url=url)
+        assert response.status_code == 500 and response.json()["reason"] == "InternalError"
+        assert "function" not in response.text  # the backend's words stay out of the answer
+    finally:
+        process.terminate()
+        process.wait(timeout=10)
+    log = (stack.directory / f"adapter-{url.rsplit(':', 1)[1]}.log").read_text()
+    assert log.count("refused a rule's query") == 1  # the operator finds the reason in the log, once
+
+
+def test_before_the_pod_cache_synced_a_selector_is_503_not_an_empty_list(stack: Stack) -> None:
+    nowhere = stack.directory / "kubeconfig-nowhere"
+    nowhere.write_text(stack.kubeconfig.read_text().replace(stack.api.url, f"http://127.0.0.1:{free_port()}"))
+    process, url = start_adapter(
+        stack.directory,
+        stack.pki,
+        nowhere,  # the pod watch cannot list
+        stack.prometheus.url,
+        "--authentication-kubeconfig",
+        str(stack.kubeconfig),
+        "--authorization-kubeconfig",
+        str(stack.kubeconfig),
+        ready=False,
+    )
+    try:
+        response = stack.get(HPA_PATH + BERT, url=url)
+        assert response.status_code == 503, response.text
+        assert response.json()["reason"] == "ServiceUnavailable"
+        ready = stack.get("/readyz", user=None, cert=False, url=url)
+        assert ready.status_code == 503 and "pod cache" in ready.text
+        # A single pod by name needs no cache and is answered.
+        assert eventually_ok(stack, f"{CUSTOM}/namespaces/default/pods/asr-0/duty_cycle_current")["items"]
+    finally:
+        process.terminate()
+        process.wait(timeout=10)
+
+
+def test_two_adapters_answer_the_same_request_the_same_way(stack: Stack) -> None:
+    """The Deployment runs two replicas behind one Service: whichever answers, the HPA must read the
+    same thing. Each replica keeps its own pod index and asks Prometheus; nothing else is state."""
+    second, url = start_adapter(stack.directory, stack.pki, stack.kubeconfig, stack.prometheus.url)
+    paths = [
+        HPA_PATH + BERT,
+        HPA_PATH.replace("v1beta2", "v1beta1") + BERT,
+        f"{CUSTOM}/namespaces/default/metrics/power_usage_milliwatts_current",
+        "/apis/external.metrics.k8s.io/v1beta1/namespaces/default/gpu_duty_cycle?labelSelector=pod%3Dasr-0",
+        f"{CUSTOM}/namespaces/default/pods/%2A/fan_speed",  # errors alike, too
+        f"{CUSTOM}/namespaces/default/pods/%2A/duty_cycle_current?labelSelector=app%20in%20(x",
+    ]
+    try:
+        for path in paths[:4]:
+            eventually_ok(stack, path)
+        for path in paths:
+            for _ in range(10):  # the two may straddle a scrape: the newest sample's time moves
+                first, other = stack.get(path), stack.get(path, url=url)
+                if (first.status_code, first.content) == (other.status_code, other.content):
+                    break
+                time.sleep(0.3)
+            assert (first.status_code, first.json()) == (other.status_code, other.json()), path
+    finally:
+        second.terminate()
+        second.wait(timeout=10)
+
+
+def test_the_selection_follows_the_pods_api(stack: Stack) -> None:
+    """Prometheus still has a deleted pod's last series for a while; the HPA must not count it."""
+    path = HPA_PATH + BERT
+    assert {i["describedObject"]["name"] for i in eventually_ok(stack, path)["items"]} == {
+        "bert-intent-detection-a",
+        "bert-intent-detection-b",
+    }
+    uid = next(u for u, pod in stack.api.objects().items() if pod["metadata"]["name"] == "bert-intent-detection-b")
+    pod = stack.api.objects()[uid]
+    stack.api.delete(uid)
+    try:
+        deadline = time.monotonic() + 10
+        while len(stack.get(path).json()["items"]) != 1 and time.monotonic() < deadline:
+            time.sleep(0.2)
+        assert [i["describedObject"]["name"] for i in stack.get(path).json()["items"]] == ["bert-intent-detection-a"]
+    finally:
+        stack.api.apply(pod)
+    deadline = time.monotonic() + 10
+    while len(stack.get(path).json()["items"]) != 2 and time.monotonic() < deadline:
+        time.sleep(0.2)
+    assert len(stack.get(path).json()["items"]) == 2

@@ -8,11 +8,14 @@ from email.message import Message
 from pathlib import Path
 from typing import Any
 
-from exporter.adapter.auth import Authenticator, Authorizer, User
+import pytest
+
+from exporter.adapter.auth import Authenticator, Authorizer, RequestHeaderConfig, User
 from tests.conftest import free_port
 from tests.sim.processes import spawn_adapter, wait_for_port
 
 FRONT_PROXY = {"subject": ((("commonName", "front-proxy-client"),),)}
+ALLOWED = RequestHeaderConfig("CA PEM", allowed_names=("front-proxy-client",))
 
 
 class Reviewer:
@@ -22,6 +25,8 @@ class Reviewer:
 
     def review_token(self, token: str) -> User | None:
         self.token_reviews += 1
+        if token == "api-down":
+            raise ConnectionError("kube-apiserver unreachable")
         return User("alice", ("team",)) if token == "good" else None
 
     def review_access(self, user: User, attributes: Any) -> bool:
@@ -38,19 +43,19 @@ def headers(**values: str | list[str]) -> Message:
 
 
 def test_front_proxy_user_and_groups_from_its_headers() -> None:
-    auth = Authenticator(Reviewer(), allowed_names=["front-proxy-client"])
+    auth = Authenticator(Reviewer(), ALLOWED)
     user = auth.authenticate(FRONT_PROXY, headers(X_Remote_User="hpa", X_Remote_Group=["a", "b"]))
     assert user == User("hpa", ("a", "b"))
 
 
 def test_front_proxy_with_a_name_not_allowed_is_refused() -> None:
-    auth = Authenticator(Reviewer(), allowed_names=["front-proxy-client"])
+    auth = Authenticator(Reviewer(), ALLOWED)
     other = {"subject": ((("commonName", "someone-else"),),)}
     assert auth.authenticate(other, headers(X_Remote_User="hpa")) is None
 
 
 def test_custom_header_names() -> None:
-    auth = Authenticator(Reviewer(), username_headers=["X-User"], group_headers=["X-Groups"])
+    auth = Authenticator(Reviewer(), RequestHeaderConfig("CA PEM", (), ("X-User",), ("X-Groups",)))
     assert auth.authenticate(FRONT_PROXY, headers(X_User="bob", X_Groups="g")) == User("bob", ("g",))
     assert auth.authenticate(FRONT_PROXY, headers(X_Remote_User="bob")) is None
 
@@ -68,6 +73,48 @@ def test_bearer_tokens_are_reviewed_once_per_ttl() -> None:
     assert auth.authenticate(None, headers(Authorization="Bearer bad")) is None
     assert auth.authenticate(None, headers(Authorization="Basic eDp5")) is None
     assert auth.authenticate(None, headers()) is None
+
+
+@pytest.mark.parametrize(
+    ("authorization", "user"),
+    [
+        ("Bearer good", "alice"),
+        ("bearer good", "alice"),  # the scheme is case-insensitive, as in k8s.io/apiserver
+        ("BEARER good", "alice"),
+        ("  Bearer good  ", "alice"),
+        ("Bearer good trailing-field", "alice"),  # the token is the second field
+        ("Bearer  good", None),  # an empty second field is no token
+        ("Bearer", None),
+        ("Basic eDp5", None),
+        ("Bearer bad", None),
+    ],
+)
+def test_bearer_header_parsed_as_upstream(authorization: str, user: str | None) -> None:
+    found = Authenticator(Reviewer()).authenticate(None, headers(Authorization=authorization))
+    assert (found.name if found else None) == user
+
+
+def test_union_a_certificate_that_does_not_authenticate_falls_through_to_the_token() -> None:
+    auth = Authenticator(Reviewer(), ALLOWED)
+    other = {"subject": ((("commonName", "someone-else"),),)}
+    # A CN not in the allowed names, with a valid bearer token: authenticated by the token.
+    assert auth.authenticate(other, headers(X_Remote_User="mallory", Authorization="Bearer good")) == User(
+        "alice", ("team",)
+    )
+    # The front proxy's certificate without a user header: the token decides, too.
+    assert auth.authenticate(FRONT_PROXY, headers(Authorization="Bearer good")) == User("alice", ("team",))
+    # Both authenticate: the front proxy comes first, as in the apiserver's union.
+    assert auth.authenticate(FRONT_PROXY, headers(X_Remote_User="hpa", Authorization="Bearer good")) == User("hpa")
+    # Until the front proxy's CA is known, a certificate authenticates no one.
+    assert Authenticator(Reviewer()).authenticate(FRONT_PROXY, headers(X_Remote_User="hpa")) is None
+
+
+def test_a_failed_token_review_is_401_and_not_cached() -> None:
+    reviewer = Reviewer()
+    auth = Authenticator(reviewer, ttl_s=10, clock=lambda: 0.0)
+    assert auth.authenticate(None, headers(Authorization="Bearer api-down")) is None
+    assert auth.authenticate(None, headers(Authorization="Bearer api-down")) is None
+    assert reviewer.token_reviews == 2
 
 
 def test_access_decisions_are_cached_per_attributes() -> None:

@@ -10,15 +10,9 @@ import sys
 
 import pytest
 
-from exporter.adapter.hpa import (
-    Autoscaler,
-    NoMetricsError,
-    Pod,
-    Tolerances,
-    largest_proposal,
-    pods_metric_replicas,
-)
+from exporter.adapter.hpa import NoMetricsError, Pod, Tolerances, pods_metric_replicas, usage_ratio
 from exporter.adapter.quantity import parse_milli
+from tests.sim.autoscaler import Autoscaler, largest_proposal
 
 
 def pods(n: int, phases: list[str] | None = None) -> list[Pod]:
@@ -125,6 +119,28 @@ def test_missing_pods_count_as_target_on_scale_down_and_zero_on_scale_up() -> No
     assert pods_metric_replicas(2, 10000, pods(3), levels(12000, 12000)).replicas == 2
 
 
+def test_exactly_at_the_target_with_pods_missing_keeps_the_replicas() -> None:
+    """calcPlainMetricReplicas fills missing pods only below (target) or above (0) a ratio of 1.0;
+    at exactly 1.0 it fills nothing and keeps the replicas. 5 pods, 3 at exactly 20, 2 missing."""
+    proposal = pods_metric_replicas(5, 20000, pods(5), levels(20000, 20000, 20000))
+    assert (proposal.replicas, proposal.usage_milli, proposal.usage_ratio) == (5, 20000, 1.0)
+
+
+def test_a_sample_of_a_pod_the_lister_does_not_list_still_counts() -> None:
+    """Upstream removes only ignored and unready pods' samples from the metrics it averages."""
+    assert pods_metric_replicas(2, 10000, pods(2), {"p-0": 10000, "p-1": 10000, "gone": 40000}).replicas == 4
+
+
+def test_no_pods_is_no_scaling() -> None:
+    with pytest.raises(NoMetricsError, match="no pods returned by selector"):
+        pods_metric_replicas(2, 20000, [], levels(1000))
+
+
+def test_the_average_truncates_toward_zero_as_go_does() -> None:
+    assert usage_ratio({"a": -3000, "b": 0, "c": 0, "d": 0}, 1000)[1] == -750
+    assert usage_ratio({"a": -3, "b": 0}, 1000)[1] == -1  # Go: -3 / 2 == -1, where Python's // gives -2
+
+
 def test_pending_pods_are_unready_and_deleting_or_failed_pods_ignored() -> None:
     pending = [Pod("p-0"), Pod("p-1"), Pod("p-2", "Pending")]
     assert pods_metric_replicas(3, 15000, pending, levels(50000, 10000)).replicas == 4
@@ -223,6 +239,18 @@ def test_hpa_explain_bad_input_exits_2_with_one_line(payload: object, complaint:
     assert result.returncode == 2 and result.stdout == ""
     (line,) = result.stderr.strip().splitlines()
     assert line.startswith("hpa-explain: error:") and complaint in line
+
+
+def test_hpa_explain_at_exactly_the_target_with_pods_missing() -> None:
+    payload = {
+        "currentReplicas": 5,
+        "target": "20",
+        "pods": [{"name": f"p-{i}"} for i in range(5)],
+        "metrics": {"p-0": "20", "p-1": "20", "p-2": "20"},
+    }
+    result = explain(payload)
+    assert result.returncode == 0, result.stderr
+    assert json.loads(result.stdout)["desiredReplicas"] == 5
 
 
 def test_hpa_explain_not_json() -> None:

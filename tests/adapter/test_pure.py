@@ -2,10 +2,12 @@
 
 from __future__ import annotations
 
+import promql_parser
 import pytest
 
+from exporter.adapter.prometheus import external_query, namespace_query, pods_query
 from exporter.adapter.quantity import format_quantity
-from exporter.adapter.rules import DEFAULT_RULES, RulesError, external_query, load_rules, namespace_query, pods_query
+from exporter.adapter.rules import DEFAULT_RULES, RulesError, load_rules, prometheus_label
 from exporter.adapter.selector import SelectorError, parse_selector
 
 
@@ -119,13 +121,70 @@ def test_rules_file() -> None:
     [
         ("rules: [\n", "not valid YAML"),
         ("rulez: []\n", "want a mapping"),
-        ("rules:\n- seriesQuery: 'up{job=\"x\"}'\n", "metric names"),
+        ("rules:\n- seriesQuery: 'up{job=\"x\"}'\n", "rules[0].seriesQuery: 'up{job=\"x\"}' is not a metric name"),
         ("rules:\n- seriesQuery: x\n  metricsQuery: avg(x)\n", "<<.Series>>"),
         ("rules:\n- seriesQuery: x\n  color: red\n", "unknown field(s) color"),
         ("rules:\n- seriesQuery: x\n  resources: {node: [node]}\n", "only namespace and pod"),
+        # What used to load and then fail every request, or fail with a traceback:
+        ("rules: 5\n", "rules: want a list of rules, got int"),
+        ("external: {a: 1}\n", "external: want a list of rules"),
+        ("rules: []\n", "defines no metric"),
+        ("rules:\n- seriesQuery: x\n  resources: {namespace: []}\n", "rules[0] (x).resources.namespace: want at least"),
+        (
+            "rules:\n- seriesQuery: x\n  resources: {pod: [k8s-pod]}\n",
+            "rules[0] (x).resources.pod: 'k8s-pod' is not a Prometheus label name",
+        ),
+        (
+            "rules:\n- seriesQuery: x\n  resources: {namespace: [ns]}\n",
+            "rules[0] (x).resources: namespace and pod want the same number of label names",
+        ),
+        ("rules:\n- seriesQuery: x\n  name: 5\n", "rules[0].name: want a non-empty string"),
+        (
+            "rules:\n- seriesQuery: x\n  metricsQuery: avg(<<.Series>>{<<.LabelMatchers>>})\n",
+            "rules[0] (x).metricsQuery: must use <<.GroupBy>>",
+        ),
+        (
+            "rules:\n- seriesQuery: x\n  metricsQuery: avg by (<<.GroupBy>>) (<<.Series>>{<<.LabelMatchers>>}\n",
+            "rules[0] (x).metricsQuery: unbalanced",
+        ),
+        (
+            "external:\n- seriesQuery: x\n  metricsQuery: 'sum(<<.Series>>{<<.LabelMatchers>>}) by (<<.Pod>>)'\n",
+            "external[0] (x).metricsQuery: unknown placeholder <<.Pod>>",
+        ),
+        ("external:\n- seriesQuery: x\n- seriesQuery: x\n", "external: the metric x is defined twice"),
     ],
 )
 def test_bad_rules_files_are_named(text: str, complaint: str) -> None:
     with pytest.raises(RulesError, match=r"rules\.yaml") as error:
         load_rules(text, "rules.yaml")
     assert complaint in str(error.value)
+
+
+def test_an_external_rule_may_leave_out_the_grouping() -> None:
+    rules = load_rules("external:\n- seriesQuery: x\n  metricsQuery: max(<<.Series>>{<<.LabelMatchers>>})\n", "r")
+    assert [r.name for r in rules.external] == ["x"] and rules.custom == ()
+
+
+@pytest.mark.parametrize(
+    ("key", "label"),
+    [
+        ("app", "app"),
+        ("app.kubernetes.io/name", "app_kubernetes_io_name"),
+        ("example.com/team-name", "example_com_team_name"),
+        ("9lives", "_lives"),  # a leading digit, as Prometheus's SanitizeFullLabelName
+        ("tier_2", "tier_2"),
+    ],
+)
+def test_label_keys_become_prometheus_label_names(key: str, label: str) -> None:
+    assert prometheus_label(key) == label
+
+
+def test_an_external_selector_on_any_valid_key_is_valid_promql() -> None:
+    """Keys with '.', '/', '-' or a leading digit went raw into PromQL: Prometheus refused the query."""
+    external = DEFAULT_RULES.external_rule("gpu_duty_cycle")
+    assert external is not None
+    selector = parse_selector("app.kubernetes.io/name=bert,9lives in (a,b),!example.com/canary,team-x")
+    query = external_query(external, "ml", selector)
+    promql_parser.parse(query)  # raises on invalid PromQL
+    assert 'app_kubernetes_io_name=~"bert"' in query and '_lives=~"a|b"' in query
+    assert 'example_com_canary=""' in query and 'team_x!=""' in query

@@ -5,9 +5,10 @@ Real parts: the agent (on the fake NVML), Prometheus scraping it, the adapter se
 metrics API over TLS, hey for load, and one HTTP server process per replica. Simulated: the GPUs
 (utilisation from each replica's served requests, tests/sim/inference.py), the kubelet's
 pod-resources and the pods API (tests/sim), a round-robin Service in front of the replicas, and
-the HPA controller, which runs exporter.adapter.hpa (upstream's arithmetic) against the adapter
-exactly as kube-controller-manager reads it. Every HPA time (15 s sync, 15 s policy periods, 300 s
-scale-down window) is multiplied by one factor. ``python -m tests.sim.hpademo`` (make demo).
+the HPA controller, which runs exporter.adapter.hpa and tests/sim/autoscaler.py (upstream's
+arithmetic) against the adapter exactly as kube-controller-manager reads it. Every HPA time (15 s
+sync, 15 s policy periods, 300 s scale-down window) is multiplied by one factor.
+``python -m tests.sim.hpademo`` (make demo).
 """
 
 from __future__ import annotations
@@ -28,20 +29,13 @@ from typing import Any
 
 import requests
 
-from exporter.adapter.hpa import (
-    Autoscaler,
-    NoMetricsError,
-    Pod,
-    Policy,
-    ScalingRules,
-    largest_proposal,
-    pods_metric_replicas,
-)
+from exporter.adapter.hpa import NoMetricsError, Pod, pods_metric_replicas
 from exporter.adapter.quantity import format_quantity, parse_milli
 from exporter.httpserver import Handler
 from tests.adapter.test_adapter import start_adapter
 from tests.conftest import ROOT, free_port
 from tests.sim.apiserver import FakeApiServer, pod_json
+from tests.sim.autoscaler import Autoscaler, Policy, ScalingRules, largest_proposal
 from tests.sim.certs import make_pki
 from tests.sim.kubelet import FakeKubelet, PodDevices
 from tests.sim.processes import spawn_agent

@@ -1,0 +1,207 @@
+"""Whom the adapter trusts, over real TLS: the front proxy's CA read until it is read and replaced
+when it rotates, readiness that waits for it, and authentication as k8s.io/apiserver's union
+authenticator does it (a certificate that does not authenticate leaves the bearer token to decide).
+
+kube-apiserver is played by tests/sim/apiserver.py (TokenReview, SubjectAccessReview, the
+``extension-apiserver-authentication`` ConfigMap, pods), speaking the real API's JSON.
+"""
+
+from __future__ import annotations
+
+import json
+import time
+from collections.abc import Callable, Iterator
+from pathlib import Path
+from typing import Any
+
+import pytest
+import requests
+
+from exporter.adapter.auth import Authenticator, Authorizer, RequestHeaderConfig, User
+from exporter.adapter.frontproxy import FrontProxyTrust
+from exporter.adapter.server import AdapterServer, Services
+from tests.conftest import free_port
+from tests.sim.apiserver import FakeApiServer
+from tests.sim.certs import Pki, make_pki
+from tests.sim.processes import spawn_adapter, wait_for_port
+
+DISCOVERY = "/apis/custom.metrics.k8s.io/v1beta1"
+CONFIG_MAP = ("kube-system", "extension-apiserver-authentication")
+
+
+def published(pki: Pki, allowed: str = "prometheus") -> dict[str, str]:
+    """The ConfigMap's data as kube-apiserver writes it (lists as JSON strings)."""
+    return {
+        "requestheader-client-ca-file": pki.ca.read_text(),
+        "requestheader-allowed-names": json.dumps([allowed]),
+        "requestheader-username-headers": json.dumps(["X-Remote-User"]),
+        "requestheader-group-headers": json.dumps(["X-Remote-Group"]),
+    }
+
+
+def until(check: Callable[[], bool], timeout_s: float = 20) -> bool:
+    deadline = time.monotonic() + timeout_s
+    while not check():
+        if time.monotonic() > deadline:
+            return False
+        time.sleep(0.2)
+    return True
+
+
+class Adapter:
+    def __init__(self, directory: Path, api: FakeApiServer, pki: Pki, *extra: str) -> None:
+        self.port = free_port()
+        self.pki = pki
+        self.log = directory / f"adapter-{self.port}.log"
+        self.process = spawn_adapter(
+            self.port,
+            "--tls-cert-file",
+            str(pki.server_cert),
+            "--tls-private-key-file",
+            str(pki.server_key),
+            "--kubeconfig",
+            str(api.write_kubeconfig(directory / "kubeconfig")),
+            "--prometheus-url",
+            f"http://127.0.0.1:{free_port()}",  # discovery needs no Prometheus
+            *extra,
+            output=self.log.open("wb"),
+        )
+        wait_for_port(self.port, self.process, what=f"the adapter (log: {self.log})")
+
+    def get(self, path: str, cert: bool = True, **headers: str) -> requests.Response:
+        return requests.get(
+            f"https://127.0.0.1:{self.port}{path}",
+            headers={k.replace("_", "-"): v for k, v in headers.items()},
+            verify=str(self.pki.ca),
+            cert=(str(self.pki.client_cert), str(self.pki.client_key)) if cert else None,
+            timeout=10,
+        )
+
+    def stop(self) -> None:
+        self.process.terminate()
+        self.process.wait(timeout=10)
+
+
+@pytest.fixture
+def api() -> Iterator[FakeApiServer]:
+    server = FakeApiServer().start()
+    server.tokens["bob-token"] = ("bob", ["system:authenticated"])
+    yield server
+    server.stop()
+
+
+def test_the_front_proxy_ca_is_read_once_it_can_be_and_readiness_waits_for_it(
+    tmp_path: Path, api: FakeApiServer
+) -> None:
+    pki = make_pki(tmp_path / "pki")
+    adapter = Adapter(tmp_path, api, pki)  # the ConfigMap cannot be read yet (404)
+    try:
+        assert until(lambda: "front proxy" in adapter.get("/readyz", cert=False).text), adapter.log.read_text()
+        assert adapter.get("/readyz", cert=False).status_code == 503
+        assert adapter.get(DISCOVERY, X_Remote_User="hpa").status_code == 401
+        assert adapter.get(DISCOVERY, cert=False, Authorization="Bearer bob-token").status_code == 200
+        api.config_maps[CONFIG_MAP] = published(pki)
+        assert until(lambda: adapter.get(DISCOVERY, X_Remote_User="hpa").status_code == 200), adapter.log.read_text()
+        assert adapter.get("/readyz", cert=False).status_code == 200
+        log = adapter.log.read_text()
+        assert log.count("cannot read the front proxy's CA") == 1  # once per change of state, not per retry
+    finally:
+        adapter.stop()
+
+
+def test_a_certificate_that_does_not_authenticate_leaves_the_token_to_decide(
+    tmp_path: Path, api: FakeApiServer
+) -> None:
+    pki = make_pki(tmp_path / "pki")  # its client certificate's CN is "prometheus"
+    adapter = Adapter(
+        tmp_path,
+        api,
+        pki,
+        "--requestheader-client-ca-file",
+        str(pki.ca),
+        "--requestheader-allowed-names",
+        "front-proxy",
+    )
+    try:
+        assert adapter.get(DISCOVERY, X_Remote_User="hpa").status_code == 401  # CN not allowed, no token
+        assert adapter.get(DISCOVERY, X_Remote_User="hpa", Authorization="Bearer bob-token").status_code == 200
+        review = api.access_reviews[-1]
+        assert review["user"] == "bob"  # the token's user, never the header's
+        assert adapter.get(DISCOVERY, cert=False, Authorization="bearer bob-token").status_code == 200
+        assert adapter.get(DISCOVERY, cert=False, Authorization="BEARER bob-token").status_code == 200
+    finally:
+        adapter.stop()
+
+
+class _Allow:
+    def review_token(self, token: str) -> User | None:
+        return None
+
+    def review_access(self, user: User, attributes: Any) -> bool:
+        return True
+
+
+class _NoMetrics:
+    def list_all_metrics(self) -> list[Any]:
+        return []
+
+    def list_all_external_metrics(self) -> list[str]:
+        return []
+
+
+def test_a_rotated_front_proxy_ca_is_trusted_for_new_connections(tmp_path: Path) -> None:
+    old, new = make_pki(tmp_path / "old"), make_pki(tmp_path / "new")
+    services = Services(
+        custom=_NoMetrics(),  # type: ignore[arg-type]
+        external=_NoMetrics(),  # type: ignore[arg-type]
+        authenticator=Authenticator(_Allow()),
+        authorizer=Authorizer(_Allow()),
+        always_allow_paths=frozenset({"/readyz"}),
+        not_ready=lambda: "",
+    )
+    # Both serving pairs are signed by their own CA: serve with the old one's throughout.
+    server = AdapterServer(("127.0.0.1", 0), str(old.server_cert), str(old.server_key), services)
+    server.start()
+    published_ca = [old.ca]
+    trust = FrontProxyTrust(
+        lambda: RequestHeaderConfig(published_ca[0].read_text()), server.trust, refresh_s=0.2, first_retry_s=0.1
+    )
+    trust.start()
+
+    def status(pki: Pki) -> int | str:
+        try:
+            return requests.get(
+                f"https://127.0.0.1:{server.server_address[1]}/apis",
+                headers={"X-Remote-User": "kube-apiserver"},
+                verify=str(old.ca),
+                cert=(str(pki.client_cert), str(pki.client_key)),
+                timeout=5,
+            ).status_code
+        except requests.exceptions.SSLError:
+            return "refused in the TLS handshake"
+
+    try:
+        assert status(old) == 200
+        assert status(new) == "refused in the TLS handshake"
+        published_ca[0] = new.ca  # kube-apiserver's front-proxy CA rotates
+        assert until(lambda: status(new) == 200, timeout_s=10)
+        assert status(old) == "refused in the TLS handshake"
+    finally:
+        trust.stop()
+        server.shutdown()
+        server.server_close()
+
+
+def test_failures_back_off_with_jitter_up_to_a_bound() -> None:
+    calls = []
+
+    def unreadable() -> RequestHeaderConfig:
+        calls.append(time.monotonic())
+        raise OSError("configmaps is forbidden")
+
+    trust = FrontProxyTrust(
+        unreadable, lambda _: None, refresh_s=60, first_retry_s=1, max_retry_s=30, jitter=lambda: 0.5
+    )
+    waits = [trust._attempt() for _ in range(7)]
+    assert waits == [1, 2, 4, 8, 16, 30, 30]  # doubling, then capped: never a tight loop
+    assert not trust.loaded.is_set() and len(calls) == 7
