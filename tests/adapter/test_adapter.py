@@ -8,6 +8,8 @@ pods, TokenReview and SubjectAccessReview, speaking the real JSON of those APIs.
 from __future__ import annotations
 
 import calendar
+import re
+import socket
 import time
 from collections.abc import Iterator
 from dataclasses import dataclass
@@ -500,3 +502,27 @@ def test_the_selection_follows_the_pods_api(stack: Stack) -> None:
     while len(stack.get(path).json()["items"]) != 2 and time.monotonic() < deadline:
         time.sleep(0.2)
     assert len(stack.get(path).json()["items"]) == 2
+
+
+def test_slow_connections_do_not_hold_up_the_hpa(stack: Stack) -> None:
+    """600 clients that connect and stall (some mid TLS record) cost neither a thread each nor the
+    HPA its answers: past the connection limit the longest-waiting stalled one makes room."""
+    process, url = start_adapter(stack.directory, stack.pki, stack.kubeconfig, stack.prometheus.url)
+    port = int(url.rsplit(":", 1)[1])
+    stalled: list[socket.socket] = []
+    try:
+        for i in range(600):
+            connection = socket.create_connection(("127.0.0.1", port), timeout=5)
+            if i % 2:
+                connection.sendall(b"\x16\x03\x01\x02")  # the start of a TLS record, then nothing
+            stalled.append(connection)
+        for _ in range(20):
+            response = stack.get(HPA_PATH + BERT, url=url)
+            assert response.status_code == 200 and len(response.json()["items"]) == 2
+        threads = re.search(r"Threads:\s+(\d+)", Path(f"/proc/{process.pid}/status").read_text())
+        assert threads and int(threads.group(1)) < 50  # a thread per connection would be 600 and more
+    finally:
+        for connection in stalled:
+            connection.close()
+        process.terminate()
+        process.wait(timeout=10)
