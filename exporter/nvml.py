@@ -12,8 +12,8 @@ faults (a ctypes call cannot be interrupted), and one stuck GPU must not stop th
 read, nor the process from exiting.
 
 What is read is driven by the metric catalogue (exporter.catalogue): the sources the enabled
-groups need, rarely changing ones every SLOW_EVERY polls, GPM metrics between two samples a poll
-apart, and Xid counts from the events watcher (exporter.nvmlevents), merged in at each poll.
+groups need, each at its cadence, GPM metrics between two samples a poll apart, and Xid counts
+from the events watcher (exporter.nvmlevents), merged in at each poll.
 """
 
 from __future__ import annotations
@@ -35,7 +35,6 @@ import pynvml
 from exporter.catalogue import (
     GPM_METRICS,
     GROUPS,
-    SLOW_EVERY,
     SOURCES,
     Call,
     Family,
@@ -86,18 +85,63 @@ def _binding(name: str, *args: Any, **kwargs: Any) -> Variant:
 
 
 def _source_variant(source: Source, call: Call) -> Variant:
-    """A catalogue call; its answer made plain inside the contained call."""
+    """A catalogue call; its answer made plain inside the contained call. The binding is looked up
+    once (the module does not change while the agent runs); one these bindings lack raises
+    AttributeError when called, which the query contains."""
     label = f"{call.function} ({call.version})" if call.version else call.function
+    function = getattr(pynvml, call.function, None)
+    version = getattr(pynvml, call.version, None) if call.version else None
+    plain, args = source.plain, call.args
+    if function is None or (call.version and version is None):
 
-    def read(handle: Any) -> Any:
-        function = getattr(pynvml, call.function)
-        kwargs = {"version": getattr(pynvml, call.version)} if call.version else {}
-        return source.plain(function(handle, *call.args, **kwargs))
+        def missing(_handle: Any) -> Any:
+            raise AttributeError(f"pynvml has no {label}")
 
-    return label, read
+        return label, missing
+    if call.version:
+        return label, lambda handle: plain(function(handle, *args, version=version))
+    return label, lambda handle: plain(function(handle, *args))
 
 
 _VARIANTS = {key: tuple(_source_variant(source, call) for call in source.calls) for key, source in SOURCES.items()}
+
+# What a reader reads on each device, worked out once: (key, description, variants, every n polls).
+_Plan = tuple[tuple[str, str, tuple[Variant, ...], int], ...]
+
+
+def _plan(sources: Iterable[Source]) -> _Plan:
+    return tuple(
+        (source.key, source.described, _VARIANTS[source.key], source.every) for source in sources if source.key != "xid"
+    )  # Xid counts come from the events watcher, merged in at the end of a poll
+
+
+@dataclass
+class _GpmState:
+    """One device's two GPM sample buffers, used in turn, and its metrics request, reused each poll."""
+
+    samples: tuple[Any, Any]
+    request: Any
+    latest: int | None = None  # the buffer holding the last sample taken
+
+    @classmethod
+    def allocate(cls) -> _GpmState:
+        first = pynvml.nvmlGpmSampleAlloc()
+        try:
+            second = pynvml.nvmlGpmSampleAlloc()
+        except BaseException:
+            pynvml.nvmlGpmSampleFree(first)
+            raise
+        request = pynvml.c_nvmlGpmMetricsGet_t()
+        request.version = pynvml.NVML_GPM_METRICS_GET_VERSION
+        request.numMetrics = len(GPM_METRICS)
+        for slot, metric in enumerate(GPM_METRICS):
+            request.metrics[slot].metricId = metric
+        return cls((first, second), request)
+
+    def free(self) -> None:
+        for sample in self.samples:
+            with contextlib.suppress(pynvml.NVMLError):
+                pynvml.nvmlGpmSampleFree(sample)
 
 
 def _text(variant: Variant) -> Variant:
@@ -185,7 +229,7 @@ class _Query:
         ``exported`` value that is not supported is logged once: its series will be missing."""
         reader = self._reader
         remembered = (self.uuid, name)
-        first = reader.variant_of.get(remembered, 0)
+        first = reader.variant_of.get(remembered, 0) if len(variants) > 1 else 0
         for position in range(first, len(variants)):
             function, call = variants[position]
             if function in reader.missing_functions:
@@ -258,15 +302,15 @@ class NvmlReader:
         self.variant_of: dict[tuple[str, str], int] = {}
         self.logged = _OncePer()
         self._families = enabled_families(groups)
-        self._gpu_sources = reads_for(self._families, mig=False)
-        self._mig_sources = reads_for(self._families, mig=True)
+        self._gpu_plan = _plan(reads_for(self._families, mig=False))
+        self._mig_plan = _plan(reads_for(self._families, mig=True))
         self._xid_families = tuple(f for f in self._families if "xid" in f.reads)
         self._xid = XidWatcher() if self._xid_families else None
         self._polls = 0
-        # Rarely changing values: (uuid, source) -> (poll read at, plain value).
-        self._slow: dict[tuple[str, str], tuple[int, Any]] = {}
+        # Values read every few polls: (uuid, source) -> (poll read at, plain value).
+        self._kept: dict[tuple[str, str], tuple[int, Any]] = {}
         self._gpm_supported: dict[str, bool] = {}
-        self._gpm_samples: dict[tuple[int, str], Any] = {}  # (GPU index, device uuid) -> the last sample
+        self._gpm: dict[tuple[int, str], _GpmState] = {}  # (GPU index, device uuid) -> its GPM buffers
 
     @property
     def xid_gpus_watched(self) -> int:
@@ -309,7 +353,7 @@ class NvmlReader:
             return
         if self._xid is not None:
             self._xid.watch(())
-        self._gpm_samples.clear()  # allocated by the library that went away
+        self._gpm.clear()  # allocated by the library that went away
         self.initialised = False
         self.status = f"NVML lost: {error_kind(error)}"
         log.error("%s; re-initialising", self.status)
@@ -324,15 +368,14 @@ class NvmlReader:
             worker.stop()
         deadline = time.monotonic() + timeout_s
         if self._xid is not None:
-            self._xid.close(timeout_s)
+            self._xid.close()
         for worker in self._workers.values():
             worker.thread.join(max(0.0, deadline - time.monotonic()))
         stuck = {index for index, worker in self._workers.items() if worker.thread.is_alive()}
-        for (index, _uuid), sample in list(self._gpm_samples.items()):
-            if index not in stuck:  # a stuck read may still hold its sample
-                with contextlib.suppress(pynvml.NVMLError):
-                    pynvml.nvmlGpmSampleFree(sample)
-        self._gpm_samples.clear()
+        for (index, _uuid), state in list(self._gpm.items()):
+            if index not in stuck:  # a stuck read may still hold its samples
+                state.free()
+        self._gpm.clear()
         if self.initialised:
             self.initialised = False
             self.status = "NVML shut down"
@@ -445,7 +488,7 @@ class NvmlReader:
                 replace(d, processes=tuple(p for p in processes if p.gpu_instance_id == d.gpu_instance_id))
                 for d in mig_devices
             )
-        reads = self._read_sources(handle, query, self._gpu_sources)
+        reads = self._read_sources(handle, query, self._gpu_plan)
         utilisation = reads.get("utilisation")
         process_sm = (
             query.value(
@@ -476,27 +519,27 @@ class NvmlReader:
         return (gpu, *mig_devices)
 
     def _read_sources(
-        self, handle: Any, query: _Query, sources: Iterable[Source], instance: int | None = None
+        self, handle: Any, query: _Query, plan: _Plan, parent: Any = None, instance: int | None = None
     ) -> dict[str, Any]:
-        """The plain value of each source (None: absent). On a MIG device ``handle`` is its
-        parent's and ``instance`` its GPU instance id, which GPM samples need."""
+        """The plain value of each source (None: absent). A MIG device's GPM sample is taken through
+        its ``parent`` GPU's handle and its GPU ``instance`` id."""
         reads: dict[str, Any] = {}
-        for source in sources:
-            if source.key == "xid":
-                continue  # counted by the events watcher, merged in at the end of the poll
-            if source.key == "gpm":
-                reads["gpm"] = self._gpm(handle, query, instance)
-            elif source.slow:
-                cached = self._slow.get((query.uuid, source.key))
-                if cached is None or self._polls - cached[0] >= SLOW_EVERY:
-                    value = query.value(source.described, handle, *_VARIANTS[source.key], exported=True)
-                    cached = self._slow[(query.uuid, source.key)] = (self._polls, value)
-                reads[source.key] = cached[1]
+        for key, described, variants, every in plan:
+            if key == "gpm":
+                reads[key] = self._read_gpm(handle if parent is None else parent, query, instance)
+            elif every > 1:
+                cached = self._kept.get((query.uuid, key))
+                if cached is None or self._polls - cached[0] >= every:
+                    cached = self._kept[(query.uuid, key)] = (
+                        self._polls,
+                        query.value(described, handle, *variants, exported=True),
+                    )
+                reads[key] = cached[1]
             else:
-                reads[source.key] = query.value(source.described, handle, *_VARIANTS[source.key], exported=True)
+                reads[key] = query.value(described, handle, *variants, exported=True)
         return reads
 
-    def _gpm(self, handle: Any, query: _Query, instance: int | None) -> dict[int, float] | None:
+    def _read_gpm(self, handle: Any, query: _Query, instance: int | None) -> dict[int, float] | None:
         """GPM metrics between the device's last sample and one taken now; None where GPM is not
         supported (before Hopper) and on the first poll, which only takes a sample."""
         supported = self._gpm_supported.get(query.uuid)
@@ -514,31 +557,22 @@ class NvmlReader:
         return result
 
     def _gpm_metrics(self, handle: Any, key: tuple[int, str], instance: int | None) -> dict[int, float] | None:
-        sample = pynvml.nvmlGpmSampleAlloc()
-        try:
-            if instance is None:
-                pynvml.nvmlGpmSampleGet(handle, sample)
-            else:
-                pynvml.nvmlGpmMigSampleGet(handle, instance, sample)
-        except BaseException:
-            pynvml.nvmlGpmSampleFree(sample)
-            raise
-        previous = self._gpm_samples.get(key)
-        self._gpm_samples[key] = sample
+        state = self._gpm.get(key)
+        if state is None:
+            state = self._gpm[key] = _GpmState.allocate()
+        target = 1 if state.latest == 0 else 0  # the buffer not holding the last sample
+        if instance is None:
+            pynvml.nvmlGpmSampleGet(handle, state.samples[target])
+        else:
+            pynvml.nvmlGpmMigSampleGet(handle, instance, state.samples[target])
+        previous, state.latest = state.latest, target
         if previous is None:
             return None
-        try:
-            request = pynvml.c_nvmlGpmMetricsGet_t()
-            request.version = pynvml.NVML_GPM_METRICS_GET_VERSION
-            request.numMetrics = len(GPM_METRICS)
-            request.sample1, request.sample2 = previous, sample
-            for slot, metric in enumerate(GPM_METRICS):
-                request.metrics[slot].metricId = metric
-            pynvml.nvmlGpmMetricsGet(request)
-            answered = [request.metrics[slot] for slot in range(len(GPM_METRICS))]
-            return {int(m.metricId): float(m.value) for m in answered if m.nvmlReturn == pynvml.NVML_SUCCESS}
-        finally:
-            pynvml.nvmlGpmSampleFree(previous)
+        request = state.request
+        request.sample1, request.sample2 = state.samples[previous], state.samples[target]
+        pynvml.nvmlGpmMetricsGet(request)
+        answered = [request.metrics[slot] for slot in range(len(GPM_METRICS))]
+        return {int(m.metricId): float(m.value) for m in answered if m.nvmlReturn == pynvml.NVML_SUCCESS}
 
     def _read_mig_devices(self, handle: Any, index: int, query: _Query, model: str) -> tuple[DeviceReading, ...]:
         found: list[DeviceReading] = []
@@ -552,9 +586,7 @@ class NvmlReader:
             if mig_uuid is None or instance is None:
                 continue  # a MIG device that cannot say who it is cannot be attributed
             mig_query = query.for_device(mig_uuid)
-            reads = self._read_sources(mig, mig_query, [s for s in self._mig_sources if s.key != "gpm"])
-            if any(s.key == "gpm" for s in self._mig_sources):
-                reads["gpm"] = self._gpm(handle, mig_query, int(instance))
+            reads = self._read_sources(mig, mig_query, self._mig_plan, parent=handle, instance=int(instance))
             memory = reads.get("memory")
             found.append(
                 DeviceReading(

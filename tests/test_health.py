@@ -16,7 +16,7 @@ import pytest
 import requests
 from prometheus_client.parser import text_string_to_metric_families
 
-from exporter.catalogue import CLOCK_EVENT_REASONS, DEVICE_FAMILIES, SLOW_EVERY
+from exporter.catalogue import CLOCK_EVENT_REASONS, DEVICE_FAMILIES, SAMPLED_EVERY, SLOW_EVERY
 from exporter.config import parse_config
 from exporter.model import DeviceReading
 from exporter.nvml import NvmlReader
@@ -177,18 +177,24 @@ def test_an_older_driver_without_the_clocks_event_call_uses_the_throttle_reasons
     assert log.count("nvmlDeviceGetCurrentClocksEventReasons is not in the driver") == 1, log
 
 
-def test_rarely_changing_values_are_read_on_a_slower_cadence(
-    scenario_file: Path, nvml_reader: MakeReader, fake_nvml: Path
-) -> None:
+def test_values_are_read_at_their_cadence(scenario_file: Path, nvml_reader: MakeReader, fake_nvml: Path) -> None:
     scenario = Scenario(gpus=[busy_h100()])
     scenario.write(scenario_file)
     reader = nvml_reader()
-    before = {call: calls_made(fake_nvml, call) for call in ("ecc", "remap", "clock")}
+    calls = ("ecc", "remap", "clock", "reasons", "util", "gpm")
+    before = {call: calls_made(fake_nvml, call) for call in calls}
     for _ in range(SLOW_EVERY + 1):
         reader.poll(interval_s=1.0, deadline_s=5.0)
     made = {call: calls_made(fake_nvml, call) - n for call, n in before.items()}
-    # Read on the first poll and SLOW_EVERY polls later (ECC: corrected and uncorrected each time).
-    assert made == {"ecc": 4, "remap": 2, "clock": 2 * (SLOW_EVERY + 1)}
+    sampled_reads = 1 + SLOW_EVERY // SAMPLED_EVERY  # the first poll, then every SAMPLED_EVERY polls
+    assert made == {
+        "ecc": 2 * 2,  # the first poll and SLOW_EVERY polls later; corrected and uncorrected each time
+        "remap": 2,
+        "clock": 2 * sampled_reads,  # SM and memory clocks
+        "reasons": sampled_reads,
+        "util": SLOW_EVERY + 1,  # the seed's values every poll
+        "gpm": 1 + SLOW_EVERY + 1,  # support asked once, then a sample every poll
+    }
     scenario.gpus[0].ecc_uncorrected = 9
     scenario.write(scenario_file)
     values = []

@@ -312,6 +312,8 @@ def test_close_stops_the_reader_threads_and_shuts_nvml_down(scenario_file: Path,
     started = set(threading.enumerate()) - before
     assert {t.name for t in started} == {"nvml-gpu0", "nvml-gpu1", "nvml-events"}
     reader.close()
+    for thread in started:  # the events thread ends when its wait (up to a second) returns
+        thread.join(timeout=2)
     assert not [t for t in started if t.is_alive()]
     with pytest.raises(pynvml.NVMLError_Uninitialized):
         pynvml.nvmlDeviceGetCount()

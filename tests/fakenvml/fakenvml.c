@@ -26,11 +26,14 @@
  * makes it local: see tests/sim/fakelib.py.
  */
 #include <errno.h>
+#include <libgen.h>
 #include <limits.h>
+#include <poll.h>
 #include <pthread.h>
 #include <stdio.h>
 #include <stdlib.h>
 #include <string.h>
+#include <sys/inotify.h>
 #include <sys/stat.h>
 #include <sys/time.h>
 #include <time.h>
@@ -911,6 +914,25 @@ int nvmlDeviceRegisterEvents(void *device, unsigned long long types, struct even
     return NVML_SUCCESS;
 }
 
+/* Blocks until the scenario's directory changes (a scenario written by rename) or timeout_us pass,
+ * as the driver's wait blocks in the kernel rather than spinning. */
+static void wait_for_scenario_change(unsigned long long timeout_us) {
+    const char *path = getenv("FAKE_NVML_SCENARIO");
+    char directory[PATH_MAX];
+    int fd = inotify_init1(IN_CLOEXEC);
+    if (path && fd >= 0) {
+        snprintf(directory, sizeof directory, "%s", path);
+        if (inotify_add_watch(fd, dirname(directory), IN_MOVED_TO | IN_CLOSE_WRITE) >= 0) {
+            struct pollfd ready = {fd, POLLIN, 0};
+            poll(&ready, 1, (int)((timeout_us + 999) / 1000));
+        }
+    } else {
+        struct timespec step = {0, 20 * 1000 * 1000};
+        nanosleep(&step, NULL);
+    }
+    if (fd >= 0) close(fd);
+}
+
 /* The oldest undelivered event on a registered GPU, waiting up to timeout_ms; TIMEOUT when none. */
 int nvmlEventSetWait_v2(struct event_set *set, nvmlEventData_t *data, unsigned int timeout_ms) {
     if (!set || !data) return NVML_ERROR_INVALID_ARGUMENT;
@@ -940,9 +962,9 @@ int nvmlEventSetWait_v2(struct event_set *set, nvmlEventData_t *data, unsigned i
             return NVML_SUCCESS;
         }
         pthread_mutex_unlock(&lock);
-        if (now_us() >= deadline) return NVML_ERROR_TIMEOUT;
-        struct timespec step = {0, 20 * 1000 * 1000}; /* the scenario file is re-checked every 20 ms */
-        nanosleep(&step, NULL);
+        unsigned long long now = now_us();
+        if (now >= deadline) return NVML_ERROR_TIMEOUT;
+        wait_for_scenario_change(deadline - now);
     }
 }
 
