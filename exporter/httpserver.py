@@ -17,7 +17,9 @@ is being computed, never while its client is slow to send or to read. Around tha
   accept, a later request within ``request_timeout`` of its first byte; an idle keep-alive
   connection is closed after ``idle_timeout``, a response not taken within ``write_timeout``;
 - a request head is at most 32 KiB and a body at most 16 KiB (neither server takes bodies);
-  chunked request bodies are refused.
+  chunked request bodies are refused;
+- over TLS, a connection gets its TLS object (~48 KB of OpenSSL buffers mid-handshake) only once
+  its whole ClientHello has arrived, so clients that stall a handshake cost ~1 KB each.
 """
 
 from __future__ import annotations
@@ -102,12 +104,16 @@ class _RefusedError(Exception):
         self.code, self.reason = code, reason
 
 
-_HANDSHAKE, _READ, _BUSY, _WRITE, _LINGER = range(5)
+_HELLO, _HANDSHAKE, _READ, _BUSY, _WRITE, _LINGER = range(6)
+_TLS_HANDSHAKE_RECORD = 0x16
+_TLS_RECORD_HEADER = 5
+_TLS_MAX_RECORD = 2**14 + 2048
 
 
 class _Connection:
     __slots__ = (
         "address",
+        "awaited",
         "buffer",
         "closed",
         "deadline",
@@ -119,10 +125,13 @@ class _Connection:
         "scanned",
         "sock",
         "state",
+        "tls",
     )
 
-    def __init__(self, sock: socket.socket, address: Any, state: int) -> None:
+    def __init__(self, sock: socket.socket, address: Any, state: int, tls: ssl.SSLContext | None) -> None:
         self.sock = sock
+        self.tls = tls  # the context to wrap the connection with, once its ClientHello is in
+        self.awaited = _TLS_RECORD_HEADER  # bytes of it that make the socket readable (SO_RCVLOWAT)
         self.address = address
         self.state = state
         self.buffer = bytearray()
@@ -287,7 +296,9 @@ class Server:
     def _ready(self, conn: _Connection) -> None:
         if conn.closed:  # closed earlier in this turn, to admit another
             return
-        if conn.state == _HANDSHAKE:
+        if conn.state == _HELLO:
+            self._hello(conn)
+        elif conn.state == _HANDSHAKE:
             self._handshake(conn)
         elif conn.state == _READ:
             self._read(conn)
@@ -317,18 +328,46 @@ class Server:
             try:
                 sock.setblocking(False)
                 sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
-                if self.tls is not None:
-                    sock = self.tls.wrap_socket(sock, server_side=True, do_handshake_on_connect=False)
+                if self.tls is not None:  # readable once a TLS record header is in
+                    sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVLOWAT, _TLS_RECORD_HEADER)
             except OSError:
                 sock.close()
                 continue
-            conn = _Connection(sock, address, _HANDSHAKE if self.tls is not None else _READ)
+            conn = _Connection(sock, address, _HELLO if self.tls is not None else _READ, self.tls)
             self._connections.add(conn)
             self._enter(conn, self._opening, self.request_timeout)
-            if conn.state == _HANDSHAKE:
-                self._guarded(self._handshake, conn)
-            else:
-                self._watch(conn, selectors.EVENT_READ)
+            self._watch(conn, selectors.EVENT_READ)
+
+    def _hello(self, conn: _Connection) -> None:
+        """Waits for the client's first TLS record (its ClientHello) whole, in the kernel's buffer,
+        before giving the connection a TLS object: OpenSSL holds ~48 KB of buffers for a handshake
+        in progress, so a client dripping one costs that once wrapped and ~1 KB before. The socket
+        is readable only once the bytes awaited are in (SO_RCVLOWAT), so waiting does not spin."""
+        sock = conn.sock
+        try:
+            peeked = sock.recv(_TLS_RECORD_HEADER + _TLS_MAX_RECORD, socket.MSG_PEEK)
+        except BlockingIOError:
+            return
+        except OSError:
+            self._close(conn)
+            return
+        # Readable with fewer bytes than awaited: the client closed. Not a handshake: plain HTTP, say.
+        if len(peeked) < conn.awaited or peeked[0] != _TLS_HANDSHAKE_RECORD:
+            self._close(conn)
+            return
+        need = _TLS_RECORD_HEADER + int.from_bytes(peeked[3:5], "big")
+        if need > _TLS_RECORD_HEADER + _TLS_MAX_RECORD:
+            self._close(conn)
+            return
+        if len(peeked) < need:
+            sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVLOWAT, need)
+            conn.awaited = need
+            return
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVLOWAT, 1)
+        assert conn.tls is not None
+        conn.sock = conn.tls.wrap_socket(sock, server_side=True, do_handshake_on_connect=False)
+        conn.state = _HANDSHAKE
+        self._handshake(conn)
 
     def _handshake(self, conn: _Connection) -> None:
         sock = conn.sock

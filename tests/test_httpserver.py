@@ -284,6 +284,7 @@ def test_tls_slow_handshakes_block_no_one_and_the_client_certificate_reaches_the
     client.load_cert_chain(pki.client_cert, pki.client_key)
     status, body = get(server, "/with-cert", client)
     assert (status, body.split()[-1]) == (200, "cn=prometheus")
+    assert request_with_a_dripped_client_hello(server, pki.ca).startswith(b"HTTP/1.1 200")
     assert threading.active_count() <= threads_before + 1 + WORKERS
     # Plain HTTP on the TLS port is closed, not answered in the clear.
     plain = connect(server)
@@ -293,11 +294,54 @@ def test_tls_slow_handshakes_block_no_one_and_the_client_certificate_reaches_the
         sock.close()
 
 
+def request_with_a_dripped_client_hello(server: Server, ca: Path) -> bytes:
+    """A TLS request whose ClientHello arrives 40 bytes at a time (a slow link, or a slow client)."""
+    incoming, outgoing = ssl.MemoryBIO(), ssl.MemoryBIO()
+    tls = ssl.create_default_context(cafile=str(ca)).wrap_bio(incoming, outgoing, server_hostname="127.0.0.1")
+    with contextlib.suppress(ssl.SSLWantReadError):
+        tls.do_handshake()
+    hello = outgoing.read()
+    sock = connect(server)
+    for start in range(0, len(hello), 40):
+        sock.sendall(hello[start : start + 40])
+        time.sleep(0.02)
+    while True:
+        incoming.write(sock.recv(65536))
+        try:
+            tls.do_handshake()
+            break
+        except ssl.SSLWantReadError:
+            sock.sendall(outgoing.read())
+    tls.write(b"GET /dripped HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n")
+    sock.sendall(outgoing.read())
+    answer = b""
+    while b"cn=" not in answer:
+        incoming.write(sock.recv(65536))
+        with contextlib.suppress(ssl.SSLWantReadError):
+            answer += tls.read(65536)
+    sock.close()
+    return answer
+
+
 def test_a_stalled_tls_handshake_is_closed_after_the_deadline(servers: list[Server], pki: Pki) -> None:
     servers.append(server := serve(tls_server_context(pki), request_timeout=1))
     sock = connect(server)
     sock.sendall(b"\x16\x03\x01\x02\x00\x01")
     assert closed_by_server(sock, 10)
+
+
+def test_a_client_gone_mid_hello_is_closed_at_once_and_costs_no_cpu(servers: list[Server], pki: Pki) -> None:
+    servers.append(server := serve(tls_server_context(pki), request_timeout=60))
+    halves = []
+    for partial in (b"\x16\x03", b"\x16\x03\x01\x02\x00\x01"):  # within the record header, within the record
+        sock = connect(server)
+        sock.sendall(partial)
+        sock.shutdown(socket.SHUT_WR)
+        halves.append(sock)
+    assert all(closed_by_server(sock, 5) for sock in halves)  # not at the 60 s deadline
+    cpu = time.process_time()
+    time.sleep(1)
+    assert time.process_time() - cpu < 0.5  # nothing left spinning on a closed connection
 
 
 def process_threads(pid: int) -> int:
