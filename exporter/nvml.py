@@ -252,7 +252,7 @@ class _Query:
                     return None
                 self.count(error_kind(error))
                 return None
-            except (AttributeError, TypeError):  # not in these bindings, or with other arguments
+            except AttributeError:  # not in these bindings (or a struct field they lack)
                 reader.forget_function(function, "nvidia-ml-py")
                 continue
             except Exception:
