@@ -623,7 +623,11 @@ class Server:
             if job is None:
                 return
             conn, request = job
-            chunks, keep_alive = self._handle(conn, request)
+            try:
+                chunks, keep_alive = self._handle(conn, request)
+            except Exception:  # the worker lives on; the client hears of it
+                self.handle_error(conn.sock, conn.address)
+                chunks, keep_alive = [_closing_answer(500, "Internal Server Error")], False
             self._done.append((conn, chunks, keep_alive))
             self._wake()
 
@@ -638,11 +642,7 @@ class Server:
         response = _Response()
         handler.wfile = response  # type: ignore[assignment]
         handler.close_connection = True
-        try:
-            handler.handle_one_request()
-        except Exception:
-            self.handle_error(conn.sock, conn.address)
-            return [_closing_answer(500, "Internal Server Error")], False
+        handler.handle_one_request()
         return response.chunks, not handler.close_connection
 
 
