@@ -23,7 +23,7 @@ from tests.conftest import free_port
 from tests.sim.apiserver import FakeApiServer, pod_json
 from tests.sim.certs import Pki, make_pki
 from tests.sim.kubelet import FakeKubelet, PodDevices
-from tests.sim.processes import spawn_adapter, spawn_agent, wait_for_port
+from tests.sim.processes import Process, spawn_adapter, spawn_agent
 from tests.sim.prometheus import Prometheus
 from tests.sim.scenario import Gpu, Scenario, gpu_uuid
 
@@ -45,10 +45,9 @@ NAN_RULES = (
 
 def start_adapter(
     directory: Path, pki: Pki, kubeconfig: Path, prometheus_url: str, *extra: str, ready: bool = True
-) -> tuple[Any, str]:
+) -> tuple[Process, str]:
     """The adapter as a process, once it listens (and, with ``ready``, once /readyz says so)."""
     port = free_port()
-    log = (directory / f"adapter-{port}.log").open("wb")
     process = spawn_adapter(
         port,
         "--tls-cert-file",
@@ -62,17 +61,19 @@ def start_adapter(
         "--prometheus-url",
         prometheus_url,
         *extra,
-        output=log,
+        output=directory / f"adapter-{port}.log",
     )
-    what = f"the adapter (log: {directory / f'adapter-{port}.log'})"
-    wait_for_port(port, process, what=what)
     url = f"https://127.0.0.1:{port}"
-    deadline = time.monotonic() + 30
-    while ready and requests.get(url + "/readyz", verify=str(pki.ca), timeout=5).status_code != 200:
-        if time.monotonic() > deadline or process.poll() is not None:
-            process.terminate()
-            raise RuntimeError(f"{what} never became ready")
-        time.sleep(0.1)
+    try:
+        process.wait_for_port(port)
+        if ready:
+            readyz = url + "/readyz"
+            process.wait_until(
+                lambda: requests.get(readyz, verify=str(pki.ca), timeout=5).status_code == 200, 30, "ready"
+            )
+    except RuntimeError:
+        process.stop()
+        raise
     return process, url
 
 
@@ -133,11 +134,9 @@ def stack(request: pytest.FixtureRequest, tmp_path_factory: pytest.TempPathFacto
         prometheus.wait_for('count(duty_cycle_current{pod!=""}) == 4')
         yield Stack(url, pki, api, directory, kubeconfig, prometheus)
     finally:
-        adapter.terminate()
-        adapter.wait(timeout=10)
+        adapter.stop()
         prometheus.stop()
-        agent.terminate()
-        agent.wait(timeout=10)
+        agent.stop()
         kubelet.stop()
         api.stop()
 
@@ -305,8 +304,7 @@ def test_nan_is_never_a_value(stack: Stack) -> None:
         works = stack.get(HPA_PATH.replace("%2A", "asr-0"), url=url)
         assert works.status_code == 200 and works.json()["items"][0]["value"] == "60"
     finally:
-        process.terminate()
-        process.wait(timeout=10)
+        process.stop()
 
 
 def test_prometheus_down_is_503(stack: Stack) -> None:
@@ -323,8 +321,7 @@ def test_prometheus_down_is_503(stack: Stack) -> None:
         assert response.status_code == 503 and response.json()["reason"] == "ServiceUnavailable"
         assert "127.0.0.1" not in response.text  # where the backend is stays in the adapter's log
     finally:
-        process.terminate()
-        process.wait(timeout=10)
+        process.stop()
 
 
 CUSTOM = "/apis/custom.metrics.k8s.io/v1beta2"
@@ -421,8 +418,7 @@ def test_a_query_prometheus_refuses_is_500_without_its_words(stack: Stack) -> No
         assert response.status_code == 500 and response.json()["reason"] == "InternalError"
         assert "function" not in response.text  # the backend's words stay out of the answer
     finally:
-        process.terminate()
-        process.wait(timeout=10)
+        process.stop()
     log = (stack.directory / f"adapter-{url.rsplit(':', 1)[1]}.log").read_text()
     assert log.count("refused a rule's query") == 1  # the operator finds the reason in the log, once
 
@@ -450,8 +446,7 @@ def test_before_the_pod_cache_synced_a_selector_is_503_not_an_empty_list(stack: 
         # A single pod by name needs no cache and is answered.
         assert eventually_ok(stack, f"{CUSTOM}/namespaces/default/pods/asr-0/duty_cycle_current")["items"]
     finally:
-        process.terminate()
-        process.wait(timeout=10)
+        process.stop()
 
 
 def test_two_adapters_answer_the_same_request_the_same_way(stack: Stack) -> None:
@@ -477,8 +472,7 @@ def test_two_adapters_answer_the_same_request_the_same_way(stack: Stack) -> None
                 time.sleep(0.3)
             assert (first.status_code, first.json()) == (other.status_code, other.json()), path
     finally:
-        second.terminate()
-        second.wait(timeout=10)
+        second.stop()
 
 
 def test_the_selection_follows_the_pods_api(stack: Stack) -> None:
@@ -524,5 +518,4 @@ def test_slow_connections_do_not_hold_up_the_hpa(stack: Stack) -> None:
     finally:
         for connection in stalled:
             connection.close()
-        process.terminate()
-        process.wait(timeout=10)
+        process.stop()

@@ -12,7 +12,7 @@ import pytest
 
 from exporter.adapter.auth import Authenticator, Authorizer, RequestHeaderConfig, User
 from tests.conftest import free_port
-from tests.sim.processes import spawn_adapter, wait_for_port
+from tests.sim.processes import spawn_adapter
 
 FRONT_PROXY = {"subject": ((("commonName", "front-proxy-client"),),)}
 ALLOWED = RequestHeaderConfig("CA PEM", allowed_names=("front-proxy-client",))
@@ -136,7 +136,7 @@ def test_without_a_certificate_the_adapter_serves_a_self_signed_pair(tmp_path: P
     )
     process = spawn_adapter(port, "--cert-dir", str(tmp_path / "certs"), "--kubeconfig", str(kubeconfig))
     try:
-        wait_for_port(port, process, what="the adapter")
+        process.wait_for_port(port)
         raw = socket.create_connection(("127.0.0.1", port), timeout=5)
         context = ssl.create_default_context(cafile=str(tmp_path / "certs" / "apiserver.crt"))
         with context.wrap_socket(raw, server_hostname="localhost") as tls:
@@ -144,5 +144,4 @@ def test_without_a_certificate_the_adapter_serves_a_self_signed_pair(tmp_path: P
             assert tls.recv(100).startswith(b"HTTP/1.1 200")
         assert (tmp_path / "certs" / "apiserver.key").stat().st_mode & 0o777 == 0o600
     finally:
-        process.terminate()
-        process.wait(timeout=10)
+        process.stop()

@@ -96,8 +96,7 @@ def prometheus(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Prometheus]
         yield server
     finally:
         server.stop()
-        agent.terminate()
-        agent.wait(timeout=10)
+        agent.stop()
         ksm.shutdown()
         kubelet.stop()
 

@@ -18,7 +18,7 @@ from exporter.adapter.selector import parse_selector
 from tests.conftest import free_port
 from tests.sim.apiserver import FakeApiServer, pod_json
 from tests.sim.certs import make_pki
-from tests.sim.processes import spawn_adapter, wait_for_port
+from tests.sim.processes import spawn_adapter
 
 
 class Source:
@@ -104,7 +104,7 @@ def test_the_adapter_lists_pods_in_pages_of_metadata_and_watches_with_bookmarks(
         f"http://127.0.0.1:{free_port()}",
     )
     try:
-        wait_for_port(port, adapter, what="the adapter")
+        adapter.wait_for_port(port)
         ready = requests.get(f"https://127.0.0.1:{port}/readyz", verify=str(pki.ca), timeout=5)
         for _ in range(100):
             if ready.status_code == 200:
@@ -119,6 +119,5 @@ def test_the_adapter_lists_pods_in_pages_of_metadata_and_watches_with_bookmarks(
         assert watches and watches[0].param("allowWatchBookmarks") == "true"
         assert "as=PartialObjectMetadata" in watches[0].accept
     finally:
-        adapter.terminate()
-        adapter.wait(timeout=10)
+        adapter.stop()
         api.stop()

@@ -23,7 +23,7 @@ from exporter.adapter.server import AdapterServer, Services
 from tests.conftest import free_port
 from tests.sim.apiserver import FakeApiServer
 from tests.sim.certs import Pki, make_pki
-from tests.sim.processes import spawn_adapter, wait_for_port
+from tests.sim.processes import spawn_adapter
 
 DISCOVERY = "/apis/custom.metrics.k8s.io/v1beta1"
 CONFIG_MAP = ("kube-system", "extension-apiserver-authentication")
@@ -64,9 +64,9 @@ class Adapter:
             "--prometheus-url",
             f"http://127.0.0.1:{free_port()}",  # discovery needs no Prometheus
             *extra,
-            output=self.log.open("wb"),
+            output=self.log,
         )
-        wait_for_port(self.port, self.process, what=f"the adapter (log: {self.log})")
+        self.process.wait_for_port(self.port)
 
     def get(self, path: str, cert: bool = True, **headers: str) -> requests.Response:
         return requests.get(
@@ -78,8 +78,7 @@ class Adapter:
         )
 
     def stop(self) -> None:
-        self.process.terminate()
-        self.process.wait(timeout=10)
+        self.process.stop()
 
 
 @pytest.fixture
