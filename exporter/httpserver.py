@@ -429,13 +429,13 @@ class Server:
         if end < 0:
             conn.scanned = max(0, len(buffer) - 2)
             if len(buffer) > MAX_HEAD_BYTES:
-                self._refuse(conn, _RefusedError(431, "request head too large"))
+                self._refuse(conn, _head_too_large(buffer))
             elif conn.eof:
                 self._close(conn)
             return
         try:
             if end > MAX_HEAD_BYTES:
-                raise _RefusedError(431, "request head too large")
+                raise _head_too_large(buffer)
             total = end + _body_length(bytes(buffer[:end]))
         except _RefusedError as refusal:
             self._refuse(conn, refusal)
@@ -653,6 +653,14 @@ def _closing_answer(code: int, reason: str) -> bytes:
         f"Content-Length: {len(body)}\r\nConnection: close\r\n\r\n"
     )
     return head.encode() + body
+
+
+def _head_too_large(buffer: bytearray) -> _RefusedError:
+    """414 when the request line alone is over the limit (as http.server answers), else 431."""
+    line_end = buffer.find(b"\n", 0, MAX_HEAD_BYTES)
+    if line_end < 0:
+        return _RefusedError(414, "request line too long")
+    return _RefusedError(431, "request head too large")
 
 
 def _head_end(buffer: bytearray, start: int) -> int:
