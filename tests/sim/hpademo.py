@@ -16,7 +16,6 @@ from __future__ import annotations
 import argparse
 import json
 import signal
-import subprocess
 import sys
 import tempfile
 import threading
@@ -33,12 +32,12 @@ from exporter.adapter.hpa import NoMetricsError, Pod, pods_metric_replicas
 from exporter.adapter.quantity import format_quantity, parse_milli
 from exporter.httpserver import Handler
 from tests.adapter.test_adapter import start_adapter
-from tests.conftest import ROOT, free_port
+from tests.conftest import free_port
 from tests.sim.apiserver import FakeApiServer, pod_json
 from tests.sim.autoscaler import Autoscaler, Policy, ScalingRules, largest_proposal
 from tests.sim.certs import make_pki
 from tests.sim.kubelet import FakeKubelet, PodDevices
-from tests.sim.processes import spawn_agent
+from tests.sim.processes import Process, spawn_agent
 from tests.sim.prometheus import Prometheus
 from tests.sim.scenario import Gpu, Scenario, gpu_uuid
 
@@ -59,7 +58,7 @@ class Replica:
     gpu: int
     port: int
     status: Path
-    process: subprocess.Popen[bytes]
+    process: Process
 
     def utilisation(self) -> int:
         try:
@@ -108,19 +107,16 @@ class Cluster:
         port = free_port()
         status = self.directory / f"{name}.util"
         status.write_text("0")
-        process = subprocess.Popen(
+        process = Process(
             [sys.executable, "-m", "tests.sim.inference", "--port", str(port), "--status-file", str(status)],
-            cwd=ROOT,
-            stdout=subprocess.DEVNULL,
-            stderr=subprocess.DEVNULL,
+            what=f"replica {name}",
         )
         replica = Replica(name, f"00000000-0000-4000-8000-{number:012x}", gpu, port, status, process)
         self.api.apply(pod_json(replica.uid, "default", name, "sim-gpu-node-1", labels={"app": DEPLOYMENT}))
         return replica
 
     def _stop(self, replica: Replica) -> None:
-        replica.process.terminate()
-        replica.process.wait(timeout=10)
+        replica.process.stop()
         self.api.delete(replica.uid)
 
     def _publish(self) -> None:
@@ -219,7 +215,7 @@ def run(
         scale_down=ScalingRules(300 * factor, (Policy("Percent", 100, 15 * factor),)),
     )
     syncs: list[Sync] = []
-    hey: subprocess.Popen[bytes] | None = None
+    hey: Process | None = None
     try:
         cluster.scale_to(MIN_REPLICAS)
         prometheus.wait_for('count(duty_cycle_current{pod!=""}) > 0')
@@ -230,7 +226,7 @@ def run(
         while (now := time.monotonic() - start) < end_at:
             if hey is None and now >= load_at:
                 # The issue's `hey -n 10000 -c 100`, scaled to this machine: 20 workers at 10 req/s each.
-                hey = subprocess.Popen(
+                hey = Process(
                     [
                         "hey",
                         "-z",
@@ -241,8 +237,7 @@ def run(
                         "10",
                         f"http://127.0.0.1:{front.server_address[1]}/predict?query=play%20music",
                     ],
-                    stdout=subprocess.DEVNULL,
-                    stderr=subprocess.DEVNULL,
+                    what="hey",
                 )
             moment = time.monotonic()
             rps = (cluster.served - last_served) / max(1e-6, moment - last_t)
@@ -259,14 +254,14 @@ def run(
             time.sleep(max(0.0, sync_s - (time.monotonic() - start - now)))
     finally:
         stop.set()
-        if hey is not None and hey.poll() is None:
-            hey.terminate()
+        if hey is not None:
+            hey.stop()
         front.shutdown()
         for replica in cluster.replicas:
-            replica.process.terminate()
-        adapter.terminate()
+            replica.process.stop()
+        adapter.stop()
         prometheus.stop()
-        agent.terminate()
+        agent.stop()
         kubelet.stop()
         api.stop()
     result = summarise(syncs, load_at, stop_at)

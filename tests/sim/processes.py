@@ -133,10 +133,3 @@ def spawn_adapter(port: int, *args: str, output: Output = subprocess.DEVNULL) ->
         what="the adapter",
         output=output,
     )
-
-
-def wait_for_port(port: int, process: Process, timeout_s: float = 15, what: str = "") -> None:
-    """Until something accepts connections on ``port``; fails if ``process`` exits first."""
-    if what:
-        process.what = what
-    process.wait_for_port(port, timeout_s)
