@@ -70,7 +70,9 @@ def _time(seconds: float) -> str:
 def metric_value_list(version: str, values: list[MetricValue]) -> dict[str, Any]:
     """A MetricValueList in the version's own shape (no metric label selectors: ``selector`` is null)."""
     items = []
+    times: dict[float, str] = {}  # most items share a scrape time: format each once
     for v in values:
+        when = times.get(v.timestamp) or times.setdefault(v.timestamp, _time(v.timestamp))
         item: dict[str, Any] = {
             "describedObject": {"kind": v.kind, "namespace": v.namespace, "name": v.name, "apiVersion": "/v1"},
         }
@@ -79,7 +81,7 @@ def metric_value_list(version: str, values: list[MetricValue]) -> dict[str, Any]
         if version == "v1beta1":
             item.update(
                 metricName=v.metric,
-                timestamp=_time(v.timestamp),
+                timestamp=when,
                 window=v.window_seconds,
                 value=format_quantity(v.value),
                 selector=None,
@@ -87,7 +89,7 @@ def metric_value_list(version: str, values: list[MetricValue]) -> dict[str, Any]
         else:
             item.update(
                 metric={"name": v.metric, "selector": None},
-                timestamp=_time(v.timestamp),
+                timestamp=when,
                 windowSeconds=v.window_seconds,
                 value=format_quantity(v.value),
             )

@@ -29,6 +29,7 @@ from exporter.adapter.provider import (
 )
 from exporter.adapter.rules import Rule, Rules, quote, selector_matchers
 from exporter.adapter.selector import Selector
+from exporter.adapter.sharing import SharedAnswers
 
 log = logging.getLogger(__name__)
 
@@ -139,6 +140,18 @@ def _timed_values(samples: list[Sample]) -> dict[frozenset[tuple[str, str]], tup
 
 MAX_REQUIREMENTS = 50  # bounds the PromQL one request can make Prometheus run
 
+
+def _by_pod(
+    timed: dict[frozenset[tuple[str, str]], tuple[float, float]], namespace: str
+) -> dict[str, tuple[float, float]]:
+    found: dict[str, tuple[float, float]] = {}
+    for group, value in timed.items():
+        labels = dict(group)
+        if labels.get("namespace") == namespace:
+            found.setdefault(labels.get("pod", ""), value)
+    return found
+
+
 PodNames = Callable[[str, Selector], list[str] | None]
 
 
@@ -147,10 +160,13 @@ class PrometheusProvider:
     (namespace, selector -> sorted names, or None until the pod cache has synced), a watch-backed
     index, never a list call per request."""
 
-    def __init__(self, rules: Rules, prometheus: PrometheusClient, pod_names: PodNames) -> None:
+    def __init__(
+        self, rules: Rules, prometheus: PrometheusClient, pod_names: PodNames, shared: SharedAnswers | None = None
+    ) -> None:
         self._rules = rules
         self._prometheus = prometheus
         self._pod_names = pod_names
+        self._shared = shared or SharedAnswers()
         self._failing = ""  # the backend failure last logged: logged once per change of state
         self._failing_lock = threading.Lock()
 
@@ -174,7 +190,7 @@ class PrometheusProvider:
     def get_metric_by_name(self, namespace: str, name: str, info: MetricInfo) -> MetricValue | None:
         rule = self._rule(info)
         if info.resource == "namespaces":
-            timed = _timed_values(self._query(namespace_query(rule, name)))
+            timed = self._timed(namespace_query(rule, name))
             return next((MetricValue("Namespace", "", name, info.metric, v, t) for v, t in timed.values()), None)
         values = self._pod_values(rule, namespace, [name])
         return values[0] if values else None
@@ -192,11 +208,10 @@ class PrometheusProvider:
         """One query for all the pods; pods without a (finite) value are left out, never 0."""
         if not names:
             return []
-        found: dict[str, tuple[float, float]] = {}
-        for group, timed in _timed_values(self._query(pods_query(rule, namespace))).items():
-            labels = dict(group)
-            if labels.get("namespace") == namespace:
-                found.setdefault(labels.get("pod", ""), timed)
+        query = pods_query(rule, namespace)
+        found: dict[str, tuple[float, float]] = self._shared.get(
+            query, lambda: _by_pod(_timed_values(self._query(query)), namespace)
+        )
         return [MetricValue("Pod", namespace, name, rule.name, *found[name]) for name in names if name in found]
 
     def get_external_metric(self, namespace: str, metric: str, selector: Selector) -> list[ExternalValue]:
@@ -205,8 +220,14 @@ class PrometheusProvider:
             raise MetricNotFoundError(f"the server could not find the metric {metric} for external metrics")
         if len(selector.requirements) > MAX_REQUIREMENTS:
             raise BadRequestError(f"a label selector of at most {MAX_REQUIREMENTS} requirements is served")
-        timed = _timed_values(self._query(external_query(rule, namespace, selector)))
+        timed = self._timed(external_query(rule, namespace, selector))
         return [ExternalValue(metric, dict(group), value, when) for group, (value, when) in timed.items()]
+
+    def _timed(self, promql: str) -> dict[frozenset[tuple[str, str]], tuple[float, float]]:
+        timed: dict[frozenset[tuple[str, str]], tuple[float, float]] = self._shared.get(
+            promql, lambda: _timed_values(self._query(promql))
+        )
+        return timed
 
     def _query(self, promql: str) -> list[Sample]:
         """Prometheus's answer, or a provider error with a short reason; the backend's own words go to

@@ -10,7 +10,7 @@ import json
 import logging
 import ssl
 from collections.abc import Callable
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any
 from urllib.parse import parse_qs, urlsplit
 
@@ -26,6 +26,7 @@ from exporter.adapter.provider import (
     UnavailableError,
 )
 from exporter.adapter.selector import SelectorError, parse_selector
+from exporter.adapter.sharing import SharedAnswers
 from exporter.httpserver import Handler, Server
 
 log = logging.getLogger(__name__)
@@ -41,6 +42,8 @@ class Services:
     authorizer: Authorizer
     always_allow_paths: frozenset[str]
     not_ready: Callable[[], str]  # why /readyz is not ok ("" when ready): caches not synced, no CA yet
+    # Identical metric requests within a second share one answer (after each one's own authorization).
+    answers: SharedAnswers = field(default_factory=SharedAnswers)
 
 
 class _ApiError(Exception):
@@ -73,7 +76,12 @@ class _Handler(Handler):
             if route is None:
                 raise _NOT_FOUND
             self._authorize(user, route, url.path)
-            body = self._serve(route, parse_qs(url.query))
+            if route.kind in ("custom", "external"):
+                data: bytes = services.answers.get(
+                    f"{url.path}?{url.query}", lambda: json.dumps(self._serve(route, parse_qs(url.query))).encode()
+                )
+            else:
+                data = json.dumps(self._serve(route, parse_qs(url.query))).encode()
         except _ApiError as error:
             body = api.status(error.code, error.reason, error.message)
             self.send(error.code, json.dumps(body).encode(), "application/json")
@@ -83,7 +91,7 @@ class _Handler(Handler):
             body = api.status(500, "InternalError", "an error on the server prevented the request from succeeding")
             self.send(500, json.dumps(body).encode(), "application/json")
             return
-        self.send(200, json.dumps(body).encode(), "application/json")
+        self.send(200, data, "application/json")
 
     def _peer_cert(self) -> dict[str, Any] | None:
         connection = self.connection

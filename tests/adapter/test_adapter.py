@@ -10,6 +10,7 @@ from __future__ import annotations
 import calendar
 import re
 import socket
+import threading
 import time
 from collections.abc import Iterator
 from dataclasses import dataclass
@@ -519,3 +520,27 @@ def test_slow_connections_do_not_hold_up_the_hpa(stack: Stack) -> None:
         for connection in stalled:
             connection.close()
         process.stop()
+
+
+def _prometheus_queries(stack: Stack) -> float | None:
+    """How many instant queries Prometheus has answered (its own counter); None on VictoriaMetrics."""
+    text = requests.get(stack.prometheus.url + "/metrics", timeout=5).text
+    found = re.findall(r'^prometheus_http_requests_total\{code="\d+",handler="/api/v1/query"\} (\S+)$', text, re.M)
+    return sum(float(n) for n in found) if found else None
+
+
+def test_identical_requests_at_once_cost_prometheus_one_query(stack: Stack) -> None:
+    before = _prometheus_queries(stack)
+    if before is None:
+        pytest.skip("counted on Prometheus only")
+    path = f"{CUSTOM}/namespaces/default/pods/%2A/temperature_celsius_current{BERT}"
+    responses: list[requests.Response] = []
+    threads = [threading.Thread(target=lambda: responses.append(stack.get(path))) for _ in range(20)]
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join(30)
+    assert [r.status_code for r in responses] == [200] * 20
+    assert len({r.content for r in responses}) == 1
+    after = _prometheus_queries(stack)
+    assert after is not None and after - before <= 2  # one, or two across a second's boundary; not 20

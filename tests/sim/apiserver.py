@@ -334,7 +334,8 @@ class FakeApiServer:
                     (o for o in self._objects[resource].values() if selector.matches(o)),
                     key=lambda o: (o["metadata"].get("namespace", ""), o["metadata"]["name"]),
                 )
-                snapshot, offset, snapshot_id = _Snapshot(self._version, copy.deepcopy(items)), 0, 0
+                # Stored objects are replaced, never changed in place: the list of them is the snapshot.
+                snapshot, offset, snapshot_id = _Snapshot(self._version, items), 0, 0
             page = snapshot.items[offset : offset + limit] if limit else snapshot.items[offset:]
             metadata: Obj = {"resourceVersion": str(snapshot.version)}
             rest = len(snapshot.items) - offset - len(page)

@@ -1,0 +1,75 @@
+"""Identical work within a second done once: concurrent requests wait for the one in flight (and
+share its failure), later ones reuse its answer for ``max_age_s``. Prometheus scrapes every 15-60 s
+and the HPA syncs every 15 s, so an answer a second old is as fresh as a new one, and every HPA of
+a namespace asking at once, or many clients of one, cost one computation a second, not one each.
+Failures are never kept beyond the requests that waited for them. Bounded: at most ``max_entries``
+answers, each dropped once ``max_age_s`` old."""
+
+from __future__ import annotations
+
+import threading
+import time
+from collections.abc import Callable
+from typing import Any
+
+SHARE_S = 1.0
+
+
+class _Flight:
+    __slots__ = ("done", "error", "value")
+
+    def __init__(self) -> None:
+        self.done = threading.Event()
+        self.value: Any = None
+        self.error: BaseException | None = None
+
+
+class SharedAnswers:
+    def __init__(
+        self, max_age_s: float = SHARE_S, max_entries: int = 1024, clock: Callable[[], float] = time.monotonic
+    ) -> None:
+        self._max_age_s = max_age_s
+        self._max_entries = max_entries
+        self._clock = clock
+        self._lock = threading.Lock()
+        self._answers: dict[str, tuple[float, Any]] = {}
+        self._flights: dict[str, _Flight] = {}
+
+    def get(self, key: str, compute: Callable[[], Any]) -> Any:
+        with self._lock:
+            answer = self._answers.get(key)
+            if answer is not None and self._clock() - answer[0] < self._max_age_s:
+                return answer[1]
+            flight = self._flights.get(key)
+            leader = flight is None
+            if flight is None:
+                flight = self._flights[key] = _Flight()
+        if not leader:
+            flight.done.wait()
+            if flight.error is not None:
+                raise flight.error
+            return flight.value
+        try:
+            flight.value = compute()
+        except BaseException as error:
+            flight.error = error
+            raise
+        finally:
+            with self._lock:
+                del self._flights[key]
+                if flight.error is None:
+                    self._keep(key, flight.value)
+            flight.done.set()
+        return flight.value
+
+    def _keep(self, key: str, value: Any) -> None:
+        """Under the lock: answers kept in the order they were made, so the expired ones (and, at the
+        bound, the oldest) are dropped from the front."""
+        now = self._clock()
+        self._answers.pop(key, None)
+        while self._answers:
+            oldest = next(iter(self._answers))
+            if now - self._answers[oldest][0] < self._max_age_s and len(self._answers) < self._max_entries:
+                break
+            del self._answers[oldest]
+        self._answers[key] = (now, value)
