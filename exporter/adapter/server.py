@@ -15,7 +15,7 @@ from typing import Any
 from urllib.parse import parse_qs, urlsplit
 
 from exporter.adapter import api
-from exporter.adapter.auth import Authenticator, Authorizer, RequestHeaderConfig, User
+from exporter.adapter.auth import Authenticator, Authorizer, RequestHeaderConfig, ReviewUnavailableError, User
 from exporter.adapter.provider import (
     BadRequestError,
     CustomMetricsProvider,
@@ -122,7 +122,11 @@ class _Handler(Handler):
                 "namespace": route.namespace or "",
             }
             what = f'resource "{route.metric}" in API group "{route.group}"'
-        if not self.server.services.authorizer.allowed(user, attributes):
+        try:
+            allowed = self.server.services.authorizer.allowed(user, attributes)
+        except ReviewUnavailableError as error:
+            raise _ApiError(500, "InternalError", "the authorization check could not be made") from error
+        if not allowed:
             scope = f' in the namespace "{route.namespace}"' if route.namespace else ""
             verb = attributes["verb"]
             raise _ApiError(403, "Forbidden", f'User "{user.name}" cannot {verb} {what}{scope}')

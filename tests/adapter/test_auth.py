@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import logging
 import socket
 import ssl
 from email.message import Message
@@ -10,7 +11,7 @@ from typing import Any
 
 import pytest
 
-from exporter.adapter.auth import Authenticator, Authorizer, RequestHeaderConfig, User
+from exporter.adapter.auth import Authenticator, Authorizer, RequestHeaderConfig, ReviewUnavailableError, User
 from tests.conftest import free_port
 from tests.sim.processes import spawn_adapter
 
@@ -31,6 +32,8 @@ class Reviewer:
 
     def review_access(self, user: User, attributes: Any) -> bool:
         self.access_reviews += 1
+        if user.name == "api-down":
+            raise ConnectionError("kube-apiserver unreachable")
         return user.name == "alice"
 
 
@@ -109,12 +112,25 @@ def test_union_a_certificate_that_does_not_authenticate_falls_through_to_the_tok
     assert Authenticator(Reviewer()).authenticate(FRONT_PROXY, headers(X_Remote_User="hpa")) is None
 
 
-def test_a_failed_token_review_is_401_and_not_cached() -> None:
+def test_a_failed_token_review_is_401_not_cached_and_logged_once(caplog: pytest.LogCaptureFixture) -> None:
+    caplog.set_level(logging.INFO, logger="exporter.adapter.auth")
     reviewer = Reviewer()
     auth = Authenticator(reviewer, ttl_s=10, clock=lambda: 0.0)
-    assert auth.authenticate(None, headers(Authorization="Bearer api-down")) is None
-    assert auth.authenticate(None, headers(Authorization="Bearer api-down")) is None
-    assert reviewer.token_reviews == 2
+    for _ in range(5):
+        assert auth.authenticate(None, headers(Authorization="Bearer api-down")) is None
+    assert reviewer.token_reviews == 5
+    assert auth.authenticate(None, headers(Authorization="Bearer good")) == User("alice", ("team",))
+    messages = [r.getMessage() for r in caplog.records]
+    assert sum("TokenReview" in m and "failing" in m for m in messages) == 1
+    assert sum("answered again" in m for m in messages) == 1
+
+
+def test_a_failed_access_review_is_an_error_not_a_denial_and_logged_once(caplog: pytest.LogCaptureFixture) -> None:
+    authorizer = Authorizer(Reviewer())
+    for _ in range(3):
+        with pytest.raises(ReviewUnavailableError):
+            authorizer.allowed(User("api-down"), {"verb": "get"})
+    assert sum("SubjectAccessReview" in r.getMessage() for r in caplog.records) == 1
 
 
 def test_access_decisions_are_cached_per_attributes() -> None:
