@@ -41,7 +41,9 @@ SIMULATED CLUSTER: the adapter is serving on {url} (Prometheus at {prometheus.ur
 What `kubectl get --raw PATH` returns in a cluster, try here as:
   {raw} '{url}/apis/custom.metrics.k8s.io/v1beta1'
   {raw} '{url}/apis/custom.metrics.k8s.io/v1beta2/namespaces/default/{hpa}'
+  {raw} '{url}/apis/custom.metrics.k8s.io/v1beta2/namespaces/speech/metrics/duty_cycle_current'
   {raw} '{url}/apis/external.metrics.k8s.io/v1beta1/namespaces/speech/gpu_duty_cycle'
+(the last through kube-apiserver only with daemonset/overlays/adapter-external, where KEDA is absent)
 Ctrl-C stops everything.""",
         flush=True,
     )
