@@ -1,7 +1,8 @@
 """``gpu-metrics-adapter hpa-explain``: "what would my HPA do with these numbers?".
 
-Reads one JSON object on stdin, prints one on stdout, running the same replica calculation as the
-simulated HPA (exporter.adapter.hpa, after upstream's replica_calculator.go)::
+Reads one JSON object on stdin, prints one on stdout, running one sync's replica calculation as
+kube-controller-manager does (exporter.adapter.hpa, after upstream's replica_calculator.go; the
+simulated HPA of the demo runs the same)::
 
     {"currentReplicas": 5, "target": "20", "tolerance": {"scaleUp": 0.1, "scaleDown": 0.1},
      "pods": [{"name": "p-0", "phase": "Running", "ready": true, "deleting": false}, ...],
