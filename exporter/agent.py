@@ -65,7 +65,6 @@ class Agent:
         self._snapshot: Snapshot | None = None
         self._device_errors: Counter[tuple[str, str, str]] = Counter()
         self._last_success: float | None = None
-        self._polled = threading.Event()
         self._stop = threading.Event()
         self._threads: list[threading.Thread] = []
         registry = CollectorRegistry(auto_describe=False)
@@ -73,8 +72,11 @@ class Agent:
         ProcessCollector(registry=registry)
         PlatformCollector(registry=registry)
         self.exposition = Exposition(registry, AgeCollector(lambda: self._snapshot), max_age_s=config.max_staleness_s)
-        # Past this, a poll or render that has not finished means the served data is not being renewed.
+        # Past this, a poll that has not finished, or a render loop that has not come round, means
+        # the served data is not being renewed.
         self._liveness_bound_s = max(3 * config.interval_s, 2.0)
+        self._render_loop_seen: float | None = None  # when the render loop last came round
+        self._render_failing = False
 
     def poll_once(self) -> Snapshot:
         started = time.monotonic()
@@ -108,7 +110,7 @@ class Agent:
             completed_at=finished,
         )
         self._snapshot = snapshot
-        self._polled.set()
+        self.exposition.invalidate()
         return snapshot
 
     def readiness(self) -> tuple[bool, str]:
@@ -119,9 +121,11 @@ class Agent:
             return False, "no poll finished yet"
         if now - snapshot.completed_at > self._liveness_bound_s:
             return False, f"no poll finished in the last {now - snapshot.completed_at:.1f}s"
-        rendered_at = self.exposition.rendered_at
-        if rendered_at is None or now - rendered_at > self._liveness_bound_s:
-            return False, "/metrics has not been rendered lately"
+        seen = self._render_loop_seen
+        if seen is None or now - seen > self._liveness_bound_s:
+            return False, "the /metrics renderer has stopped"
+        if self._render_failing:
+            return False, "rendering /metrics fails"
         if not snapshot.health.nvml_up:
             return False, snapshot.health.nvml_status
         return True, f"ready: {snapshot.health.nvml_status}"
@@ -147,19 +151,21 @@ class Agent:
             self._stop.wait(delay)
 
     def _render_loop(self) -> None:
-        failing = False
+        """Renders when a scrape asks for data newer than the last rendering; comes round at least
+        once per interval, so readiness can tell a live renderer from a dead one."""
         while not self._stop.is_set():
-            self._polled.wait(timeout=self.config.interval_s)
-            self._polled.clear()
+            self._render_loop_seen = time.monotonic()
+            if not self.exposition.wait_for_demand(self.config.interval_s) or self._stop.is_set():
+                continue
             try:
                 self.exposition.render()
-                if failing:
+                if self._render_failing:
                     log.info("rendering recovered")
-                failing = False
+                self._render_failing = False
             except Exception:  # serve the last good bytes meanwhile; they age out, /readyz says why
-                if not failing:
-                    log.exception("rendering /metrics failed; retrying after each poll")
-                failing = True
+                if not self._render_failing:
+                    log.exception("rendering /metrics failed; retrying at the next scrape")
+                self._render_failing = True
 
     def start(self) -> None:
         self.sources.start()
@@ -175,7 +181,7 @@ class Agent:
         (pod sources, whose gRPC channel closes only once nothing calls it, and the pod watch),
         NVML last. Threads stuck in a driver call are daemons and cannot hold up the exit."""
         self._stop.set()
-        self._polled.set()
+        self.exposition.wake()
         deadline = time.monotonic() + timeout_s
         for thread in self._threads:
             thread.join(max(0.0, deadline - time.monotonic()))

@@ -27,6 +27,10 @@ log = logging.getLogger(__name__)
 # answer (30 s at the default interval). Allocations change only when pods start or stop; beyond
 # this a GPU's pod could have changed unseen, and its series lose their pod labels instead.
 ALLOCATIONS_MAX_AGE_INTERVALS = 30
+# The kubelet is asked every this many poll intervals (5 s at the default), and at once when NVML
+# lists a new set of processes (a new process may be a new pod's). Allocations change only when
+# pods start or stop, and every node asking its kubelet every second costs more than it tells.
+ALLOCATIONS_REFRESH_INTERVALS = 5
 BACKOFF_MAX_S = 10.0  # the kubelet is local: a cheap call, and labels should return soon after it does
 
 
@@ -41,8 +45,8 @@ class PodSourcesView:
 
 
 class PodSources:
-    """Refreshes allocations every ``interval_s`` (backing off on failures) and resolves the owners
-    of the PIDs the last poll saw as soon as they are handed over."""
+    """Refreshes allocations every few intervals and when the GPU processes change (backing off on
+    failures), and resolves the owners of the PIDs the last poll saw as soon as they are handed over."""
 
     def __init__(
         self,
@@ -61,6 +65,7 @@ class PodSources:
         self._wake = threading.Event()
         self._stop = threading.Event()
         self._failures = 0
+        self._processes_changed = False
         self._thread = threading.Thread(target=self._run, name="pod-sources", daemon=True)
 
     def start(self) -> None:
@@ -79,6 +84,7 @@ class PodSources:
         wanted = frozenset(pids)
         if wanted != self._wanted:
             self._wanted = wanted
+            self._processes_changed = True
             self._wake.set()
 
     def view(self) -> PodSourcesView:
@@ -97,7 +103,8 @@ class PodSources:
         while not self._stop.is_set():
             try:
                 self._owners = self._procs.owners(self._wanted)
-                if self._clock() >= next_list:
+                changed, self._processes_changed = self._processes_changed, False
+                if self._clock() >= next_list or (changed and self._failures == 0):
                     next_list = self._clock() + self._refresh_allocations()
             except Exception:  # one bad refresh must not end attribution; the next one retries
                 log.exception("refreshing pod attribution sources failed")
@@ -111,7 +118,7 @@ class PodSources:
         if allocations is not None:
             self._allocations = (self._clock(), allocations)
             self._failures = 0
-            return self._interval_s
+            return self._interval_s * ALLOCATIONS_REFRESH_INTERVALS
         self._failures += 1
         # client-go style: exponential with full jitter in the upper half, capped.
         backoff = min(self._interval_s * 2.0 ** min(self._failures, 16), BACKOFF_MAX_S)

@@ -7,6 +7,7 @@ the kubelet or the renderer, so its latency does not depend on how slow a device
 from __future__ import annotations
 
 import gzip
+import threading
 import time
 from collections.abc import Callable
 
@@ -70,8 +71,13 @@ class Exposition:
     """The latest rendering of a registry, plain and gzip, swapped in as one tuple, plus the
     families that must be measured at scrape time (ages), rendered per scrape and appended.
 
-    A rendering older than ``max_age_s`` (the renderer has stopped renewing it) is not served:
-    its GPU series would be frozen values, so only the scrape-time families go out.
+    Rendering is driven by scrapes, not polls: a poll marks the rendering out of date
+    (``invalidate``), and the first scrape after it asks the render thread for a new one and waits
+    for it (at most ``render_wait_s``). Polls come every second and scrapes every 15-30 s, so
+    rendering after every poll spent most of the agent's CPU on bytes nobody read; a scrape still
+    only copies bytes the render thread made. A rendering older than ``max_age_s`` (the renderer
+    has stopped renewing it) is not served: its GPU series would be frozen values, so only the
+    scrape-time families go out.
     """
 
     def __init__(
@@ -79,27 +85,59 @@ class Exposition:
         registry: CollectorRegistry,
         at_scrape: Collector,
         max_age_s: float,
+        render_wait_s: float = 0.5,
         clock: Callable[[], float] = time.monotonic,
     ) -> None:
         self._registry = registry
         self._at_scrape = at_scrape
         self._max_age_s = max_age_s
+        self._render_wait_s = render_wait_s
         self._clock = clock
         self._rendered: tuple[float | None, bytes, bytes] = (None, b"", b"")
         self._label_texts: LabelTexts = {}  # the render thread's alone
+        self._changed = threading.Condition()
+        self._data_generation = 0  # bumped by every poll
+        self._rendered_generation = -1
+        self._demanded = False
 
-    @property
-    def rendered_at(self) -> float | None:
-        return self._rendered[0]
+    def invalidate(self) -> None:
+        """New data to render: called after each poll."""
+        with self._changed:
+            self._data_generation += 1
+
+    def wait_for_demand(self, timeout_s: float) -> bool:
+        """Blocks the render thread until a scrape wants a newer rendering (True) or the timeout."""
+        with self._changed:
+            self._changed.wait_for(lambda: self._demanded, timeout_s)
+            demanded, self._demanded = self._demanded, False
+            return demanded
+
+    def wake(self) -> None:
+        """Ends a ``wait_for_demand`` at once (the agent is stopping)."""
+        with self._changed:
+            self._demanded = True
+            self._changed.notify_all()
 
     def render(self) -> None:
+        with self._changed:
+            generation = self._data_generation
         body = render_text(self._registry, self._label_texts)
-        self._rendered = (self._clock(), body, gzip.compress(body, compresslevel=1))
+        rendered = (self._clock(), body, gzip.compress(body, compresslevel=1))
+        with self._changed:
+            self._rendered = rendered
+            self._rendered_generation = generation
+            self._changed.notify_all()
 
     def latest(self, gzipped: bool) -> bytes:
         """The body of one scrape. gzip members may be concatenated (RFC 1952), so the rendering
-        compressed once per poll is sent as it is, followed by the small per-scrape part."""
-        rendered_at, plain, compressed = self._rendered
+        compressed once is sent as it is, followed by the small per-scrape part."""
+        with self._changed:
+            wanted = self._data_generation
+            if self._rendered_generation < wanted:
+                self._demanded = True
+                self._changed.notify_all()
+                self._changed.wait_for(lambda: self._rendered_generation >= wanted, self._render_wait_s)
+            rendered_at, plain, compressed = self._rendered
         if rendered_at is None or self._clock() - rendered_at > self._max_age_s:
             plain, compressed = b"", b""
         tail = render_text(self._at_scrape)

@@ -24,7 +24,12 @@ def pods_of(samples: Samples, name: str = "duty_cycle_current") -> dict[str, flo
 def test_exports_each_gpu_labelled_with_the_pod_using_it(node: Node, start_agent) -> None:  # type: ignore[no-untyped-def]
     agent = start_agent(node.args(), node.scenario_path)
     samples = agent.wait_for(
-        lambda s: BERT in pods_of(s) and find(s, "gpu_exporter_kubernetes_up")[0][1] == 1, what="the BERT pod's series"
+        lambda s: (
+            BERT in pods_of(s)
+            and find(s, "gpu_exporter_kubernetes_up")[0][1] == 1
+            and find(s, "gpu_exporter_gpu_processes", owner="pod") != []
+        ),  # cgroups are read off the poll path
+        what="the BERT pod's series",
     )
     [(labels, value)] = find(samples, "duty_cycle_current", pod=BERT)
     assert labels == {

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import gzip
+import threading
 from dataclasses import replace
 
 from prometheus_client import CollectorRegistry
@@ -155,7 +156,9 @@ def test_rendering_matches_prometheus_client_byte_for_byte() -> None:
 def exposition_for(holder: list[Snapshot], clock: Clock, max_age_s: float = 3.0) -> Exposition:
     registry = CollectorRegistry(auto_describe=False)
     registry.register(SnapshotCollector(lambda: holder[0], max_age_s, clock=clock))
-    return Exposition(registry, AgeCollector(lambda: holder[0], clock=clock), max_age_s=max_age_s, clock=clock)
+    return Exposition(
+        registry, AgeCollector(lambda: holder[0], clock=clock), max_age_s=max_age_s, render_wait_s=0.2, clock=clock
+    )
 
 
 def scrape(exposition: Exposition, gzipped: bool = False) -> Samples:
@@ -191,3 +194,30 @@ def test_a_label_value_that_is_not_valid_unicode_is_replaced_not_fatal() -> None
     exposition.render()
     [(labels_seen, value)] = find(scrape(exposition), "duty_cycle_current")
     assert labels_seen["pod"] == "bad-?-name" and value == 55.0
+
+
+def test_a_scrape_after_a_poll_gets_a_rendering_of_the_new_data() -> None:
+    holder = [snapshot(GpuSeries(device=DEVICE, duty_cycle_percent=55.0))]
+    exposition = exposition_for(holder, Clock())
+    exposition.render()
+
+    def renderer() -> None:  # the agent's render thread, reduced to one demand
+        if exposition.wait_for_demand(5.0):
+            exposition.render()
+
+    thread = threading.Thread(target=renderer)
+    thread.start()
+    holder[0] = snapshot(GpuSeries(device=replace(DEVICE, duty_cycle_percent=77.0), duty_cycle_percent=77.0))
+    exposition.invalidate()  # what a poll does
+    assert find(scrape(exposition), "duty_cycle_current")[0][1] == 77.0
+    thread.join()
+
+
+def test_with_no_renderer_answering_a_scrape_waits_briefly_and_serves_the_last_rendering() -> None:
+    holder = [snapshot(GpuSeries(device=DEVICE, duty_cycle_percent=55.0))]
+    exposition = exposition_for(holder, Clock())
+    exposition.render()
+    holder[0] = snapshot(GpuSeries(device=DEVICE, duty_cycle_percent=77.0))
+    exposition.invalidate()
+    assert find(scrape(exposition), "duty_cycle_current")[0][1] == 55.0  # within the age bound
+    assert exposition.wait_for_demand(0.0)  # the scrape asked for a new rendering
