@@ -7,6 +7,7 @@ and printed in canonical DecimalSI form: the largest SI suffix that leaves an in
 
 from __future__ import annotations
 
+import functools
 import math
 import re
 from decimal import ROUND_CEILING, Decimal
@@ -14,6 +15,7 @@ from decimal import ROUND_CEILING, Decimal
 _SUFFIXES = ((18, "E"), (15, "P"), (12, "T"), (9, "G"), (6, "M"), (3, "k"), (0, ""))
 
 
+@functools.lru_cache(maxsize=4096)  # an answer's values repeat (whole percents, the same watts)
 def format_quantity(value: float) -> str:
     """Canonical DecimalSI quantity of ``value`` rounded to milli-units; NaN and infinities refused."""
     if not math.isfinite(value):
