@@ -41,7 +41,7 @@ test: install fake-nvml
 lint: install
 	$(PYTHON) -m ruff check exporter tests
 	$(PYTHON) -m ruff format --check exporter tests
-	$(PYTHON) -m mypy exporter
+	$(PYTHON) -m mypy exporter tests bench
 	$(PYTHON) -c 'from importlinter.cli import lint_imports_command; lint_imports_command()'
 
 clean:

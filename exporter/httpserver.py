@@ -38,7 +38,7 @@ import time
 from collections.abc import Callable, Mapping
 from http.server import BaseHTTPRequestHandler
 from types import FrameType
-from typing import Any
+from typing import Any, ClassVar
 
 log = logging.getLogger(__name__)
 
@@ -60,7 +60,7 @@ class Handler(BaseHTTPRequestHandler):
     # Nagle's algorithm holds the body until the client's delayed ACK (~40 ms) on every keep-alive
     # request. ``Server`` sets it on every connection itself.
     disable_nagle_algorithm = True
-    timeout = 10  # under a standard-library server only: ``Server`` applies its own deadlines
+    timeout: ClassVar[float | None] = 10  # under a standard-library server only: ``Server`` applies its own deadlines
     server: Server  # type: ignore[assignment]  # ours, not a socketserver
 
     def send(

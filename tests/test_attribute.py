@@ -1,5 +1,7 @@
 """Attribution rules, on plain data: who uses each device, and each pod's share."""
 
+from typing import Any
+
 from exporter.attribute import attribute
 from exporter.model import Allocation, DeviceReading, GpuProcess, GpuSeries, PodInfo, ProcessOwner
 
@@ -9,7 +11,7 @@ MIG0 = "MIG-00000000-aaaa-bbbb-cccc-ddddeeeeffff"
 
 
 def gpu(uuid: str = GPU0, index: int = 0, **kwargs) -> DeviceReading:  # type: ignore[no-untyped-def]
-    values = dict(
+    values: dict[str, Any] = dict(
         duty_cycle_percent=60.0,
         memory_used_bytes=1000,
         memory_total_bytes=8000,

@@ -131,7 +131,7 @@ def scraped(tmp_path_factory: pytest.TempPathFactory) -> Iterator[tuple[Promethe
 
     directory = tmp_path_factory.mktemp("dashboards")
     scenario = directory / "scenario.txt"
-    busy = {"sm_active": 45.0, "sm_occupancy": 30.0, "tensor_active": 20.0, "dram_bandwidth": 35.0}
+    busy: dict[str, Any] = {"sm_active": 45.0, "sm_occupancy": 30.0, "tensor_active": 20.0, "dram_bandwidth": 35.0}
     node = Scenario(
         gpus=[
             Gpu(gpu_uuid(0), util=30, energy=9_000_000, pcie_tx=1000, **busy),

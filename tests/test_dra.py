@@ -315,9 +315,9 @@ def test_dra_gpus_are_labelled_with_their_pods(dra_node: DraNode, start_agent, v
     assert dra_node.api.list_calls("resourceslices")[0].path.endswith(f"/{version}/resourceslices")
 
 
-def test_unreadable_slices_fall_back_to_minor_numbers_until_rbac_allows_them(
+def test_unreadable_slices_fall_back_to_minor_numbers_until_rbac_allows_them(  # type: ignore[no-untyped-def]
     tmp_path: Path,
-    start_agent,  # type: ignore[no-untyped-def]
+    start_agent,
 ) -> None:
     scenario_path = tmp_path / "scenario.txt"
     Scenario(gpus=[Gpu(gpu_uuid(0), util=11), Gpu(gpu_uuid(1), util=22)]).write(scenario_path)

@@ -313,9 +313,9 @@ def test_the_agent_exports_every_family_per_device_and_the_pod_join(node: Node, 
     ]  # fmt: skip
     assert find(samples, "duty_cycle_current", uuid=gpu_uuid(0))[0][0]["pod"] == BERT
     types = scrape_typed(agent.url)
-    for family in DEVICE_FAMILIES:
-        if family.name in EXPECTED:
-            assert types[family.name.removesuffix("_total")] == family.type, family.name
+    for device_family in DEVICE_FAMILIES:
+        if device_family.name in EXPECTED:
+            assert types[device_family.name.removesuffix("_total")] == device_family.type, device_family.name
 
 
 def test_the_agent_counts_xid_events_and_a_new_code_appears_at_one(node: Node, start_agent) -> None:  # type: ignore[no-untyped-def]

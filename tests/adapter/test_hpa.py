@@ -150,7 +150,7 @@ def test_pending_pods_are_unready_and_deleting_or_failed_pods_ignored() -> None:
 
 def test_no_metrics_means_no_scaling() -> None:
     with pytest.raises(NoMetricsError):
-        pods_metric_replicas(2, 20000, pods(2), {}, 20000)
+        pods_metric_replicas(2, 20000, pods(2), {})
 
 
 def test_the_largest_proposal_wins_and_invalid_metrics_block_scale_down() -> None:

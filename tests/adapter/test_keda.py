@@ -12,7 +12,7 @@ from __future__ import annotations
 import copy
 import json
 import threading
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from http.server import ThreadingHTTPServer
 from pathlib import Path
 from typing import Any
@@ -104,12 +104,13 @@ def prometheus(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Prometheus]
 def test_the_scaled_object_has_only_fields_keda_documents() -> None:
     schema = json.loads(SCHEMA.read_text())
     jsonschema.validate(example(), schema)
-    for mutate in (
+    mutations: tuple[Callable[[dict[str, Any]], None], ...] = (
         lambda o: o["spec"]["triggers"][0]["metadata"].update(threshold=20),  # metadata values are strings
         lambda o: o["spec"]["triggers"][0]["metadata"].update(metricName="gpu"),  # removed in KEDA 2.12
         lambda o: o["spec"].update(minReplicas=1),  # the HPA's name, not KEDA's
         lambda o: o["spec"]["triggers"][0].update(metricType="Average"),
-    ):
+    )
+    for mutate in mutations:
         broken = copy.deepcopy(example())
         mutate(broken)
         with pytest.raises(jsonschema.ValidationError):
@@ -132,7 +133,8 @@ def test_the_scaled_object_scales_the_bert_deployment_on_its_average_and_never_t
     assert query.count(f'namespace="{namespace}"') == 3  # every selector in the ScaledObject's namespace
     tree = promql_parser.parse(query)
     # avg(...) without "by": one element, whatever the number of pods
-    assert (type(tree).__name__, str(tree.op), tree.modifier) == ("AggregateExpr", "avg", None)
+    assert isinstance(tree, promql_parser.AggregateExpr)
+    assert (str(tree.op), tree.modifier) == ("avg", None)
 
 
 def test_the_query_is_the_average_of_the_deployments_pods_on_a_real_prometheus(prometheus: Prometheus) -> None:

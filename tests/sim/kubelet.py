@@ -69,7 +69,9 @@ class _Servicer(api_pb2_grpc.PodResourcesListerServicer):
     def __init__(self, kubelet: FakeKubelet) -> None:
         self.kubelet = kubelet
 
-    def List(self, request: api_pb2.ListPodResourcesRequest, context: grpc.ServicerContext):  # noqa: N802
+    def List(  # noqa: N802
+        self, request: api_pb2.ListPodResourcesRequest, context: grpc.ServicerContext
+    ) -> api_pb2.ListPodResourcesResponse:
         kubelet = self.kubelet
         with kubelet.lock:
             kubelet.calls += 1
