@@ -139,6 +139,7 @@ def _timed_values(samples: list[Sample]) -> dict[frozenset[tuple[str, str]], tup
 
 
 MAX_REQUIREMENTS = 50  # bounds the PromQL one request can make Prometheus run
+SHARED_GROUPS = 200_000  # Prometheus answers shared for a second, together at most this many groups (~30 MB)
 
 
 def _by_pod(
@@ -166,7 +167,7 @@ class PrometheusProvider:
         self._rules = rules
         self._prometheus = prometheus
         self._pod_names = pod_names
-        self._shared = shared or SharedAnswers()
+        self._shared = shared or SharedAnswers(SHARED_GROUPS, len)
         self._failing = ""  # the backend failure last logged: logged once per change of state
         self._failing_lock = threading.Lock()
 

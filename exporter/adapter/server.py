@@ -31,6 +31,7 @@ from exporter.httpserver import Handler, Server
 
 log = logging.getLogger(__name__)
 
+SHARED_BODY_BYTES = 32 * 2**20  # answers shared for a second, together at most this big
 NAMESPACED_RESOURCES = frozenset({"pods"})  # of the resources the providers serve; "namespaces" is root-scoped
 
 
@@ -43,7 +44,7 @@ class Services:
     always_allow_paths: frozenset[str]
     not_ready: Callable[[], str]  # why /readyz is not ok ("" when ready): caches not synced, no CA yet
     # Identical metric requests within a second share one answer (after each one's own authorization).
-    answers: SharedAnswers = field(default_factory=SharedAnswers)
+    answers: SharedAnswers = field(default_factory=lambda: SharedAnswers(SHARED_BODY_BYTES, len))
 
 
 class _ApiError(Exception):

@@ -2,8 +2,9 @@
 share its failure), later ones reuse its answer for ``max_age_s``. Prometheus scrapes every 15-60 s
 and the HPA syncs every 15 s, so an answer a second old is as fresh as a new one, and every HPA of
 a namespace asking at once, or many clients of one, cost one computation a second, not one each.
-Failures are never kept beyond the requests that waited for them. Bounded: at most ``max_entries``
-answers, each dropped once ``max_age_s`` old."""
+Failures are never kept beyond the requests that waited for them. Bounded: answers weighing at most
+``max_weight`` together (``weigh`` says what one weighs: bytes of a body, pods of a query's
+answer), each dropped once ``max_age_s`` old; one heavier than the bound alone is not kept."""
 
 from __future__ import annotations
 
@@ -26,13 +27,19 @@ class _Flight:
 
 class SharedAnswers:
     def __init__(
-        self, max_age_s: float = SHARE_S, max_entries: int = 1024, clock: Callable[[], float] = time.monotonic
+        self,
+        max_weight: int,
+        weigh: Callable[[Any], int],
+        max_age_s: float = SHARE_S,
+        clock: Callable[[], float] = time.monotonic,
     ) -> None:
+        self._max_weight = max_weight
+        self._weigh = weigh
         self._max_age_s = max_age_s
-        self._max_entries = max_entries
         self._clock = clock
         self._lock = threading.Lock()
-        self._answers: dict[str, tuple[float, Any]] = {}
+        self._answers: dict[str, tuple[float, Any, int]] = {}  # oldest first
+        self._weight = 0
         self._flights: dict[str, _Flight] = {}
 
     def get(self, key: str, compute: Callable[[], Any]) -> Any:
@@ -65,11 +72,19 @@ class SharedAnswers:
     def _keep(self, key: str, value: Any) -> None:
         """Under the lock: answers kept in the order they were made, so the expired ones (and, at the
         bound, the oldest) are dropped from the front."""
-        now = self._clock()
-        self._answers.pop(key, None)
+        now, weight = self._clock(), self._weigh(value)
+        self._drop(key)
         while self._answers:
             oldest = next(iter(self._answers))
-            if now - self._answers[oldest][0] < self._max_age_s and len(self._answers) < self._max_entries:
+            made = self._answers[oldest][0]
+            if now - made < self._max_age_s and self._weight + weight <= self._max_weight:
                 break
-            del self._answers[oldest]
-        self._answers[key] = (now, value)
+            self._drop(oldest)
+        if weight <= self._max_weight:
+            self._answers[key] = (now, value, weight)
+            self._weight += weight
+
+    def _drop(self, key: str) -> None:
+        dropped = self._answers.pop(key, None)
+        if dropped is not None:
+            self._weight -= dropped[2]

@@ -12,7 +12,7 @@ from exporter.adapter.sharing import SharedAnswers
 
 
 def test_concurrent_identical_requests_share_one_computation() -> None:
-    shared = SharedAnswers()
+    shared = SharedAnswers(100, len)
     calls = []
     release = threading.Event()
 
@@ -34,7 +34,7 @@ def test_concurrent_identical_requests_share_one_computation() -> None:
 
 def test_an_answer_is_reused_only_while_fresh() -> None:
     now = [0.0]
-    shared = SharedAnswers(max_age_s=1.0, clock=lambda: now[0])
+    shared = SharedAnswers(100, lambda _: 1, max_age_s=1.0, clock=lambda: now[0])
     computed = iter(range(10))
     assert shared.get("q", lambda: next(computed)) == 0
     now[0] = 0.9
@@ -45,7 +45,7 @@ def test_an_answer_is_reused_only_while_fresh() -> None:
 
 
 def test_a_failure_reaches_the_requests_that_waited_for_it_and_no_later_one() -> None:
-    shared = SharedAnswers()
+    shared = SharedAnswers(100, len)
     release = threading.Event()
     attempts = []
 
@@ -73,17 +73,19 @@ def test_a_failure_reaches_the_requests_that_waited_for_it_and_no_later_one() ->
     assert shared.get("q", lambda: "recovered") == "recovered"  # the failure was not kept
 
 
-def test_answers_kept_are_bounded_by_age_and_count() -> None:
+def test_answers_kept_are_bounded_by_age_and_weight() -> None:
     now = [0.0]
-    shared = SharedAnswers(max_age_s=1.0, max_entries=3, clock=lambda: now[0])
+    shared = SharedAnswers(10, len, max_age_s=1.0, clock=lambda: now[0])
     for n in range(5):
-        shared.get(f"q{n}", lambda n=n: n)
-    assert len(shared._answers) == 3  # the two oldest made room
+        shared.get(f"q{n}", lambda: b"1234")  # 4 bytes each: two fit under 10
+    assert list(shared._answers) == ["q3", "q4"]  # the oldest made room
+    assert shared.get("huge", lambda: b"x" * 11) == b"x" * 11  # answered, but heavier than the bound: not kept
+    assert "huge" not in shared._answers
     now[0] = 5.0
-    shared.get("new", lambda: "x")
+    shared.get("new", lambda: b"1")
     assert list(shared._answers) == ["new"]  # the expired ones went with the next answer kept
 
 
 def test_a_failed_computation_raises_to_its_caller() -> None:
     with pytest.raises(ValueError):
-        SharedAnswers().get("q", lambda: int("x"))
+        SharedAnswers(100, len).get("q", lambda: int("x"))
