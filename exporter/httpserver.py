@@ -35,7 +35,7 @@ import socket
 import ssl
 import threading
 import time
-from collections.abc import Callable, Mapping
+from collections.abc import Callable, Collection, Mapping
 from http.server import BaseHTTPRequestHandler
 from types import FrameType
 from typing import Any, ClassVar
@@ -150,8 +150,12 @@ class Server:
 
     ``peer_check`` sees each client certificate (``getpeercert()``) after the handshake; a ``False``
     closes the connection before any request is read. ``workers`` bounds the threads computing
-    answers; they start as needed. ``start()`` serves from a thread, ``stop()`` stops serving,
-    closes every connection and the listening socket, and returns within about a second.
+    answers; they start as needed. A request for one of ``probe_paths`` (the path alone, before any
+    query) is answered by the loop thread itself, never queued behind the workers: a liveness probe
+    must not wait behind work that slow or hostile clients brought (bcrypt checks, say), or the
+    kubelet restarts a healthy process. Their handler must therefore be cheap and never block.
+    ``start()`` serves from a thread, ``stop()`` stops serving, closes every connection and the
+    listening socket, and returns within about a second.
     """
 
     def __init__(
@@ -166,8 +170,10 @@ class Server:
         request_timeout: float = 10.0,
         idle_timeout: float = 120.0,
         write_timeout: float = 30.0,
+        probe_paths: Collection[str] = (),
     ) -> None:
         self.handler_class = handler
+        self.probe_paths = frozenset(probe_paths)
         self.tls = tls
         self.peer_check = peer_check
         self.max_connections = max_connections
@@ -261,8 +267,10 @@ class Server:
     def _turn(self) -> None:
         """One wait for events and the work they bring; any fault in one connection closes that
         connection only."""
-        if self._accept_paused_until is not None:
-            timeout: float | None = 0.1
+        if self._done:  # answers made in the loop last turn (probes): send them now
+            timeout: float | None = 0.0
+        elif self._accept_paused_until is not None:
+            timeout = 0.1
         elif self._connections:
             timeout = 0.25
         else:
@@ -279,7 +287,7 @@ class Server:
                 self._drain_wake()
             else:
                 self._guarded(self._ready, key.data)
-        while self._done:
+        for _ in range(len(self._done)):  # those made meanwhile wait for the next turn: no connection hogs the loop
             conn, chunks, keep_alive = self._done.popleft()
             if not conn.closed:
                 conn.keep_alive = keep_alive
@@ -450,7 +458,12 @@ class Server:
         conn.state = _BUSY
         self._enter(conn, None, 0.0)
         self._watch(conn, 0)
-        self._submit(conn, request)
+        if self.probe_paths and _request_path(request) in self.probe_paths:
+            # Answered here, sent from the turn's queue of answers (not at once: a connection
+            # pipelining probes would otherwise recurse once per request).
+            self._done.append((conn, *self._answer(conn, request)))
+        else:
+            self._submit(conn, request)
 
     def _refuse(self, conn: _Connection, refusal: _RefusedError) -> None:
         conn.buffer.clear()
@@ -623,13 +636,15 @@ class Server:
             if job is None:
                 return
             conn, request = job
-            try:
-                chunks, keep_alive = self._handle(conn, request)
-            except Exception:  # the worker lives on; the client hears of it
-                self.handle_error(conn.sock, conn.address)
-                chunks, keep_alive = [_closing_answer(500, "Internal Server Error")], False
-            self._done.append((conn, chunks, keep_alive))
+            self._done.append((conn, *self._answer(conn, request)))
             self._wake()
+
+    def _answer(self, conn: _Connection, request: bytes) -> tuple[list[bytes], bool]:
+        try:
+            return self._handle(conn, request)
+        except Exception:  # the thread lives on; the client hears of it
+            self.handle_error(conn.sock, conn.address)
+            return [_closing_answer(500, "Internal Server Error")], False
 
     def _handle(self, conn: _Connection, request: bytes) -> tuple[list[bytes], bool]:
         """Runs the handler on one complete request; returns what it wrote and whether the
@@ -653,6 +668,12 @@ def _closing_answer(code: int, reason: str) -> bytes:
         f"Content-Length: {len(body)}\r\nConnection: close\r\n\r\n"
     )
     return head.encode() + body
+
+
+def _request_path(request: bytes) -> str:
+    """The path of a request's target, without its query, as the handler's routes read it."""
+    line = request.split(b"\n", 1)[0].split(b" ")
+    return line[1].split(b"?", 1)[0].decode("latin-1") if len(line) == 3 else ""
 
 
 def _head_too_large(buffer: bytearray) -> _RefusedError:

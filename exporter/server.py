@@ -146,7 +146,7 @@ class Exposition:
         return plain + tail
 
 
-_UNAUTHENTICATED = ("/healthz", "/readyz")
+_UNAUTHENTICATED = ("/healthz", "/readyz")  # also answered by the server's loop itself: never queued
 
 
 class _Handler(Handler):
@@ -202,4 +202,4 @@ class MetricsServer(Server):
         self.exposition = exposition
         self.readiness = readiness
         self.web = web or WebConfig(tls=None, auth=None)
-        super().__init__(address, _Handler, self.web.tls, peer_check=self.web.allows_peer)
+        super().__init__(address, _Handler, self.web.tls, peer_check=self.web.allows_peer, probe_paths=_UNAUTHENTICATED)

@@ -88,10 +88,13 @@ class BasicAuth:
     which user names exist); one check runs at a time (a flood of guesses costs one core, not all);
     and credentials that passed are remembered by a SHA-256 of user, hash and password, the most
     recent ``cache_size`` of them, so a scraper sending the same credentials does not pay bcrypt
-    every time.
+    every time. Beyond exporter-toolkit: while one check runs and ``max_waiting`` more wait, a
+    further uncached request is refused at once rather than queued, so a flood of guesses holds at
+    most ``1 + max_waiting`` of the server's workers and cached scrapes keep being answered (a new
+    scraper may be refused during such a flood, and gets in at a later scrape).
     """
 
-    def __init__(self, users: Mapping[str, str], cache_size: int = 256) -> None:
+    def __init__(self, users: Mapping[str, str], cache_size: int = 256, max_waiting: int = 2) -> None:
         self._users = {user.encode(): hashed.encode() for user, hashed in users.items()}
         costs = collections.Counter(hashed[4:6] for hashed in users.values())
         self._dummy = bcrypt.hashpw(b"not anyone's password", bcrypt.gensalt(int(costs.most_common(1)[0][0])))
@@ -99,6 +102,8 @@ class BasicAuth:
         self._verified: collections.OrderedDict[bytes, None] = collections.OrderedDict()
         self._lock = threading.Lock()
         self._bcrypt = threading.Lock()
+        self._max_waiting = max_waiting
+        self._checking = 0  # checks running or waiting for the one running; under _lock
 
     def allows(self, header: str | None) -> bool:
         credentials = _basic_credentials(header)
@@ -113,11 +118,18 @@ class BasicAuth:
             if key in self._verified:
                 self._verified.move_to_end(key)
                 return True
-        with self._bcrypt:
-            try:
-                matches = bcrypt.checkpw(password, hashed or self._dummy)
-            except ValueError:  # a password bcrypt will not take (it holds a NUL byte)
-                matches = False
+            if self._checking > self._max_waiting:
+                return False  # the same for every user: refusing tells nothing about who exists
+            self._checking += 1
+        try:
+            with self._bcrypt:
+                try:
+                    matches = bcrypt.checkpw(password, hashed or self._dummy)
+                except ValueError:  # a password bcrypt will not take (it holds a NUL byte)
+                    matches = False
+        finally:
+            with self._lock:
+                self._checking -= 1
         if not matches or hashed is None:
             return False
         with self._lock:

@@ -52,8 +52,8 @@ class Echo(Handler):
         self.send(200, b"got " + body, "text/plain")
 
 
-def serve(tls: ssl.SSLContext | None = None, **limits: float) -> Server:
-    server = Server(("127.0.0.1", 0), Echo, tls, workers=WORKERS, **limits)  # type: ignore[arg-type]
+def serve(tls: ssl.SSLContext | None = None, **limits: Any) -> Server:
+    server = Server(("127.0.0.1", 0), Echo, tls, workers=WORKERS, **limits)
     server.start()
     return server
 
@@ -236,6 +236,25 @@ def test_clients_that_do_not_read_hold_no_threads(servers: list[Server]) -> None
     while received < len(BIG):
         received += len(readers[0].recv(1 << 20))
     for sock in readers:
+        sock.close()
+
+
+def test_probe_paths_are_answered_while_every_worker_is_busy(servers: list[Server]) -> None:
+    servers.append(server := serve(probe_paths={"/probe"}))
+    blocked = [connect(server) for _ in range(WORKERS + 2)]
+    for sock in blocked:
+        sock.sendall(b"GET /block HTTP/1.1\r\nHost: x\r\n\r\n")
+    time.sleep(0.3)
+    assert get(server, "/probe?verbose")[0] == 200  # a worker would be needed, and none is free
+    sock = connect(server)
+    sock.sendall(b"GET /probe HTTP/1.1\r\nHost: x\r\n\r\n" * 300)  # pipelined: answered in turn, in order
+    received = b""
+    while received.count(b"/probe port=") < 300:
+        received += sock.recv(65536)
+    sock.close()
+    Echo.release.set()
+    for sock in blocked:
+        assert sock.recv(65536).startswith(b"HTTP/1.1 200")
         sock.close()
 
 

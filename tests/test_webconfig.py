@@ -3,12 +3,15 @@
 from __future__ import annotations
 
 import base64
+import contextlib
 import ipaddress
+import selectors
 import socket
 import ssl
 import statistics
 import subprocess
 import sys
+import threading
 import time
 from pathlib import Path
 
@@ -244,3 +247,59 @@ def test_unknown_users_take_as_long_as_known_ones(tmp_path: Path, pki: Pki, star
         known.append(seconds("prometheus"))
         unknown.append(seconds("mallory"))
     assert statistics.median(unknown) > 0.3 * statistics.median(known)
+
+
+def guess_flood(port: int, connections: int, stop: threading.Event, refusals: list[int]) -> None:
+    """Keeps ``connections`` clients each with 8 wrong-password requests in flight (pipelined), as
+    long as ``stop`` is not set; counts the 401s that come back."""
+    guess = (
+        b"GET /metrics HTTP/1.1\r\nHost: x\r\nAuthorization: Basic "
+        + base64.b64encode(b"prometheus:guess")
+        + b"\r\n\r\n"
+    )
+    selector = selectors.DefaultSelector()
+    for _ in range(connections):
+        sock = socket.create_connection(("127.0.0.1", port), timeout=5)
+        sock.sendall(guess * 8)
+        sock.setblocking(False)
+        selector.register(sock, selectors.EVENT_READ)
+    while not stop.is_set():
+        for key, _ in selector.select(0.1):
+            client = key.fileobj
+            assert isinstance(client, socket.socket)
+            with contextlib.suppress(BlockingIOError):
+                answered = client.recv(65536).count(b"HTTP/1.1 401")
+                refusals[0] += answered
+                with contextlib.suppress(BlockingIOError):
+                    client.send(guess * answered)
+    for key in list(selector.get_map().values()):
+        key.fileobj.close()  # type: ignore[union-attr]
+    selector.close()
+
+
+def test_wrong_passwords_delay_neither_probes_nor_cached_scrapes(tmp_path: Path, start_agent) -> None:  # type: ignore[no-untyped-def]
+    """bcrypt checks run one at a time: a flood of wrong passwords once queued behind that lock on
+    every worker, and /healthz waited seconds behind them, past the kubelet's 1 s probe timeout (a
+    restart of a healthy agent). Probes are answered by the server's loop; guesses beyond a few
+    waiting are refused at once; a credential already verified never waits for bcrypt."""
+    hashed = bcrypt.hashpw(PASSWORD.encode(), bcrypt.gensalt(rounds=12)).decode()
+    config = tmp_path / "web.yml"
+    config.write_text(f"basic_auth_users:\n  prometheus: {hashed}\n")
+    agent = start_agent(args(tmp_path, config), scenario(tmp_path))
+    assert requests.get(agent.url + "/metrics", auth=("prometheus", PASSWORD), timeout=10).status_code == 200
+    stop, refusals = threading.Event(), [0]
+    flood = threading.Thread(target=guess_flood, args=(agent.port, 48, stop, refusals), daemon=True)
+    flood.start()
+    try:
+        time.sleep(1)
+        for _ in range(5):
+            # The kubelet's default probe timeout is 1 s: a slower answer counts as a failed probe.
+            assert requests.get(agent.url + "/healthz", timeout=1).status_code == 200
+            assert requests.get(agent.url + "/readyz", timeout=1).status_code == 200
+            scrape = requests.get(agent.url + "/metrics", auth=("prometheus", PASSWORD), timeout=2)
+            assert scrape.status_code == 200 and "gpu_exporter_nvml_up" in scrape.text
+        assert requests.get(agent.url + "/metrics", auth=("prometheus", "nope"), timeout=5).status_code == 401
+        assert refusals[0] > 48  # the flood was answered (refused), not merely queued
+    finally:
+        stop.set()
+        flood.join()
