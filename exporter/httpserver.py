@@ -29,6 +29,7 @@ import contextlib
 import errno
 import io
 import logging
+import re
 import selectors
 import signal
 import socket
@@ -46,6 +47,7 @@ MAX_HEAD_BYTES = 32 * 1024
 MAX_BODY_BYTES = 16 * 1024
 _LINGER_S = 1.0  # how long a connection closed after an error answer may still send (then RST is harmless)
 _SEND_BYTES = 256 * 1024
+_BARE_CR = re.compile(rb"\r(?!\n)")
 _OUT_OF_FDS = (errno.EMFILE, errno.ENFILE, errno.ENOBUFS, errno.ENOMEM)
 
 
@@ -106,8 +108,10 @@ class _RefusedError(Exception):
 
 _HELLO, _HANDSHAKE, _READ, _BUSY, _WRITE, _LINGER = range(6)
 _TLS_HANDSHAKE_RECORD = 0x16
+_TLS_CLIENT_HELLO = 0x01
 _TLS_RECORD_HEADER = 5
-_TLS_MAX_RECORD = 2**14 + 2048
+_TLS_MAX_PLAINTEXT = 2**14  # RFC 8446 5.1: a record's plaintext, and a hello comes in plaintext
+_TLS_MAX_HELLO = 32 * 1024  # records of a ClientHello; browsers' largest (post-quantum key shares) are ~2 KB
 
 
 class _Connection:
@@ -347,33 +351,38 @@ class Server:
             self._watch(conn, selectors.EVENT_READ)
 
     def _hello(self, conn: _Connection) -> None:
-        """Waits for the client's first TLS record (its ClientHello) whole, in the kernel's buffer,
-        before giving the connection a TLS object: OpenSSL holds ~48 KB of buffers for a handshake
-        in progress, so a client dripping one costs that once wrapped and ~1 KB before. The socket
-        is readable only once the bytes awaited are in (SO_RCVLOWAT), so waiting does not spin."""
+        """Waits for the client's whole ClientHello, in the kernel's buffer, before giving the
+        connection a TLS object: OpenSSL holds ~48 KB of buffers for a handshake in progress, so a
+        client dripping one costs that once wrapped and ~1 KB before. The hello may come in several
+        records (a tiny first one, say), so the handshake message's own length is what is awaited.
+        The socket is readable only once the bytes awaited are in (SO_RCVLOWAT), so waiting does
+        not spin."""
         sock = conn.sock
         try:
-            peeked = sock.recv(_TLS_RECORD_HEADER + _TLS_MAX_RECORD, socket.MSG_PEEK)
+            peeked = sock.recv(_TLS_MAX_HELLO, socket.MSG_PEEK)
         except BlockingIOError:
             return
         except OSError:
             self._close(conn)
             return
-        # Readable with fewer bytes than awaited: the client closed. Not a handshake: plain HTTP, say.
-        if len(peeked) < conn.awaited or peeked[0] != _TLS_HANDSHAKE_RECORD:
-            self._close(conn)
-            return
-        need = _TLS_RECORD_HEADER + int.from_bytes(peeked[3:5], "big")
-        if need > _TLS_RECORD_HEADER + _TLS_MAX_RECORD:
+        need = _client_hello_bytes(peeked)
+        # Readable with fewer bytes than awaited: the client closed. Not a ClientHello, or a larger
+        # one than any client sends: plain HTTP, say.
+        if len(peeked) < conn.awaited or need is None or need > _TLS_MAX_HELLO:
             self._close(conn)
             return
         if len(peeked) < need:
             sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVLOWAT, need)
             conn.awaited = need
             return
-        sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVLOWAT, 1)
         assert conn.tls is not None
-        conn.sock = conn.tls.wrap_socket(sock, server_side=True, do_handshake_on_connect=False)
+        try:
+            sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVLOWAT, 1)
+            conn.sock = conn.tls.wrap_socket(sock, server_side=True, do_handshake_on_connect=False)
+        except OSError as error:  # ssl.SSLError included: the client reset the connection after its hello
+            log.debug("TLS with %s failed before the handshake: %s", conn.address, error)
+            self._close(conn)
+            return
         conn.state = _HANDSHAKE
         self._handshake(conn)
 
@@ -444,7 +453,12 @@ class Server:
         try:
             if end > MAX_HEAD_BYTES:
                 raise _head_too_large(buffer)
-            total = end + _body_length(bytes(buffer[:end]))
+            head = bytes(buffer[:end])
+            if _BARE_CR.search(head):
+                # The handler's header parser ends a line at a bare CR, _body_length does not: a
+                # header hidden behind one (Transfer-Encoding) would frame the request two ways.
+                raise _RefusedError(400, "bare CR in the request head")
+            total = end + _body_length(head)
         except _RefusedError as refusal:
             self._refuse(conn, refusal)
             return
@@ -668,6 +682,30 @@ def _closing_answer(code: int, reason: str) -> bytes:
         f"Content-Length: {len(body)}\r\nConnection: close\r\n\r\n"
     )
     return head.encode() + body
+
+
+def _client_hello_bytes(peeked: bytes) -> int | None:
+    """How many bytes, records included, the whole ClientHello at the start of ``peeked`` takes
+    (more than ``len(peeked)`` while it is still arriving); None when the bytes are no ClientHello."""
+    position, message = 0, b""
+    while True:
+        if len(peeked) < position + _TLS_RECORD_HEADER:
+            return position + _TLS_RECORD_HEADER
+        if peeked[position] != _TLS_HANDSHAKE_RECORD:
+            return None
+        length = int.from_bytes(peeked[position + 3 : position + 5], "big")
+        if not 0 < length <= _TLS_MAX_PLAINTEXT:
+            return None
+        end = position + _TLS_RECORD_HEADER + length
+        if len(peeked) < end:
+            return end
+        message += peeked[position + _TLS_RECORD_HEADER : end]
+        position = end
+        if len(message) >= 4:
+            if message[0] != _TLS_CLIENT_HELLO:
+                return None
+            if len(message) >= 4 + int.from_bytes(message[1:4], "big"):
+                return position
 
 
 def _request_path(request: bytes) -> str:

@@ -6,9 +6,11 @@ from __future__ import annotations
 
 import contextlib
 import http.client
+import logging
 import re
 import socket
 import ssl
+import struct
 import threading
 import time
 from collections.abc import Iterator
@@ -197,8 +199,10 @@ def test_keep_alive_pipelining_bodies_and_the_idle_deadline(servers: list[Server
         (b"POST / HTTP/1.1\r\nHost: x\r\nTransfer-Encoding: chunked\r\n\r\n5\r\nhello\r\n0\r\n\r\n", b"501"),
         (b"POST / HTTP/1.1\r\nHost: x\r\nContent-Length: 99999999\r\n\r\n", b"413"),
         (b"POST / HTTP/1.1\r\nHost: x\r\nContent-Length: 3\r\nContent-Length: 4\r\n\r\nabcd", b"400"),
+        # The handler's parser ends a header line at a bare CR: chunked framing hidden behind one.
+        (b"POST / HTTP/1.1\r\nHost: x\r\nX-A: 1\rTransfer-Encoding: chunked\r\n\r\n5\r\nhello\r\n0\r\n\r\n", b"400"),
     ],
-    ids=["head-too-large", "chunked-body", "body-too-large", "two-lengths"],
+    ids=["head-too-large", "chunked-body", "body-too-large", "two-lengths", "bare-cr"],
 )
 def test_requests_beyond_the_bounds_are_answered_and_closed(
     servers: list[Server], request_bytes: bytes, status: bytes
@@ -313,13 +317,29 @@ def test_tls_slow_handshakes_block_no_one_and_the_client_certificate_reaches_the
         sock.close()
 
 
-def request_with_a_dripped_client_hello(server: Server, ca: Path) -> bytes:
-    """A TLS request whose ClientHello arrives 40 bytes at a time (a slow link, or a slow client)."""
+def client_hello(ca: Path) -> tuple[ssl.SSLObject, ssl.MemoryBIO, ssl.MemoryBIO, bytes]:
+    """A client's TLS object, its two buffers, and the ClientHello it sends first."""
     incoming, outgoing = ssl.MemoryBIO(), ssl.MemoryBIO()
     tls = ssl.create_default_context(cafile=str(ca)).wrap_bio(incoming, outgoing, server_hostname="127.0.0.1")
     with contextlib.suppress(ssl.SSLWantReadError):
         tls.do_handshake()
-    hello = outgoing.read()
+    return tls, incoming, outgoing, outgoing.read()
+
+
+def in_records(hello: bytes, size: int) -> bytes:
+    """The ClientHello's one record re-cut into records of ``size`` bytes, as TLS allows."""
+    message = hello[5:]
+    return b"".join(
+        hello[:3] + len(part).to_bytes(2, "big") + part for part in re.findall(b".{1,%d}" % size, message, re.S)
+    )
+
+
+def request_with_a_dripped_client_hello(server: Server, ca: Path, record_size: int | None = None) -> bytes:
+    """A TLS request whose ClientHello arrives 40 bytes at a time (a slow link, or a slow client),
+    in records of ``record_size`` bytes when given."""
+    tls, incoming, outgoing, hello = client_hello(ca)
+    if record_size is not None:
+        hello = in_records(hello, record_size)
     sock = connect(server)
     for start in range(0, len(hello), 40):
         sock.sendall(hello[start : start + 40])
@@ -361,6 +381,44 @@ def test_a_client_gone_mid_hello_is_closed_at_once_and_costs_no_cpu(servers: lis
     cpu = time.process_time()
     time.sleep(1)
     assert time.process_time() - cpu < 0.5  # nothing left spinning on a closed connection
+
+
+def rss_bytes() -> int:
+    return int(re.search(r"VmRSS:\s+(\d+) kB", Path("/proc/self/status").read_text()).group(1)) * 1024  # type: ignore[union-attr]
+
+
+def test_a_client_hello_in_small_records_gets_no_tls_object_until_whole(servers: list[Server], pki: Pki) -> None:
+    """A ClientHello may be cut into several records; one stalled after a small first record once got
+    its ~48 KB TLS object at once. It is still served when its records are all in."""
+    servers.append(server := serve(tls_server_context(pki), request_timeout=60))
+    assert get(server, "/warm-up", ssl.create_default_context(cafile=str(pki.ca)))[0] == 200
+    before = rss_bytes()
+    stalled = []
+    for _ in range(400):
+        sock = connect(server)
+        sock.sendall(b"\x16\x03\x01\x00\x04" + b"\x01\x00\x01\x00")  # a whole record: a hello's first 4 bytes
+        stalled.append(sock)
+    time.sleep(1)
+    assert rss_bytes() - before < 6_000_000  # 400 TLS objects mid-handshake are ~19 MB
+    assert request_with_a_dripped_client_hello(server, pki.ca, record_size=50).startswith(b"HTTP/1.1 200")
+    for sock in stalled:
+        sock.close()
+
+
+def test_clients_resetting_after_their_hello_are_closed_quietly(
+    servers: list[Server], pki: Pki, caplog: pytest.LogCaptureFixture
+) -> None:
+    """A ClientHello then a reset is anyone's to send, unauthenticated: one ERROR and traceback
+    each would fill the log (and the disk) at the attacker's pace."""
+    servers.append(server := serve(tls_server_context(pki), request_timeout=60))
+    hello = client_hello(pki.ca)[3]
+    for _ in range(300):
+        sock = connect(server)
+        sock.sendall(hello)
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, struct.pack("ii", 1, 0))
+        sock.close()
+    assert get(server, "/after", ssl.create_default_context(cafile=str(pki.ca)))[0] == 200
+    assert [record.getMessage() for record in caplog.records if record.levelno >= logging.WARNING] == []
 
 
 def process_threads(pid: int) -> int:
