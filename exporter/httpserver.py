@@ -11,8 +11,12 @@ memory and hands the response back as bytes. So a connection costs a thread only
 is being computed, never while its client is slow to send or to read. Around that:
 
 - at most ``max_connections`` are open: beyond it, the connection that has waited longest without
-  a complete request is closed to admit the new one (then the longest idle, then the slowest
-  reader), so a flood of slow clients cannot lock out a scraper that sends its request at once;
+  a complete request is closed to admit the new one; then the one whose answer has not drained
+  for longest, if it has taken nothing for a second; then the longest idle; then the slowest
+  reader. So neither a flood of slow senders nor clients that never read their answers can lock
+  out a scraper that sends its request at once, or push out its idle keep-alive connection;
+- a connection's next request is read only once its answer has gone out, so a client pipelining
+  requests holds at most one answer (and 48 KiB of requests not yet read) at a time;
 - the TLS handshake and the whole first request must arrive within ``request_timeout`` of the
   accept, a later request within ``request_timeout`` of its first byte; an idle keep-alive
   connection is closed after ``idle_timeout``, a response not taken within ``write_timeout``;
@@ -47,6 +51,7 @@ MAX_HEAD_BYTES = 32 * 1024
 MAX_BODY_BYTES = 16 * 1024
 _LINGER_S = 1.0  # how long a connection closed after an error answer may still send (then RST is harmless)
 _SEND_BYTES = 256 * 1024
+_STALLED_S = 1.0  # an answer that took no bytes for this long is not draining: evicted before idle keep-alives
 _BARE_CR = re.compile(rb"\r(?!\n)")
 _OUT_OF_FDS = (errno.EMFILE, errno.ENFILE, errno.ENOBUFS, errno.ENOMEM)
 
@@ -126,6 +131,7 @@ class _Connection:
         "group",
         "keep_alive",
         "pending",
+        "progressed",
         "scanned",
         "sock",
         "state",
@@ -143,6 +149,7 @@ class _Connection:
         self.eof = False  # the client will send nothing more
         self.keep_alive = False
         self.pending: collections.deque[memoryview] = collections.deque()
+        self.progressed = 0.0  # when its answer last took bytes (or began), while writing
         self.group: dict[_Connection, None] | None = None
         self.deadline = 0.0
         self.events = 0
@@ -208,7 +215,7 @@ class Server:
         # first of the first non-empty group is the one closed to admit a new connection.
         self._opening: dict[_Connection, None] = {}  # handshake, partial request, lingering close
         self._idle: dict[_Connection, None] = {}  # keep-alive, waiting for the next request
-        self._writing: dict[_Connection, None] = {}
+        self._writing: dict[_Connection, None] = {}  # in the order their answers last took bytes
         self._at_limit = False
         self._refusing_peers = False
         self._next_sweep = 0.0
@@ -490,15 +497,21 @@ class Server:
             chunks = [b"".join(chunks)]  # one segment for a small answer
         conn.pending = collections.deque(memoryview(chunk) for chunk in chunks)
         conn.state = _WRITE
+        conn.progressed = time.monotonic()
         self._enter(conn, self._writing, self.write_timeout)
         self._write(conn)
 
     def _write(self, conn: _Connection) -> None:
         pending = conn.pending
+        progressed = False
         while pending:
             try:
                 sent = conn.sock.send(pending[0][:_SEND_BYTES])
             except (BlockingIOError, ssl.SSLWantWriteError):
+                if progressed:  # to the back of the line for eviction
+                    conn.progressed = time.monotonic()
+                    del self._writing[conn]
+                    self._writing[conn] = None
                 self._watch(conn, selectors.EVENT_WRITE)
                 return
             except ssl.SSLWantReadError:
@@ -507,6 +520,7 @@ class Server:
             except OSError:
                 self._close(conn)
                 return
+            progressed = True
             if sent == len(pending[0]):
                 pending.popleft()
             else:
@@ -586,7 +600,11 @@ class Server:
         conn.sock.close()
 
     def _evict(self) -> bool:
-        for group in (self._opening, self._idle, self._writing):
+        """Closes one connection to admit another, the least useful first (see the module's doc)."""
+        stalled = next(iter(self._writing), None)
+        if stalled is not None and time.monotonic() - stalled.progressed < _STALLED_S:
+            stalled = None
+        for group in (self._opening, {stalled: None} if stalled else {}, self._idle, self._writing):
             if group:
                 self._close(next(iter(group)))
                 return True

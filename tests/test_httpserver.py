@@ -170,6 +170,35 @@ def test_over_the_limit_the_oldest_unfinished_connection_makes_room(servers: lis
         sock.close()
 
 
+def test_over_the_limit_clients_that_never_read_go_before_an_idle_scraper(servers: list[Server]) -> None:
+    """Clients that pipeline requests for a large answer and never read it once were evicted last:
+    filling the limit with them pushed out a scraper's idle keep-alive connection."""
+    servers.append(server := serve(max_connections=20, write_timeout=60, idle_timeout=60))
+    scraper = http.client.HTTPConnection(*server.server_address, timeout=10)
+    scraper.request("GET", "/first")
+    assert scraper.getresponse().read().startswith(b"/first")
+
+    def hog() -> socket.socket:
+        sock = socket.socket()
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 4096)
+        sock.connect(server.server_address)
+        sock.sendall(b"GET /big HTTP/1.1\r\nHost: x\r\n\r\n" * 5)  # never read
+        return sock
+
+    hogs = [hog() for _ in range(19)]
+    time.sleep(1.5)  # their answers have stopped draining
+    for n in range(5):
+        hogs.append(hog())  # the next ones keep coming
+        status, body = get(server, f"/newcomer-{n}")
+        assert (status, body.split()[0]) == (200, f"/newcomer-{n}")
+    scraper.request("GET", "/again")
+    assert scraper.getresponse().read().startswith(b"/again")
+    assert closed_by_server(hogs[0], 5)
+    scraper.close()
+    for sock in hogs:
+        sock.close()
+
+
 def test_keep_alive_pipelining_bodies_and_the_idle_deadline(servers: list[Server]) -> None:
     servers.append(server := serve(idle_timeout=1))
     connection = http.client.HTTPConnection(*server.server_address, timeout=10)
