@@ -21,6 +21,7 @@ from collections.abc import Callable, Mapping
 from types import MappingProxyType
 from typing import Any, Generic, TypeVar
 
+from exporter.backoff import Backoff
 from exporter.kubeclient import (
     MAX_ERROR_BODY_BYTES,
     ApiError,
@@ -46,39 +47,6 @@ PROBATION_S = 1.0  # a watch quiet this long after its head is healthy; ending s
 JSON = "application/json"
 METADATA_LIST = "application/json;as=PartialObjectMetadataList;g=meta.k8s.io;v=v1,application/json"
 METADATA_WATCH = "application/json;as=PartialObjectMetadata;g=meta.k8s.io;v=v1,application/json"
-
-
-class Backoff:
-    """client-go's reflector backoff manager: ``initial_s`` doubling to ``cap_s``, each delay
-    stretched by up to ``jitter`` of itself so nodes spread out, back to ``initial_s`` once no delay
-    was asked for during ``reset_after_s`` (the API was healthy meanwhile)."""
-
-    def __init__(
-        self,
-        initial_s: float = 1.0,
-        cap_s: float = 30.0,
-        factor: float = 2.0,
-        jitter: float = 0.5,
-        reset_after_s: float = 120.0,
-        clock: Callable[[], float] = time.monotonic,
-    ) -> None:
-        self.initial_s = initial_s
-        self.cap_s = cap_s
-        self.factor = factor
-        self.jitter = jitter
-        self.reset_after_s = reset_after_s
-        self._clock = clock
-        self._next_s = initial_s
-        self._last: float | None = None
-
-    def next_delay(self) -> float:
-        now = self._clock()
-        if self._last is not None and now - self._last > self.reset_after_s:
-            self._next_s = self.initial_s
-        self._last = now
-        delay = self._next_s
-        self._next_s = min(self._next_s * self.factor, self.cap_s)
-        return delay * (1 + self.jitter * random.random())
 
 
 class _Expired(Exception):  # noqa: N818 (a state of the watch, not an error in itself)

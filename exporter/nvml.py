@@ -32,6 +32,7 @@ from typing import Any
 
 import pynvml
 
+from exporter.backoff import Backoff
 from exporter.catalogue import (
     GPM_METRICS,
     GROUPS,
@@ -283,9 +284,7 @@ class NvmlReader:
         self.initialised = False
         self.status = "NVML not initialised yet"
         self.driver_version = ""
-        self._retry_min_s = retry_min_s
-        self._retry_max_s = retry_max_s
-        self._retry_s = retry_min_s
+        self._retry = Backoff(retry_min_s, retry_max_s)
         self._next_init = 0.0
         self._closed = False
         self._workers: dict[int, _GpuWorker] = {}
@@ -339,11 +338,10 @@ class NvmlReader:
             if status != self.status:
                 log.error("%s; exporting self-metrics only, retrying with backoff", status)
             self.status = status
-            self._next_init = now + self._retry_s
-            self._retry_s = min(self._retry_s * 2, self._retry_max_s)
+            self._next_init = now + self._retry.next_delay()
             return False
         self.initialised = True
-        self._retry_s = self._retry_min_s
+        self._retry.reset()
         self.status = f"NVML initialised, driver {self.driver_version}"
         log.info("%s", self.status)
         return True

@@ -13,13 +13,14 @@ from __future__ import annotations
 import contextlib
 import ctypes
 import logging
-import random
 import threading
 from collections import Counter
 from collections.abc import Sequence
 from typing import Any
 
 import pynvml
+
+from exporter.backoff import Backoff
 
 log = logging.getLogger(__name__)
 
@@ -38,8 +39,7 @@ class XidWatcher:
 
     def __init__(self, wait_ms: int = 1000, retry_min_s: float = 1.0, retry_max_s: float = 30.0) -> None:
         self._wait_ms = wait_ms
-        self._retry_min_s = retry_min_s
-        self._retry_max_s = retry_max_s
+        self._retry = Backoff(retry_min_s, retry_max_s)
         self._lock = threading.Lock()
         self._wanted: tuple[tuple[int, str], ...] = ()
         self._counts: Counter[tuple[str, int | None, int]] = Counter()
@@ -79,7 +79,6 @@ class XidWatcher:
     def _run(self) -> None:
         event_set: Any = None
         handles: dict[int, str] = {}  # handle address -> GPU uuid
-        retry_s = self._retry_min_s
         failing: str | None = None
         while not self._stop.is_set():
             try:
@@ -101,7 +100,7 @@ class XidWatcher:
                 if failing is not None:
                     log.info("Xid events: watching again (%d GPUs)", self.registered)
                     failing = None
-                retry_s = self._retry_min_s
+                self._retry.reset()
             except Exception as error:  # any fault: back off and register afresh
                 state = f"{type(error).__name__}: {error}"
                 if state != failing:
@@ -110,8 +109,7 @@ class XidWatcher:
                 event_set = self._free(event_set)
                 self.registered = 0
                 self._changed.set()  # register again after the pause
-                self._stop.wait(retry_s * random.uniform(0.5, 1.5))
-                retry_s = min(retry_s * 2, self._retry_max_s)
+                self._stop.wait(self._retry.next_delay())
         self._free(event_set)
 
     def _register(self) -> tuple[Any, dict[int, str]]:

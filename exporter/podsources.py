@@ -11,12 +11,12 @@ with jitter, so a kubelet that is away is not asked again every interval by ever
 from __future__ import annotations
 
 import logging
-import random
 import threading
 import time
 from collections.abc import Callable, Iterable, Mapping, Sequence
 from dataclasses import dataclass
 
+from exporter.backoff import Backoff
 from exporter.model import Allocation, ProcessOwner
 from exporter.podresources.client import PodResourcesClient
 from exporter.procfs import ProcReader
@@ -65,6 +65,7 @@ class PodSources:
         self._wake = threading.Event()
         self._stop = threading.Event()
         self._failures = 0
+        self._backoff = Backoff(initial_s=interval_s, cap_s=max(interval_s, BACKOFF_MAX_S))
         self._processes_changed = False
         self._thread = threading.Thread(target=self._run, name="pod-sources", daemon=True)
 
@@ -118,8 +119,7 @@ class PodSources:
         if allocations is not None:
             self._allocations = (self._clock(), allocations)
             self._failures = 0
+            self._backoff.reset()
             return self._interval_s * ALLOCATIONS_REFRESH_INTERVALS
         self._failures += 1
-        # client-go style: exponential with full jitter in the upper half, capped.
-        backoff = min(self._interval_s * 2.0 ** min(self._failures, 16), BACKOFF_MAX_S)
-        return backoff * random.uniform(0.5, 1.0)
+        return self._backoff.next_delay()

@@ -11,8 +11,9 @@ from __future__ import annotations
 
 from collections.abc import Iterable, Mapping
 
+from exporter.backoff import Backoff
 from exporter.dra import DeviceKey, SliceRecord, device_uuids, slice_record
-from exporter.kube import Backoff, Reflector
+from exporter.kube import Reflector
 from exporter.kubeclient import ApiError, KubeClient, load_credentials
 from exporter.model import Allocation, ClaimAllocation
 

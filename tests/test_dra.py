@@ -12,8 +12,8 @@ from typing import Any
 import pytest
 
 from exporter.attribute import attribute
+from exporter.backoff import Backoff
 from exporter.dra import SliceRecord, device_uuids, slice_record
-from exporter.kube import Backoff
 from exporter.model import ClaimAllocation, DeviceReading, GpuProcess, PodInfo, ProcessOwner
 from exporter.resourceslices import SliceWatcher
 from tests.conftest import NODE, Samples, find

@@ -14,7 +14,8 @@ from typing import Any
 
 import pytest
 
-from exporter.kube import Backoff, PodWatcher, Reflector
+from exporter.backoff import Backoff
+from exporter.kube import PodWatcher, Reflector
 from exporter.kubeclient import ConfigError, KubeClient, in_cluster_credentials, kubeconfig_credentials
 from tests.sim.apiserver import FakeApiServer, pod_json
 from tests.sim.certs import make_pki

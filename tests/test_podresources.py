@@ -7,6 +7,8 @@ from pathlib import Path
 
 from exporter.model import Allocation, ClaimAllocation
 from exporter.podresources.client import PodResourcesClient
+from exporter.podsources import PodSources
+from exporter.procfs import ProcReader
 from tests.sim.kubelet import Claim, ClaimDevice, FakeKubelet, PodDevices
 from tests.sim.scenario import gpu_uuid
 
@@ -127,17 +129,26 @@ def test_kubelet_restart_on_the_same_socket_reuses_the_channel(tmp_path: Path) -
         kubelet.stop()
 
 
-def test_rate_limited_calls_back_off_instead_of_hammering(tmp_path: Path) -> None:
+def test_a_failing_kubelet_is_asked_with_backoff_not_every_poll(tmp_path: Path) -> None:
     kubelet = FakeKubelet(str(tmp_path / "kubelet.sock")).start()
-    kubelet.exhausted = True
-    client = PodResourcesClient(kubelet.socket_path, backoff_max_s=30.0)
+    kubelet.exhausted = True  # the kubelet's rate limit answers RESOURCE_EXHAUSTED
+    sources = PodSources(PodResourcesClient(kubelet.socket_path), ProcReader(str(tmp_path)), interval_s=0.1)
+    sources.start()
     try:
-        for _ in range(20):  # twenty polls in quick succession
-            assert client.list_allocations() is None
-        assert kubelet.calls == 1
-        assert client.errors["RESOURCE_EXHAUSTED"] == 1
+        time.sleep(3.0)  # thirty intervals
+        # Doubling from one interval: about six calls, where asking every interval made thirty.
+        assert 2 <= kubelet.calls <= 8, kubelet.calls
+        assert not sources.view().pod_resources_up
+        kubelet.exhausted = False
+        kubelet.set_pods([BERT])
+        deadline = time.monotonic() + 15
+        while not sources.view().allocations and time.monotonic() < deadline:
+            time.sleep(0.1)
+        assert sources.view().pod_resources_up and sources.view().allocations
     finally:
-        client.close()
+        sources.stop()
+        sources.join(2.0)
+        sources.kubelet.close()
         kubelet.stop()
 
 

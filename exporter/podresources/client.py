@@ -3,13 +3,12 @@ the device plugins' (``devices``) and Dynamic Resource Allocation's (``dynamic_r
 
 One long-lived channel on the kubelet's unix socket, opened lazily and kept across polls (gRPC
 reconnects it by itself when the kubelet restarts). The kubelet rate-limits this API and answers
-RESOURCE_EXHAUSTED past it: we back off exponentially rather than hammer it.
+RESOURCE_EXHAUSTED past it: the caller (``exporter.podsources``) backs off on every failure.
 """
 
 from __future__ import annotations
 
 import logging
-import time
 from collections import Counter
 
 import grpc
@@ -23,14 +22,11 @@ MAX_RECEIVE_BYTES = 16 * 1024 * 1024  # large nodes exceed gRPC's 4 MiB default
 
 
 class PodResourcesClient:
-    def __init__(self, socket_path: str, timeout_s: float = 5.0, backoff_max_s: float = 30.0) -> None:
+    def __init__(self, socket_path: str, timeout_s: float = 5.0) -> None:
         self.socket_path = socket_path
         self.timeout_s = timeout_s
         self.up = False
         self.errors: Counter[str] = Counter()  # gRPC status code name -> count
-        self._backoff_max_s = backoff_max_s
-        self._backoff_s = 0.0
-        self._next_call = 0.0
         self._channel: grpc.Channel | None = None
         self._stub: api_pb2_grpc.PodResourcesListerStub | None = None
         self._last_error = ""
@@ -52,19 +48,15 @@ class PodResourcesClient:
     def list_allocations(self) -> list[Allocation] | None:
         """The kubelet's current device allocations (DRA ones as ``ClaimAllocation``), or None when it
         cannot be asked right now."""
-        now = time.monotonic()
-        if now < self._next_call:
-            return None  # backing off: the caller treats this like an unreachable kubelet
         try:
             response = self._connect().List(api_pb2.ListPodResourcesRequest(), timeout=self.timeout_s)
         except grpc.RpcError as error:
             code = error.code() if isinstance(error, grpc.Call) else grpc.StatusCode.UNKNOWN
-            self._fail(now, code, error)
+            self._fail(code, error)
             return None
         if not self.up:
             log.info("kubelet pod-resources reachable at %s", self.socket_path)
         self.up = True
-        self._backoff_s = 0.0
         self._last_error = ""
         allocations = [
             Allocation(
@@ -99,13 +91,9 @@ class PodResourcesClient:
         )
         return allocations
 
-    def _fail(self, now: float, code: grpc.StatusCode, error: grpc.RpcError) -> None:
+    def _fail(self, code: grpc.StatusCode, error: grpc.RpcError) -> None:
         self.up = False
         self.errors[code.name] += 1
-        if code == grpc.StatusCode.RESOURCE_EXHAUSTED:
-            # Rate limited: back off exponentially so the kubelet's token bucket can refill.
-            self._backoff_s = min(max(self._backoff_s * 2, 1.0), self._backoff_max_s)
-            self._next_call = now + self._backoff_s
         message = f"kubelet pod-resources at {self.socket_path} unavailable ({code.name}); exporting without pod labels"
         if message != self._last_error:
             log.warning("%s: %s", message, error.details() if isinstance(error, grpc.Call) else error)
