@@ -25,11 +25,12 @@ from exporter.adapter.kubeapi import KubeReviewer, api_client, read_requestheade
 from exporter.adapter.pods import PodIndex, pod_meta
 from exporter.adapter.prometheus import PrometheusClient, PrometheusProvider
 from exporter.adapter.rules import DEFAULT_RULES, Rules, RulesError, load_rules
-from exporter.adapter.server import AdapterServer, Services, tls_context
+from exporter.adapter.server import SHARED_BODY_BYTES, AdapterServer, Services, tls_context
+from exporter.adapter.sharing import SharedAnswers
 from exporter.config import configure_logging
 from exporter.httpserver import wait_for_signal
-from exporter.kube import Reflector
 from exporter.kubeclient import ConfigError, KubeClient, load_credentials
+from exporter.sources.kube import Reflector
 
 log = logging.getLogger("exporter.adapter")
 
@@ -74,7 +75,12 @@ def build_parser() -> _Parser:
     add("--authorization-kubeconfig", help="kubeconfig for SubjectAccessReviews (default: --kubeconfig)")
     add("--authorization-always-allow-paths", default="/healthz,/readyz,/livez")
     add("--prometheus-url", default="http://localhost:9090", help="Prometheus HTTP API base URL")
-    add("--prometheus-timeout", type=float, default=10.0, help="seconds per Prometheus query (default 10)")
+    add(
+        "--prometheus-timeout",
+        type=float,
+        default=10.0,
+        help="seconds a Prometheus query may take, as a whole (default 10)",
+    )
     add("--config", help="rules file (default: the built-in rules for the agent's metrics)")
     add("--log-level", default="info", choices=["debug", "info", "warning", "error"])
     return parser
@@ -263,6 +269,8 @@ def main(argv: Sequence[str] | None = None) -> int:
         authorizer=Authorizer(reviewer),
         always_allow_paths=frozenset(_listed(args.authorization_always_allow_paths)),
         not_ready=not_ready,
+        # A request waits for an identical one in flight no longer than that one's query may take.
+        answers=SharedAnswers(SHARED_BODY_BYTES, len, wait_s=args.prometheus_timeout + 2),
     )
     try:
         server = AdapterServer((args.bind_address, args.secure_port), cert, key, services)

@@ -10,16 +10,18 @@ when it fails goes to the log, never to the API's clients.
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import math
+import socket
 import threading
+import time
 from collections.abc import Callable
 from dataclasses import dataclass
 
 import requests
 
 from exporter.adapter.provider import (
-    BadRequestError,
     ExternalValue,
     MetricInfo,
     MetricNotFoundError,
@@ -50,6 +52,11 @@ class Sample:
 
 
 class PrometheusClient:
+    """``timeout_s`` bounds each query as a whole: requests' own timeout bounds each read only, and a
+    Prometheus (or a proxy before it) sending a byte now and then would hold the caller for ever.
+    Until the answer's head is in, each read waits at most ``timeout_s``; from then on a timer cuts
+    the connection when the whole time is up."""
+
     def __init__(self, url: str, timeout_s: float = 10.0) -> None:
         self.url = url.rstrip("/")
         self.timeout_s = timeout_s
@@ -57,8 +64,14 @@ class PrometheusClient:
 
     def query(self, promql: str) -> list[Sample]:
         """An instant query's vector, without NaN or infinite samples."""
+        deadline = time.monotonic() + self.timeout_s
         try:
-            response = self._session.post(f"{self.url}/api/v1/query", data={"query": promql}, timeout=self.timeout_s)
+            with self._session.post(
+                f"{self.url}/api/v1/query", data={"query": promql}, timeout=self.timeout_s, stream=True
+            ) as response:
+                _read_by(response, deadline)
+            if time.monotonic() > deadline:
+                raise requests.Timeout(f"no whole answer within {self.timeout_s:g} s")
             body = response.json() if response.status_code in (200, 400, 422) else {}
         except (requests.RequestException, ValueError) as error:
             raise PrometheusUnavailableError(f"querying {self.url}: {type(error).__name__}") from error
@@ -78,6 +91,28 @@ class PrometheusClient:
         return samples
 
 
+def _read_by(response: requests.Response, deadline: float) -> None:
+    """Reads the whole body, cutting the connection at ``deadline`` (a shut-down socket ends the
+    read at once with an error; the connection is then discarded, never reused)."""
+    connection = getattr(response.raw, "connection", None)
+    sock: socket.socket | None = getattr(connection, "sock", None)
+    if sock is None:  # already read whole with the head
+        response.content  # noqa: B018 (reads the body)
+        return
+    timer = threading.Timer(max(0.0, deadline - time.monotonic()), _cut, (sock,))
+    timer.daemon = True
+    timer.start()
+    try:
+        response.content  # noqa: B018 (reads the body)
+    finally:
+        timer.cancel()
+
+
+def _cut(sock: socket.socket) -> None:
+    with contextlib.suppress(OSError):  # closed meanwhile
+        sock.shutdown(socket.SHUT_RDWR)
+
+
 # Each query answers two things per group: the value and, labelled apart, the time of the newest
 # sample behind it, so an answer's timestamp is when the GPU was measured, not when it was asked.
 _FIELD = "gpu_adapter_field"
@@ -93,6 +128,19 @@ def _timed(rule: Rule, matchers: str, group_by: str) -> str:
     )
 
 
+def _object_matchers(rule: Rule, naming: int, namespace: str, pods_only: bool = True) -> list[str]:
+    """Matchers for the namespace's pod series by the rule's ``naming``-th pair of namespace/pod
+    labels. A series that also carries a later pair is that pair's, never this one's: without
+    honor_labels a scrape keeps the agent's own namespace and pod in ``namespace``/``pod`` and the
+    measured pod's in ``exported_namespace``/``exported_pod``, and matching ``namespace`` alone
+    would hand every namespace's GPUs to the agent's namespace."""
+    namespaces, pods = rule.resources["namespace"], rule.resources["pod"]
+    own = (namespaces[naming], pods[naming])
+    later = dict.fromkeys([*namespaces[naming + 1 :], *pods[naming + 1 :]])
+    absent = [f'{label}=""' for label in later if label not in own]
+    return [f"{own[0]}={quote(namespace)}", *([f'{own[1]}!=""'] if pods_only else []), *absent]
+
+
 def pods_query(rule: Rule, namespace: str) -> str:
     """One query for every pod of a namespace, whatever the number a request selects: the caller
     keeps the pods it wants. Matching the namespace alone is cheaper for Prometheus than a regex of
@@ -100,8 +148,10 @@ def pods_query(rule: Rule, namespace: str) -> str:
     namespace/pod labels the rule allows is tried, and renamed ones are mapped back, so the result
     is grouped by (namespace, pod) whichever the scrape config used."""
     alternatives = []
-    for ns_label, pod_label in zip(rule.resources["namespace"], rule.resources["pod"], strict=True):
-        query = _timed(rule, f'{ns_label}={quote(namespace)},{pod_label}!=""', f"{ns_label},{pod_label}")
+    for naming, (ns_label, pod_label) in enumerate(
+        zip(rule.resources["namespace"], rule.resources["pod"], strict=True)
+    ):
+        query = _timed(rule, ",".join(_object_matchers(rule, naming, namespace)), f"{ns_label},{pod_label}")
         if (ns_label, pod_label) != ("namespace", "pod"):
             query = (
                 f'label_replace(label_replace({query}, "namespace", "$1", "{ns_label}", "(.*)"), '
@@ -112,14 +162,14 @@ def pods_query(rule: Rule, namespace: str) -> str:
 
 
 def namespace_query(rule: Rule, namespace: str) -> str:
-    """The rule's aggregate over all the namespace's pods (the Namespace object's metric)."""
-    ns_label = rule.resources["namespace"][0]
-    return _timed(rule, f'{ns_label}={quote(namespace)},{rule.resources["pod"][0]}!=""', ns_label)
+    """The rule's aggregate over all the namespace's pods (the Namespace object's metric), by the
+    first naming of the labels."""
+    return _timed(rule, ",".join(_object_matchers(rule, 0, namespace)), rule.resources["namespace"][0])
 
 
 def external_query(rule: Rule, namespace: str, selector: Selector) -> str:
-    """The rule over the namespace's series matching a metric label selector."""
-    matchers = [f"{rule.resources['namespace'][0]}={quote(namespace)}", *selector_matchers(selector.requirements)]
+    """The rule over the namespace's series matching a metric label selector (first naming)."""
+    matchers = [*_object_matchers(rule, 0, namespace, pods_only=False), *selector_matchers(selector.requirements)]
     return _timed(rule, ",".join(matchers), "")
 
 
@@ -138,7 +188,6 @@ def _timed_values(samples: list[Sample]) -> dict[frozenset[tuple[str, str]], tup
     return {group: (value, times.get(group, 0.0)) for group, value in values.items()}
 
 
-MAX_REQUIREMENTS = 50  # bounds the PromQL one request can make Prometheus run
 SHARED_GROUPS = 200_000  # Prometheus answers shared for a second, together at most this many groups (~30 MB)
 
 
@@ -167,7 +216,8 @@ class PrometheusProvider:
         self._rules = rules
         self._prometheus = prometheus
         self._pod_names = pod_names
-        self._shared = shared or SharedAnswers(SHARED_GROUPS, len)
+        # A query waits for an identical one in flight no longer than that one may take.
+        self._shared = shared or SharedAnswers(SHARED_GROUPS, len, wait_s=prometheus.timeout_s + 1)
         self._failing = ""  # the backend failure last logged: logged once per change of state
         self._failing_lock = threading.Lock()
 
@@ -219,8 +269,6 @@ class PrometheusProvider:
         rule = self._rules.external_rule(metric)
         if rule is None:
             raise MetricNotFoundError(f"the server could not find the metric {metric} for external metrics")
-        if len(selector.requirements) > MAX_REQUIREMENTS:
-            raise BadRequestError(f"a label selector of at most {MAX_REQUIREMENTS} requirements is served")
         timed = self._timed(external_query(rule, namespace, selector))
         return [ExternalValue(metric, dict(group), value, when) for group, (value, when) in timed.items()]
 

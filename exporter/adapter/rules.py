@@ -6,9 +6,10 @@ In the spirit of prometheus-adapter's rules, but only what this project needs::
     - name: duty_cycle_current  # the metric name the HPA asks for
       seriesQuery: duty_cycle_current   # the series in Prometheus it is computed from
       metricsQuery: avg by (<<.GroupBy>>) (<<.Series>>{<<.LabelMatchers>>})
-      resources:                # series labels naming the object; the first present wins, so
-        namespace: [namespace, exported_namespace]   # scrape configs that renamed them on a
-        pod: [pod, exported_pod]                      # collision still work
+      resources:                # series labels naming the object, in pairs; a series carrying a
+        namespace: [namespace, exported_namespace]   # later pair is that pair's, so a scrape without
+        pod: [pod, exported_pod]                      # honor_labels (which renames the agent's labels
+                                                      # on a collision) is attributed to the right pod
     external:                   # external metrics: one value per namespace and label selector
     - name: gpu_duty_cycle
       seriesQuery: duty_cycle_current

@@ -2,6 +2,11 @@
 
 The grammar of k8s.io/apimachinery/pkg/labels: equality (``=``, ``==``, ``!=``), set-based
 (``in``, ``notin``), existence (``key``) and non-existence (``!key``), joined by commas. Pure.
+
+Bounded: a selector is at most ``MAX_SELECTOR_BYTES`` long and ``MAX_REQUIREMENTS`` requirements,
+checked before any term is parsed, and each term is matched in linear time (whitespace is taken
+possessively, so no run of blanks is ever re-split: Python's ``re`` holds the GIL while it
+backtracks, and a quadratic match stalls every thread of the process).
 """
 
 from __future__ import annotations
@@ -13,11 +18,16 @@ from dataclasses import dataclass
 # A qualified label key ([prefix/]name) and a label value, as the API validates them.
 _KEY = r"(?:[a-z0-9]([-a-z0-9.]{0,251}[a-z0-9])?/)?[A-Za-z0-9]([-A-Za-z0-9_.]{0,61}[A-Za-z0-9])?"
 _VALUE = r"(?:[A-Za-z0-9]([-A-Za-z0-9_.]{0,61}[A-Za-z0-9])?)?"
+# Matched against a stripped term with fullmatch; every quantifier over blanks is possessive.
 _TERM = re.compile(
-    rf"^\s*(?:(?P<not>!)\s*(?P<nkey>{_KEY})"
-    rf"|(?P<key>{_KEY})\s*(?:(?P<op>==|=|!=)\s*(?P<value>{_VALUE})"
-    rf"|\s+(?P<setop>in|notin)\s*\((?P<values>[^()]*)\))?)\s*$"
+    rf"(?:(?P<not>!)\s*+(?P<nkey>{_KEY})"
+    rf"|(?P<key>{_KEY})(?:\s*+(?P<op>==|=|!=)\s*+(?P<value>{_VALUE})"
+    rf"|\s++(?P<setop>in|notin)\s*+\((?P<values>[^()]*+)\))?)"
 )
+# An HPA's selector is a few requirements; these bound what one request can make the adapter (pod
+# matching) and Prometheus (an external metric's matchers) do.
+MAX_SELECTOR_BYTES = 4096
+MAX_REQUIREMENTS = 50
 
 
 class SelectorError(ValueError):
@@ -48,11 +58,18 @@ class Selector:
         return all(r.matches(labels) for r in self.requirements)
 
 
-def parse_selector(text: str) -> Selector:
-    """An empty selector matches everything."""
+def parse_selector(
+    text: str, max_bytes: int = MAX_SELECTOR_BYTES, max_requirements: int = MAX_REQUIREMENTS
+) -> Selector:
+    """An empty selector matches everything. The bounds are checked before any term is parsed."""
+    if len(text) > max_bytes:
+        raise SelectorError(f"a label selector of at most {max_bytes} characters is served")
+    terms = _split_terms(text)
+    if len(terms) > max_requirements:
+        raise SelectorError(f"a label selector of at most {max_requirements} requirements is served")
     requirements = []
-    for term in _split_terms(text):
-        found = _TERM.match(term)
+    for term in terms:
+        found = _TERM.fullmatch(term.strip())
         if not found:
             raise SelectorError(f"unable to parse requirement: {term.strip()!r}")
         if found.group("not"):

@@ -26,7 +26,7 @@ from exporter.adapter.provider import (
     UnavailableError,
 )
 from exporter.adapter.selector import SelectorError, parse_selector
-from exporter.adapter.sharing import SharedAnswers
+from exporter.adapter.sharing import SharedAnswers, WaitTimeoutError
 from exporter.httpserver import Handler, Server
 
 log = logging.getLogger(__name__)
@@ -60,7 +60,11 @@ class _Handler(Handler):
     server: AdapterServer
 
     def do_GET(self) -> None:  # noqa: N802 (http.server's naming)
-        url = urlsplit(self.path)
+        try:
+            url = urlsplit(self.path)
+        except ValueError:  # a target no URL parser takes (``http://[::1/apis``): the client's fault, no traceback
+            self._send_status(400, "BadRequest", "the request target is not a valid URL")
+            return
         services = self.server.services
         if url.path in services.always_allow_paths:
             why_not = services.not_ready() if url.path == "/readyz" else ""
@@ -83,16 +87,20 @@ class _Handler(Handler):
                 )
             else:
                 data = json.dumps(self._serve(route, parse_qs(url.query))).encode()
+        except WaitTimeoutError:  # an identical request's query outlasted its deadline
+            self._send_status(503, "ServiceUnavailable", "the metrics backend did not answer in time")
+            return
         except _ApiError as error:
-            body = api.status(error.code, error.reason, error.message)
-            self.send(error.code, json.dumps(body).encode(), "application/json")
+            self._send_status(error.code, error.reason, error.message)
             return
         except Exception:  # a failed review or a bug: answer, log, keep serving
             log.exception("%s failed", url.path)
-            body = api.status(500, "InternalError", "an error on the server prevented the request from succeeding")
-            self.send(500, json.dumps(body).encode(), "application/json")
+            self._send_status(500, "InternalError", "an error on the server prevented the request from succeeding")
             return
         self.send(200, data, "application/json")
+
+    def _send_status(self, code: int, reason: str, message: str) -> None:
+        self.send(code, json.dumps(api.status(code, reason, message)).encode(), "application/json")
 
     def _peer_cert(self) -> dict[str, Any] | None:
         connection = self.connection

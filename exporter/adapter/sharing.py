@@ -4,7 +4,9 @@ and the HPA syncs every 15 s, so an answer a second old is as fresh as a new one
 a namespace asking at once, or many clients of one, cost one computation a second, not one each.
 Failures are never kept beyond the requests that waited for them. Bounded: answers weighing at most
 ``max_weight`` together (``weigh`` says what one weighs: bytes of a body, pods of a query's
-answer), each dropped once ``max_age_s`` old; one heavier than the bound alone is not kept."""
+answer), each dropped once ``max_age_s`` old; one heavier than the bound alone is not kept. A
+request waits for another's computation at most ``wait_s`` (then ``WaitTimeoutError``): a stuck
+computation pins its own thread, never every thread that asked the same thing."""
 
 from __future__ import annotations
 
@@ -14,6 +16,11 @@ from collections.abc import Callable
 from typing import Any
 
 SHARE_S = 1.0
+WAIT_S = 30.0
+
+
+class WaitTimeoutError(TimeoutError):
+    """The identical computation in flight did not finish within ``wait_s``."""
 
 
 class _Flight:
@@ -32,8 +39,10 @@ class SharedAnswers:
         weigh: Callable[[Any], int],
         max_age_s: float = SHARE_S,
         clock: Callable[[], float] = time.monotonic,
+        wait_s: float = WAIT_S,
     ) -> None:
         self._max_weight = max_weight
+        self._wait_s = wait_s
         self._weigh = weigh
         self._max_age_s = max_age_s
         self._clock = clock
@@ -52,7 +61,8 @@ class SharedAnswers:
             if flight is None:
                 flight = self._flights[key] = _Flight()
         if not leader:
-            flight.done.wait()
+            if not flight.done.wait(self._wait_s):
+                raise WaitTimeoutError(f"the identical computation in flight took over {self._wait_s:g} s")
             if flight.error is not None:
                 raise flight.error
             return flight.value

@@ -2,13 +2,15 @@
 
 from __future__ import annotations
 
+import time
+
 import promql_parser
 import pytest
 
 from exporter.adapter.prometheus import external_query, namespace_query, pods_query
 from exporter.adapter.quantity import format_quantity
 from exporter.adapter.rules import DEFAULT_RULES, RulesError, load_rules, prometheus_label
-from exporter.adapter.selector import SelectorError, parse_selector
+from exporter.adapter.selector import MAX_SELECTOR_BYTES, SelectorError, parse_selector
 
 
 @pytest.mark.parametrize(
@@ -73,8 +75,11 @@ def test_one_query_for_all_pods_with_both_label_namings() -> None:
     # matching the namespace (the caller keeps the pods it selected), never a regex of pod names
     assert query.count("duty_cycle_current{") == 4
     assert "=~" not in query
-    assert query.startswith('label_replace(avg by (namespace,pod) (duty_cycle_current{namespace="default",pod!=""})')
-    assert 'max by (namespace,pod) (timestamp(duty_cycle_current{namespace="default",pod!=""}))' in query
+    # a series carrying the renamed labels too is attributed by them, never by the scrape target's
+    plain = 'duty_cycle_current{namespace="default",pod!="",exported_namespace="",exported_pod=""}'
+    assert query.startswith(f"label_replace(avg by (namespace,pod) ({plain})")
+    assert f"max by (namespace,pod) (timestamp({plain}))" in query
+    assert 'duty_cycle_current{exported_namespace="default",exported_pod!=""}' in query
     assert "label_replace(label_replace(label_replace(avg by (exported_namespace,exported_pod)" in query
     memory = DEFAULT_RULES.custom_rule("memory_used_bytes_current")
     assert memory is not None
@@ -84,14 +89,14 @@ def test_one_query_for_all_pods_with_both_label_namings() -> None:
 def test_namespace_and_external_queries() -> None:
     rule = DEFAULT_RULES.custom_rule("power_usage_milliwatts_current")
     assert rule is not None
-    series = 'power_usage_milliwatts_current{namespace="ml",pod!=""}'
+    series = 'power_usage_milliwatts_current{namespace="ml",pod!="",exported_namespace="",exported_pod=""}'
     assert namespace_query(rule, "ml") == (
         f'label_replace(sum by (namespace) ({series}), "gpu_adapter_field", "value", "", "") or '
         f'label_replace(max by (namespace) (timestamp({series})), "gpu_adapter_field", "timestamp", "", "")'
     )
     external = DEFAULT_RULES.external_rule("gpu_duty_cycle")
     assert external is not None
-    selected = 'duty_cycle_current{namespace="ml",node=~"a|b",pod!~"x",canary=""}'
+    selected = 'duty_cycle_current{namespace="ml",exported_namespace="",exported_pod="",node=~"a|b",pod!~"x",canary=""}'
     assert external_query(external, "ml", parse_selector("node in (a,b),pod!=x,!canary")) == (
         f'label_replace(avg({selected}), "gpu_adapter_field", "value", "", "") or '
         f'label_replace(max (timestamp({selected})), "gpu_adapter_field", "timestamp", "", "")'
@@ -188,3 +193,23 @@ def test_an_external_selector_on_any_valid_key_is_valid_promql() -> None:
     promql_parser.parse(query)  # raises on invalid PromQL
     assert 'app_kubernetes_io_name=~"bert"' in query and '_lives=~"a|b"' in query
     assert 'example_com_canary=""' in query and 'team_x!=""' in query
+
+
+def test_a_run_of_blanks_is_refused_in_linear_time() -> None:
+    """Python's re holds the GIL: a selector matched in quadratic time (30 000 blanks took 22 s)
+    stalls every thread of the adapter, its probes included."""
+    started = time.monotonic()
+    for selector in ("a" + " " * 30_000 + "x", "a in (" + " " * 30_000, "!" + " " * 30_000 + "=", "a" * 30_000):
+        with pytest.raises(SelectorError):
+            parse_selector(selector, max_bytes=10**6)
+    assert time.monotonic() - started < 5  # linear: milliseconds; quadratic: minutes
+
+
+@pytest.mark.parametrize(
+    ("selector", "limit"),
+    [("a" * (MAX_SELECTOR_BYTES + 1), f"{MAX_SELECTOR_BYTES} characters"), (",".join(["a"] * 51), "50 requirements")],
+)
+def test_a_selector_over_the_bounds_is_refused_naming_the_bound(selector: str, limit: str) -> None:
+    with pytest.raises(SelectorError, match=limit):
+        parse_selector(selector)
+    assert len(parse_selector(",".join(["a"] * 50)).requirements) == 50

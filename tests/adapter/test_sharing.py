@@ -8,7 +8,7 @@ import time
 
 import pytest
 
-from exporter.adapter.sharing import SharedAnswers
+from exporter.adapter.sharing import SharedAnswers, WaitTimeoutError
 
 
 def test_concurrent_identical_requests_share_one_computation() -> None:
@@ -89,3 +89,18 @@ def test_answers_kept_are_bounded_by_age_and_weight() -> None:
 def test_a_failed_computation_raises_to_its_caller() -> None:
     with pytest.raises(ValueError):
         SharedAnswers(100, len).get("q", lambda: int("x"))
+
+
+def test_a_request_waits_for_a_stuck_identical_one_no_longer_than_wait_s() -> None:
+    shared = SharedAnswers(100, len, wait_s=0.5)
+    release = threading.Event()
+    leader = threading.Thread(target=lambda: shared.get("q", lambda: str(release.wait(30))))
+    leader.start()
+    time.sleep(0.2)
+    started = time.monotonic()
+    with pytest.raises(WaitTimeoutError):
+        shared.get("q", lambda: "never asked: the leader is in flight")
+    assert time.monotonic() - started < 10  # the leader is still stuck; the follower is free
+    release.set()
+    leader.join(5)
+    assert shared.get("q", lambda: "fresh") == "True"  # the leader's answer, once it came

@@ -25,14 +25,25 @@ def installed(binary_name: str) -> str:
 
 
 class Prometheus:
-    def __init__(self, directory: Path, targets: list[str], port: int, kind: str = "prometheus") -> None:
+    def __init__(
+        self,
+        directory: Path,
+        targets: list[str],
+        port: int,
+        kind: str = "prometheus",
+        target_labels: dict[str, str] | None = None,
+    ) -> None:
+        """With ``target_labels`` (the agent's own namespace and pod, as Kubernetes service discovery
+        attaches them) and no honor_labels, the agent's clashing labels come in renamed to
+        ``exported_namespace``/``exported_pod``, as in a scrape config that forgot honor_labels."""
         directory.mkdir(parents=True, exist_ok=True)
         config = directory / "prometheus.yml"
+        honor = "" if target_labels else "  honor_labels: true  # keep the agent's namespace/pod labels\n"
+        labels = f"    labels: {target_labels!r}\n" if target_labels else ""
         config.write_text(
             "global:\n  scrape_interval: 1s\n"
-            "scrape_configs:\n- job_name: gpu-pod-exporter\n"
-            "  honor_labels: true  # keep the agent's namespace/pod labels, not the scrape target's\n"
-            f"  static_configs:\n  - targets: {targets!r}\n"
+            f"scrape_configs:\n- job_name: gpu-pod-exporter\n{honor}"
+            f"  static_configs:\n  - targets: {targets!r}\n{labels}"
         )
         self.url = f"http://127.0.0.1:{port}"
         self.log_path = directory / "prometheus.log"
