@@ -13,6 +13,7 @@ from __future__ import annotations
 import logging
 import threading
 import time
+from collections import OrderedDict
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 from typing import Any, Protocol
@@ -45,9 +46,12 @@ class Reviewer(Protocol):
 
 
 class _TtlCache:
-    def __init__(self, ttl_s: float, clock: Callable[[], float]) -> None:
-        self._ttl_s, self._clock = ttl_s, clock
-        self._entries: dict[Any, tuple[float, Any]] = {}
+    """Answers kept ``ttl_s``, at most ``max_entries`` of them: past the bound the least recently
+    used goes, so a flood of distinct tokens costs the flood's own entries, never the HPA's."""
+
+    def __init__(self, ttl_s: float, clock: Callable[[], float], max_entries: int = 10_000) -> None:
+        self._ttl_s, self._clock, self._max_entries = ttl_s, clock, max_entries
+        self._entries: OrderedDict[Any, tuple[float, Any]] = OrderedDict()  # least recently used first
         self._lock = threading.Lock()
 
     def get(self, key: Any, compute: Callable[[], Any]) -> Any:
@@ -55,12 +59,14 @@ class _TtlCache:
         with self._lock:
             hit = self._entries.get(key)
             if hit is not None and now - hit[0] < self._ttl_s:
+                self._entries.move_to_end(key)
                 return hit[1]
         value = compute()
         with self._lock:
-            if len(self._entries) > 10_000:  # bound memory against many distinct tokens
-                self._entries.clear()
             self._entries[key] = (now, value)
+            self._entries.move_to_end(key)
+            while len(self._entries) > self._max_entries:
+                self._entries.popitem(last=False)
         return value
 
 

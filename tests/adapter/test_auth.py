@@ -78,6 +78,20 @@ def test_bearer_tokens_are_reviewed_once_per_ttl() -> None:
     assert auth.authenticate(None, headers()) is None
 
 
+def test_a_flood_of_distinct_tokens_does_not_evict_a_token_in_use() -> None:
+    """The cache is bounded (10 000 entries) by dropping the least recently used, not by clearing it:
+    a client inventing tokens must not cost the HPA a TokenReview per request."""
+    reviewer = Reviewer()
+    auth = Authenticator(reviewer, ttl_s=3600)
+    for flood in range(30_000):
+        if flood % 1000 == 0:
+            assert auth.authenticate(None, headers(Authorization="Bearer good")) == User("alice", ("team",))
+        auth.authenticate(None, headers(Authorization=f"Bearer invented-{flood}"))
+    assert reviewer.token_reviews == 30_000 + 1  # each invented token once, the one in use once
+    auth.authenticate(None, headers(Authorization="Bearer invented-0"))  # long evicted: reviewed again
+    assert reviewer.token_reviews == 30_000 + 2
+
+
 @pytest.mark.parametrize(
     ("authorization", "user"),
     [
