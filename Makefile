@@ -45,7 +45,7 @@ lint: install
 	$(PYTHON) -c 'from importlinter.cli import lint_imports_command; lint_imports_command()'
 
 clean:
-	rm -rf build tests/fakenvml/libnvidia-ml.so.1 exporter/podresources/api_pb2*.py exporter/podresources/api_pb2*.pyi
+	rm -rf build tests/fakenvml/libnvidia-ml.so.1 exporter/sources/podresources/api_pb2*.py exporter/sources/podresources/api_pb2*.pyi
 
 # Side-by-side with nvitop-exporter on the same fake NVML scenarios; not part of make test (~15 min).
 bench: install fake-nvml

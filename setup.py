@@ -16,12 +16,12 @@ from setuptools import setup
 from setuptools.command.build_py import build_py
 
 ROOT = Path(__file__).resolve().parent
-PROTO = Path("exporter", "podresources", "api.proto")
+PROTO = Path("exporter", "sources", "podresources", "api.proto")
 GENERATED = ("api_pb2.py", "api_pb2_grpc.py", "api_pb2.pyi")
 
 
 def generate_stubs(out_dir: Path) -> None:
-    """api_pb2.py, api_pb2_grpc.py and api_pb2.pyi for ``exporter.podresources`` under ``out_dir``."""
+    """api_pb2.py, api_pb2_grpc.py and api_pb2.pyi for ``exporter.sources.podresources`` under ``out_dir``."""
     from grpc_tools import protoc
 
     (out_dir / PROTO.parent).mkdir(parents=True, exist_ok=True)

@@ -20,20 +20,20 @@ from prometheus_client import CollectorRegistry
 from prometheus_client.platform_collector import PlatformCollector
 from prometheus_client.process_collector import ProcessCollector
 
-from exporter.attribute import attribute
-from exporter.collector import AgeCollector, SnapshotCollector
+from exporter.attribution.attribute import attribute
 from exporter.config import Config, configure_logging, parse_config
+from exporter.exposition.collector import AgeCollector, SnapshotCollector
 from exporter.httpserver import wait_for_signal
 from exporter.model import EMPTY_ATTRIBUTION, Health, Snapshot
-from exporter.nvml import NvmlReader
-from exporter.podresources.client import PodResourcesClient
-from exporter.podsources import PodSources
-from exporter.procfs import ProcReader
 from exporter.server import Exposition, MetricsServer
+from exporter.sources.nvml import NvmlReader
+from exporter.sources.podresources.client import PodResourcesClient
+from exporter.sources.podsources import PodSources
+from exporter.sources.procfs import ProcReader
 
 if TYPE_CHECKING:
-    from exporter.kube import PodWatcher
-    from exporter.resourceslices import SliceWatcher
+    from exporter.sources.kube import PodWatcher
+    from exporter.sources.resourceslices import SliceWatcher
 
 log = logging.getLogger("exporter")
 
@@ -57,8 +57,8 @@ class Agent:
         self.slices: SliceWatcher | None = None  # DRA devices; the watch starts with the first DRA claim
         if config.kubernetes:
             # Imported here: with --no-kubernetes the watch and its HTTP client are not loaded at all.
-            from exporter.kube import PodWatcher
-            from exporter.resourceslices import SliceWatcher
+            from exporter.sources.kube import PodWatcher
+            from exporter.sources.resourceslices import SliceWatcher
 
             self.pods = PodWatcher(config.node_name, config.kubeconfig)
             self.slices = SliceWatcher(config.node_name, config.kubeconfig)

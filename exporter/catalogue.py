@@ -5,7 +5,7 @@ MIG) and the NVML read behind it. The NVML reader reads exactly the sources the 
 need and turns them into samples here; the collector renders these families; the README's metric
 table is checked against this table (tests/test_catalogue.py). A new metric is one entry.
 
-Pure data and pure functions: the NVML calls are named, not imported (exporter.nvml calls them),
+Pure data and pure functions: the NVML calls are named, not imported (exporter.sources.nvml calls them),
 and the values handed to ``Source.plain`` are the bindings' structs read by attribute.
 """
 
@@ -115,7 +115,7 @@ SOURCES: dict[str, Source] = {
             every=SAMPLED_EVERY,
         ),
         Source("gpm", (), mig=True),  # {GPM metric id: percent} between two samples a poll apart
-        Source("xid", (), mig=True),  # {Xid: events counted} from NVML events (exporter.nvmlevents)
+        Source("xid", (), mig=True),  # {Xid: events counted} from NVML events (exporter.sources.nvmlevents)
     )
 }
 

@@ -86,6 +86,9 @@ class ResolvedClaim:
     uuid: str
 
 
+DeviceKey = tuple[str, str, str]  # a DRA device: (driver, pool, device)
+
+
 @dataclass(frozen=True)
 class PodInfo:
     """What the Kubernetes API says about a pod on this node."""

@@ -43,7 +43,7 @@ def scenario_file(tmp_path: Path, monkeypatch: pytest.MonkeyPatch, fake_nvml: Pa
 def nvml_reader(scenario_file: Path) -> Iterator:  # type: ignore[type-arg]
     """Makes NvmlReaders over the fake library and closes them after the test (their threads and
     NVML event sets would otherwise outlive it)."""
-    from exporter.nvml import NvmlReader
+    from exporter.sources.nvml import NvmlReader
 
     readers: list[NvmlReader] = []
 

@@ -283,5 +283,5 @@ def test_a_watch_answering_410_forever_backs_off_and_says_so(node: Node, start_a
     assert len(find(samples, "duty_cycle_current")) == 2  # device data unaffected
     node.api.watch_gone = False
     agent.wait_for(lambda s: find(s, "gpu_exporter_kubernetes_up") == [({}, 1.0)], timeout_s=40, what="recovery")
-    warnings = [line for line in agent.log().splitlines() if "WARNING" in line and "exporter.kube" in line]
+    warnings = [line for line in agent.log().splitlines() if "WARNING" in line and "exporter.sources.kube" in line]
     assert len(warnings) <= 2, warnings  # one line per change of state, not per retry

@@ -2,7 +2,7 @@
 
 from typing import Any
 
-from exporter.attribute import attribute
+from exporter.attribution.attribute import attribute
 from exporter.model import Allocation, DeviceReading, GpuProcess, GpuSeries, PodInfo, ProcessOwner
 
 GPU0 = "GPU-00000000-1111-2222-3333-444455556666"

@@ -8,7 +8,7 @@ from dataclasses import replace
 
 from prometheus_client import CollectorRegistry
 
-from exporter.collector import GPU_GAUGES, AgeCollector, SnapshotCollector
+from exporter.exposition.collector import GPU_GAUGES, AgeCollector, SnapshotCollector
 from exporter.model import Attribution, DeviceReading, GpuSeries, Health, Snapshot
 from exporter.server import Exposition
 from tests.conftest import Samples, find, parse_samples

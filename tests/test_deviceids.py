@@ -1,6 +1,6 @@
 import pytest
 
-from exporter.deviceids import DeviceRef, is_gpu_resource, parse_device_id
+from exporter.attribution.deviceids import DeviceRef, is_gpu_resource, parse_device_id
 
 UUID = "GPU-8a4e1b2c-1111-2222-3333-444455556666"
 MIG = "MIG-3f9c2d1e-aaaa-bbbb-cccc-ddddeeeeffff"

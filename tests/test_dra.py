@@ -11,11 +11,10 @@ from typing import Any
 
 import pytest
 
-from exporter.attribute import attribute
+from exporter.attribution.attribute import attribute
 from exporter.backoff import Backoff
-from exporter.dra import SliceRecord, device_uuids, slice_record
 from exporter.model import ClaimAllocation, DeviceReading, GpuProcess, PodInfo, ProcessOwner
-from exporter.resourceslices import SliceWatcher
+from exporter.sources.resourceslices import SliceRecord, SliceWatcher, device_uuids, slice_record
 from tests.conftest import NODE, Samples, find
 from tests.sim.apiserver import FakeApiServer, pod_json, resource_slice_json
 from tests.sim.kubelet import Claim, ClaimDevice, FakeKubelet, PodDevices

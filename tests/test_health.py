@@ -19,7 +19,7 @@ from prometheus_client.parser import text_string_to_metric_families
 from exporter.catalogue import CLOCK_EVENT_REASONS, DEVICE_FAMILIES, SAMPLED_EVERY, SLOW_EVERY
 from exporter.config import parse_config
 from exporter.model import DeviceReading
-from exporter.nvml import NvmlReader
+from exporter.sources.nvml import NvmlReader
 from tests.conftest import BERT, Node, find
 from tests.sim.scenario import Gpu, Mig, Scenario, Xid, gpu_uuid, mig_uuid
 from tests.test_nvml import calls_made, older_driver, poll_in_a_process
@@ -255,7 +255,7 @@ def test_xid_events_are_counted_once_each_on_the_right_device(scenario_file: Pat
 def test_the_xid_watcher_recovers_from_a_failed_registration(
     scenario_file: Path, nvml_reader: MakeReader, caplog: pytest.LogCaptureFixture
 ) -> None:
-    caplog.set_level(logging.INFO, logger="exporter.nvmlevents")
+    caplog.set_level(logging.INFO, logger="exporter.sources.nvmlevents")
     scenario = Scenario(gpus=[Gpu(gpu_uuid(0), fail={"events": 999})])
     scenario.write(scenario_file)
     reader = nvml_reader()

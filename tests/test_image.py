@@ -212,7 +212,11 @@ def test_the_wheel_carries_the_generated_stubs_and_both_scripts_start(fresh_venv
         assert result.returncode == 0, result.stderr
         assert "usage:" in result.stdout
     check = subprocess.run(
-        [str(fresh_venv / "bin" / "python"), "-c", "import exporter.podresources.api_pb2_grpc as m; print(m.__file__)"],
+        [
+            str(fresh_venv / "bin" / "python"),
+            "-c",
+            "import exporter.sources.podresources.api_pb2_grpc as m; print(m.__file__)",
+        ],
         capture_output=True,
         text=True,
         cwd=fresh_venv,

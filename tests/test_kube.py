@@ -15,8 +15,8 @@ from typing import Any
 import pytest
 
 from exporter.backoff import Backoff
-from exporter.kube import PodWatcher, Reflector
 from exporter.kubeclient import ConfigError, KubeClient, in_cluster_credentials, kubeconfig_credentials
+from exporter.sources.kube import PodWatcher, Reflector
 from tests.sim.apiserver import FakeApiServer, pod_json
 from tests.sim.certs import make_pki
 
@@ -173,7 +173,7 @@ def test_a_410_storm_costs_a_few_requests_with_growing_backoff_and_one_log_line(
     api: FakeApiServer, kubeconfig: str, started: Callable[[PodWatcher], PodWatcher], caplog: pytest.LogCaptureFixture
 ) -> None:
     """Every watch answers 410 Gone. Before the backoff the pod watch re-listed ~700 times a second."""
-    caplog.set_level(logging.INFO, logger="exporter.kube")
+    caplog.set_level(logging.INFO, logger="exporter.sources.kube")
     api.apply(pod_json("uid-1", "default", "bert-0", NODE))
     api.watch_gone = True
     watcher = started(PodWatcher(NODE, kubeconfig))  # the real backoff: ~1 s doubling to 30 s
@@ -198,7 +198,7 @@ def test_a_410_storm_costs_a_few_requests_with_growing_backoff_and_one_log_line(
 def test_failing_then_healthy_is_one_line_each_and_up_follows(
     api: FakeApiServer, watcher: PodWatcher, caplog: pytest.LogCaptureFixture
 ) -> None:
-    caplog.set_level(logging.INFO, logger="exporter.kube")
+    caplog.set_level(logging.INFO, logger="exporter.sources.kube")
     api.apply(pod_json("uid-2", "default", "bert-1", NODE))
     eventually(lambda: watcher.up and names(watcher) == {"bert-0", "bert-1"})  # a watch that delivers
     api.fail_status = 500
@@ -228,7 +228,7 @@ def test_a_quiet_healthy_watch_is_up_again_without_any_event(api: FakeApiServer,
 def test_an_unreachable_api_is_down_unknown_and_said_once(
     tmp_path: Path, started: Callable[[PodWatcher], PodWatcher], caplog: pytest.LogCaptureFixture
 ) -> None:
-    caplog.set_level(logging.INFO, logger="exporter.kube")
+    caplog.set_level(logging.INFO, logger="exporter.sources.kube")
     with socket.socket() as closed:  # bound, never listening: connections are refused
         closed.bind(("127.0.0.1", 0))
         server = FakeApiServer()

@@ -17,7 +17,7 @@ import pynvml
 import pytest
 import requests
 
-from exporter.nvml import NvmlReader
+from exporter.sources.nvml import NvmlReader
 from tests.conftest import Node, find
 from tests.sim.fakelib import build_fake_nvml
 from tests.sim.scenario import GIB, NVML_ERROR_DRIVER_NOT_LOADED, Gpu, Mig, Proc, Scenario, gpu_uuid, mig_uuid
@@ -47,7 +47,7 @@ def older_driver(directory: Path, *missing: str) -> Path:
 # library and its function pointers per process). Prints each poll's devices and errors as JSON.
 _POLL_IN_A_PROCESS = """
 import json, logging, sys
-from exporter.nvml import NvmlReader
+from exporter.sources.nvml import NvmlReader
 logging.basicConfig(level=logging.INFO, stream=sys.stderr)
 reader = NvmlReader()
 for _ in range(int(sys.argv[1])):
@@ -100,7 +100,7 @@ def test_reads_every_value_of_every_gpu(scenario_file: Path, nvml_reader: MakeRe
 def test_not_supported_values_are_absent_not_zero(
     scenario_file: Path, nvml_reader: MakeReader, caplog: pytest.LogCaptureFixture
 ) -> None:
-    caplog.set_level(logging.INFO, logger="exporter.nvml")
+    caplog.set_level(logging.INFO, logger="exporter.sources.nvml")
     Scenario(gpus=[Gpu(gpu_uuid(0), unsupported=("power", "temp")), Gpu(gpu_uuid(1))]).write(scenario_file)
     reader = nvml_reader()
     devices, errors = by_uuid(reader)
@@ -266,7 +266,7 @@ def test_an_older_driver_without_the_versioned_call_uses_the_older_one(scenario_
 def test_a_lost_gpu_keeps_its_uuid_and_is_logged_once_per_change(
     scenario_file: Path, nvml_reader: MakeReader, caplog: pytest.LogCaptureFixture
 ) -> None:
-    caplog.set_level(logging.INFO, logger="exporter.nvml")
+    caplog.set_level(logging.INFO, logger="exporter.sources.nvml")
     scenario = Scenario(gpus=[Gpu(gpu_uuid(0)), Gpu(gpu_uuid(1))])
     scenario.write(scenario_file)
     reader = nvml_reader()

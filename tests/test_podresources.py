@@ -6,9 +6,9 @@ import time
 from pathlib import Path
 
 from exporter.model import Allocation, ClaimAllocation
-from exporter.podresources.client import PodResourcesClient
-from exporter.podsources import PodSources
-from exporter.procfs import ProcReader
+from exporter.sources.podresources.client import PodResourcesClient
+from exporter.sources.podsources import PodSources
+from exporter.sources.procfs import ProcReader
 from tests.sim.kubelet import Claim, ClaimDevice, FakeKubelet, PodDevices
 from tests.sim.scenario import gpu_uuid
 

@@ -1,7 +1,7 @@
 """The adapter's view of the cluster's pods: namespace, name and labels, nothing else.
 
 The HPA asks for a label selector's pods in one namespace. The pods come from the project's
-list/watch reflector (exporter.kube: pages of 500, metadata only, watch with bookmarks, backoff with
+list/watch reflector (exporter.sources.kube: pages of 500, metadata only, watch with bookmarks, backoff with
 jitter, relist only on 410), each kept as a small record whose strings are interned (namespaces,
 label keys and values repeat across a Deployment's pods). Requests read a per-namespace index that
 is rebuilt from the reflector's records at most once per ``refresh_s`` after they change, so a

@@ -12,12 +12,13 @@ from collections import Counter, defaultdict
 from collections.abc import Iterable, Mapping
 from dataclasses import dataclass
 
-from exporter.deviceids import DeviceRef, is_gpu_resource, parse_device_id
-from exporter.dra import DeviceKey, fallback_minor, gpu_drivers
+from exporter.attribution.deviceids import DeviceRef, is_gpu_resource, parse_device_id
+from exporter.attribution.dra import fallback_minor, gpu_drivers
 from exporter.model import (
     Allocation,
     Attribution,
     ClaimAllocation,
+    DeviceKey,
     DeviceReading,
     GpuSeries,
     PodInfo,

@@ -13,7 +13,7 @@ read, nor the process from exiting.
 
 What is read is driven by the metric catalogue (exporter.catalogue): the sources the enabled
 groups need, each at its cadence, GPM metrics between two samples a poll apart, and Xid counts
-from the events watcher (exporter.nvmlevents), merged in at each poll.
+from the events watcher (exporter.sources.nvmlevents), merged in at each poll.
 """
 
 from __future__ import annotations
@@ -45,7 +45,7 @@ from exporter.catalogue import (
     reads_for,
 )
 from exporter.model import DeviceReading, GpuProcess
-from exporter.nvmlevents import XidCounts, XidWatcher
+from exporter.sources.nvmlevents import XidCounts, XidWatcher
 
 log = logging.getLogger(__name__)
 

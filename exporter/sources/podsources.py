@@ -18,8 +18,8 @@ from dataclasses import dataclass
 
 from exporter.backoff import Backoff
 from exporter.model import Allocation, ProcessOwner
-from exporter.podresources.client import PodResourcesClient
-from exporter.procfs import ProcReader
+from exporter.sources.podresources.client import PodResourcesClient
+from exporter.sources.procfs import ProcReader
 
 log = logging.getLogger(__name__)
 

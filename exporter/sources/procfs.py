@@ -11,8 +11,8 @@ from __future__ import annotations
 from collections.abc import Iterable
 from pathlib import Path
 
-from exporter.cgroup import parse_cgroup
 from exporter.model import ProcessOwner
+from exporter.sources.cgroup import parse_cgroup
 
 
 class ProcReader:

@@ -1,5 +1,5 @@
 """The adapter's pod index: compact records of (namespace, name, labels) from a paged, metadata-only
-list and watch (exporter.kube's reflector), read per namespace and label selector.
+list and watch (exporter.sources.kube's reflector), read per namespace and label selector.
 
 The cluster is played by tests/sim/apiserver.py, which pages lists, serves PartialObjectMetadata
 and watches with bookmarks as kube-apiserver does.

@@ -15,7 +15,7 @@ from dataclasses import dataclass, field
 
 import grpc
 
-from exporter.podresources import api_pb2, api_pb2_grpc
+from exporter.sources.podresources import api_pb2, api_pb2_grpc
 
 
 @dataclass(frozen=True)

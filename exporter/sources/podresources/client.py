@@ -3,7 +3,7 @@ the device plugins' (``devices``) and Dynamic Resource Allocation's (``dynamic_r
 
 One long-lived channel on the kubelet's unix socket, opened lazily and kept across polls (gRPC
 reconnects it by itself when the kubelet restarts). The kubelet rate-limits this API and answers
-RESOURCE_EXHAUSTED past it: the caller (``exporter.podsources``) backs off on every failure.
+RESOURCE_EXHAUSTED past it: the caller (``exporter.sources.podsources``) backs off on every failure.
 """
 
 from __future__ import annotations
@@ -14,7 +14,7 @@ from collections import Counter
 import grpc
 
 from exporter.model import Allocation, ClaimAllocation
-from exporter.podresources import api_pb2, api_pb2_grpc
+from exporter.sources.podresources import api_pb2, api_pb2_grpc
 
 log = logging.getLogger(__name__)
 

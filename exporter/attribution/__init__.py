@@ -1,0 +1,1 @@
+"""Attribute: pure functions over the readers' plain data that tie each GPU to the pods using it."""
