@@ -15,7 +15,7 @@ from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, Metri
 from prometheus_client.registry import Collector
 
 from exporter.catalogue import DEVICE_FAMILIES, POD_FAMILIES, POD_LABELS
-from exporter.model import DeviceReading, GpuSeries, Snapshot
+from exporter.model import DeviceReading, GpuSeries, Health, Snapshot
 
 GPU_LABELS = list(POD_LABELS)
 
@@ -139,7 +139,12 @@ def _gauge(name: str, help_text: str, value: float) -> GaugeMetricFamily:
 
 
 def _self_metrics(snapshot: Snapshot, stale: int) -> Iterator[Metric]:
-    health = snapshot.health
+    yield from _health_gauges(snapshot.health, stale)
+    yield from _counted_families(snapshot)
+
+
+def _health_gauges(health: Health, stale: int) -> Iterator[Metric]:
+    """Whether each outside system answers, and how fresh the poll is."""
     yield _gauge("gpu_exporter_nvml_up", "1 when NVML is initialised and answering, else 0.", float(health.nvml_up))
     yield _gauge(
         "gpu_exporter_pod_resources_up",
@@ -167,6 +172,11 @@ def _self_metrics(snapshot: Snapshot, stale: int) -> Iterator[Metric]:
         "GPU series left out because their device reading is older than the staleness bound.",
         float(stale),
     )
+
+
+def _counted_families(snapshot: Snapshot) -> Iterator[Metric]:
+    """Errors, unknown ids, sharing and process owners, each a labelled family."""
+    health, attribution = snapshot.health, snapshot.attribution
     yield _labelled(
         CounterMetricFamily(
             "gpu_exporter_device_errors", "NVML errors per device, by NVML error kind.", labels=["gpu", "uuid", "kind"]
@@ -180,7 +190,7 @@ def _self_metrics(snapshot: Snapshot, stale: int) -> Iterator[Metric]:
             "(unknown format, another node's GPU, or no pod name); they are not guessed.",
             labels=["resource"],
         ),
-        snapshot.attribution.unknown_device_ids,
+        attribution.unknown_device_ids,
     )
     yield _labelled(
         CounterMetricFamily(
@@ -196,16 +206,16 @@ def _self_metrics(snapshot: Snapshot, stale: int) -> Iterator[Metric]:
             "Pods using each device; above 1 the device is shared (time-slicing, MPS).",
             labels=["uuid"],
         ),
-        snapshot.attribution.sharing_pods,
+        attribution.sharing_pods,
     )
     yield _labelled(
         GaugeMetricFamily(
             "gpu_exporter_gpu_processes",
             "GPU processes in the last poll by what their cgroup says: pod, host, unknown_pod (not in the pod "
-            "watch), exited (gone before its cgroup was read).",
+            "watch), exited (gone before its cgroup was read), pending (cgroup not read yet).",
             labels=["owner"],
         ),
-        snapshot.attribution.processes_by_owner,
+        attribution.processes_by_owner,
     )
 
 
