@@ -76,6 +76,10 @@ _HTTP_FIELDS = {"http2": _BOOL, "headers": "a mapping"}
 _TOP_FIELDS = {"tls_server_config", "basic_auth_users", "http_server_config"}
 # What bcrypt libraries write ($2a$, $2b$, $2y$, $2x$), as exporter-toolkit's bcrypt.Cost checks it.
 _BCRYPT_HASH = re.compile(r"\$2[abxy]\$(\d\d)\$[./A-Za-z0-9]{53}")
+# Each bcrypt check costs 2**cost rounds, and start-up computes a dummy hash of the same cost:
+# ~0.06 s at cost 10 (exporter-toolkit's documented example), ~4 s at 16, ~35 hours at 31 (the
+# format's maximum, which hung start-up). Above 16 every uncached scrape would outlast its timeout.
+_BCRYPT_MAX_COST = 16
 # bcrypt reads only the first 72 bytes of a password; bcrypt >= 4.1 raises on longer ones.
 _BCRYPT_MAX_PASSWORD = 72
 
@@ -205,6 +209,8 @@ def load_web_config(path: str) -> WebConfig:
         ) from error
     try:
         raw = yaml.safe_load(text)
+    except RecursionError as error:
+        raise WebConfigError(f"{path!r}: YAML nested too deeply") from error
     except yaml.YAMLError as error:
         mark = getattr(error, "problem_mark", None)
         where = f" at line {mark.line + 1}" if mark is not None else ""
@@ -229,6 +235,11 @@ def load_web_config(path: str) -> WebConfig:
             raise WebConfigError(f"basic_auth_users: user names are strings, {user!r} is {_kind(user)}")
         if not isinstance(hashed, str) or not _BCRYPT_HASH.fullmatch(hashed) or not 4 <= int(hashed[4:6]) <= 31:
             raise WebConfigError(f"basic_auth_users.{user} wants a bcrypt hash ($2y$10$...), not {_kind(hashed)}")
+        if int(hashed[4:6]) > _BCRYPT_MAX_COST:
+            raise WebConfigError(
+                f"basic_auth_users.{user}: bcrypt cost {int(hashed[4:6])} is above {_BCRYPT_MAX_COST} "
+                "(each check, and start-up, would take seconds to hours); hash the password again with cost 10, say"
+            )
     return WebConfig(tls=tls, auth=BasicAuth(users) if users else None, allowed_sans=allowed_sans)
 
 
@@ -279,7 +290,7 @@ def _tls_context(config: dict[Any, Any], base: Path) -> tuple[ssl.SSLContext, fr
     context = ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER)
     try:
         context.load_cert_chain(base / config["cert_file"], base / config["key_file"])
-    except (OSError, ssl.SSLError) as error:
+    except (OSError, ValueError) as error:  # ssl.SSLError is an OSError; a path with a NUL byte a ValueError
         raise WebConfigError(f"tls_server_config: cannot load cert_file/key_file: {error}") from error
     auth_type = config.get("client_auth_type") or ""
     if auth_type not in _CLIENT_AUTH:
@@ -292,7 +303,7 @@ def _tls_context(config: dict[Any, Any], base: Path) -> tuple[ssl.SSLContext, fr
             )
         try:
             context.load_verify_locations(base / config["client_ca_file"])
-        except (OSError, ssl.SSLError) as error:
+        except (OSError, ValueError) as error:
             raise WebConfigError(f"tls_server_config: cannot load client_ca_file: {error}") from error
     elif context.verify_mode != ssl.CERT_NONE:
         # Python's TLS verifies every client certificate it asks for, so each mode that asks needs a CA.
@@ -311,5 +322,11 @@ def _tls_context(config: dict[Any, Any], base: Path) -> tuple[ssl.SSLContext, fr
             setattr(context, attribute, _TLS_VERSIONS[config[key]])
     if config.get("min_version") is None:
         context.minimum_version = ssl.TLSVersion.TLSv1_2  # exporter-toolkit's default
+    if config.get("max_version") is not None and context.maximum_version < context.minimum_version:
+        # OpenSSL takes the pair, then fails every handshake.
+        raise WebConfigError(
+            f"tls_server_config: max_version {config['max_version']} is below min_version "
+            f"{config.get('min_version') or 'TLS12 (the default)'}: no handshake could succeed"
+        )
     sans = None if allowed_sans is None else frozenset(_ip_text(name) for name in allowed_sans)
     return context, sans

@@ -111,6 +111,9 @@ def test_client_certificates_when_required(tmp_path: Path, pki: Pki, start_agent
         ("http_server_config:\n  headers:\n    X-Frame-Options: deny\n", "headers is not supported"),
         ("- tls_server_config\n", "not a list"),
         (b"basic_auth_users:\n  pr\xf6metheus: x\n", "not UTF-8"),
+        ('tls_server_config:\n  cert_file: "a\\0.crt"\n  key_file: a.key\n', "cannot load cert_file"),  # a NUL byte
+        # Cost 31 once hung start-up for about a day and a half, hashing the dummy.
+        ("basic_auth_users:\n  prometheus: $2y$31$" + "a" * 53 + "\n", "bcrypt cost 31 is above 16"),
     ],
 )
 def test_bad_web_config_exits_2_naming_it(tmp_path: Path, content: str | bytes, complaint: str) -> None:
@@ -130,6 +133,35 @@ def test_unknown_tls_version_exits_2(tmp_path: Path, pki: Pki) -> None:
         [sys.executable, "-m", "exporter", "--web-config", str(config)], capture_output=True, text=True
     )
     assert result.returncode == 2 and "min_version wants one of TLS10, TLS11, TLS12, TLS13" in result.stderr
+
+
+def test_a_nul_in_client_ca_file_and_deep_nesting_exit_2(tmp_path: Path, pki: Pki) -> None:
+    """Each once ended in a traceback (ValueError, RecursionError) instead of one line."""
+    nul_ca = web_config(
+        tmp_path, pki, '  client_auth_type: RequireAndVerifyClientCert\n  client_ca_file: "ca\\0.crt"\n'
+    )
+    deep = tmp_path / "deep.yml"
+    deep.write_text("basic_auth_users: " + "[" * 5000 + "]" * 5000 + "\n")
+    for config, complaint in ((nul_ca, "cannot load client_ca_file"), (deep, "nested too deeply")):
+        result = subprocess.run(
+            [sys.executable, "-m", "exporter", "--web-config", str(config)], capture_output=True, text=True, timeout=30
+        )
+        lines = result.stderr.strip().splitlines()
+        assert result.returncode == 2 and len(lines) == 1 and complaint in lines[0], lines
+
+
+def test_a_tls_version_range_that_admits_nothing_exits_2(tmp_path: Path, pki: Pki) -> None:
+    """OpenSSL takes min_version TLS13 with max_version TLS12 and then fails every handshake."""
+    for versions, floor in (
+        ("  min_version: TLS13\n  max_version: TLS12\n", "TLS13"),
+        ("  max_version: TLS11\n", "TLS12"),
+    ):
+        config = web_config(tmp_path, pki, versions)
+        result = subprocess.run(
+            [sys.executable, "-m", "exporter", "--web-config", str(config)], capture_output=True, text=True, timeout=30
+        )
+        lines = result.stderr.strip().splitlines()
+        assert result.returncode == 2 and len(lines) == 1 and f"is below min_version {floor}" in lines[0], lines
 
 
 def test_unreadable_web_config_exits_2(tmp_path: Path) -> None:
