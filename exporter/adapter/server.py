@@ -32,6 +32,7 @@ from exporter.httpserver import Handler, Server
 log = logging.getLogger(__name__)
 
 SHARED_BODY_BYTES = 32 * 2**20  # answers shared for a second, together at most this big
+PROBES = frozenset({"/livez", "/readyz", "/healthz"})  # answered by the server's loop, never behind workers
 NAMESPACED_RESOURCES = frozenset({"pods"})  # of the resources the providers serve; "namespaces" is root-scoped
 
 
@@ -204,7 +205,9 @@ class AdapterServer(Server):
     def __init__(self, address: tuple[str, int], cert: str, key: str, services: Services) -> None:
         self.services = services
         self._cert, self._key = cert, key
-        super().__init__(address, _Handler, tls_context(cert, key, None))
+        # A probe that needs no authentication is a flag check, cheap enough for the loop thread.
+        probes = PROBES & services.always_allow_paths
+        super().__init__(address, _Handler, tls_context(cert, key, None), probe_paths=probes)
 
     def trust(self, front_proxy: RequestHeaderConfig) -> None:
         """Installs the front proxy's settings (raises if its CA does not load)."""
