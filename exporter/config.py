@@ -12,6 +12,7 @@ from dataclasses import dataclass
 from typing import NoReturn
 
 from exporter.catalogue import GROUPS, parse_groups
+from exporter.kubeclient import ConfigError, load_credentials
 from exporter.webconfig import WebConfig, WebConfigError, load_web_config
 
 DEFAULT_SOCKET = "/var/lib/kubelet/pod-resources/kubelet.sock"
@@ -137,8 +138,11 @@ def parse_config(argv: Sequence[str] | None = None, environ: Mapping[str, str] |
         parser.bad("--pod-resources-socket", f"{args.pod_resources_socket!r} is a directory, not a socket")
     if not os.path.isdir(args.proc_root):
         parser.bad("--proc-root", f"{args.proc_root!r} is not a directory")
-    if args.kubeconfig and not os.access(args.kubeconfig, os.R_OK):
-        parser.bad("--kubeconfig", f"cannot read {args.kubeconfig!r}")
+    if args.kubeconfig:
+        try:  # what the pod watch will use, checked now rather than failing later in its thread
+            load_credentials(args.kubeconfig)
+        except ConfigError as error:
+            parser.bad("--kubeconfig", str(error))
     level = str(args.log_level).lower()
     if level not in ("debug", "info", "warning", "error"):
         parser.bad("--log-level", f"want debug, info, warning or error, got {args.log_level!r}")

@@ -82,8 +82,10 @@ class TokenFile:
                 with open(self.path, "rb") as file:
                     self._token = file.read(MAX_TOKEN_BYTES).decode("utf-8", "replace").strip()
                 self._seen = seen
-        except OSError as error:
-            raise ConfigError(f"cannot read token file {self.path}: {error.strerror or error}") from error
+        except (OSError, ValueError) as error:  # ValueError: a NUL byte in the path
+            raise ConfigError(
+                f"cannot read token file {self.path}: {getattr(error, 'strerror', None) or error}"
+            ) from error
         return self._token
 
 
@@ -137,7 +139,7 @@ def kubeconfig_credentials(path: Path) -> Credentials:
 
     try:
         config = yaml.safe_load(path.read_bytes())
-    except (OSError, yaml.YAMLError) as error:
+    except (OSError, ValueError, yaml.YAMLError, RecursionError) as error:  # ValueError: a NUL byte in the path
         raise ConfigError(f"cannot read kubeconfig {path}: {error}") from error
     if not isinstance(config, dict):
         raise ConfigError(f"kubeconfig {path} is not a mapping")
@@ -149,7 +151,11 @@ def kubeconfig_credentials(path: Path) -> Credentials:
     if unsupported:
         raise ConfigError(f"kubeconfig {path}: user field(s) {', '.join(unsupported)} not supported by this agent")
     base = path.parent
-    server = urlsplit(str(cluster.get("server") or ""))
+    try:
+        server = urlsplit(str(cluster.get("server") or ""))
+        port = server.port  # raises on a port that is no number, or out of range
+    except ValueError:
+        server, port = urlsplit(""), None
     if server.scheme not in ("http", "https") or not server.hostname:
         raise ConfigError(f"kubeconfig {path}: cluster server {cluster.get('server')!r} is not an http(s) URL")
     tls = None
@@ -168,11 +174,13 @@ def kubeconfig_credentials(path: Path) -> Credentials:
         static = str(user["token"])
         token = lambda: static  # noqa: E731
     elif user.get("tokenFile"):
-        token = TokenFile(_path(user["tokenFile"], base) or Path()).read
+        token_file = TokenFile(_path(user["tokenFile"], base) or Path())
+        token_file.read()  # fail now, by name, if there is none
+        token = token_file.read
     return Credentials(
         scheme=server.scheme,
         host=server.hostname,
-        port=server.port or (443 if server.scheme == "https" else 80),
+        port=port or (443 if server.scheme == "https" else 80),
         base_path=server.path.rstrip("/"),
         tls=tls,
         server_hostname=str(cluster.get("tls-server-name") or server.hostname),
@@ -184,7 +192,8 @@ _DATA_KEYS = {"client-certificate-data", "client-key-data"}
 
 
 def _named(config: dict[str, Any], section: str, key: str, name: object, path: Path) -> dict[str, Any]:
-    for entry in config.get(section) or ():
+    entries = config.get(section)
+    for entry in entries if isinstance(entries, list) else ():
         if isinstance(entry, dict) and entry.get("name") == name and isinstance(entry.get(key), dict):
             found: dict[str, Any] = entry[key]
             return found

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import subprocess
 import sys
 from pathlib import Path
@@ -52,6 +53,8 @@ def test_environment_variables_and_flags_override_them(tmp_path: Path) -> None:
         (["--pod-resources-socket", "/"], "--pod-resources-socket"),
         (["--proc-root", "/nonexistent/proc"], "--proc-root"),
         (["--kubeconfig", "/nonexistent/kubeconfig"], "--kubeconfig"),
+        (["--kubeconfig", "/"], "--kubeconfig"),  # a directory
+        (["--kubeconfig", "/dev/null"], "--kubeconfig"),  # not a mapping
         (["--log-level", "loud"], "--log-level"),
         (["--no-such-flag"], "--no-such-flag"),
     ],
@@ -64,6 +67,37 @@ def test_bad_settings_exit_2_with_one_line_naming_them(
     assert exit_info.value.code == 2
     err = capsys.readouterr().err
     assert err.count("\n") == 1 and named in err, err
+
+
+@pytest.mark.parametrize(
+    ("user", "complaint"),
+    [
+        ({"exec": {"apiVersion": "client.authentication.k8s.io/v1", "command": "aws"}}, "exec not supported"),
+        ({"tokenFile": "absent-token"}, "cannot read token file"),
+        ({"client-certificate": "absent.crt", "client-key": "absent.key"}, "cannot set up TLS"),
+    ],
+    ids=["exec-plugin", "token-file-missing", "client-cert-missing"],
+)
+def test_kubeconfig_credentials_are_checked_at_start(
+    tmp_path: Path, user: dict[str, object], complaint: str, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """Accepted at start, they once failed only later, in the pod watch's thread, over and over."""
+    kubeconfig = tmp_path / "kubeconfig"
+    kubeconfig.write_text(
+        json.dumps(
+            {
+                "clusters": [{"name": "c", "cluster": {"server": "https://127.0.0.1:6443"}}],
+                "users": [{"name": "u", "user": user}],
+                "contexts": [{"name": "x", "context": {"cluster": "c", "user": "u"}}],
+                "current-context": "x",
+            }
+        )
+    )
+    with pytest.raises(SystemExit) as exit_info:
+        parse_config(["--kubeconfig", str(kubeconfig)], environ={})
+    assert exit_info.value.code == 2
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and "--kubeconfig" in err and complaint in err, err
 
 
 def test_bad_environment_value_is_named_too(capsys: pytest.CaptureFixture[str]) -> None:
