@@ -71,16 +71,25 @@ class Handler(BaseHTTPRequestHandler):
     server: Server  # type: ignore[assignment]  # ours, not a socketserver
 
     def send(
-        self, code: int, body: bytes, content_type: str, send_body: bool = True, headers: dict[str, str] | None = None
+        self,
+        code: int,
+        body: bytes | tuple[bytes, ...],
+        content_type: str,
+        send_body: bool = True,
+        headers: dict[str, str] | None = None,
     ) -> None:
+        """``body`` may come in parts, sent one after the other: a large part shared by many
+        answers (a rendering) is then sent as it is, not copied into each answer."""
+        parts = (body,) if isinstance(body, bytes) else body
         self.send_response(code)
         self.send_header("Content-Type", content_type)
-        self.send_header("Content-Length", str(len(body)))
+        self.send_header("Content-Length", str(sum(map(len, parts))))
         for name, value in (headers or {}).items():
             self.send_header(name, value)
         self.end_headers()
         if send_body:
-            self.wfile.write(body)
+            for part in parts:
+                self.wfile.write(part)
 
     def log_message(self, format: str, *args: object) -> None:  # noqa: A002 (http.server's signature)
         if log.isEnabledFor(logging.DEBUG):

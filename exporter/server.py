@@ -129,8 +129,14 @@ class Exposition:
             self._changed.notify_all()
 
     def latest(self, gzipped: bool) -> bytes:
-        """The body of one scrape. gzip members may be concatenated (RFC 1952), so the rendering
-        compressed once is sent as it is, followed by the small per-scrape part."""
+        """The body of one scrape, as one bytes object."""
+        return b"".join(self.latest_parts(gzipped))
+
+    def latest_parts(self, gzipped: bool) -> tuple[bytes, bytes]:
+        """The body of one scrape in two parts: the rendering shared by every scrape (not copied,
+        so each client slow to read it does not hold a copy of its own) and the small per-scrape
+        part. gzip members may be concatenated (RFC 1952), so the rendering compressed once is
+        sent as it is, followed by the per-scrape part compressed."""
         with self._changed:
             wanted = self._data_generation
             if self._rendered_generation < wanted:
@@ -142,8 +148,8 @@ class Exposition:
             plain, compressed = b"", b""
         tail = render_text(self._at_scrape)
         if gzipped:
-            return compressed + gzip.compress(tail, compresslevel=1)
-        return plain + tail
+            return compressed, gzip.compress(tail, compresslevel=1)
+        return plain, tail
 
 
 _UNAUTHENTICATED = ("/healthz", "/readyz")  # also answered by the server's loop itself: never queued
@@ -174,7 +180,7 @@ class _Handler(Handler):
             gzipped = "gzip" in self.headers.get("Accept-Encoding", "")
             self.send(
                 200,
-                self.server.exposition.latest(gzipped),
+                self.server.exposition.latest_parts(gzipped),
                 CONTENT_TYPE,
                 send_body,
                 {"Content-Encoding": "gzip"} if gzipped else {},
