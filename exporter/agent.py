@@ -23,9 +23,10 @@ from prometheus_client.process_collector import ProcessCollector
 from exporter.attribution.attribute import attribute
 from exporter.config import Config, configure_logging, parse_config
 from exporter.exposition.collector import AgeCollector, SnapshotCollector
-from exporter.httpserver import wait_for_signal
+from exporter.exposition.httpserver import wait_for_signal
+from exporter.exposition.render import Exposition
+from exporter.exposition.server import MetricsServer
 from exporter.model import EMPTY_ATTRIBUTION, Health, Snapshot
-from exporter.server import Exposition, MetricsServer
 from exporter.sources.nvml import NvmlReader
 from exporter.sources.podresources.client import PodResourcesClient
 from exporter.sources.podsources import PodSources

@@ -12,8 +12,8 @@ from dataclasses import dataclass
 from typing import NoReturn
 
 from exporter.catalogue import GROUPS, parse_groups
-from exporter.kubeclient import ConfigError, load_credentials
-from exporter.webconfig import WebConfig, WebConfigError, load_web_config
+from exporter.exposition.webconfig import WebConfig, WebConfigError, load_web_config
+from exporter.sources.kubeclient import ConfigError, load_credentials
 
 DEFAULT_SOCKET = "/var/lib/kubelet/pod-resources/kubelet.sock"
 # Faster than 0.1 s NVML's own sampling cannot keep up and a core is spent polling; slower than

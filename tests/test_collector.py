@@ -9,8 +9,8 @@ from dataclasses import replace
 from prometheus_client import CollectorRegistry
 
 from exporter.exposition.collector import GPU_GAUGES, AgeCollector, SnapshotCollector
+from exporter.exposition.render import Exposition
 from exporter.model import Attribution, DeviceReading, GpuSeries, Health, Snapshot
-from exporter.server import Exposition
 from tests.conftest import Samples, find, parse_samples
 
 GPU0 = "GPU-00000000-1111-2222-3333-444455556666"
@@ -142,7 +142,7 @@ def test_rendering_matches_prometheus_client_byte_for_byte() -> None:
     from prometheus_client import generate_latest
     from prometheus_client.platform_collector import PlatformCollector
 
-    from exporter.server import render_text
+    from exporter.exposition.render import render_text
 
     odd = replace(DEVICE, model='Odd "GPU" \\ with\nnewline', power_milliwatts=1e-7)
     series = GpuSeries(

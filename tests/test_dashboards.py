@@ -16,7 +16,7 @@ import promql_parser
 import pytest
 import requests
 
-from exporter.httpserver import Handler
+from exporter.exposition.httpserver import Handler
 from tests.conftest import free_port, parse_samples
 from tests.sim.kubelet import FakeKubelet, PodDevices
 from tests.sim.prometheus import Prometheus

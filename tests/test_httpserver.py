@@ -20,7 +20,7 @@ from typing import Any
 import pytest
 import requests
 
-from exporter.httpserver import Handler, Server
+from exporter.exposition.httpserver import Handler, Server
 from tests.sim.certs import Pki, make_pki
 from tests.sim.scenario import Gpu, Scenario, gpu_uuid
 

@@ -15,8 +15,8 @@ from typing import Any
 import pytest
 
 from exporter.backoff import Backoff
-from exporter.kubeclient import ConfigError, KubeClient, in_cluster_credentials, kubeconfig_credentials
 from exporter.sources.kube import PodWatcher, Reflector
+from exporter.sources.kubeclient import ConfigError, KubeClient, in_cluster_credentials, kubeconfig_credentials
 from tests.sim.apiserver import FakeApiServer, pod_json
 from tests.sim.certs import make_pki
 

@@ -11,7 +11,7 @@ import os
 import socket
 import ssl
 import sys
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import replace
 from pathlib import Path
 from typing import NoReturn
@@ -28,9 +28,9 @@ from exporter.adapter.rules import DEFAULT_RULES, Rules, RulesError, load_rules
 from exporter.adapter.server import SHARED_BODY_BYTES, AdapterServer, Services, tls_context
 from exporter.adapter.sharing import SharedAnswers
 from exporter.config import configure_logging
-from exporter.httpserver import wait_for_signal
-from exporter.kubeclient import ConfigError, KubeClient, load_credentials
+from exporter.exposition.httpserver import wait_for_signal
 from exporter.sources.kube import Reflector
+from exporter.sources.kubeclient import ConfigError, KubeClient, load_credentials
 
 log = logging.getLogger("exporter.adapter")
 
@@ -196,6 +196,37 @@ def _serving_pair(args: argparse.Namespace, parser: _Parser) -> tuple[str, str]:
     return str(cert), str(key)
 
 
+def _front_proxy_source(
+    args: argparse.Namespace, parser: _Parser, main_api: client.ApiClient, cert: str, key: str
+) -> Callable[[], RequestHeaderConfig]:
+    """How to read the front proxy's CA and header names: from --requestheader-client-ca-file
+    (checked now), else from the extension-apiserver-authentication ConfigMap (read by the trust
+    thread until it can be, and re-read as it rotates)."""
+    allowed_names = _listed(args.requestheader_allowed_names)
+    if not args.requestheader_client_ca_file:
+
+        def from_config_map() -> RequestHeaderConfig:
+            published = read_requestheader_config(main_api)
+            return replace(published, allowed_names=allowed_names or published.allowed_names)
+
+        return from_config_map
+    ca_file = Path(args.requestheader_client_ca_file)
+
+    def from_file() -> RequestHeaderConfig:
+        return RequestHeaderConfig(
+            ca_file.read_text(),
+            allowed_names,
+            _listed(args.requestheader_username_headers),
+            _listed(args.requestheader_group_headers),
+        )
+
+    try:
+        tls_context(cert, key, from_file().client_ca_pem)
+    except (OSError, ssl.SSLError, UnicodeDecodeError) as error:
+        parser.error(f"--requestheader-client-ca-file: cannot load: {error}")
+    return from_file
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     arguments = list(sys.argv[1:] if argv is None else argv)
     if arguments[:1] == ["hpa-explain"]:
@@ -216,34 +247,24 @@ def main(argv: Sequence[str] | None = None) -> int:
         tls_context(cert, key, None)
     except (OSError, ssl.SSLError) as error:
         parser.error(f"--tls-cert-file/--tls-private-key-file: cannot load: {error}")
-    allowed_names = _listed(args.requestheader_allowed_names)
-    if args.requestheader_client_ca_file:
-        ca_file = Path(args.requestheader_client_ca_file)
-
-        def read_front_proxy() -> RequestHeaderConfig:
-            return RequestHeaderConfig(
-                ca_file.read_text(),
-                allowed_names,
-                _listed(args.requestheader_username_headers),
-                _listed(args.requestheader_group_headers),
-            )
-
-        try:
-            tls_context(cert, key, read_front_proxy().client_ca_pem)
-        except (OSError, ssl.SSLError, UnicodeDecodeError) as error:
-            parser.error(f"--requestheader-client-ca-file: cannot load: {error}")
-    else:
-
-        def read_front_proxy() -> RequestHeaderConfig:
-            published = read_requestheader_config(main_api)
-            return replace(published, allowed_names=allowed_names or published.allowed_names)
-
+    read_front_proxy = _front_proxy_source(args, parser, main_api, cert, key)
     try:
         load_credentials(args.kubeconfig)  # what the pod watch will use: checked now, not at its first list
     except ConfigError as error:
         parser.error(f"--kubeconfig: {error}")
     configure_logging(args.log_level)
-    authenticator = Authenticator(reviewer)
+    return _serve(args, rules, reviewer, cert, key, read_front_proxy)
+
+
+def _serve(
+    args: argparse.Namespace,
+    rules: Rules,
+    reviewer: KubeReviewer,
+    cert: str,
+    key: str,
+    read_front_proxy: Callable[[], RequestHeaderConfig],
+) -> int:
+    """Wires the pod index, the provider and the server, serves until SIGTERM, stops in order."""
     reflector = Reflector(
         "pods in the cluster",
         "/api/v1/pods",
@@ -265,7 +286,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     services = Services(
         custom=provider,
         external=provider,
-        authenticator=authenticator,
+        authenticator=Authenticator(reviewer),
         authorizer=Authorizer(reviewer),
         always_allow_paths=frozenset(_listed(args.authorization_always_allow_paths)),
         not_ready=not_ready,

@@ -27,7 +27,7 @@ from exporter.adapter.provider import (
 )
 from exporter.adapter.selector import SelectorError, parse_selector
 from exporter.adapter.sharing import SharedAnswers, WaitTimeoutError
-from exporter.httpserver import Handler, Server
+from exporter.exposition.httpserver import Handler, Server
 
 log = logging.getLogger(__name__)
 

@@ -22,7 +22,8 @@ from types import MappingProxyType
 from typing import Any, Generic, TypeVar
 
 from exporter.backoff import Backoff
-from exporter.kubeclient import (
+from exporter.model import PodInfo
+from exporter.sources.kubeclient import (
     MAX_ERROR_BODY_BYTES,
     ApiError,
     ConfigError,
@@ -33,7 +34,6 @@ from exporter.kubeclient import (
     decode_json,
     load_credentials,
 )
-from exporter.model import PodInfo
 
 log = logging.getLogger(__name__)
 

@@ -15,9 +15,9 @@ from dataclasses import dataclass
 from typing import Any
 
 from exporter.backoff import Backoff
-from exporter.kubeclient import ApiError, KubeClient, load_credentials
 from exporter.model import Allocation, ClaimAllocation, DeviceKey
 from exporter.sources.kube import Reflector
+from exporter.sources.kubeclient import ApiError, KubeClient, load_credentials
 
 GROUP = "resource.k8s.io"
 VERSIONS = ("v1", "v1beta2", "v1beta1")  # preferred first; all carry the devices' uuid attribute

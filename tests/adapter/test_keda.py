@@ -22,7 +22,7 @@ import promql_parser
 import pytest
 import yaml
 
-from exporter.httpserver import Handler
+from exporter.exposition.httpserver import Handler
 from tests.conftest import free_port
 from tests.sim.kubelet import FakeKubelet, PodDevices
 from tests.sim.processes import spawn_agent

@@ -30,7 +30,7 @@ import requests
 
 from exporter.adapter.hpa import NoMetricsError, Pod, pods_metric_replicas
 from exporter.adapter.quantity import format_quantity, parse_milli
-from exporter.httpserver import Handler
+from exporter.exposition.httpserver import Handler
 from tests.adapter.test_adapter import start_adapter
 from tests.conftest import free_port
 from tests.sim.apiserver import FakeApiServer, pod_json

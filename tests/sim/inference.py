@@ -18,7 +18,7 @@ import time
 from http.server import ThreadingHTTPServer
 from urllib.parse import parse_qs, urlsplit
 
-from exporter.httpserver import Handler
+from exporter.exposition.httpserver import Handler
 
 INTENTS = {
     "music": "PlayMusic",

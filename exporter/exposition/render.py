@@ -1,8 +1,5 @@
-"""The HTTP edge: serves the exposition rendered once per poll, and the health endpoints.
-
-A scrape only copies bytes rendered earlier from the latest snapshot: it never waits on NVML,
-the kubelet or the renderer, so its latency does not depend on how slow a device is.
-"""
+"""Rendering: the text exposition of a registry, made by the render thread when a scrape asks for
+data newer than the last rendering, and the small part measured at each scrape (ages)."""
 
 from __future__ import annotations
 
@@ -14,9 +11,6 @@ from collections.abc import Callable
 from prometheus_client import CollectorRegistry
 from prometheus_client.registry import Collector
 from prometheus_client.utils import floatToGoString
-
-from exporter.httpserver import Handler, Server
-from exporter.webconfig import WebConfig
 
 # Every name we export is a classic one, so the text format 0.0.4 that every Prometheus reads.
 CONTENT_TYPE = "text/plain; version=0.0.4; charset=utf-8"
@@ -150,62 +144,3 @@ class Exposition:
         if gzipped:
             return compressed, gzip.compress(tail, compresslevel=1)
         return plain, tail
-
-
-_UNAUTHENTICATED = ("/healthz", "/readyz")  # also answered by the server's loop itself: never queued
-
-
-class _Handler(Handler):
-    server: MetricsServer
-
-    def do_GET(self) -> None:  # noqa: N802 (http.server's naming)
-        self._respond(send_body=True)
-
-    def do_HEAD(self) -> None:  # noqa: N802
-        self._respond(send_body=False)
-
-    def _respond(self, send_body: bool) -> None:
-        path = self.path.split("?", 1)[0]
-        auth = self.server.web.auth
-        # Probes stay open, as on Kubernetes' own servers: they reveal nothing but liveness.
-        if auth is not None and path not in _UNAUTHENTICATED and not auth.allows(self.headers.get("Authorization")):
-            self.send(
-                401,
-                b"unauthorized\n",
-                "text/plain; charset=utf-8",
-                send_body,
-                {"WWW-Authenticate": 'Basic realm="gpu-pod-exporter"'},
-            )
-        elif path == "/metrics":
-            gzipped = "gzip" in self.headers.get("Accept-Encoding", "")
-            self.send(
-                200,
-                self.server.exposition.latest_parts(gzipped),
-                CONTENT_TYPE,
-                send_body,
-                {"Content-Encoding": "gzip"} if gzipped else {},
-            )
-        elif path == "/healthz":
-            self.send(200, b"ok\n", "text/plain; charset=utf-8", send_body)
-        elif path == "/readyz":
-            ready, reason = self.server.readiness()
-            self.send(200 if ready else 503, f"{reason}\n".encode(), "text/plain; charset=utf-8", send_body)
-        elif path == "/":
-            page = b"GPU pod exporter: /metrics /healthz /readyz\n"
-            self.send(200, page, "text/plain; charset=utf-8", send_body)
-        else:
-            self.send(404, b"not found\n", "text/plain; charset=utf-8", send_body)
-
-
-class MetricsServer(Server):
-    def __init__(
-        self,
-        address: tuple[str, int],
-        exposition: Exposition,
-        readiness: Callable[[], tuple[bool, str]],
-        web: WebConfig | None = None,
-    ) -> None:
-        self.exposition = exposition
-        self.readiness = readiness
-        self.web = web or WebConfig(tls=None, auth=None)
-        super().__init__(address, _Handler, self.web.tls, peer_check=self.web.allows_peer, probe_paths=_UNAUTHENTICATED)
