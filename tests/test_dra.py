@@ -15,7 +15,7 @@ from exporter.attribution.attribute import attribute
 from exporter.backoff import Backoff
 from exporter.model import ClaimAllocation, DeviceReading, GpuProcess, PodInfo, ProcessOwner
 from exporter.sources.resourceslices import SliceRecord, SliceWatcher, device_uuids, slice_record
-from tests.conftest import NODE, Samples, find
+from tests.conftest import NODE, Node, Samples, find
 from tests.sim.apiserver import FakeApiServer, pod_json, resource_slice_json
 from tests.sim.kubelet import Claim, ClaimDevice, FakeKubelet, PodDevices
 from tests.sim.procfs import FakeProc, systemd_v2
@@ -173,7 +173,7 @@ def test_forbidden_slices_stay_unread_until_rbac_allows_them(api: FakeApiServer,
 # --- the agent on a node with DRA and the device plugin ---
 
 
-class DraNode:
+class DraNode(Node):  # Node's args() and stop(), its own devices
     """GPU 0 held by an idle DRA pod; GPU 1 in MIG mode, its MIG device held through DRA; GPU 2
     shared by two DRA pods through one claim, each running a process; GPU 3 held through the
     device plugin. A claim names a device no slice lists, another one is another driver's."""
@@ -233,24 +233,6 @@ class DraNode:
         # Another node's slice, with its own pool: the field selector keeps it out.
         self.api.apply(uuid_slice("other-node-slice", "other-node", {"gpu-9": {"uuid": gpu_uuid(3)}}, pool=NODE))
         self.kubeconfig = self.api.write_kubeconfig(tmp_path / "kubeconfig")
-
-    def args(self) -> list[str]:
-        return [
-            "--node-name",
-            NODE,
-            "--interval",
-            "0.2",
-            "--pod-resources-socket",
-            self.kubelet.socket_path,
-            "--proc-root",
-            str(self.proc.root),
-            "--kubeconfig",
-            str(self.kubeconfig),
-        ]
-
-    def stop(self) -> None:
-        self.kubelet.stop()
-        self.api.stop()
 
 
 @pytest.fixture

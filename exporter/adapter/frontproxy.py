@@ -10,11 +10,11 @@ anyone's. Failures back off with jitter, as client-go does, and are logged once 
 from __future__ import annotations
 
 import logging
-import random
 import threading
 from collections.abc import Callable
 
 from exporter.adapter.auth import RequestHeaderConfig
+from exporter.backoff import Backoff
 
 log = logging.getLogger(__name__)
 
@@ -25,18 +25,16 @@ class FrontProxyTrust:
         read: Callable[[], RequestHeaderConfig],
         apply: Callable[[RequestHeaderConfig], None],
         refresh_s: float = 60.0,
-        first_retry_s: float = 1.0,
-        max_retry_s: float = 30.0,
-        jitter: Callable[[], float] = random.random,
+        backoff: Backoff | None = None,
     ) -> None:
         """``apply`` installs a configuration (and raises if it cannot, e.g. a PEM that does not load)."""
         self._read, self._apply = read, apply
-        self._refresh_s, self._first_retry_s, self._max_retry_s = refresh_s, first_retry_s, max_retry_s
-        self._jitter = jitter
+        self._refresh_s = refresh_s
+        self._backoff = backoff or Backoff(initial_s=1.0, cap_s=30.0)
         self.loaded = threading.Event()
         self._stop = threading.Event()
         self._current: RequestHeaderConfig | None = None
-        self._retry_s, self._failing = first_retry_s, ""  # failures are logged once per change
+        self._failing = ""  # failures are logged once per change
 
     def start(self) -> None:
         """One read now, so a working setup serves authenticated from its first request; the thread
@@ -65,7 +63,8 @@ class FrontProxyTrust:
                 )
                 self._current = config
             self.loaded.set()
-            self._retry_s, self._failing = self._first_retry_s, ""
+            self._backoff.reset()
+            self._failing = ""
             return self._refresh_s
         except Exception as error:  # the API or file edge: any failure means "try again later"
             message = f"{type(error).__name__}: {error}".splitlines()[0]
@@ -73,6 +72,4 @@ class FrontProxyTrust:
                 kept = "keeping the one read before" if self._current else "only bearer tokens authenticate until then"
                 log.warning("cannot read the front proxy's CA (%s); retrying, %s", message, kept)
                 self._failing = message
-            wait_s = min(self._retry_s * (0.5 + self._jitter()), self._refresh_s)
-            self._retry_s = min(self._retry_s * 2, self._max_retry_s)
-            return wait_s
+            return min(self._backoff.next_delay(), self._refresh_s)

@@ -20,6 +20,7 @@ import requests
 from exporter.adapter.auth import Authenticator, Authorizer, RequestHeaderConfig, User
 from exporter.adapter.frontproxy import FrontProxyTrust
 from exporter.adapter.server import AdapterServer, Services
+from exporter.backoff import Backoff
 from tests.conftest import free_port
 from tests.sim.apiserver import FakeApiServer
 from tests.sim.certs import Pki, make_pki
@@ -163,7 +164,10 @@ def test_a_rotated_front_proxy_ca_is_trusted_for_new_connections(tmp_path: Path)
     server.start()
     published_ca = [old.ca]
     trust = FrontProxyTrust(
-        lambda: RequestHeaderConfig(published_ca[0].read_text()), server.trust, refresh_s=0.2, first_retry_s=0.1
+        lambda: RequestHeaderConfig(published_ca[0].read_text()),
+        server.trust,
+        refresh_s=0.2,
+        backoff=Backoff(initial_s=0.1, cap_s=0.2),
     )
     trust.start()
 
@@ -198,9 +202,7 @@ def test_failures_back_off_with_jitter_up_to_a_bound() -> None:
         calls.append(time.monotonic())
         raise OSError("configmaps is forbidden")
 
-    trust = FrontProxyTrust(
-        unreadable, lambda _: None, refresh_s=60, first_retry_s=1, max_retry_s=30, jitter=lambda: 0.5
-    )
+    trust = FrontProxyTrust(unreadable, lambda _: None, refresh_s=60, backoff=Backoff(initial_s=1, cap_s=30, jitter=0))
     waits = [trust._attempt() for _ in range(7)]
     assert waits == [1, 2, 4, 8, 16, 30, 30]  # doubling, then capped: never a tight loop
     assert not trust.loaded.is_set() and len(calls) == 7
