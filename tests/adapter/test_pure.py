@@ -1,15 +1,14 @@
-"""The adapter's pure parts: quantities, label selectors, rules and the PromQL built from them."""
+"""The adapter's pure parts: quantities, label selectors, rules files and label names. The PromQL built
+from the rules is run on a real Prometheus in tests/adapter/test_queries.py."""
 
 from __future__ import annotations
 
 import time
 
-import promql_parser
 import pytest
 
-from exporter.adapter.prometheus import external_query, namespace_query, pods_query
 from exporter.adapter.quantity import format_quantity
-from exporter.adapter.rules import DEFAULT_RULES, RulesError, load_rules, prometheus_label
+from exporter.adapter.rules import RulesError, load_rules, prometheus_label
 from exporter.adapter.selector import MAX_SELECTOR_BYTES, SelectorError, parse_selector
 
 
@@ -65,60 +64,6 @@ def test_label_selectors(selector: str, labels: dict[str, str], matches: bool) -
 def test_bad_selectors_are_refused(selector: str) -> None:
     with pytest.raises(SelectorError):
         parse_selector(selector)
-
-
-def test_one_query_for_all_pods_with_both_label_namings() -> None:
-    rule = DEFAULT_RULES.custom_rule("duty_cycle_current")
-    assert rule is not None
-    query = pods_query(rule, "default")
-    # value and newest-sample time, for each of the two label namings: one query, four selectors,
-    # matching the namespace (the caller keeps the pods it selected), never a regex of pod names
-    assert query.count("duty_cycle_current{") == 4
-    assert "=~" not in query
-    # a series carrying the renamed labels too is attributed by them, never by the scrape target's
-    plain = 'duty_cycle_current{namespace="default",pod!="",exported_namespace="",exported_pod=""}'
-    assert query.startswith(f"label_replace(avg by (namespace,pod) ({plain})")
-    assert f"max by (namespace,pod) (timestamp({plain}))" in query
-    assert 'duty_cycle_current{exported_namespace="default",exported_pod!=""}' in query
-    assert "label_replace(label_replace(label_replace(avg by (exported_namespace,exported_pod)" in query
-    memory = DEFAULT_RULES.custom_rule("memory_used_bytes_current")
-    assert memory is not None
-    assert pods_query(memory, "ns").startswith("label_replace(sum by (namespace,pod)")
-
-
-def test_namespace_and_external_queries() -> None:
-    rule = DEFAULT_RULES.custom_rule("power_usage_milliwatts_current")
-    assert rule is not None
-    series = 'power_usage_milliwatts_current{namespace="ml",pod!="",exported_namespace="",exported_pod=""}'
-    assert namespace_query(rule, "ml") == (
-        f'label_replace(sum by (namespace) ({series}), "gpu_adapter_field", "value", "", "") or '
-        f'label_replace(max by (namespace) (timestamp({series})), "gpu_adapter_field", "timestamp", "", "")'
-    )
-    external = DEFAULT_RULES.external_rule("gpu_duty_cycle")
-    assert external is not None
-    selected = 'duty_cycle_current{namespace="ml",exported_namespace="",exported_pod="",node=~"a|b",pod!~"x",canary=""}'
-    assert external_query(external, "ml", parse_selector("node in (a,b),pod!=x,!canary")) == (
-        f'label_replace(avg({selected}), "gpu_adapter_field", "value", "", "") or '
-        f'label_replace(max (timestamp({selected})), "gpu_adapter_field", "timestamp", "", "")'
-    )
-
-
-def test_rules_file() -> None:
-    rules = load_rules(
-        "rules:\n- name: gpu_busy\n  seriesQuery: duty_cycle_current\n"
-        "  metricsQuery: max by (<<.GroupBy>>) (<<.Series>>{<<.LabelMatchers>>})\n"
-        "  resources: {namespace: [k8s_namespace], pod: [k8s_pod]}\n",
-        "rules.yaml",
-    )
-    (rule,) = rules.custom
-    assert rules.external == ()
-    selected = 'duty_cycle_current{k8s_namespace="a",k8s_pod!=""}'
-    assert pods_query(rule, "a") == (
-        "label_replace(label_replace("
-        f'label_replace(max by (k8s_namespace,k8s_pod) ({selected}), "gpu_adapter_field", "value", "", "") or '
-        f'label_replace(max by (k8s_namespace,k8s_pod) (timestamp({selected})), "gpu_adapter_field", "timestamp", '
-        '"", ""), "namespace", "$1", "k8s_namespace", "(.*)"), "pod", "$1", "k8s_pod", "(.*)")'
-    )
 
 
 @pytest.mark.parametrize(
@@ -182,17 +127,6 @@ def test_an_external_rule_may_leave_out_the_grouping() -> None:
 )
 def test_label_keys_become_prometheus_label_names(key: str, label: str) -> None:
     assert prometheus_label(key) == label
-
-
-def test_an_external_selector_on_any_valid_key_is_valid_promql() -> None:
-    """Keys with '.', '/', '-' or a leading digit went raw into PromQL: Prometheus refused the query."""
-    external = DEFAULT_RULES.external_rule("gpu_duty_cycle")
-    assert external is not None
-    selector = parse_selector("app.kubernetes.io/name=bert,9lives in (a,b),!example.com/canary,team-x")
-    query = external_query(external, "ml", selector)
-    promql_parser.parse(query)  # raises on invalid PromQL
-    assert 'app_kubernetes_io_name=~"bert"' in query and '_lives=~"a|b"' in query
-    assert 'example_com_canary=""' in query and 'team_x!=""' in query
 
 
 def test_a_run_of_blanks_is_refused_in_linear_time() -> None:
