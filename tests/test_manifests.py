@@ -132,8 +132,9 @@ def test_the_probes_and_the_scrape_path_are_served_by_the_agent(node: Node, star
     annotations = one(render("overlays/annotations"), "DaemonSet")["spec"]["template"]["metadata"]["annotations"]
     for path in (container["livenessProbe"]["httpGet"]["path"], container["readinessProbe"]["httpGet"]["path"]):
         deadline = time.monotonic() + 10
-        while (status := requests.get(agent.url + path, timeout=5).status_code) != 200 and time.monotonic() < deadline:
-            time.sleep(0.2)  # /readyz answers 503 until the first poll
+        while (status := requests.get(agent.url + path, timeout=5).status_code) != 200:
+            assert status == 503 and time.monotonic() < deadline, (path, status, agent.log())  # until the first poll
+            time.sleep(0.2)
         assert status == 200, (path, agent.log())
     for path in {annotations["prometheus.io/path"], *(e.get("path", "/metrics") for e in monitor["spec"]["endpoints"])}:
         response = requests.get(agent.url + path, timeout=5)

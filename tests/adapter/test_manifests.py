@@ -2,15 +2,25 @@
 
 from __future__ import annotations
 
+import configparser
 import shutil
 import subprocess
+import time
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
 import pytest
+import requests
 import yaml
 
+from exporter.adapter import main as adapter_main
 from exporter.adapter.main import build_parser
+from tests.adapter.test_trust import CONFIG_MAP, published
+from tests.conftest import free_port
+from tests.sim.apiserver import Call, FakeApiServer
+from tests.sim.certs import Pki, make_pki
+from tests.sim.processes import spawn_adapter
 
 DAEMONSET = Path(__file__).resolve().parents[2] / "daemonset"
 DIRECTORY = DAEMONSET / "adapter"
@@ -36,6 +46,14 @@ def matches(selector: dict[str, Any], labels: dict[str, str]) -> bool:
     """A LabelSelector's matchLabels (the only form these manifests use) against labels."""
     assert set(selector) == {"matchLabels"}, selector
     return all(labels.get(k) == v for k, v in selector["matchLabels"].items())
+
+
+def container_port(container: dict[str, Any], port: str | int) -> int:
+    """The number a probe's or Service's port (a name or a number) reaches in the container."""
+    if isinstance(port, int):
+        return port
+    (number,) = [p["containerPort"] for p in container["ports"] if p["name"] == port]
+    return int(number)
 
 
 def test_the_custom_metrics_api_is_routed_to_the_adapter_and_the_external_one_only_on_request() -> None:
@@ -67,16 +85,6 @@ def test_the_custom_metrics_api_is_routed_to_the_adapter_and_the_external_one_on
     )  # the HPA prefers v1beta2
 
 
-def test_the_hpa_may_read_external_metrics_from_the_adapter_only_where_it_serves_them() -> None:
-    def groups(directory: Path) -> list[str]:
-        roles = {d["metadata"]["name"]: d for d in by_kind("ClusterRole", directory)}
-        rules: list[dict[str, Any]] = roles["gpu-metrics-adapter:metrics-reader"]["rules"]
-        return [g for rule in rules for g in rule["apiGroups"]]
-
-    assert groups(DIRECTORY) == groups(DAEMONSET / "overlays/adapter") == ["custom.metrics.k8s.io"]
-    assert groups(DAEMONSET / "overlays/adapter-external") == ["custom.metrics.k8s.io", "external.metrics.k8s.io"]
-
-
 def test_a_node_drain_never_takes_the_last_ready_adapter() -> None:
     (deployment,) = by_kind("Deployment")
     (budget,) = by_kind("PodDisruptionBudget")
@@ -93,11 +101,7 @@ def test_a_rollout_never_drops_below_one_ready_adapter() -> None:
     strategy = deployment["spec"]["strategy"]
     assert strategy["type"] == "RollingUpdate"
     assert strategy["rollingUpdate"]["maxUnavailable"] == 0 and strategy["rollingUpdate"]["maxSurge"] >= 1
-    (container,) = deployment["spec"]["template"]["spec"]["containers"]
-    # Ready means /readyz, which the adapter answers 503 until its pod index has synced and it has
-    # read the front proxy's CA (tests/adapter/test_adapter.py, tests/adapter/test_trust.py).
-    probe = container["readinessProbe"]["httpGet"]
-    assert (probe["path"], probe["scheme"], probe["port"]) == ("/readyz", "HTTPS", "https")
+    # What "ready" means is test_the_adapter_started_as_deployed_is_probed_routed_and_authorized's.
 
 
 def test_the_replicas_spread_over_nodes_without_blocking_small_clusters() -> None:
@@ -117,13 +121,21 @@ def test_the_service_sends_traffic_to_the_adapters_pods() -> None:
     (service,) = by_kind("Service")
     assert matches({"matchLabels": service["spec"]["selector"]}, deployment["spec"]["template"]["metadata"]["labels"])
     (container,) = deployment["spec"]["template"]["spec"]["containers"]
-    assert service["spec"]["ports"][0]["targetPort"] in [p["name"] for p in container["ports"]]
+    listening = build_parser().parse_args(container["args"]).secure_port
+    assert [container_port(container, p["targetPort"]) for p in service["spec"]["ports"]] == [listening]
+    for probe in ("readinessProbe", "livenessProbe"):
+        assert container_port(container, container[probe]["httpGet"]["port"]) == listening, probe
 
 
 def test_deployment_runs_the_adapter_with_flags_it_accepts() -> None:
     (deployment,) = by_kind("Deployment")
     (container,) = deployment["spec"]["template"]["spec"]["containers"]
-    assert container["command"] == ["gpu-metrics-adapter"]
+    # The image's command is the console script that runs the adapter (setup.cfg's entry points).
+    setup = configparser.ConfigParser()
+    setup.read(DAEMONSET.parent / "setup.cfg")
+    scripts = dict(line.split(" = ") for line in setup["options.entry_points"]["console_scripts"].strip().splitlines())
+    (command,) = container["command"]
+    assert scripts[command] == f"{adapter_main.__name__}:{adapter_main.main.__name__}"
     build_parser().parse_args(container["args"])  # exits 2 on a flag the adapter does not know
     assert container["securityContext"]["readOnlyRootFilesystem"] is True
     assert container["securityContext"]["capabilities"]["drop"] == ["ALL"]
@@ -131,20 +143,153 @@ def test_deployment_runs_the_adapter_with_flags_it_accepts() -> None:
     mounts = {m["mountPath"] for m in container["volumeMounts"]}
     cert_dir = next(a.split("=", 1)[1] for a in container["args"] if a.startswith("--cert-dir="))
     assert cert_dir in mounts  # the self-signed pair needs somewhere writable
-    assert container["readinessProbe"]["httpGet"]["scheme"] == "HTTPS"
 
 
-def test_rbac_grants_what_the_adapter_and_the_hpa_need_and_nothing_more() -> None:
-    roles = {d["metadata"]["name"]: d for d in by_kind("ClusterRole")}
-    assert roles["gpu-metrics-adapter:pods-reader"]["rules"] == [
-        {"apiGroups": [""], "resources": ["pods"], "verbs": ["get", "list", "watch"]}
-    ]
-    bindings = {d["roleRef"]["name"]: d for d in by_kind("ClusterRoleBinding") + by_kind("RoleBinding")}
-    assert "system:auth-delegator" in bindings
-    reader = bindings["extension-apiserver-authentication-reader"]
-    assert reader["kind"] == "RoleBinding" and reader["metadata"]["namespace"] == "kube-system"
-    hpa = bindings["gpu-metrics-adapter:metrics-reader"]["subjects"]
-    assert hpa == [{"kind": "ServiceAccount", "name": "horizontal-pod-autoscaler", "namespace": "kube-system"}]
+# Kubernetes' bootstrap roles the manifests bind to (plugin/pkg/auth/authorizer/rbac/bootstrappolicy):
+# (namespace or "" for cluster-wide, API group, resource, verb) each grants.
+BUILT_IN = {
+    ("ClusterRole", "system:auth-delegator"): {
+        ("", "authentication.k8s.io", "tokenreviews", "create"),
+        ("", "authorization.k8s.io", "subjectaccessreviews", "create"),
+    },
+    ("Role", "extension-apiserver-authentication-reader"): {
+        ("kube-system", "", "configmaps", verb) for verb in ("get", "list", "watch")
+    },  # resourceNames: extension-apiserver-authentication
+}
+
+
+def requested(calls: list[Call]) -> set[tuple[str, str, str, str]]:
+    """(namespace, API group, resource, verb) of each resource request, as the authorizer sees it."""
+    found = set()
+    for call in calls:
+        parts = call.path.strip("/").split("/")
+        group, rest = ("", parts[2:]) if parts[0] == "api" else (parts[1], parts[3:])
+        namespace = ""
+        if rest[0] == "namespaces" and len(rest) > 2:
+            namespace, rest = rest[1], rest[2:]
+        reads = "watch" if call.is_watch else ("list" if len(rest) == 1 else "get")
+        verb = "create" if call.method == "POST" else reads
+        found.add((namespace, group, rest[0], verb))
+    return found
+
+
+def granted(objects: list[dict[str, Any]], subject: dict[str, str]) -> dict[str, set[tuple[str, str, str, str]]]:
+    """Role name -> what it grants the subject through the bindings; our roles from the manifests,
+    the bootstrap ones from BUILT_IN."""
+    ours = {(o["kind"], o["metadata"]["name"]): o for o in objects if o["kind"] in ("ClusterRole", "Role")}
+    grants = {}
+    for binding in objects:
+        if binding["kind"] not in ("ClusterRoleBinding", "RoleBinding") or subject not in binding["subjects"]:
+            continue
+        ref = (binding["roleRef"]["kind"], binding["roleRef"]["name"])
+        where = binding["metadata"].get("namespace", "") if binding["kind"] == "RoleBinding" else ""
+        if ref in BUILT_IN:
+            rules = BUILT_IN[ref]
+        else:
+            rules = {
+                (where, group, resource, verb)
+                for rule in ours[ref]["rules"]
+                for group in rule["apiGroups"]
+                for resource in rule["resources"]
+                for verb in rule["verbs"]
+            }
+        grants[ref[1]] = {(where, g, r, v) for (_, g, r, v) in rules}
+    return grants
+
+
+@pytest.fixture
+def deployed(tmp_path: Path) -> Iterator[tuple[str, FakeApiServer, Pki]]:
+    """The adapter run with the Deployment's args (its port, serving-cert folder and Prometheus
+    moved here) against the API stand-in, which publishes the front proxy's CA as kube-apiserver
+    does."""
+    (deployment,) = by_kind("Deployment")
+    (container,) = deployment["spec"]["template"]["spec"]["containers"]
+    moved = ("--secure-port", "--cert-dir", "--prometheus-url")
+    args = [a for a in container["args"] if not a.startswith(moved)]
+    api = FakeApiServer().start()
+    pki = make_pki(tmp_path / "pki")
+    api.config_maps[CONFIG_MAP] = published(pki)
+    port = free_port()
+    process = spawn_adapter(
+        port,
+        *args,
+        f"--cert-dir={tmp_path / 'serving-cert'}",
+        f"--prometheus-url=http://127.0.0.1:{free_port()}",  # discovery needs no Prometheus
+        "--kubeconfig",
+        str(api.write_kubeconfig(tmp_path / "kubeconfig")),
+        output=tmp_path / "adapter.log",
+    )
+    try:
+        process.wait_for_port(port)
+        yield f"https://127.0.0.1:{port}", api, pki
+    finally:
+        process.stop()
+        api.stop()
+
+
+@pytest.mark.filterwarnings("ignore::urllib3.exceptions.InsecureRequestWarning")  # as the kubelet
+def test_the_adapter_started_as_deployed_is_probed_routed_and_authorized(
+    deployed: tuple[str, FakeApiServer, Pki],
+) -> None:
+    """The kubelet probes without credentials and without verifying the self-signed certificate;
+    kube-apiserver's front proxy and a bearer token reach the API; the RBAC grants every request the
+    adapter makes, and the roles the manifests define grant nothing it never asks for."""
+    url, api, pki = deployed
+    (deployment,) = by_kind("Deployment")
+    (container,) = deployment["spec"]["template"]["spec"]["containers"]
+    for probe in ("readinessProbe", "livenessProbe"):
+        get = container[probe]["httpGet"]
+        assert get["scheme"] == "HTTPS"
+        deadline = time.monotonic() + 20
+        while (status := requests.get(url + get["path"], verify=False, timeout=5).status_code) != 200:
+            assert status == 503 and time.monotonic() < deadline, (probe, status)  # 503 until the pods are synced
+            time.sleep(0.2)
+    hpa = "system:serviceaccount:kube-system:horizontal-pod-autoscaler"
+    api.tokens["hpa-token"] = (hpa, ["system:serviceaccounts"])
+    discovery = url + "/apis/custom.metrics.k8s.io/v1beta2"
+    proxied = requests.get(
+        discovery,
+        headers={"X-Remote-User": hpa},
+        cert=(str(pki.client_cert), str(pki.client_key)),
+        verify=False,
+        timeout=10,
+    )
+    bearer = requests.get(discovery, headers={"Authorization": "Bearer hpa-token"}, verify=False, timeout=10)
+    assert (proxied.status_code, bearer.status_code) == (200, 200)
+
+    account = {
+        "kind": "ServiceAccount",
+        "name": deployment["spec"]["template"]["spec"]["serviceAccountName"],
+        "namespace": deployment["metadata"]["namespace"],
+    }
+    grants = granted(rendered(), account)
+    made = requested(api.calls)
+    assert made <= set().union(*grants.values()), made - set().union(*grants.values())
+    for role, rules in grants.items():
+        if all(name != role for _, name in BUILT_IN):
+            assert rules <= made, (role, rules - made)  # never more than it uses
+
+
+@pytest.mark.parametrize(
+    "directory", [DIRECTORY, DAEMONSET / "overlays/adapter", DAEMONSET / "overlays/adapter-external"]
+)
+def test_the_hpa_may_read_exactly_the_metrics_apis_routed_to_the_adapter(directory: Path) -> None:
+    roles = {d["metadata"]["name"]: d for d in by_kind("ClusterRole", directory)}
+    bindings = {d["roleRef"]["name"]: d for d in by_kind("ClusterRoleBinding", directory)}
+    (service,) = [s for s in by_kind("Service", directory) if s["metadata"]["name"] == "gpu-metrics-adapter"]
+    routed = {
+        d["spec"]["group"]
+        for d in by_kind("APIService", directory)
+        if d["spec"]["service"]["name"] == service["metadata"]["name"]
+    }
+    for name, binding in bindings.items():
+        hpa = {"kind": "ServiceAccount", "name": "horizontal-pod-autoscaler", "namespace": "kube-system"}
+        if hpa in binding["subjects"]:
+            (rule,) = roles[name]["rules"]
+            assert set(rule["apiGroups"]) == routed and {"get", "list"} <= set(rule["verbs"])
+            break
+    else:
+        pytest.fail("no role binds the HPA controller to the metrics APIs")
 
 
 @pytest.mark.parametrize("name", ["hpa-v2beta1.yaml", "hpa-v2.yaml"])
