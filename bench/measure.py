@@ -4,9 +4,11 @@ from __future__ import annotations
 
 import os
 import re
+import select
 import socket
 import subprocess
 import threading
+import time
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -91,8 +93,9 @@ class SlowClients:
     and never finish it: what a slowloris attack or a fleet of stuck scrapers looks like to a
     server. Used as a context manager; every socket is closed on exit."""
 
-    def __init__(self, host: str, port: int, count: int, drip_s: float = 2.0) -> None:
+    def __init__(self, host: str, port: int, count: int, drip_s: float = 2.0, connect_s: float = 10.0) -> None:
         self._address = (host, port)
+        self._connect_s = connect_s
         self._count = count
         self._drip_s = drip_s
         self._sockets: list[socket.socket] = []
@@ -101,12 +104,31 @@ class SlowClients:
         self.opened = 0
 
     def __enter__(self) -> SlowClients:
+        """Opens every connection at once, without blocking: a server that stops accepting (a full
+        backlog answers SYNs only as it accepts) must not stretch this out to a second per socket.
+        Connections not established within ``connect_s`` are given up."""
+        pending: list[socket.socket] = []
         for _ in range(self._count):
-            try:
-                self._sockets.append(socket.create_connection(self._address, timeout=2))
-                self.opened += 1
-            except OSError:
-                break  # refused or timed out: the server is bounding connections
+            sock = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
+            sock.setblocking(False)
+            sock.connect_ex(self._address)
+            pending.append(sock)
+        poller = select.poll()  # select() stops at descriptor 1024
+        by_fd = {sock.fileno(): sock for sock in pending}
+        for fd in by_fd:
+            poller.register(fd, select.POLLOUT)
+        deadline = time.monotonic() + self._connect_s
+        while by_fd and time.monotonic() < deadline:
+            for fd, _event in poller.poll(200):
+                sock = by_fd.pop(fd)
+                poller.unregister(fd)
+                if sock.getsockopt(socket.SOL_SOCKET, socket.SO_ERROR) == 0:
+                    self._sockets.append(sock)
+                    self.opened += 1
+                else:
+                    sock.close()
+        for sock in by_fd.values():
+            sock.close()
         self._thread.start()
         return self
 
