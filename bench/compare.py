@@ -358,7 +358,7 @@ def main() -> int:
         print(json.dumps(slow[-1]), flush=True)
     groups = metrics_cost(idle_s)
     print(json.dumps(groups), flush=True)
-    churned = churn(polls=600 if args.quick else 3600, interval=0.02)
+    churned = churn(polls=300 if args.quick else 3600, interval=0.1)
     print(json.dumps(churned), flush=True)
     machine = (
         f"{platform.machine()}, {os.cpu_count()} cores, {platform.python_implementation()} {platform.python_version()}"
