@@ -221,3 +221,16 @@ def test_with_no_renderer_answering_a_scrape_waits_briefly_and_serves_the_last_r
     exposition.invalidate()
     assert find(scrape(exposition), "duty_cycle_current")[0][1] == 55.0  # within the age bound
     assert exposition.wait_for_demand(0.0)  # the scrape asked for a new rendering
+
+
+def test_a_scrape_that_must_not_wait_gets_the_last_rendering_and_asks_for_a_new_one() -> None:
+    holder = [snapshot(GpuSeries(device=DEVICE, duty_cycle_percent=55.0))]
+    exposition = exposition_for(holder, Clock())
+    exposition.render()
+    assert exposition.current()
+    holder[0] = snapshot(GpuSeries(device=DEVICE, duty_cycle_percent=77.0))
+    exposition.invalidate()
+    assert not exposition.current()
+    body = b"".join(exposition.latest_parts(False, wait=False))
+    assert find(parse_samples(body.decode()), "duty_cycle_current")[0][1] == 55.0
+    assert exposition.wait_for_demand(0.0)  # the render thread is asked for the new data

@@ -488,12 +488,21 @@ class Server:
         conn.state = _BUSY
         self._enter(conn, None, 0.0)
         self._watch(conn, 0)
-        if self.probe_paths and _request_path(request) in self.probe_paths:
+        if self.answers_inline(_request_path(request)):
             # Answered here, sent from the turn's queue of answers (not at once: a connection
             # pipelining probes would otherwise recurse once per request).
             self._done.append((conn, *self._answer(conn, request)))
         else:
             self._submit(conn, request)
+
+    def in_loop(self) -> bool:
+        """True on the loop's own thread: a handler answering there must not block."""
+        return threading.current_thread() is self._thread
+
+    def answers_inline(self, path: str) -> bool:
+        """Whether the loop answers a request for ``path`` itself: only for handlers that are cheap
+        and never block (the probes, and what a subclass knows to be so right now)."""
+        return path in self.probe_paths
 
     def _refuse(self, conn: _Connection, refusal: _RefusedError) -> None:
         conn.buffer.clear()

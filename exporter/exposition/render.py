@@ -106,6 +106,11 @@ class Exposition:
             demanded, self._demanded = self._demanded, False
             return demanded
 
+    def current(self) -> bool:
+        """True when the last rendering has the newest data: a scrape then waits for nothing."""
+        with self._changed:
+            return self._rendered_generation >= self._data_generation
+
     def wake(self) -> None:
         """Ends a ``wait_for_demand`` at once (the agent is stopping)."""
         with self._changed:
@@ -126,17 +131,19 @@ class Exposition:
         """The body of one scrape, as one bytes object."""
         return b"".join(self.latest_parts(gzipped))
 
-    def latest_parts(self, gzipped: bool) -> tuple[bytes, bytes]:
+    def latest_parts(self, gzipped: bool, wait: bool = True) -> tuple[bytes, bytes]:
         """The body of one scrape in two parts: the rendering shared by every scrape (not copied,
         so each client slow to read it does not hold a copy of its own) and the small per-scrape
         part. gzip members may be concatenated (RFC 1952), so the rendering compressed once is
-        sent as it is, followed by the per-scrape part compressed."""
+        sent as it is, followed by the per-scrape part compressed. Without ``wait`` (the server's
+        loop answering) a newer rendering is asked for but not waited for."""
         with self._changed:
             wanted = self._data_generation
             if self._rendered_generation < wanted:
                 self._demanded = True
                 self._changed.notify_all()
-                self._changed.wait_for(lambda: self._rendered_generation >= wanted, self._render_wait_s)
+                if wait:
+                    self._changed.wait_for(lambda: self._rendered_generation >= wanted, self._render_wait_s)
             rendered_at, plain, compressed = self._rendered
         if rendered_at is None or self._clock() - rendered_at > self._max_age_s:
             plain, compressed = b"", b""

@@ -41,7 +41,9 @@ class _Handler(Handler):
             gzipped = "gzip" in self.headers.get("Accept-Encoding", "")
             self.send(
                 200,
-                self.server.exposition.latest_parts(gzipped),
+                # In the loop (a current rendering was seen) never wait: a poll finishing just now
+                # must not hold every connection up for a render.
+                self.server.exposition.latest_parts(gzipped, wait=not self.server.in_loop()),
                 CONTENT_TYPE,
                 send_body,
                 {"Content-Encoding": "gzip"} if gzipped else {},
@@ -70,3 +72,12 @@ class MetricsServer(Server):
         self.readiness = readiness
         self.web = web or WebConfig(tls=None, auth=None)
         super().__init__(address, _Handler, self.web.tls, peer_check=self.web.allows_peer, probe_paths=_UNAUTHENTICATED)
+
+    def answers_inline(self, path: str) -> bool:
+        """The probes, and a scrape while the rendering is current and no password is to be checked:
+        it then only copies bytes, so the loop sends them without a hand-off to a worker thread
+        (which cost most of a scrape's latency). A scrape that must wait for a render, or for
+        bcrypt, goes to a worker."""
+        if path == "/metrics":
+            return self.web.auth is None and self.exposition.current()
+        return super().answers_inline(path)
