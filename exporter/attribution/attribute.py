@@ -123,16 +123,30 @@ def _hold_allocated(
             continue
         ref = parse_device_id(allocation.device_id)
         device = index.resolve(ref) if ref is not None else None
-        if device is None or not allocation.namespace or not allocation.pod:
-            unknown_ids[allocation.resource_name] += 1
-            continue
-        key = (allocation.namespace, allocation.pod)
-        if key in finished:
-            continue
-        holder = holders[device.uuid].setdefault(key, _Holder(set(), set()))
-        if allocation.container:
-            holder.containers.add(allocation.container)
+        _hold(holders, device, allocation, finished, unknown_ids, allocation.resource_name)
     return unknown_ids
+
+
+def _hold(
+    holders: dict[str, dict[PodKey, _Holder]],
+    device: DeviceReading | None,
+    allocation: Allocation,
+    finished: set[PodKey],
+    unknown_ids: Counter[str],
+    counted_as: str,
+) -> bool:
+    """Adds one allocation's pod and container to ``holders`` of ``device``; an allocation naming
+    no device here, or no pod, is counted under ``counted_as``. False when nothing was added."""
+    if device is None or not allocation.namespace or not allocation.pod:
+        unknown_ids[counted_as] += 1
+        return False
+    key = (allocation.namespace, allocation.pod)
+    if key in finished:
+        return False
+    holder = holders[device.uuid].setdefault(key, _Holder(set(), set()))
+    if allocation.container:
+        holder.containers.add(allocation.container)
+    return True
 
 
 def _hold_claimed(
@@ -159,16 +173,8 @@ def _hold_claimed(
             minor = fallback_minor(claim.driver, claim.device)
             ref = DeviceRef(minor_number=minor) if minor is not None else None
         device = index.resolve(ref) if ref is not None else None
-        if device is None or not claim.namespace or not claim.pod:
-            unknown_ids[claim.driver] += 1
-            continue
-        key = (claim.namespace, claim.pod)
-        if key in finished:
-            continue
-        holder = holders[device.uuid].setdefault(key, _Holder(set(), set()))
-        if claim.container:
-            holder.containers.add(claim.container)
-        resolved.append(ResolvedClaim(claim, device.uuid))
+        if _hold(holders, device, claim, finished, unknown_ids, claim.driver) and device is not None:
+            resolved.append(ResolvedClaim(claim, device.uuid))
     return tuple(resolved)
 
 
