@@ -17,7 +17,7 @@ import requests
 import yaml
 
 from exporter.catalogue import FAMILIES
-from tests.conftest import Node
+from tests.conftest import Node, find
 from tests.test_dashboards import metric_names
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -93,7 +93,8 @@ def test_the_issues_alerts_are_there_with_their_severities() -> None:
 
 def test_the_rules_read_only_series_the_agent_exports(node: Node, start_agent) -> None:  # type: ignore[no-untyped-def]
     agent = start_agent([*node.args(), "--no-kubernetes"], node.scenario_path)
-    agent.wait_for(lambda s: s != {}, what="a scrape")
+    # The process collector answers before the first poll; the age gauges come with the first snapshot.
+    agent.wait_for(lambda s: bool(find(s, "duty_cycle_current")), what="a finished poll")
     text = requests.get(agent.url + "/metrics", timeout=5).text
     exported = {line.split()[2] for line in text.splitlines() if line.startswith("# TYPE ")}
     exported |= {family.name for family in FAMILIES} | {"up"}  # Xid series appear on the first event
