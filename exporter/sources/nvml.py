@@ -7,9 +7,12 @@ call or leaves the value out for good, bytes that are no UTF-8 are decoded with 
 any other error is counted and leaves that one value out. Which call variant answers on a device
 (v2 memory info or v1, TemperatureV or Temperature) is remembered, not retried every poll.
 
-Each GPU is read on its own daemon thread: NVML calls can block for a long time after some driver
-faults (a ctypes call cannot be interrupted), and one stuck GPU must not stop the others from being
-read, nor the process from exiting.
+The GPUs are read one after another on a daemon thread, off the poll loop: NVML calls can block
+for a long time after some driver faults (a ctypes call cannot be interrupted). When one read
+stalls, the GPUs queued behind it move to a new thread and the stalled one is left to its call, so
+one stuck GPU stops neither the others nor the process from exiting. One thread rather than one per
+GPU: threads reading at once spent most of a poll's CPU passing the GIL between them (each ctypes
+call releases it).
 
 What is read is driven by the metric catalogue (exporter.catalogue): the sources the enabled
 groups need, each at its cadence, GPM metrics between two samples a poll apart, and Xid counts
@@ -176,30 +179,44 @@ class _GpuResult:
     library_error: pynvml.NVMLError | None = None
 
 
-class _GpuWorker:
-    """A daemon thread that reads one GPU when asked; a hung call blocks only this thread."""
+class _ReadThread:
+    """A daemon thread that reads the GPUs queued to it, one after another. Abandoned when a read
+    stalls: it reads nothing more and exits once that read returns (a hung call may never)."""
 
-    def __init__(self, index: int, read: Callable[[int], _GpuResult]) -> None:
-        self._requests: queue.Queue[Future[_GpuResult] | None] = queue.Queue()
+    def __init__(self, read: Callable[[int], _GpuResult], name: str) -> None:
+        self._jobs: queue.SimpleQueue[tuple[int, Future[_GpuResult]] | None] = queue.SimpleQueue()
         self._read = read
-        self._index = index
-        self.thread = threading.Thread(target=self._run, name=f"nvml-gpu{index}", daemon=True)
+        self._reading_since: float | None = None
+        self.thread = threading.Thread(target=self._run, name=name, daemon=True)
         self.thread.start()
 
-    def submit(self) -> Future[_GpuResult]:
+    def submit(self, index: int) -> Future[_GpuResult]:
         future: Future[_GpuResult] = Future()
-        self._requests.put(future)
+        self._jobs.put((index, future))
         return future
 
-    def stop(self) -> None:
-        self._requests.put(None)
+    def stalled_for(self) -> float:
+        """Seconds the read under way has taken; 0 when idle."""
+        since = self._reading_since
+        return 0.0 if since is None else time.monotonic() - since
+
+    def abandon(self) -> None:
+        """Ends the thread after the read under way; reads still queued are to be cancelled by the
+        caller (a cancelled one is skipped)."""
+        self._jobs.put(None)
 
     def _run(self) -> None:
-        while (future := self._requests.get()) is not None:
+        while (job := self._jobs.get()) is not None:
+            index, future = job
+            if not future.set_running_or_notify_cancel():
+                continue  # moved to another thread
+            self._reading_since = time.monotonic()
             try:
-                future.set_result(self._read(self._index))
+                future.set_result(self._read(index))
             except BaseException as error:  # surfaced to the poll loop through the future
                 future.set_exception(error)
+            finally:
+                self._reading_since = None
 
 
 class _OncePer:
@@ -287,7 +304,8 @@ class NvmlReader:
         self._retry = Backoff(retry_min_s, retry_max_s)
         self._next_init = 0.0
         self._closed = False
-        self._workers: dict[int, _GpuWorker] = {}
+        self._read_thread: _ReadThread | None = None
+        self._read_threads: list[_ReadThread] = []  # the current one and those left to a stalled read
         self._in_flight: dict[int, Future[_GpuResult]] = {}
         self._last: dict[int, tuple[DeviceReading, ...]] = {}
         # The UUID each index last answered with: a lost GPU often cannot tell it any more.
@@ -362,14 +380,15 @@ class NvmlReader:
         """Stops the GPU threads (one stuck in a driver call is a daemon and is left behind) and
         shuts NVML down. The reader reads nothing afterwards."""
         self._closed = True
-        for worker in self._workers.values():
-            worker.stop()
+        self._read_thread = None
+        for thread in self._read_threads:
+            thread.abandon()
         deadline = time.monotonic() + timeout_s
         if self._xid is not None:
             self._xid.close()
-        for worker in self._workers.values():
-            worker.thread.join(max(0.0, deadline - time.monotonic()))
-        stuck = {index for index, worker in self._workers.items() if worker.thread.is_alive()}
+        for thread in self._read_threads:
+            thread.thread.join(max(0.0, deadline - time.monotonic()))
+        stuck = {index for index, future in self._in_flight.items() if not future.done()}
         for (index, _uuid), state in list(self._gpm.items()):
             if index not in stuck:  # a stuck read may still hold its samples
                 state.free()
@@ -401,11 +420,8 @@ class NvmlReader:
                 continue  # still stuck in an earlier read: serve what we had
             if previous is not None:
                 errors.extend(self._absorb(index, previous))
-            worker = self._workers.get(index)
-            if worker is None:
-                worker = self._workers[index] = _GpuWorker(index, self._read_gpu)
-            started[index] = self._in_flight[index] = worker.submit()
-        wait_futures(list(started.values()), timeout=deadline_s)
+            started[index] = self._in_flight[index] = self._reading_thread().submit(index)
+        self._wait_for_reads(started, deadline_s)
         for index, future in started.items():
             if future.done():
                 errors.extend(self._absorb(index, future))
@@ -414,6 +430,32 @@ class NvmlReader:
             self._xid.watch([(d.index, d.uuid) for d in devices if d.parent_uuid is None])
             devices = _with_xid(devices, self._xid.counts(), self._xid_families)
         return NvmlPoll(devices=devices, errors=tuple(errors))
+
+    def _reading_thread(self) -> _ReadThread:
+        if self._read_thread is None:
+            self._read_threads = [t for t in self._read_threads if t.thread.is_alive()]
+            self._read_thread = _ReadThread(self._read_gpu, f"nvml-read-{len(self._read_threads)}")
+            self._read_threads.append(self._read_thread)
+        return self._read_thread
+
+    def _wait_for_reads(self, started: dict[int, Future[_GpuResult]], deadline_s: float) -> None:
+        """Waits until every read is done or ``deadline_s`` has passed. A read under way for a
+        quarter of the deadline has stalled: the reads queued behind it move to a new thread."""
+        deadline = time.monotonic() + deadline_s
+        stall_s = deadline_s / 4
+        while (remaining := deadline - time.monotonic()) > 0:
+            pending = [future for future in started.values() if not future.done()]
+            if not pending:
+                return
+            wait_futures(pending, timeout=min(remaining, stall_s))
+            stalled = self._read_thread
+            if stalled is None or stalled.stalled_for() < stall_s:
+                continue
+            self._read_thread = None
+            stalled.abandon()
+            for index, future in started.items():
+                if future.cancel():  # still queued behind the stalled read
+                    started[index] = self._in_flight[index] = self._reading_thread().submit(index)
 
     def _absorb(self, index: int, future: Future[_GpuResult]) -> list[tuple[str, str, str]]:
         """Takes in one finished read, exactly once (the future is dropped); never raises."""
