@@ -179,8 +179,8 @@ class Agent:
 
     def stop(self, timeout_s: float = 0.5) -> None:
         """Stops in reverse order of dependence: render and poll first, then what the poll reads
-        (pod sources, whose gRPC channel closes only once nothing calls it, and the pod watch),
-        NVML last. Threads stuck in a driver call are daemons and cannot hold up the exit."""
+        (pod sources and the pod watch), NVML last. Threads stuck in a driver call are daemons and
+        cannot hold up the exit."""
         self._stop.set()
         self.exposition.wake()
         deadline = time.monotonic() + timeout_s
@@ -192,7 +192,6 @@ class Agent:
         if self.slices is not None:
             self.slices.stop()
         self.sources.join(max(0.0, deadline - time.monotonic()))
-        self.sources.kubelet.close()
         if self.pods is not None:
             self.pods.join(max(0.0, deadline - time.monotonic()))
         if self.slices is not None:

@@ -40,7 +40,6 @@ def test_lists_device_allocations(tmp_path: Path) -> None:
         ]
         assert client.up
     finally:
-        client.close()
         kubelet.stop()
 
 
@@ -70,7 +69,6 @@ def test_lists_dynamic_resource_allocation_claims_beside_device_plugin_devices(t
             Allocation("default", "bert-intent-detection-7c9f", "server", "nvidia.com/gpu", gpu_uuid(0))
         ]
     finally:
-        client.close()
         kubelet.stop()
 
 
@@ -88,7 +86,6 @@ def test_answers_larger_than_grpcs_default_4mib_limit(tmp_path: Path) -> None:
         allocations = client.list_allocations()
         assert allocations is not None and len(allocations) == 20_000
     finally:
-        client.close()
         kubelet.stop()
 
 
@@ -105,11 +102,10 @@ def test_missing_socket_then_kubelet_starts(tmp_path: Path) -> None:
             time.sleep(0.2)
         assert allocations is not None and allocations[0].pod == "bert-intent-detection-7c9f"
     finally:
-        client.close()
         kubelet.stop()
 
 
-def test_kubelet_restart_on_the_same_socket_reuses_the_channel(tmp_path: Path) -> None:
+def test_a_kubelet_restarted_on_the_same_socket_is_reached_again(tmp_path: Path) -> None:
     path = str(tmp_path / "kubelet.sock")
     kubelet = FakeKubelet(path).start()
     kubelet.set_pods([BERT])
@@ -125,7 +121,6 @@ def test_kubelet_restart_on_the_same_socket_reuses_the_channel(tmp_path: Path) -
             time.sleep(0.2)
         assert client.up
     finally:
-        client.close()
         kubelet.stop()
 
 
@@ -148,7 +143,6 @@ def test_a_failing_kubelet_is_asked_with_backoff_not_every_poll(tmp_path: Path) 
     finally:
         sources.stop()
         sources.join(2.0)
-        sources.kubelet.close()
         kubelet.stop()
 
 
@@ -162,5 +156,4 @@ def test_slow_kubelet_times_out(tmp_path: Path) -> None:
         assert time.monotonic() - started < 1.5
         assert client.errors["DEADLINE_EXCEEDED"] == 1
     finally:
-        client.close()
         kubelet.stop()

@@ -1,8 +1,10 @@
 """The kubelet edge: the only module that speaks gRPC. Lists device allocations over pod-resources v1:
 the device plugins' (``devices``) and Dynamic Resource Allocation's (``dynamic_resources``).
 
-One long-lived channel on the kubelet's unix socket, opened lazily and kept across polls (gRPC
-reconnects it by itself when the kubelet restarts). The kubelet rate-limits this API and answers
+A channel on the kubelet's unix socket for each List, closed after it: the List comes every few
+seconds, a local dial costs little, and an open channel kept gRPC's threads waking while idle
+(measured: 0.078 CPU s/min with the channel kept, 0.042 dialling each time, a List every 5 s). A
+restarted kubelet is simply reached by the next dial. The kubelet rate-limits this API and answers
 RESOURCE_EXHAUSTED past it: the caller (``exporter.sources.podsources``) backs off on every failure.
 """
 
@@ -27,33 +29,24 @@ class PodResourcesClient:
         self.timeout_s = timeout_s
         self.up = False
         self.errors: Counter[str] = Counter()  # gRPC status code name -> count
-        self._channel: grpc.Channel | None = None
-        self._stub: api_pb2_grpc.PodResourcesListerStub | None = None
         self._last_error = ""
-
-    def _connect(self) -> api_pb2_grpc.PodResourcesListerStub:
-        if self._stub is None:
-            self._channel = grpc.insecure_channel(
-                f"unix://{self.socket_path}",
-                options=[
-                    ("grpc.max_receive_message_length", MAX_RECEIVE_BYTES),
-                    # The kubelet is local: retry a broken connection quickly once it is back.
-                    ("grpc.initial_reconnect_backoff_ms", 200),
-                    ("grpc.max_reconnect_backoff_ms", 2000),
-                ],
-            )
-            self._stub = api_pb2_grpc.PodResourcesListerStub(self._channel)
-        return self._stub
 
     def list_allocations(self) -> list[Allocation] | None:
         """The kubelet's current device allocations (DRA ones as ``ClaimAllocation``), or None when it
         cannot be asked right now."""
+        channel = grpc.insecure_channel(
+            f"unix://{self.socket_path}", options=[("grpc.max_receive_message_length", MAX_RECEIVE_BYTES)]
+        )
         try:
-            response = self._connect().List(api_pb2.ListPodResourcesRequest(), timeout=self.timeout_s)
+            response = api_pb2_grpc.PodResourcesListerStub(channel).List(
+                api_pb2.ListPodResourcesRequest(), timeout=self.timeout_s
+            )
         except grpc.RpcError as error:
             code = error.code() if isinstance(error, grpc.Call) else grpc.StatusCode.UNKNOWN
             self._fail(code, error)
             return None
+        finally:
+            channel.close()
         if not self.up:
             log.info("kubelet pod-resources reachable at %s", self.socket_path)
         self.up = True
@@ -98,7 +91,3 @@ class PodResourcesClient:
         if message != self._last_error:
             log.warning("%s: %s", message, error.details() if isinstance(error, grpc.Call) else error)
             self._last_error = message
-
-    def close(self) -> None:
-        if self._channel is not None:
-            self._channel.close()
