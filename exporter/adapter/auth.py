@@ -2,29 +2,44 @@
 
 Who: a union of two authenticators, tried in order, the first that authenticates wins (union.New):
 the front proxy (kube-apiserver), whose client certificate chains to the requestheader CA (checked
-in the TLS handshake) and has an allowed CN, names the user and groups in its X-Remote-User /
-X-Remote-Group headers; failing that, a bearer token, checked with a TokenReview. May they: a
-SubjectAccessReview for the request's attributes. Both reviews are cached briefly, as the
-apiserver's delegating authenticator/authorizer do; a failed review is never cached.
+in the TLS handshake) and has an allowed CN, names the user, UID, groups and extra in its headers
+(X-Remote-User, the configured UID headers, X-Remote-Group, X-Remote-Extra-<key>), as
+headerrequest's requestheader.go reads them; failing that, a bearer token, checked with a
+TokenReview. May they: a SubjectAccessReview for the request's attributes, naming the whole user
+(webhook authorizers decide on extra, e.g. token scopes). Both reviews are cached briefly, as the
+apiserver's delegating authenticator/authorizer do, keyed by everything the review was asked; a
+failed review is never cached.
 """
 
 from __future__ import annotations
 
 import logging
+import re
 import threading
 import time
 from collections import OrderedDict
-from collections.abc import Callable, Mapping
+from collections.abc import Callable, Iterable, Mapping
 from dataclasses import dataclass
 from typing import Any, Protocol
+from urllib.parse import unquote
 
 log = logging.getLogger(__name__)
+
+Extra = tuple[tuple[str, tuple[str, ...]], ...]
+"""A user's extra information (user.Info's map of key to values) as (key, values) pairs sorted by key:
+hashable, so a User can key the decision cache, and equal for equal maps."""
+
+
+def frozen_extra(extra: Mapping[str, Iterable[str]]) -> Extra:
+    return tuple(sorted((key, tuple(values)) for key, values in extra.items()))
 
 
 @dataclass(frozen=True)
 class User:
     name: str
     groups: tuple[str, ...] = ()
+    uid: str = ""
+    extra: Extra = ()
 
 
 @dataclass(frozen=True)
@@ -35,6 +50,8 @@ class RequestHeaderConfig:
     allowed_names: tuple[str, ...] = ()  # empty: any certificate the CA signed
     username_headers: tuple[str, ...] = ("X-Remote-User",)
     group_headers: tuple[str, ...] = ("X-Remote-Group",)
+    uid_headers: tuple[str, ...] = ()  # none honoured unless named (kube-apiserver 1.32+ can send X-Remote-Uid)
+    extra_header_prefixes: tuple[str, ...] = ("X-Remote-Extra-",)
 
 
 class Reviewer(Protocol):
@@ -106,6 +123,27 @@ def bearer_token(authorization: str) -> str | None:
     return parts[1]
 
 
+def _first_value(headers: Any, names: Iterable[str]) -> str:
+    """The first non-empty value among the headers ``names``, as requestheader.go's headerValue."""
+    return next((value for value in map(headers.get, names) if value), "")
+
+
+_MALFORMED_ESCAPE = re.compile(r"%(?![0-9A-Fa-f]{2})")
+
+
+def _extra_from_headers(headers: Any, prefixes: Iterable[str]) -> Extra:
+    """As requestheader.go's newExtra: prefix by prefix, in order, every header whose name starts with
+    it (in any case) adds its values to the key named by the rest of its name, lowercased and
+    %-unescaped (url.PathUnescape; a key with a malformed escape is kept as it came)."""
+    extra: dict[str, list[str]] = {}
+    for prefix in prefixes:
+        for name, value in headers.items():
+            if name.lower().startswith(prefix.lower()):
+                key = name[len(prefix) :].lower()
+                extra.setdefault(key if _MALFORMED_ESCAPE.search(key) else unquote(key), []).append(value)
+    return frozen_extra(extra)
+
+
 class Authenticator:
     def __init__(
         self,
@@ -131,11 +169,12 @@ class Authenticator:
         subject = dict(field for rdn in peer_cert.get("subject", ()) for field in rdn)
         if config.allowed_names and subject.get("commonName") not in config.allowed_names:
             return None
-        name = next((headers.get(h) for h in config.username_headers if headers.get(h)), None)
+        name = _first_value(headers, config.username_headers)
         if not name:
             return None
         groups = tuple(g for h in config.group_headers for g in (headers.get_all(h) or ()))
-        return User(name, groups)
+        uid = _first_value(headers, config.uid_headers)
+        return User(name, groups, uid, _extra_from_headers(headers, config.extra_header_prefixes))
 
     def _from_token(self, headers: Any) -> User | None:
         token = bearer_token(headers.get("Authorization", ""))

@@ -1,6 +1,7 @@
-"""The adapter's Kubernetes API edge: TokenReview, SubjectAccessReview, and the front proxy's
-CA from the ``kube-system/extension-apiserver-authentication`` ConfigMap. Every call has a deadline:
-a request thread never waits on the API for longer than ``REQUEST_TIMEOUT_S``."""
+"""The adapter's Kubernetes API edge: TokenReview, SubjectAccessReview (sent the whole user: name,
+UID, groups and extra, as k8s.io/apiserver's webhook authorizer does), and the front proxy's CA and
+header names from the ``kube-system/extension-apiserver-authentication`` ConfigMap. Every call has a
+deadline: a request thread never waits on the API for longer than ``REQUEST_TIMEOUT_S``."""
 
 from __future__ import annotations
 
@@ -10,7 +11,7 @@ from typing import Any
 
 from kubernetes import client, config
 
-from exporter.adapter.auth import RequestHeaderConfig, User
+from exporter.adapter.auth import RequestHeaderConfig, User, frozen_extra
 
 REQUEST_TIMEOUT_S = 10
 
@@ -40,10 +41,16 @@ class KubeReviewer:
         status = review.status
         if status is None or not status.authenticated or status.user is None:
             return None
-        return User(status.user.username or "", tuple(status.user.groups or ()))
+        found = status.user
+        return User(found.username or "", tuple(found.groups or ()), found.uid or "", frozen_extra(found.extra or {}))
 
     def review_access(self, user: User, attributes: Mapping[str, Any]) -> bool:
-        spec = client.V1SubjectAccessReviewSpec(user=user.name, groups=list(user.groups))
+        spec = client.V1SubjectAccessReviewSpec(
+            user=user.name,
+            groups=list(user.groups),
+            uid=user.uid or None,  # None: left out, as Go's omitempty does
+            extra={key: list(values) for key, values in user.extra} or None,
+        )
         if "path" in attributes:
             spec.non_resource_attributes = client.V1NonResourceAttributes(**attributes)
         else:
@@ -55,7 +62,9 @@ class KubeReviewer:
 
 
 def read_requestheader_config(api: client.ApiClient) -> RequestHeaderConfig:
-    """What kube-apiserver publishes about its front-proxy client certificates."""
+    """What kube-apiserver publishes about its front-proxy client certificates. UID headers or extra
+    prefixes left out of the ConfigMap honour none, as upstream's RequestHeaderAuthRequestController
+    reads them (kube-apiserver before 1.32 publishes no UID headers)."""
     config_map = client.CoreV1Api(api).read_namespaced_config_map(
         "extension-apiserver-authentication", "kube-system", _request_timeout=REQUEST_TIMEOUT_S
     )
@@ -71,4 +80,6 @@ def read_requestheader_config(api: client.ApiClient) -> RequestHeaderConfig:
         allowed_names=listed("requestheader-allowed-names", ()),
         username_headers=listed("requestheader-username-headers", ("X-Remote-User",)),
         group_headers=listed("requestheader-group-headers", ("X-Remote-Group",)),
+        uid_headers=listed("requestheader-uid-headers", ()),
+        extra_header_prefixes=listed("requestheader-extra-headers-prefix", ()),
     )

@@ -8,6 +8,7 @@ import ipaddress
 import logging
 import math
 import os
+import re
 import socket
 import ssl
 import sys
@@ -70,6 +71,16 @@ def build_parser() -> _Parser:
     )
     add("--requestheader-username-headers", default="X-Remote-User")
     add("--requestheader-group-headers", default="X-Remote-Group")
+    add(
+        "--requestheader-uid-headers",
+        default="",
+        help="comma-separated headers naming the user's UID, e.g. X-Remote-Uid (default: none)",
+    )
+    add(
+        "--requestheader-extra-headers-prefix",
+        default="X-Remote-Extra-",
+        help="comma-separated prefixes of the headers naming the user's extra (default X-Remote-Extra-)",
+    )
     add("--kubeconfig", help="kubeconfig for the pod watch (default: in-cluster)")
     add("--authentication-kubeconfig", help="kubeconfig for TokenReviews (default: --kubeconfig)")
     add("--authorization-kubeconfig", help="kubeconfig for SubjectAccessReviews (default: --kubeconfig)")
@@ -127,15 +138,23 @@ def _validate(args: argparse.Namespace, parser: _Parser) -> None:
         parser.error(f"--prometheus-url: want an http:// or https:// URL, got {args.prometheus_url!r}")
     if bool(args.tls_cert_file) != bool(args.tls_private_key_file):
         parser.error("--tls-cert-file and --tls-private-key-file go together")
-    for flag, value in (
-        ("--requestheader-username-headers", args.requestheader_username_headers),
-        ("--requestheader-group-headers", args.requestheader_group_headers),
+    for flag, value, required in (
+        ("--requestheader-username-headers", args.requestheader_username_headers, True),
+        ("--requestheader-group-headers", args.requestheader_group_headers, True),
+        ("--requestheader-uid-headers", args.requestheader_uid_headers, False),
+        ("--requestheader-extra-headers-prefix", args.requestheader_extra_headers_prefix, False),
     ):
-        if not _listed(value):
+        names = _listed(value)
+        if required and not names:
             parser.error(f"{flag}: want at least one header name")
+        if any(not _HEADER_NAME.fullmatch(name) for name in names):
+            parser.error(f"{flag}: want header names (HTTP tokens: no spaces, colons or quotes), got {value!r}")
     paths = _listed(args.authorization_always_allow_paths)
     if any(not p.startswith("/") for p in paths):
         parser.error(f"--authorization-always-allow-paths: want paths starting with /, got {','.join(paths)}")
+
+
+_HEADER_NAME = re.compile(r"[!#$%&'*+.^_`|~0-9A-Za-z-]+")  # RFC 9110's token, what a header's name is
 
 
 def _listed(value: str) -> tuple[str, ...]:
@@ -216,8 +235,10 @@ def _front_proxy_source(
         return RequestHeaderConfig(
             ca_file.read_text(),
             allowed_names,
-            _listed(args.requestheader_username_headers),
-            _listed(args.requestheader_group_headers),
+            username_headers=_listed(args.requestheader_username_headers),
+            group_headers=_listed(args.requestheader_group_headers),
+            uid_headers=_listed(args.requestheader_uid_headers),
+            extra_header_prefixes=_listed(args.requestheader_extra_headers_prefix),
         )
 
     try:

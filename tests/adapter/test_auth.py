@@ -12,6 +12,7 @@ from typing import Any
 import pytest
 
 from exporter.adapter.auth import Authenticator, Authorizer, RequestHeaderConfig, ReviewUnavailableError, User
+from tests.adapter.test_settings import run_adapter
 from tests.conftest import free_port
 from tests.sim.processes import spawn_adapter
 
@@ -175,3 +176,19 @@ def test_without_a_certificate_the_adapter_serves_a_self_signed_pair(tmp_path: P
         assert (tmp_path / "certs" / "apiserver.key").stat().st_mode & 0o777 == 0o600
     finally:
         process.stop()
+
+
+@pytest.mark.parametrize(
+    ("flag", "value"),
+    [
+        ("--requestheader-uid-headers", "X-Remote-Uid,X Remote Uid"),
+        ("--requestheader-extra-headers-prefix", "X-Remote-Extra:"),
+        ("--requestheader-username-headers", '"X-Remote-User"'),
+    ],
+)
+def test_a_header_flag_naming_no_possible_header_is_one_line(tmp_path: Path, flag: str, value: str) -> None:
+    """No request could carry such a header: the setting is refused at start, not silently never matched."""
+    result = run_adapter(tmp_path, flag, value)
+    assert result.returncode == 2, result.stderr
+    (line,) = result.stderr.strip().splitlines()
+    assert line.startswith(f"gpu-metrics-adapter: error: {flag}: want header names"), line

@@ -1,6 +1,8 @@
 """Whom the adapter trusts, over real TLS: the front proxy's CA read until it is read and replaced
-when it rotates, readiness that waits for it, and authentication as k8s.io/apiserver's union
-authenticator does it (a certificate that does not authenticate leaves the bearer token to decide).
+when it rotates, readiness that waits for it, authentication as k8s.io/apiserver's union
+authenticator does it (a certificate that does not authenticate leaves the bearer token to decide),
+and the user's UID and extra, from the front proxy's headers or a TokenReview, reaching the
+SubjectAccessReview.
 
 kube-apiserver is played by tests/sim/apiserver.py (TokenReview, SubjectAccessReview, the
 ``extension-apiserver-authentication`` ConfigMap, pods), speaking the real API's JSON.
@@ -129,6 +131,85 @@ def test_a_certificate_that_does_not_authenticate_leaves_the_token_to_decide(
         assert review["user"] == "bob"  # the token's user, never the header's
         assert adapter.get(DISCOVERY, cert=False, Authorization="bearer bob-token").status_code == 200
         assert adapter.get(DISCOVERY, cert=False, Authorization="BEARER bob-token").status_code == 200
+    finally:
+        adapter.stop()
+
+
+SCOPES = "example.com/scopes"  # an extra key holding a "/": the front proxy sends it %-escaped
+
+
+def scoped(uid: str) -> Callable[[dict[str, Any]], bool]:
+    """An authorizer (a webhook's, say) that allows only this UID, and only with the ``gpu-metrics``
+    scope in its extra."""
+    return lambda spec: spec.get("uid") == uid and spec.get("extra", {}).get(SCOPES) == ["gpu-metrics"]
+
+
+@pytest.mark.parametrize("source", ["flags", "ConfigMap"])
+def test_the_front_proxys_uid_and_extra_decide_the_access_review(
+    tmp_path: Path, api: FakeApiServer, source: str
+) -> None:
+    pki = make_pki(tmp_path / "pki")
+    uid_headers, extra_prefixes = ["X-Remote-Uid"], ["X-Remote-Extra-", "X-Front-Extra-"]
+    if source == "flags":
+        settings = [
+            "--requestheader-client-ca-file",
+            str(pki.ca),
+            "--requestheader-uid-headers",
+            ",".join(uid_headers),
+            "--requestheader-extra-headers-prefix",
+            ",".join(extra_prefixes),
+        ]
+    else:
+        settings = []
+        api.config_maps[CONFIG_MAP] = published(pki) | {
+            "requestheader-uid-headers": json.dumps(uid_headers),
+            "requestheader-extra-headers-prefix": json.dumps(extra_prefixes),
+        }
+    api.allow = scoped("hpa-uid")
+    adapter = Adapter(tmp_path, api, pki, *settings)
+
+    def status(headers: dict[str, str]) -> int:
+        """As kube-apiserver's proxy sends it: the user, a group and ``headers``."""
+        return adapter.get(DISCOVERY, True, **{"X-Remote-User": "hpa", "X-Remote-Group": "g", **headers}).status_code
+
+    try:
+        assert status({"X-Remote-Uid": "hpa-uid", "X-Remote-Extra-Example.com%2FScopes": "gpu-metrics"}) == 200
+        review = api.access_reviews[-1]
+        assert (review["user"], review["uid"], review["groups"]) == ("hpa", "hpa-uid", ["g"])
+        assert review["extra"] == {SCOPES: ["gpu-metrics"]}
+        # The prefix in any case, the key lowercased before it is unescaped: the same extra.
+        assert status({"X-Remote-Uid": "hpa-uid", "x-remote-EXTRA-example.COM%2fscopes": "gpu-metrics"}) == 200
+        # Another extra or UID for the same user and groups: asked again, never the decision cached above.
+        assert status({"X-Remote-Uid": "hpa-uid", "X-Remote-Extra-Example.com%2FScopes": "all-metrics"}) == 403
+        assert status({"X-Remote-Uid": "other-uid", "X-Remote-Extra-Example.com%2FScopes": "gpu-metrics"}) == 403
+        assert status({"X-Remote-Extra-Example.com%2FScopes": "gpu-metrics"}) == 403
+        # Values gathered prefix by prefix, in the prefixes' order; a malformed escape kept as it came.
+        gathered = {
+            "X-Remote-Uid": "hpa-uid",
+            "X-Front-Extra-Example.com%2FScopes": "more",
+            "X-Remote-Extra-Example.com%2FScopes": "gpu-metrics",
+            "X-Remote-Extra-Bad%zzKey": "kept",
+        }
+        assert status(gathered) == 403
+        assert api.access_reviews[-1]["extra"] == {SCOPES: ["gpu-metrics", "more"], "bad%zzkey": ["kept"]}
+    finally:
+        adapter.stop()
+
+
+def test_a_tokens_uid_and_extra_decide_the_access_review(tmp_path: Path, api: FakeApiServer) -> None:
+    groups = ["system:authenticated"]
+    api.tokens["scoped-token"] = ("carol", groups, "carol-uid", {SCOPES: ["gpu-metrics"]})
+    api.tokens["other-scope-token"] = ("carol", groups, "carol-uid", {SCOPES: ["all-metrics"]})
+    api.tokens["other-uid-token"] = ("carol", groups, "carol-2", {SCOPES: ["gpu-metrics"]})
+    api.allow = scoped("carol-uid")
+    adapter = Adapter(tmp_path, api, make_pki(tmp_path / "pki"))
+    try:
+        assert adapter.get(DISCOVERY, cert=False, Authorization="Bearer scoped-token").status_code == 200
+        review = api.access_reviews[-1]
+        assert (review["user"], review["uid"], review["extra"]) == ("carol", "carol-uid", {SCOPES: ["gpu-metrics"]})
+        # The same name and groups with another extra or UID: asked again, never the decision cached above.
+        assert adapter.get(DISCOVERY, cert=False, Authorization="Bearer other-scope-token").status_code == 403
+        assert adapter.get(DISCOVERY, cert=False, Authorization="Bearer other-uid-token").status_code == 403
     finally:
         adapter.stop()
 

@@ -39,8 +39,11 @@ byte 0xff, and one holding another lone surrogate (``\\ud800``) as its JSON esca
 recorded in ``calls`` with its time. Over TLS with a test CA's certificate when given a ``Pki``;
 ``token`` makes it answer 401 to requests without that bearer token.
 
-For the adapter it also answers ``POST`` TokenReviews and SubjectAccessReviews (from ``tokens``
-and ``allow``) and ``GET`` the ``kube-system/extension-apiserver-authentication`` ConfigMap.
+For the adapter it also answers ``POST`` TokenReviews (``status.user`` with ``username``,
+``groups``, and ``uid`` and ``extra`` when ``tokens`` gives them) and SubjectAccessReviews (``allow``
+decides on the review's whole ``spec``: ``user``, ``uid``, ``groups``, ``extra`` and the attributes,
+each recorded in ``access_reviews``), and ``GET`` the ``kube-system/extension-apiserver-authentication``
+ConfigMap.
 """
 
 from __future__ import annotations
@@ -62,6 +65,10 @@ from urllib.parse import parse_qs, urlparse
 from tests.sim.certs import Pki
 
 Obj = dict[str, Any]
+
+TokenUser = tuple[str, list[str]] | tuple[str, list[str], str, dict[str, list[str]]]
+"""A bearer token's user: (username, groups) or (username, groups, uid, extra), in UserInfo's order."""
+USER_INFO_FIELDS = ("username", "groups", "uid", "extra")
 
 # resource -> (kind, the field selectors upstream supports for it)
 RESOURCES: dict[str, tuple[str, frozenset[str]]] = {
@@ -188,7 +195,7 @@ class FakeApiServer:
         self.forbidden: set[str] = set()
         self.resource_versions: tuple[str, ...] = ("v1", "v1beta1")
         self.token = token
-        self.tokens: dict[str, tuple[str, list[str]]] = {}  # bearer token -> (user, groups)
+        self.tokens: dict[str, TokenUser] = {}  # bearer token -> its user
         self.allow: Callable[[dict[str, Any]], bool] = lambda spec: True  # SubjectAccessReview spec -> allowed
         self.access_reviews: list[dict[str, Any]] = []
         self.config_maps: dict[tuple[str, str], dict[str, str]] = {}
@@ -454,7 +461,7 @@ class FakeApiServer:
                 if self.path.startswith("/apis/authentication.k8s.io/v1/tokenreviews"):
                     known = api.tokens.get(spec.get("token", ""))
                     review["status"] = (
-                        {"authenticated": True, "user": {"username": known[0], "groups": known[1]}}
+                        {"authenticated": True, "user": dict(zip(USER_INFO_FIELDS, known, strict=False))}
                         if known
                         else {"authenticated": False}
                     )
