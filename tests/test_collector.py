@@ -9,7 +9,7 @@ from dataclasses import replace
 from prometheus_client import CollectorRegistry
 
 from exporter.exposition.collector import GPU_GAUGES, AgeCollector, SnapshotCollector
-from exporter.exposition.render import Exposition
+from exporter.exposition.render import Exposition, gzip_stored
 from exporter.model import Attribution, DeviceReading, GpuSeries, Health, Snapshot
 from tests.conftest import Samples, find, parse_samples
 
@@ -234,3 +234,10 @@ def test_a_scrape_that_must_not_wait_gets_the_last_rendering_and_asks_for_a_new_
     body = b"".join(exposition.latest_parts(False, wait=False))
     assert find(parse_samples(body.decode()), "duty_cycle_current")[0][1] == 55.0
     assert exposition.wait_for_demand(0.0)  # the render thread is asked for the new data
+
+
+def test_the_per_scrape_part_is_a_gzip_member_of_any_size() -> None:
+    for size in (0, 1, 1000, 0xFFFF, 200_000):  # 200 000: several stored blocks
+        data = bytes(i % 251 for i in range(size))
+        assert gzip.decompress(gzip_stored(data)) == data
+        assert gzip.decompress(gzip.compress(b"rendering", 1) + gzip_stored(data)) == b"rendering" + data
