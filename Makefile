@@ -47,7 +47,8 @@ lint: install
 clean:
 	rm -rf build tests/fakenvml/libnvidia-ml.so.1 exporter/sources/podresources/api_pb2*.py exporter/sources/podresources/api_pb2*.pyi
 
-# Side-by-side with nvitop-exporter on the same fake NVML scenarios; not part of make test (~15 min).
+# Side-by-side with nvitop-exporter on the same fake NVML scenarios; not part of make test (about half an hour).
+# `python -m bench.compare --quick` (8 GPUs only) takes about 9 minutes.
 bench: install fake-nvml
 	$(PYTHON) -m pip install -q 'nvitop-exporter>=1.4' 'matplotlib>=3.7.3'
 	$(PYTHON) -m bench.compare --out bench/results
