@@ -39,7 +39,7 @@ from tests.conftest import free_port
 from tests.sim.apiserver import FakeApiServer
 from tests.sim.certs import Pki, make_pki
 from tests.sim.kubelet import FakeKubelet, PodDevices
-from tests.sim.processes import ROOT, Process, spawn_agent
+from tests.sim.processes import ROOT, Process, adapter_args, spawn_adapter, spawn_agent
 from tests.sim.prometheus import Prometheus
 from tests.sim.scenario import Gpu, Scenario, gpu_uuid
 
@@ -143,26 +143,10 @@ def adapter(
     """The adapter of the checkout at ``root``; returns it, its URL and the seconds until /readyz."""
     port = free_port()
     started = time.monotonic()
-    process = Process(
-        [
-            sys.executable,
-            "-m",
-            "exporter.adapter",
-            "--secure-port",
-            str(port),
-            "--bind-address",
-            "127.0.0.1",
-            "--tls-cert-file",
-            str(pki.server_cert),
-            "--tls-private-key-file",
-            str(pki.server_key),
-            "--requestheader-client-ca-file",
-            str(pki.ca),
-            "--kubeconfig",
-            str(api.write_kubeconfig(directory / f"kubeconfig-{port}")),
-            "--prometheus-url",
-            prometheus_url,
-        ],
+    kubeconfig = api.write_kubeconfig(directory / f"kubeconfig-{port}")
+    process = spawn_adapter(
+        port,
+        *adapter_args(pki, kubeconfig, prometheus_url),
         what=f"the adapter of {root}",
         output=directory / f"adapter-{port}.log",
         cwd=root,

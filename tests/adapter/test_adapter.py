@@ -24,7 +24,7 @@ from tests.conftest import free_port
 from tests.sim.apiserver import FakeApiServer, pod_json
 from tests.sim.certs import Pki, make_pki
 from tests.sim.kubelet import FakeKubelet, PodDevices
-from tests.sim.processes import Process, spawn_adapter, spawn_agent
+from tests.sim.processes import Process, adapter_args, spawn_adapter, spawn_agent
 from tests.sim.prometheus import Prometheus
 from tests.sim.scenario import Gpu, Scenario, gpu_uuid
 
@@ -50,19 +50,7 @@ def start_adapter(
     """The adapter as a process, once it listens (and, with ``ready``, once /readyz says so)."""
     port = free_port()
     process = spawn_adapter(
-        port,
-        "--tls-cert-file",
-        str(pki.server_cert),
-        "--tls-private-key-file",
-        str(pki.server_key),
-        "--requestheader-client-ca-file",
-        str(pki.ca),
-        "--kubeconfig",
-        str(kubeconfig),
-        "--prometheus-url",
-        prometheus_url,
-        *extra,
-        output=directory / f"adapter-{port}.log",
+        port, *adapter_args(pki, kubeconfig, prometheus_url), *extra, output=directory / f"adapter-{port}.log"
     )
     url = f"https://127.0.0.1:{port}"
     try:

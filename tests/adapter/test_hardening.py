@@ -21,7 +21,7 @@ import requests
 from tests.conftest import free_port
 from tests.sim.apiserver import FakeApiServer
 from tests.sim.certs import Pki, make_pki
-from tests.sim.processes import Process, spawn_adapter
+from tests.sim.processes import Process, adapter_args, spawn_adapter
 
 EXTERNAL = "/apis/external.metrics.k8s.io/v1beta1/namespaces/default/gpu_duty_cycle"
 PODS = "/apis/custom.metrics.k8s.io/v1beta2/namespaces/default/pods/%2A/duty_cycle_current"
@@ -50,21 +50,8 @@ def _adapter(directory: Path, prometheus_url: str, *extra: str) -> Iterator[Adap
     pki = make_pki(directory / "pki")
     port = free_port()
     log = directory / f"adapter-{port}.log"
-    process = spawn_adapter(
-        port,
-        "--tls-cert-file",
-        str(pki.server_cert),
-        "--tls-private-key-file",
-        str(pki.server_key),
-        "--requestheader-client-ca-file",
-        str(pki.ca),
-        "--kubeconfig",
-        str(api.write_kubeconfig(directory / "kubeconfig")),
-        "--prometheus-url",
-        prometheus_url,
-        *extra,
-        output=log,
-    )
+    kubeconfig = api.write_kubeconfig(directory / "kubeconfig")
+    process = spawn_adapter(port, *adapter_args(pki, kubeconfig, prometheus_url), *extra, output=log)
     adapter = Adapter(process, f"https://127.0.0.1:{port}", pki, log)
     try:
         process.wait_for_port(port)

@@ -18,7 +18,7 @@ from exporter.adapter.selector import parse_selector
 from tests.conftest import free_port
 from tests.sim.apiserver import FakeApiServer, pod_json
 from tests.sim.certs import make_pki
-from tests.sim.processes import spawn_adapter
+from tests.sim.processes import adapter_args, spawn_adapter
 
 
 class Source:
@@ -90,19 +90,8 @@ def test_the_adapter_lists_pods_in_pages_of_metadata_and_watches_with_bookmarks(
         api.apply(pod_json(f"uid-{i}", f"team-{i % 7}", f"pod-{i}", "node", labels={"app": f"app-{i % 3}"}))
     pki = make_pki(tmp_path)
     port = free_port()
-    adapter = spawn_adapter(
-        port,
-        "--tls-cert-file",
-        str(pki.server_cert),
-        "--tls-private-key-file",
-        str(pki.server_key),
-        "--requestheader-client-ca-file",
-        str(pki.ca),
-        "--kubeconfig",
-        str(api.write_kubeconfig(tmp_path / "kubeconfig")),
-        "--prometheus-url",
-        f"http://127.0.0.1:{free_port()}",
-    )
+    kubeconfig = api.write_kubeconfig(tmp_path / "kubeconfig")
+    adapter = spawn_adapter(port, *adapter_args(pki, kubeconfig, f"http://127.0.0.1:{free_port()}"))
     try:
         adapter.wait_for_port(port)
         ready = requests.get(f"https://127.0.0.1:{port}/readyz", verify=str(pki.ca), timeout=5)

@@ -26,7 +26,7 @@ from exporter.backoff import Backoff
 from tests.conftest import free_port
 from tests.sim.apiserver import FakeApiServer
 from tests.sim.certs import Pki, make_pki
-from tests.sim.processes import spawn_adapter
+from tests.sim.processes import adapter_args, spawn_adapter
 
 DISCOVERY = "/apis/custom.metrics.k8s.io/v1beta1"
 CONFIG_MAP = ("kube-system", "extension-apiserver-authentication")
@@ -56,18 +56,10 @@ class Adapter:
         self.port = free_port()
         self.pki = pki
         self.log = directory / f"adapter-{self.port}.log"
+        kubeconfig = api.write_kubeconfig(directory / "kubeconfig")
+        nowhere = f"http://127.0.0.1:{free_port()}"  # discovery needs no Prometheus
         self.process = spawn_adapter(
-            self.port,
-            "--tls-cert-file",
-            str(pki.server_cert),
-            "--tls-private-key-file",
-            str(pki.server_key),
-            "--kubeconfig",
-            str(api.write_kubeconfig(directory / "kubeconfig")),
-            "--prometheus-url",
-            f"http://127.0.0.1:{free_port()}",  # discovery needs no Prometheus
-            *extra,
-            output=self.log,
+            self.port, *adapter_args(pki, kubeconfig, nowhere, front_proxy_ca=False), *extra, output=self.log
         )
         self.process.wait_for_port(self.port)
 

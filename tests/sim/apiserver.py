@@ -55,7 +55,7 @@ import re
 import ssl
 import threading
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
@@ -372,6 +372,85 @@ class FakeApiServer:
             "items": [_served(resource, version, o) for o in page],
         }
 
+    def _watch_events(
+        self,
+        resource: str,
+        version: str,
+        selector: _Selector,
+        since_text: str,
+        timeout_s: float,
+        bookmarks: bool,
+        metadata_only: bool,
+    ) -> Iterator[Obj | bytes]:
+        """A watch's events (raw lines as bytes) until it ends; taken under the lock, yielded outside it."""
+        deadline = time.monotonic() + timeout_s
+
+        def shown(obj: Obj) -> Obj:
+            return _partial(obj) if metadata_only else _served(resource, version, obj)
+
+        with self._cond:
+            generation, bookmark, raw_sent = self._generation, self._bookmarks, len(self._raw_lines)
+            if self.watch_gone or (since_text not in ("", "0") and int(since_text) < self._oldest - 1):
+                since = self._oldest
+                gone = True
+            else:
+                gone = False
+                if since_text in ("", "0"):
+                    since = self._version
+                    initial = [o for o in self._objects[resource].values() if selector.matches(o)]
+                else:
+                    since, initial = int(since_text), []
+        if gone:
+            message = f"too old resource version: {since_text} ({since})"
+            yield {"type": "ERROR", "object": _status(410, "Expired", message)}
+            return
+        sent_uids: set[str] = set()
+        for obj in initial:
+            sent_uids.add(obj["metadata"]["uid"])
+            yield {"type": "ADDED", "object": shown(obj)}
+        sent = since
+        while True:
+            out: list[Obj | bytes] = []
+            with self._cond:
+                if self._generation != generation:
+                    return
+                out.extend(self._raw_lines[raw_sent:])
+                raw_sent = len(self._raw_lines)
+                for event_version, event_resource, kind, obj in self._events:
+                    if event_version <= sent or event_resource != resource:
+                        continue
+                    uid = obj["metadata"]["uid"]
+                    if selector.matches(obj):
+                        if kind == "DELETED":
+                            sent_uids.discard(uid)
+                        else:
+                            sent_uids.add(uid)
+                        out.append({"type": kind, "object": shown(obj)})
+                    elif uid in sent_uids:  # left the selector: gone for this watch
+                        sent_uids.discard(uid)
+                        out.append({"type": "DELETED", "object": shown(obj)})
+                sent = max(sent, self._version)
+                if bookmarks and self._bookmarks != bookmark:
+                    bookmark = self._bookmarks
+                    kind_name = "PartialObjectMetadata" if metadata_only else RESOURCES[resource][0]
+                    out.append(
+                        {
+                            "type": "BOOKMARK",
+                            "object": {
+                                "kind": kind_name,
+                                "apiVersion": _api_version(resource, version),
+                                "metadata": {"resourceVersion": str(self._version)},
+                            },
+                        }
+                    )
+                if not out:
+                    left = deadline - time.monotonic()
+                    if left <= 0:
+                        return
+                    self._cond.wait(timeout=left)
+                    continue
+            yield from out
+
     # --- the HTTP side ---
     def _handler(self) -> type[BaseHTTPRequestHandler]:
         api = self
@@ -435,13 +514,15 @@ class FakeApiServer:
                 accept = call.accept
                 if call.is_watch:
                     self._watch(
-                        resource,
-                        version,
-                        selector,
-                        call.param("resourceVersion") or "",
-                        float(call.param("timeoutSeconds") or 1800),
-                        call.param("allowWatchBookmarks") == "true",
-                        "as=PartialObjectMetadata;" in accept or accept.endswith("as=PartialObjectMetadata"),
+                        api._watch_events(
+                            resource,
+                            version,
+                            selector,
+                            call.param("resourceVersion") or "",
+                            float(call.param("timeoutSeconds") or 1800),
+                            call.param("allowWatchBookmarks") == "true",
+                            "as=PartialObjectMetadata;" in accept or accept.endswith("as=PartialObjectMetadata"),
+                        )
                     )
                     return
                 code, body = api._list(
@@ -482,16 +563,7 @@ class FakeApiServer:
                 self.end_headers()
                 self.wfile.write(data)
 
-            def _watch(
-                self,
-                resource: str,
-                version: str,
-                selector: _Selector,
-                since_text: str,
-                timeout_s: float,
-                bookmarks: bool,
-                metadata_only: bool,
-            ) -> None:
+            def _watch(self, events: Iterator[Obj | bytes]) -> None:
                 self.send_response(200)
                 self.send_header("Content-Type", "application/json")
                 self.send_header("Transfer-Encoding", "chunked")
@@ -499,95 +571,11 @@ class FakeApiServer:
                 self.end_headers()
                 self.wfile.flush()
                 try:
-                    self._stream(resource, version, selector, since_text, timeout_s, bookmarks, metadata_only)
+                    for event in events:
+                        self._chunk((event if isinstance(event, bytes) else _encode(event)) + b"\n")
                 except OSError:
                     return  # the client went away
                 self._chunk(b"")  # the last chunk: the watch ends
-
-            def _stream(
-                self,
-                resource: str,
-                version: str,
-                selector: _Selector,
-                since_text: str,
-                timeout_s: float,
-                bookmarks: bool,
-                metadata_only: bool,
-            ) -> None:
-                deadline = time.monotonic() + timeout_s
-
-                def shown(obj: Obj) -> Obj:
-                    return _partial(obj) if metadata_only else _served(resource, version, obj)
-
-                with api._cond:
-                    generation, bookmark, raw_sent = api._generation, api._bookmarks, len(api._raw_lines)
-                    if api.watch_gone or (since_text not in ("", "0") and int(since_text) < api._oldest - 1):
-                        since = api._oldest
-                        gone = True
-                    else:
-                        gone = False
-                        if since_text in ("", "0"):
-                            since = api._version
-                            initial = [o for o in api._objects[resource].values() if selector.matches(o)]
-                        else:
-                            since, initial = int(since_text), []
-                if gone:
-                    message = f"too old resource version: {since_text} ({since})"
-                    self._event({"type": "ERROR", "object": _status(410, "Expired", message)})
-                    return
-                sent_uids: set[str] = set()
-                for obj in initial:
-                    sent_uids.add(obj["metadata"]["uid"])
-                    self._event({"type": "ADDED", "object": shown(obj)})
-                sent = since
-                while True:
-                    out: list[Obj | bytes] = []
-                    with api._cond:
-                        if api._generation != generation:
-                            return
-                        out.extend(api._raw_lines[raw_sent:])
-                        raw_sent = len(api._raw_lines)
-                        for event_version, event_resource, kind, obj in api._events:
-                            if event_version <= sent or event_resource != resource:
-                                continue
-                            uid = obj["metadata"]["uid"]
-                            if selector.matches(obj):
-                                if kind == "DELETED":
-                                    sent_uids.discard(uid)
-                                else:
-                                    sent_uids.add(uid)
-                                out.append({"type": kind, "object": shown(obj)})
-                            elif uid in sent_uids:  # left the selector: gone for this watch
-                                sent_uids.discard(uid)
-                                out.append({"type": "DELETED", "object": shown(obj)})
-                        sent = max(sent, api._version)
-                        if bookmarks and api._bookmarks != bookmark:
-                            bookmark = api._bookmarks
-                            kind_name = "PartialObjectMetadata" if metadata_only else RESOURCES[resource][0]
-                            out.append(
-                                {
-                                    "type": "BOOKMARK",
-                                    "object": {
-                                        "kind": kind_name,
-                                        "apiVersion": _api_version(resource, version),
-                                        "metadata": {"resourceVersion": str(api._version)},
-                                    },
-                                }
-                            )
-                        if not out:
-                            left = deadline - time.monotonic()
-                            if left <= 0:
-                                return
-                            api._cond.wait(timeout=left)
-                            continue
-                    for event in out:
-                        if isinstance(event, bytes):
-                            self._chunk(event + b"\n")
-                        else:
-                            self._event(event)
-
-            def _event(self, event: Obj) -> None:
-                self._chunk(_encode(event) + b"\n")
 
             def _chunk(self, data: bytes) -> None:
                 self.wfile.write(f"{len(data):x}\r\n".encode() + data + b"\r\n")

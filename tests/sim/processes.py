@@ -18,6 +18,7 @@ from pathlib import Path
 from types import TracebackType
 from typing import IO, Any
 
+from tests.sim.certs import Pki
 from tests.sim.fakelib import build_fake_nvml
 
 ROOT = Path(__file__).resolve().parents[2]
@@ -126,10 +127,30 @@ def spawn_agent(
     )
 
 
-def spawn_adapter(port: int, *args: str, output: Output = subprocess.DEVNULL) -> Process:
-    """``python -m exporter.adapter`` on https://127.0.0.1:``port``."""
+def spawn_adapter(
+    port: int, *args: str, output: Output = subprocess.DEVNULL, what: str = "the adapter", cwd: Path = ROOT
+) -> Process:
+    """``python -m exporter.adapter`` on https://127.0.0.1:``port``, of the checkout at ``cwd``."""
     return Process(
         [sys.executable, "-m", "exporter.adapter", "--secure-port", str(port), "--bind-address", "127.0.0.1", *args],
-        what="the adapter",
+        what=what,
         output=output,
+        cwd=cwd,
     )
+
+
+def adapter_args(pki: Pki, kubeconfig: Path, prometheus_url: str, *, front_proxy_ca: bool = True) -> list[str]:
+    """The adapter's usual flags: ``pki``'s serving certificate, the front proxy's CA from ``pki``
+    (without ``front_proxy_ca``, the adapter reads it from the cluster's ConfigMap), the cluster of
+    ``kubeconfig`` and the Prometheus at ``prometheus_url``."""
+    return [
+        "--tls-cert-file",
+        str(pki.server_cert),
+        "--tls-private-key-file",
+        str(pki.server_key),
+        *(["--requestheader-client-ca-file", str(pki.ca)] if front_proxy_ca else []),
+        "--kubeconfig",
+        str(kubeconfig),
+        "--prometheus-url",
+        prometheus_url,
+    ]
