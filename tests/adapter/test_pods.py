@@ -8,6 +8,7 @@ and watches with bookmarks as kube-apiserver does.
 from __future__ import annotations
 
 import json
+import time
 from collections.abc import Mapping
 from pathlib import Path
 
@@ -104,7 +105,10 @@ def test_the_adapter_lists_pods_in_pages_of_metadata_and_watches_with_bookmarks(
         assert [c.param("limit") for c in lists] == ["500", "500", "500"]  # 1201 pods: three pages
         assert [bool(c.param("continue")) for c in lists] == [False, True, True]
         assert all("as=PartialObjectMetadataList" in c.accept for c in lists)  # never whole pods
-        watches = api.watch_calls()
+        # Ready once the list is in; the watch that follows it may still be on its way.
+        deadline = time.monotonic() + 10
+        while not (watches := api.watch_calls()) and time.monotonic() < deadline:
+            time.sleep(0.05)
         assert watches and watches[0].param("allowWatchBookmarks") == "true"
         assert "as=PartialObjectMetadata" in watches[0].accept
     finally:
