@@ -175,6 +175,30 @@ def test_a_blocked_gpu_does_not_hold_up_the_others(scenario_file: Path, nvml_rea
     assert devices[gpu_uuid(0)].sampled_at > fresh[gpu_uuid(0)].sampled_at
 
 
+def test_a_gpu_that_begins_to_hang_late_in_a_poll_does_not_hold_up_the_gpus_behind_it(
+    scenario_file: Path, nvml_reader: MakeReader
+) -> None:
+    scenario = Scenario(gpus=[Gpu(gpu_uuid(i), util=10 + i) for i in range(6)])
+    scenario.write(scenario_file)
+    reader = nvml_reader()
+    fresh, _ = by_uuid(reader)
+    # GPUs 0-3 answer slowly, each within the stall bound (a quarter of 0.8 s): GPU 4 starts to hang
+    # too late in the poll for the stall to be seen before its deadline; GPU 5 is queued behind it.
+    for gpu in scenario.gpus[:4]:
+        gpu.block = {"util": 0.18}
+    scenario.gpus[4].block = {"util": 2}
+    scenario.write(scenario_file)
+    by_uuid(reader, deadline_s=0.8)
+    devices, _ = by_uuid(reader, deadline_s=0.8)
+    assert devices[gpu_uuid(5)].sampled_at > fresh[gpu_uuid(5)].sampled_at  # read by the next poll
+    assert devices[gpu_uuid(4)].sampled_at == fresh[gpu_uuid(4)].sampled_at  # the hung one keeps its last
+    assert len([t for t in threading.enumerate() if t.name.startswith("nvml-read")]) <= 2
+    for gpu in scenario.gpus:
+        gpu.block = {}
+    scenario.write(scenario_file)
+    time.sleep(2)  # the hung call returns before the reader is closed
+
+
 def test_mig_devices_and_their_processes(scenario_file: Path, nvml_reader: MakeReader) -> None:
     Scenario(
         gpus=[Gpu(gpu_uuid(0), name="NVIDIA A100-SXM4-40GB", mig=True, total=40 * GIB)],

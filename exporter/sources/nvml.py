@@ -201,8 +201,8 @@ class _ReadThread:
         return 0.0 if since is None else time.monotonic() - since
 
     def abandon(self) -> None:
-        """Ends the thread after the read under way; reads still queued are to be cancelled by the
-        caller (a cancelled one is skipped)."""
+        """Ends the thread once the reads queued to it are done; the caller cancels those it moves
+        elsewhere (a cancelled one is skipped), so it reads nothing more than its read under way."""
         self._jobs.put(None)
 
     def _run(self) -> None:
@@ -381,6 +381,8 @@ class NvmlReader:
         shuts NVML down. The reader reads nothing afterwards."""
         self._closed = True
         self._read_thread = None
+        for future in list(self._in_flight.values()):
+            future.cancel()  # queued reads are not begun after close
         for thread in self._read_threads:
             thread.abandon()
         deadline = time.monotonic() + timeout_s
@@ -388,7 +390,7 @@ class NvmlReader:
             self._xid.close()
         for thread in self._read_threads:
             thread.thread.join(max(0.0, deadline - time.monotonic()))
-        stuck = {index for index, future in self._in_flight.items() if not future.done()}
+        stuck = {index for index, future in list(self._in_flight.items()) if not future.done()}
         for (index, _uuid), state in list(self._gpm.items()):
             if index not in stuck:  # a stuck read may still hold its samples
                 state.free()
@@ -414,14 +416,18 @@ class NvmlReader:
             del self._last[gone]
         errors: list[tuple[str, str, str]] = []
         started: dict[int, Future[_GpuResult]] = {}
+        stall_s = deadline_s / 4
+        self._leave_stalled_thread(stall_s)  # a read that began hanging late in the last poll
         for index in range(count):
             previous = self._in_flight.get(index)
             if previous is not None and not previous.done():
-                continue  # still stuck in an earlier read: serve what we had
+                if not previous.running():  # queued since the last poll: waited for with this one's
+                    started[index] = previous
+                continue  # else still stuck in an earlier read: serve what we had
             if previous is not None:
                 errors.extend(self._absorb(index, previous))
             started[index] = self._in_flight[index] = self._reading_thread().submit(index)
-        self._wait_for_reads(started, deadline_s)
+        self._wait_for_reads(started, deadline_s, stall_s)
         for index, future in started.items():
             if future.done():
                 errors.extend(self._absorb(index, future))
@@ -438,28 +444,39 @@ class NvmlReader:
             self._read_threads.append(self._read_thread)
         return self._read_thread
 
-    def _wait_for_reads(self, started: dict[int, Future[_GpuResult]], deadline_s: float) -> None:
-        """Waits until every read is done or ``deadline_s`` has passed. A read under way for a
-        quarter of the deadline has stalled: the reads queued behind it move to a new thread."""
+    def _wait_for_reads(self, started: dict[int, Future[_GpuResult]], deadline_s: float, stall_s: float) -> None:
+        """Waits until every read is done or ``deadline_s`` has passed (or the reader is closed),
+        moving reads off a thread whose read has stalled."""
         deadline = time.monotonic() + deadline_s
-        stall_s = deadline_s / 4
-        while (remaining := deadline - time.monotonic()) > 0:
+        while (remaining := deadline - time.monotonic()) > 0 and not self._closed:
             pending = [future for future in started.values() if not future.done()]
             if not pending:
                 return
             wait_futures(pending, timeout=min(remaining, stall_s))
-            stalled = self._read_thread
-            if stalled is None or stalled.stalled_for() < stall_s:
-                continue
-            self._read_thread = None
-            stalled.abandon()
-            for index, future in started.items():
-                if future.cancel():  # still queued behind the stalled read
-                    started[index] = self._in_flight[index] = self._reading_thread().submit(index)
+            if self._leave_stalled_thread(stall_s):
+                for index in started:
+                    started[index] = self._in_flight[index]
+
+    def _leave_stalled_thread(self, stall_s: float) -> bool:
+        """When the reading thread's read has been under way for ``stall_s``, leaves the thread to
+        it and moves every read queued behind it, from this poll or an earlier one, to a new
+        thread. True when it did."""
+        stalled = self._read_thread
+        if stalled is None or stalled.stalled_for() < stall_s or self._closed:
+            return False
+        self._read_thread = None
+        fresh = self._reading_thread()  # before any read is taken off the old one: this may fail
+        stalled.abandon()
+        for index, future in list(self._in_flight.items()):
+            if future.cancel():  # queued, not begun
+                self._in_flight[index] = fresh.submit(index)
+        return True
 
     def _absorb(self, index: int, future: Future[_GpuResult]) -> list[tuple[str, str, str]]:
         """Takes in one finished read, exactly once (the future is dropped); never raises."""
         del self._in_flight[index]
+        if future.cancelled():  # taken off a thread and not given to another: read again next poll
+            return []
         error = future.exception()
         if error is not None:  # only what escapes _read_gpu's own guard (a BaseException)
             if self.logged.first("read escaped", index, type(error)):

@@ -13,7 +13,7 @@
  *           smclock= memclock= (MHz)  energy= (mJ)  plimit= (mW)  enc= dec= (%)  pcietx= pcierx= (KB/s)
  *           replay=  ecccorr= eccunc=  remapcorr= remapunc= remappending=0|1 remapfailed=0|1
  *           reasons=<clocks event reasons bitmask>  gpm=0|1  smactive= smocc= tensor= dram= (GPM, %)
- *           lost=0|1  unsupported=<call>,<call>  fail=<call>:<rc>,...  block=<call>:<seconds>
+ *           lost=0|1  unsupported=<call>,<call>  fail=<call>:<rc>,...  block=<call>:<milliseconds>
  *   mig     parent=<gpu index> uuid= name= gi= ci= total= used= smactive= smocc= tensor= dram=
  *   proc    gpu=<gpu index> pid= mem=<bytes|na> sm=<percent> gi= ci=
  *   xid     gpu=<gpu index> code=<xid> gi= ci= seq=<n>   (an event; seq numbers grow, each is delivered once)
@@ -152,7 +152,7 @@ struct device {
     double smactive, smocc, tensor, dram;
     int lost;
     int fail_rc[MAX_CALLS];     /* 0: no injected failure */
-    unsigned block_s[MAX_CALLS]; /* seconds to block in that call */
+    unsigned block_ms[MAX_CALLS]; /* milliseconds to block in that call */
 };
 
 struct proc {
@@ -269,7 +269,7 @@ static void parse_device(struct device *d, char *fields) {
         else if (!strcmp(k, "ci")) d->ci = strtoul(v, NULL, 10);
         else if (!strcmp(k, "unsupported")) parse_call_list(v, d->fail_rc, NULL, NVML_ERROR_NOT_SUPPORTED);
         else if (!strcmp(k, "fail")) parse_call_list(v, d->fail_rc, NULL, NVML_ERROR_UNKNOWN);
-        else if (!strcmp(k, "block")) parse_call_list(v, NULL, d->block_s, 0);
+        else if (!strcmp(k, "block")) parse_call_list(v, NULL, d->block_ms, 0);
     }
 }
 
@@ -377,7 +377,11 @@ static int enter(const void *handle, int call, struct device *out) {
     int lost = !d->present || d->lost || (d->is_mig && (gpus[d->parent].lost || !gpus[d->parent].present));
     pthread_mutex_unlock(&lock);
     if (lost) return NVML_ERROR_GPU_IS_LOST;
-    if (call >= 0 && out->block_s[call]) sleep(out->block_s[call]);
+    if (call >= 0 && out->block_ms[call]) {
+        struct timespec pause = {out->block_ms[call] / 1000, (long)(out->block_ms[call] % 1000) * 1000000L};
+        while (nanosleep(&pause, &pause) != 0) {
+        }
+    }
     if (call >= 0 && out->fail_rc[call]) return out->fail_rc[call];
     return NVML_SUCCESS;
 }

@@ -57,7 +57,7 @@ class Gpu:
     lost: bool = False
     unsupported: tuple[str, ...] = ()
     fail: dict[str, int] = field(default_factory=dict)
-    block: dict[str, int] = field(default_factory=dict)  # call -> seconds
+    block: dict[str, float] = field(default_factory=dict)  # call -> seconds
 
 
 @dataclass
@@ -148,7 +148,7 @@ class Scenario:
             if gpu.fail:
                 fields["fail"] = ",".join(f"{call}:{rc}" for call, rc in gpu.fail.items())
             if gpu.block:
-                fields["block"] = ",".join(f"{call}:{s}" for call, s in gpu.block.items())
+                fields["block"] = ",".join(f"{call}:{round(s * 1000)}" for call, s in gpu.block.items())
             lines.append("gpu\t" + "\t".join(f"{k}={v}" for k, v in fields.items()))
         for mig in self.migs:
             lines.append(
