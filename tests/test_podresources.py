@@ -2,10 +2,14 @@
 
 from __future__ import annotations
 
+import logging
 import time
+from collections.abc import Iterable
 from pathlib import Path
 
-from exporter.model import Allocation, ClaimAllocation
+import pytest
+
+from exporter.model import Allocation, ClaimAllocation, ProcessOwner
 from exporter.sources.podresources.client import PodResourcesClient
 from exporter.sources.podsources import PodSources
 from exporter.sources.procfs import ProcReader
@@ -156,4 +160,38 @@ def test_slow_kubelet_times_out(tmp_path: Path) -> None:
         assert time.monotonic() - started < 1.5
         assert client.errors["DEADLINE_EXCEEDED"] == 1
     finally:
+        kubelet.stop()
+
+
+class _FailingProc(ProcReader):
+    """/proc as read on a node where reading it raises what nobody expected, until ``healed``."""
+
+    healed = False
+
+    def owners(self, pids: Iterable[int]) -> dict[int, ProcessOwner | None]:
+        if not self.healed:
+            raise UnicodeDecodeError("utf-8", b"\xfe", 0, 1, "invalid start byte")
+        return super().owners(pids)
+
+
+def test_a_refresh_that_keeps_failing_logs_once_and_once_more_when_it_recovers(
+    tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    kubelet = FakeKubelet(str(tmp_path / "kubelet.sock")).start()
+    procs = _FailingProc(str(tmp_path))
+    sources = PodSources(PodResourcesClient(kubelet.socket_path), procs, interval_s=0.05)
+    caplog.set_level(logging.INFO, logger="exporter.sources.podsources")
+    sources.start()
+    try:
+        time.sleep(1.0)  # twenty intervals, every one failing
+        failed = [r for r in caplog.records if "failed" in r.getMessage()]
+        assert len(failed) == 1
+        procs.healed = True
+        deadline = time.monotonic() + 5
+        while not any("recovered" in r.getMessage() for r in caplog.records) and time.monotonic() < deadline:
+            time.sleep(0.05)
+        assert [r.getMessage() for r in caplog.records if "recovered" in r.getMessage()]
+    finally:
+        sources.stop()
+        sources.join(2.0)
         kubelet.stop()

@@ -65,6 +65,7 @@ class PodSources:
         self._wake = threading.Event()
         self._stop = threading.Event()
         self._failures = 0
+        self._refresh_failing = False
         self._backoff = Backoff(initial_s=interval_s, cap_s=max(interval_s, BACKOFF_MAX_S))
         self._processes_changed = False
         self._thread = threading.Thread(target=self._run, name="pod-sources", daemon=True)
@@ -108,8 +109,14 @@ class PodSources:
                 if self._clock() >= next_list or (changed and self._failures == 0):
                     next_list = self._clock() + self._refresh_allocations()
             except Exception:  # one bad refresh must not end attribution; the next one retries
-                log.exception("refreshing pod attribution sources failed")
+                if not self._refresh_failing:  # one line per change of state, not one per interval
+                    log.exception("refreshing pod attribution sources failed; retrying every interval")
+                self._refresh_failing = True
                 next_list = self._clock() + self._interval_s
+            else:
+                if self._refresh_failing:
+                    log.info("refreshing pod attribution sources recovered")
+                self._refresh_failing = False
             self._wake.wait(max(0.0, next_list - self._clock()))
             self._wake.clear()
 

@@ -43,7 +43,10 @@ class PodResourcesClient:
             )
         except grpc.RpcError as error:
             code = error.code() if isinstance(error, grpc.Call) else grpc.StatusCode.UNKNOWN
-            self._fail(code, error)
+            self._fail(code.name, error.details() if isinstance(error, grpc.Call) else str(error))
+            return None
+        except Exception as error:  # outside gRPC's own errors (a bug, a resource limit): no answer either
+            self._fail("UNEXPECTED", repr(error))
             return None
         finally:
             channel.close()
@@ -84,10 +87,10 @@ class PodResourcesClient:
         )
         return allocations
 
-    def _fail(self, code: grpc.StatusCode, error: grpc.RpcError) -> None:
+    def _fail(self, code: str, detail: str | None) -> None:
         self.up = False
-        self.errors[code.name] += 1
-        message = f"kubelet pod-resources at {self.socket_path} unavailable ({code.name}); exporting without pod labels"
+        self.errors[code] += 1
+        message = f"kubelet pod-resources at {self.socket_path} unavailable ({code}); exporting without pod labels"
         if message != self._last_error:
-            log.warning("%s: %s", message, error.details() if isinstance(error, grpc.Call) else error)
+            log.warning("%s: %s", message, detail)
             self._last_error = message
