@@ -123,6 +123,20 @@ def bearer_token(authorization: str) -> str | None:
     return parts[1]
 
 
+HEADER_NAME = re.compile(r"[!#$%&'*+.^_`|~0-9A-Za-z-]+")  # RFC 9110's token, what a header's name is
+
+
+def header_names(values: object, what: str) -> tuple[str, ...]:
+    """``values`` (a list, from flags or the ConfigMap's JSON) as header names or prefixes;
+    ValueError naming ``what`` otherwise: a JSON string taken as a list would make each letter a
+    name, and an empty prefix would turn every header into extra."""
+    if not isinstance(values, (list, tuple)) or not all(
+        isinstance(v, str) and HEADER_NAME.fullmatch(v) for v in values
+    ):
+        raise ValueError(f"{what}: want a list of header names (HTTP tokens), got {values!r}")
+    return tuple(values)
+
+
 def _first_value(headers: Any, names: Iterable[str]) -> str:
     """The first non-empty value among the headers ``names``, as requestheader.go's headerValue."""
     return next((value for value in map(headers.get, names) if value), "")
@@ -172,7 +186,7 @@ class Authenticator:
         name = _first_value(headers, config.username_headers)
         if not name:
             return None
-        groups = tuple(g for h in config.group_headers for g in (headers.get_all(h) or ()))
+        groups = tuple(g for h in config.group_headers for g in (headers.get_all(h) or ()) if g)
         uid = _first_value(headers, config.uid_headers)
         return User(name, groups, uid, _extra_from_headers(headers, config.extra_header_prefixes))
 

@@ -11,7 +11,7 @@ from typing import Any
 
 from kubernetes import client, config
 
-from exporter.adapter.auth import RequestHeaderConfig, User, frozen_extra
+from exporter.adapter.auth import RequestHeaderConfig, User, frozen_extra, header_names
 
 REQUEST_TIMEOUT_S = 10
 
@@ -70,16 +70,24 @@ def read_requestheader_config(api: client.ApiClient) -> RequestHeaderConfig:
     )
     data: dict[str, str] = config_map.data or {}
 
-    def listed(key: str, default: tuple[str, ...]) -> tuple[str, ...]:
-        return tuple(json.loads(data[key])) if data.get(key) else default
+    where = "kube-system/extension-apiserver-authentication"
+
+    def listed(key: str, default: tuple[str, ...]) -> object:
+        return json.loads(data[key]) if data.get(key) else default
+
+    def headers(key: str, default: tuple[str, ...]) -> tuple[str, ...]:
+        return header_names(listed(key, default), f"{where} {key}")
 
     if not data.get("requestheader-client-ca-file"):
-        raise ValueError("kube-system/extension-apiserver-authentication has no requestheader-client-ca-file")
+        raise ValueError(f"{where} has no requestheader-client-ca-file")
+    allowed = listed("requestheader-allowed-names", ())
+    if not isinstance(allowed, (list, tuple)) or not all(isinstance(name, str) for name in allowed):
+        raise ValueError(f"{where} requestheader-allowed-names: want a list of names, got {allowed!r}")
     return RequestHeaderConfig(
         client_ca_pem=data["requestheader-client-ca-file"],
-        allowed_names=listed("requestheader-allowed-names", ()),
-        username_headers=listed("requestheader-username-headers", ("X-Remote-User",)),
-        group_headers=listed("requestheader-group-headers", ("X-Remote-Group",)),
-        uid_headers=listed("requestheader-uid-headers", ()),
-        extra_header_prefixes=listed("requestheader-extra-headers-prefix", ()),
+        allowed_names=tuple(allowed),
+        username_headers=headers("requestheader-username-headers", ("X-Remote-User",)),
+        group_headers=headers("requestheader-group-headers", ("X-Remote-Group",)),
+        uid_headers=headers("requestheader-uid-headers", ()),
+        extra_header_prefixes=headers("requestheader-extra-headers-prefix", ()),
     )

@@ -8,7 +8,6 @@ import ipaddress
 import logging
 import math
 import os
-import re
 import socket
 import ssl
 import sys
@@ -20,7 +19,7 @@ from urllib.parse import urlsplit
 
 from kubernetes import client
 
-from exporter.adapter.auth import Authenticator, Authorizer, RequestHeaderConfig
+from exporter.adapter.auth import Authenticator, Authorizer, RequestHeaderConfig, header_names
 from exporter.adapter.frontproxy import FrontProxyTrust
 from exporter.adapter.kubeapi import KubeReviewer, api_client, read_requestheader_config
 from exporter.adapter.pods import PodIndex, pod_meta
@@ -74,12 +73,14 @@ def build_parser() -> _Parser:
     add(
         "--requestheader-uid-headers",
         default="",
-        help="comma-separated headers naming the user's UID, e.g. X-Remote-Uid (default: none)",
+        help="comma-separated headers naming the user's UID, e.g. X-Remote-Uid (default: none); only headers "
+        "the front proxy removes from its clients' requests (kube-apiserver removes X-Remote-Uid from 1.32)",
     )
     add(
         "--requestheader-extra-headers-prefix",
         default="X-Remote-Extra-",
-        help="comma-separated prefixes of the headers naming the user's extra (default X-Remote-Extra-)",
+        help="comma-separated prefixes of the headers naming the user's extra (default X-Remote-Extra-); only "
+        "prefixes the front proxy removes from its clients' requests (kube-apiserver removes X-Remote-Extra-)",
     )
     add("--kubeconfig", help="kubeconfig for the pod watch (default: in-cluster)")
     add("--authentication-kubeconfig", help="kubeconfig for TokenReviews (default: --kubeconfig)")
@@ -147,14 +148,13 @@ def _validate(args: argparse.Namespace, parser: _Parser) -> None:
         names = _listed(value)
         if required and not names:
             parser.error(f"{flag}: want at least one header name")
-        if any(not _HEADER_NAME.fullmatch(name) for name in names):
+        try:
+            header_names(names, flag)
+        except ValueError:
             parser.error(f"{flag}: want header names (HTTP tokens: no spaces, colons or quotes), got {value!r}")
     paths = _listed(args.authorization_always_allow_paths)
     if any(not p.startswith("/") for p in paths):
         parser.error(f"--authorization-always-allow-paths: want paths starting with /, got {','.join(paths)}")
-
-
-_HEADER_NAME = re.compile(r"[!#$%&'*+.^_`|~0-9A-Za-z-]+")  # RFC 9110's token, what a header's name is
 
 
 def _listed(value: str) -> tuple[str, ...]:

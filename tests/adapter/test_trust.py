@@ -103,6 +103,25 @@ def test_the_front_proxy_ca_is_read_once_it_can_be_and_readiness_waits_for_it(
         adapter.stop()
 
 
+def test_a_published_header_list_that_is_no_list_of_header_names_is_not_used(
+    tmp_path: Path, api: FakeApiServer
+) -> None:
+    pki = make_pki(tmp_path / "pki")
+    # A JSON string, not a list: read as a list, "X" would make every X-... header extra.
+    api.config_maps[CONFIG_MAP] = published(pki) | {"requestheader-extra-headers-prefix": json.dumps("X")}
+    adapter = Adapter(tmp_path, api, pki)
+    try:
+        assert until(lambda: "front proxy" in adapter.get("/readyz", cert=False).text), adapter.log.read_text()
+        assert adapter.get(DISCOVERY, X_Remote_User="hpa").status_code == 401
+        assert "requestheader-extra-headers-prefix" in adapter.log.read_text()
+        api.config_maps[CONFIG_MAP] = published(pki) | {
+            "requestheader-extra-headers-prefix": json.dumps(["X-Remote-Extra-"])
+        }
+        assert until(lambda: adapter.get(DISCOVERY, X_Remote_User="hpa").status_code == 200), adapter.log.read_text()
+    finally:
+        adapter.stop()
+
+
 def test_a_certificate_that_does_not_authenticate_leaves_the_token_to_decide(
     tmp_path: Path, api: FakeApiServer
 ) -> None:
