@@ -19,33 +19,33 @@ install: $(PROJECT_VENV)
 
 # The fake libnvidia-ml.so.1 the tests and the simulated node load through the real pynvml bindings.
 fake-nvml: $(PROJECT_VENV)
-	$(PYTHON) -c 'from tests.sim.fakelib import build_fake_nvml; build_fake_nvml()'
+	$(PYTHON) -c 'from sim.fakelib import build_fake_nvml; build_fake_nvml()'
 
-# Runs the agent against the simulated node (no GPU, no cluster needed): see tests/sim/node.py.
+# Runs the agent against the simulated node (no GPU, no cluster needed): see sim/node.py.
 run: install fake-nvml
-	$(PYTHON) -m tests.sim.node
+	$(PYTHON) -m sim.node
 
 # The adapter over TLS (on a free port) in front of a real Prometheus scraping the simulated node; prints
 # the kubectl-get-raw style requests to try (see README, "The HPA adapter").
 run-adapter: install fake-nvml
-	$(PYTHON) -m tests.sim.adapterdemo
+	$(PYTHON) -m sim.adapterdemo
 
 # The GPU HPA story on one machine (under three minutes): prints kubectl-get-hpa lines every sync
 # and draws hpa-demo.png.
 demo: install fake-nvml
-	$(PYTHON) -m tests.sim.hpademo --png hpa-demo.png
+	$(PYTHON) -m sim.hpademo --png hpa-demo.png
 
 test: install fake-nvml
 	$(PYTHON) -m pytest -q
 
 lint: install
-	$(PYTHON) -m ruff check exporter tests
-	$(PYTHON) -m ruff format --check exporter tests
-	$(PYTHON) -m mypy exporter tests bench
+	$(PYTHON) -m ruff check exporter sim tests bench
+	$(PYTHON) -m ruff format --check exporter sim tests bench
+	$(PYTHON) -m mypy exporter sim tests bench
 	$(PYTHON) -c 'from importlinter.cli import lint_imports_command; lint_imports_command()'
 
 clean:
-	rm -rf build tests/fakenvml/libnvidia-ml.so.1 exporter/sources/podresources/api_pb2*.py exporter/sources/podresources/api_pb2*.pyi
+	rm -rf build sim/fakenvml/libnvidia-ml.so.1 exporter/sources/podresources/api_pb2*.py exporter/sources/podresources/api_pb2*.pyi
 
 # Side-by-side with nvitop-exporter on the same fake NVML scenarios; not part of make test (about half an hour).
 # `python -m bench.compare --quick` (8 GPUs only) takes about 9 minutes.

@@ -1,5 +1,5 @@
 """The adapter under load, against a real Prometheus that scraped the real agent (fake NVML) and the
-Kubernetes API stand-in (tests/sim/apiserver.py). ``python -m bench.adapter`` (make bench-adapter).
+Kubernetes API stand-in (sim/apiserver.py). ``python -m bench.adapter`` (make bench-adapter).
 
 - ``hpa``: the HPA's request over a 500-pod label selector from 10 concurrent clients. Identical
   requests (hey -c 10) share one answer a second; distinct selectors (10 Python clients, each
@@ -35,13 +35,12 @@ from typing import Any
 import requests
 
 from bench.measure import rss_bytes, run_hey
-from tests.conftest import free_port
-from tests.sim.apiserver import FakeApiServer
-from tests.sim.certs import Pki, make_pki
-from tests.sim.kubelet import FakeKubelet, PodDevices
-from tests.sim.processes import ROOT, Process, adapter_args, spawn_adapter, spawn_agent
-from tests.sim.prometheus import Prometheus
-from tests.sim.scenario import Gpu, Scenario, gpu_uuid
+from sim.apiserver import FakeApiServer
+from sim.certs import Pki, make_pki
+from sim.kubelet import FakeKubelet, PodDevices
+from sim.processes import ROOT, Process, adapter_args, free_port, spawn_adapter, spawn_agent
+from sim.prometheus import Prometheus
+from sim.scenario import Gpu, Scenario, gpu_uuid
 
 GPUS = 16
 APP = "bert-intent-detection"

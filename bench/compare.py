@@ -27,13 +27,12 @@ from pathlib import Path
 import requests
 
 from bench.measure import SlowClients, cpu_seconds, node_layout, rss_bytes, run_hey, thread_count
-from tests.conftest import free_port
-from tests.sim.apiserver import FakeApiServer
-from tests.sim.fakelib import build_fake_nvml
-from tests.sim.kubelet import FakeKubelet, PodDevices
-from tests.sim.processes import Process, spawn_agent
-from tests.sim.procfs import FakeProc, systemd_v2
-from tests.sim.scenario import Scenario
+from sim.apiserver import FakeApiServer
+from sim.fakelib import build_fake_nvml
+from sim.kubelet import FakeKubelet, PodDevices
+from sim.processes import Process, free_port, spawn_agent
+from sim.procfs import FakeProc, systemd_v2
+from sim.scenario import Scenario
 
 EXPORTERS = ("gpu-pod-exporter", "nvitop-exporter")
 

@@ -13,10 +13,10 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from tests.sim.apiserver import pod_json
-from tests.sim.kubelet import PodDevices
-from tests.sim.procfs import systemd_v2
-from tests.sim.scenario import GIB, Gpu, Proc, Scenario, gpu_uuid
+from sim.apiserver import pod_json
+from sim.kubelet import PodDevices
+from sim.procfs import systemd_v2
+from sim.scenario import GIB, Gpu, Proc, Scenario, gpu_uuid
 
 
 @dataclass(frozen=True)

@@ -23,7 +23,6 @@ from prometheus_client.process_collector import ProcessCollector
 from exporter.attribution.attribute import attribute
 from exporter.config import Config, configure_logging, parse_config
 from exporter.exposition.collector import AgeCollector, SnapshotCollector
-from exporter.exposition.httpserver import wait_for_signal
 from exporter.exposition.render import Exposition
 from exporter.exposition.server import MetricsServer
 from exporter.model import EMPTY_ATTRIBUTION, Health, Snapshot
@@ -31,6 +30,7 @@ from exporter.sources.nvml import NvmlReader
 from exporter.sources.podresources.client import PodResourcesClient
 from exporter.sources.podsources import PodSources
 from exporter.sources.procfs import ProcReader
+from exporter.supervise import wait_for_signal
 
 if TYPE_CHECKING:
     from exporter.sources.kube import PodWatcher

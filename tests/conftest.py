@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import ctypes
-import socket
 import time
 from collections.abc import Iterator
 from pathlib import Path
@@ -12,12 +11,12 @@ import pytest
 import requests
 from prometheus_client.parser import text_string_to_metric_families
 
-from tests.sim.apiserver import FakeApiServer, pod_json
-from tests.sim.fakelib import build_fake_nvml
-from tests.sim.kubelet import FakeKubelet, PodDevices
-from tests.sim.processes import spawn_agent
-from tests.sim.procfs import FakeProc, systemd_v2
-from tests.sim.scenario import Gpu, Proc, Scenario, gpu_uuid
+from sim.apiserver import FakeApiServer, pod_json
+from sim.fakelib import build_fake_nvml
+from sim.kubelet import FakeKubelet, PodDevices
+from sim.processes import free_port, spawn_agent
+from sim.procfs import FakeProc, systemd_v2
+from sim.scenario import Gpu, Proc, Scenario, gpu_uuid
 
 ROOT = Path(__file__).resolve().parent.parent
 
@@ -54,12 +53,6 @@ def nvml_reader(scenario_file: Path) -> Iterator:  # type: ignore[type-arg]
     yield make
     for reader in readers:
         reader.close()
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return int(s.getsockname()[1])
 
 
 Samples = dict[tuple[str, frozenset[tuple[str, str]]], float]

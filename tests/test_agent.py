@@ -10,11 +10,11 @@ from pathlib import Path
 
 import requests
 
+from sim.apiserver import pod_json
+from sim.kubelet import PodDevices
+from sim.procfs import HOST_PROCESS, systemd_v2
+from sim.scenario import NVML_ERROR_DRIVER_NOT_LOADED, Gpu, Proc, Scenario, gpu_uuid
 from tests.conftest import BERT, BERT_UID, NODE, Node, Samples, find
-from tests.sim.apiserver import pod_json
-from tests.sim.kubelet import PodDevices
-from tests.sim.procfs import HOST_PROCESS, systemd_v2
-from tests.sim.scenario import NVML_ERROR_DRIVER_NOT_LOADED, Gpu, Proc, Scenario, gpu_uuid
 
 
 def pods_of(samples: Samples, name: str = "duty_cycle_current") -> dict[str, float]:

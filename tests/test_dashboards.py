@@ -17,10 +17,11 @@ import pytest
 import requests
 
 from exporter.exposition.httpserver import Handler
-from tests.conftest import free_port, parse_samples
-from tests.sim.kubelet import FakeKubelet, PodDevices
-from tests.sim.prometheus import Prometheus
-from tests.sim.scenario import Gpu, Scenario, Xid, gpu_uuid
+from sim.kubelet import FakeKubelet, PodDevices
+from sim.processes import free_port
+from sim.prometheus import Prometheus
+from sim.scenario import Gpu, Scenario, Xid, gpu_uuid
+from tests.conftest import parse_samples
 
 DASHBOARDS = Path(__file__).resolve().parent.parent / "dashboards"
 # Series of kube-state-metrics (a named external exporter) that the HPA dashboard reads.
@@ -126,8 +127,8 @@ class _KubeStateMetrics(Handler):
 @pytest.fixture(scope="module")
 def scraped(tmp_path_factory: pytest.TempPathFactory) -> Iterator[tuple[Prometheus, str]]:
     """A simulated node: two BERT pods (one busy, one idle), two pods time-slicing a GPU, a free GPU."""
+    from sim.fakelib import build_fake_nvml
     from tests.conftest import AgentProcess
-    from tests.sim.fakelib import build_fake_nvml
 
     directory = tmp_path_factory.mktemp("dashboards")
     scenario = directory / "scenario.txt"

@@ -15,11 +15,11 @@ from exporter.attribution.attribute import attribute
 from exporter.backoff import Backoff
 from exporter.model import ClaimAllocation, DeviceReading, GpuProcess, PodInfo, ProcessOwner
 from exporter.sources.resourceslices import SliceRecord, SliceWatcher, device_uuids, slice_record
+from sim.apiserver import FakeApiServer, pod_json, resource_slice_json
+from sim.kubelet import Claim, ClaimDevice, FakeKubelet, PodDevices
+from sim.procfs import FakeProc, systemd_v2
+from sim.scenario import Gpu, Mig, Proc, Scenario, gpu_uuid, mig_uuid
 from tests.conftest import NODE, Node, Samples, find
-from tests.sim.apiserver import FakeApiServer, pod_json, resource_slice_json
-from tests.sim.kubelet import Claim, ClaimDevice, FakeKubelet, PodDevices
-from tests.sim.procfs import FakeProc, systemd_v2
-from tests.sim.scenario import Gpu, Mig, Proc, Scenario, gpu_uuid, mig_uuid
 
 DRIVER = "gpu.nvidia.com"
 POOL = NODE  # NVIDIA's driver names the pool after the node

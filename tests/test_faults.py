@@ -11,9 +11,9 @@ import subprocess
 import pytest
 import requests
 
+from sim.kubelet import PodDevices
+from sim.scenario import Proc, gpu_uuid
 from tests.conftest import BERT, Node, find
-from tests.sim.kubelet import PodDevices
-from tests.sim.scenario import Proc, gpu_uuid
 
 
 def test_kubelet_garbage_is_ignored_and_counted(node: Node, start_agent) -> None:  # type: ignore[no-untyped-def]

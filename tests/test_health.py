@@ -20,9 +20,9 @@ from exporter.catalogue import CLOCK_EVENT_REASONS, DEVICE_FAMILIES, SAMPLED_EVE
 from exporter.config import parse_config
 from exporter.model import DeviceReading
 from exporter.sources.nvml import NvmlReader
+from sim.scenario import Gpu, Mig, Scenario, Xid, gpu_uuid, mig_uuid
 from tests.conftest import BERT, Node, find
-from tests.sim.scenario import Gpu, Mig, Scenario, Xid, gpu_uuid, mig_uuid
-from tests.test_nvml import calls_made, older_driver, poll_in_a_process
+from tests.sources.test_nvml import calls_made, older_driver, poll_in_a_process
 
 MakeReader = Callable[..., NvmlReader]
 

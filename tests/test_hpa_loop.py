@@ -1,4 +1,4 @@
-"""The whole GPU HPA loop (tests/sim/hpademo.py): real agent, Prometheus, adapter and hey around
+"""The whole GPU HPA loop (sim/hpademo.py): real agent, Prometheus, adapter and hey around
 simulated GPUs and cluster; the HPA reads the metric only through the adapter's API over TLS."""
 
 from __future__ import annotations
@@ -7,8 +7,8 @@ from pathlib import Path
 
 import pytest
 
-from tests.sim.hpademo import MIN_REPLICAS, TARGET, TOLERANCE, run
-from tests.sim.prometheus import installed
+from sim.hpademo import MIN_REPLICAS, TARGET, TOLERANCE, run
+from sim.prometheus import installed
 
 FACTOR = 0.1  # HPA times x 0.1: a 1.5 s sync, a 30 s scale-down window
 

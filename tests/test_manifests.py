@@ -23,10 +23,10 @@ import yaml
 from kubernetes.utils import parse_quantity
 
 from exporter.config import Config, parse_config
+from sim.apiserver import Call, resource_slice_json
+from sim.kubelet import Claim, ClaimDevice, PodDevices
+from sim.scenario import gpu_uuid
 from tests.conftest import NODE, Node
-from tests.sim.apiserver import Call, resource_slice_json
-from tests.sim.kubelet import Claim, ClaimDevice, PodDevices
-from tests.sim.scenario import gpu_uuid
 
 ROOT = Path(__file__).resolve().parent.parent
 OVERLAYS = [

@@ -4,10 +4,10 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from tests.conftest import free_port
-from tests.sim.kubelet import FakeKubelet, PodDevices
-from tests.sim.prometheus import Prometheus
-from tests.sim.scenario import Gpu, Scenario, gpu_uuid
+from sim.kubelet import FakeKubelet, PodDevices
+from sim.processes import free_port
+from sim.prometheus import Prometheus
+from sim.scenario import Gpu, Scenario, gpu_uuid
 
 BERT = "bert-intent-detection-6d5f8b7c9-x2x4q"
 

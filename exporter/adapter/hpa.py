@@ -5,7 +5,7 @@ Follows kubernetes pkg/controller/podautoscaler/replica_calculator.go (calcPlain
 groupPods, removeMetricsForPods, Tolerances.isWithin) and metrics/utilization.go
 (GetMetricUsageRatio), branch by branch. Values are milli-units, integer arithmetic where upstream
 uses it. What the controller does with a proposal over time (stabilisation, rate limits) lives with
-the simulated HPA in tests/sim/autoscaler.py. Pure.
+the simulated HPA in sim/autoscaler.py. Pure.
 """
 
 from __future__ import annotations

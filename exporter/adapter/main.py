@@ -28,9 +28,9 @@ from exporter.adapter.rules import DEFAULT_RULES, Rules, RulesError, load_rules
 from exporter.adapter.server import SHARED_BODY_BYTES, AdapterServer, Services, tls_context
 from exporter.adapter.sharing import SharedAnswers
 from exporter.config import configure_logging
-from exporter.exposition.httpserver import wait_for_signal
 from exporter.sources.kube import Reflector
 from exporter.sources.kubeclient import ConfigError, KubeClient, load_credentials
+from exporter.supervise import wait_for_signal
 
 log = logging.getLogger("exporter.adapter")
 

@@ -35,14 +35,12 @@ import io
 import logging
 import re
 import selectors
-import signal
 import socket
 import ssl
 import threading
 import time
 from collections.abc import Callable, Collection, Mapping
 from http.server import BaseHTTPRequestHandler
-from types import FrameType
 from typing import Any, ClassVar
 
 log = logging.getLogger(__name__)
@@ -785,16 +783,3 @@ def _body_length(head: bytes) -> int:
     if len(length) > 9 or int(length) > MAX_BODY_BYTES:
         raise _RefusedError(413, "request body too large")
     return int(length)
-
-
-def wait_for_signal(logger: logging.Logger) -> None:
-    """Blocks until SIGTERM or SIGINT, logging which arrived."""
-    stop = threading.Event()
-
-    def on_signal(signum: int, _frame: FrameType | None) -> None:
-        logger.info("received %s, stopping", signal.Signals(signum).name)
-        stop.set()
-
-    signal.signal(signal.SIGTERM, on_signal)
-    signal.signal(signal.SIGINT, on_signal)
-    stop.wait()

@@ -1,7 +1,7 @@
 """The adapter end to end: the real agent on the fake NVML, scraped by a real Prometheus, served by
 the adapter over real TLS to a client playing kube-apiserver's front proxy.
 
-There is no kube-apiserver binary to be had here, so tests/sim/apiserver.py plays its part for
+There is no kube-apiserver binary to be had here, so sim/apiserver.py plays its part for
 pods, TokenReview and SubjectAccessReview, speaking the real JSON of those APIs.
 """
 
@@ -20,13 +20,12 @@ from typing import Any
 import pytest
 import requests
 
-from tests.conftest import free_port
-from tests.sim.apiserver import FakeApiServer, pod_json
-from tests.sim.certs import Pki, make_pki
-from tests.sim.kubelet import FakeKubelet, PodDevices
-from tests.sim.processes import Process, adapter_args, spawn_adapter, spawn_agent
-from tests.sim.prometheus import Prometheus
-from tests.sim.scenario import Gpu, Scenario, gpu_uuid
+from sim.apiserver import FakeApiServer, pod_json
+from sim.certs import Pki, make_pki
+from sim.kubelet import FakeKubelet, PodDevices
+from sim.processes import free_port, spawn_agent, start_adapter
+from sim.prometheus import Prometheus
+from sim.scenario import Gpu, Scenario, gpu_uuid
 
 HPA_PATH = "/apis/custom.metrics.k8s.io/v1beta2/namespaces/default/pods/%2A/duty_cycle_current"
 HPA_USER = "system:serviceaccount:kube-system:horizontal-pod-autoscaler"
@@ -42,28 +41,6 @@ NAN_RULES = (
     "- name: broken_ratio\n  seriesQuery: duty_cycle_current\n"
     "  metricsQuery: avg by (<<.GroupBy>>) (<<.Series>>{<<.LabelMatchers>>}) * 0 / 0\n"
 )
-
-
-def start_adapter(
-    directory: Path, pki: Pki, kubeconfig: Path, prometheus_url: str, *extra: str, ready: bool = True
-) -> tuple[Process, str]:
-    """The adapter as a process, once it listens (and, with ``ready``, once /readyz says so)."""
-    port = free_port()
-    process = spawn_adapter(
-        port, *adapter_args(pki, kubeconfig, prometheus_url), *extra, output=directory / f"adapter-{port}.log"
-    )
-    url = f"https://127.0.0.1:{port}"
-    try:
-        process.wait_for_port(port)
-        if ready:
-            readyz = url + "/readyz"
-            process.wait_until(
-                lambda: requests.get(readyz, verify=str(pki.ca), timeout=5).status_code == 200, 30, "ready"
-            )
-    except RuntimeError:
-        process.stop()
-        raise
-    return process, url
 
 
 @dataclass

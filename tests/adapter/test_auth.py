@@ -12,9 +12,8 @@ from typing import Any
 import pytest
 
 from exporter.adapter.auth import Authenticator, Authorizer, RequestHeaderConfig, ReviewUnavailableError, User
+from sim.processes import free_port, spawn_adapter
 from tests.adapter.test_settings import run_adapter
-from tests.conftest import free_port
-from tests.sim.processes import spawn_adapter
 
 FRONT_PROXY = {"subject": ((("commonName", "front-proxy-client"),),)}
 ALLOWED = RequestHeaderConfig("CA PEM", allowed_names=("front-proxy-client",))

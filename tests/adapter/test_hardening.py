@@ -1,6 +1,6 @@
 """What a hostile client or a failing Prometheus can make the adapter do: bounded work per request,
 a Status for every answer, and probes that keep answering. The adapter runs as a process over real
-TLS; kube-apiserver is tests/sim/apiserver.py (there is no kube-apiserver binary here), and the slow
+TLS; kube-apiserver is sim/apiserver.py (there is no kube-apiserver binary here), and the slow
 Prometheus is a socket server below: a real Prometheus cannot be made to drip its answer."""
 
 from __future__ import annotations
@@ -18,10 +18,9 @@ from pathlib import Path
 import pytest
 import requests
 
-from tests.conftest import free_port
-from tests.sim.apiserver import FakeApiServer
-from tests.sim.certs import Pki, make_pki
-from tests.sim.processes import Process, adapter_args, spawn_adapter
+from sim.apiserver import FakeApiServer
+from sim.certs import Pki, make_pki
+from sim.processes import Process, adapter_args, free_port, spawn_adapter
 
 EXTERNAL = "/apis/external.metrics.k8s.io/v1beta1/namespaces/default/gpu_duty_cycle"
 PODS = "/apis/custom.metrics.k8s.io/v1beta2/namespaces/default/pods/%2A/duty_cycle_current"

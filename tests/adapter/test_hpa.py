@@ -12,7 +12,7 @@ import pytest
 
 from exporter.adapter.hpa import NoMetricsError, Pod, Tolerances, pods_metric_replicas, usage_ratio
 from exporter.adapter.quantity import parse_milli
-from tests.sim.autoscaler import Autoscaler, largest_proposal
+from sim.autoscaler import Autoscaler, largest_proposal
 
 
 def pods(n: int, phases: list[str] | None = None) -> list[Pod]:

@@ -23,11 +23,10 @@ import pytest
 import yaml
 
 from exporter.exposition.httpserver import Handler
-from tests.conftest import free_port
-from tests.sim.kubelet import FakeKubelet, PodDevices
-from tests.sim.processes import spawn_agent
-from tests.sim.prometheus import Prometheus
-from tests.sim.scenario import Gpu, Scenario, gpu_uuid
+from sim.kubelet import FakeKubelet, PodDevices
+from sim.processes import free_port, spawn_agent
+from sim.prometheus import Prometheus
+from sim.scenario import Gpu, Scenario, gpu_uuid
 
 EXAMPLE = Path(__file__).resolve().parents[2] / "daemonset" / "adapter" / "examples" / "keda-scaledobject.yaml"
 SCHEMA = Path(__file__).resolve().parent / "schemas" / "scaledobject.json"

@@ -16,11 +16,10 @@ import yaml
 
 from exporter.adapter import main as adapter_main
 from exporter.adapter.main import build_parser
+from sim.apiserver import Call, FakeApiServer
+from sim.certs import Pki, make_pki
+from sim.processes import free_port, spawn_adapter
 from tests.adapter.test_trust import CONFIG_MAP, published
-from tests.conftest import free_port
-from tests.sim.apiserver import Call, FakeApiServer
-from tests.sim.certs import Pki, make_pki
-from tests.sim.processes import spawn_adapter
 
 DAEMONSET = Path(__file__).resolve().parents[2] / "daemonset"
 DIRECTORY = DAEMONSET / "adapter"

@@ -1,7 +1,7 @@
 """The adapter's pod index: compact records of (namespace, name, labels) from a paged, metadata-only
 list and watch (exporter.sources.kube's reflector), read per namespace and label selector.
 
-The cluster is played by tests/sim/apiserver.py, which pages lists, serves PartialObjectMetadata
+The cluster is played by sim/apiserver.py, which pages lists, serves PartialObjectMetadata
 and watches with bookmarks as kube-apiserver does.
 """
 
@@ -16,10 +16,9 @@ import requests
 
 from exporter.adapter.pods import PodIndex, PodMeta, pod_meta
 from exporter.adapter.selector import parse_selector
-from tests.conftest import free_port
-from tests.sim.apiserver import FakeApiServer, pod_json
-from tests.sim.certs import make_pki
-from tests.sim.processes import adapter_args, spawn_adapter
+from sim.apiserver import FakeApiServer, pod_json
+from sim.certs import make_pki
+from sim.processes import adapter_args, free_port, spawn_adapter
 
 
 class Source:

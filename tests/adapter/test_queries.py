@@ -23,8 +23,8 @@ from exporter.adapter.provider import MetricInfo
 from exporter.adapter.rules import DEFAULT_RULES, load_rules
 from exporter.adapter.selector import Selector, parse_selector
 from exporter.exposition.httpserver import Handler
-from tests.conftest import free_port
-from tests.sim.prometheus import Prometheus
+from sim.processes import free_port
+from sim.prometheus import Prometheus
 
 
 @dataclass(frozen=True)

@@ -1,7 +1,7 @@
 """A scrape config without honor_labels: the real agent scraped by a real Prometheus that attaches
 the agent's own namespace and pod as target labels, so the measured pods' labels come in renamed to
 ``exported_namespace``/``exported_pod``. A user allowed in the agent's namespace only must see none
-of the other namespaces' GPUs, on any route. kube-apiserver is tests/sim/apiserver.py."""
+of the other namespaces' GPUs, on any route. kube-apiserver is sim/apiserver.py."""
 
 from __future__ import annotations
 
@@ -11,14 +11,12 @@ from typing import Any
 import pytest
 import requests
 
-from tests.adapter.test_adapter import start_adapter
-from tests.conftest import free_port
-from tests.sim.apiserver import FakeApiServer, pod_json
-from tests.sim.certs import Pki, make_pki
-from tests.sim.kubelet import FakeKubelet, PodDevices
-from tests.sim.processes import spawn_agent
-from tests.sim.prometheus import Prometheus
-from tests.sim.scenario import Gpu, Scenario, gpu_uuid
+from sim.apiserver import FakeApiServer, pod_json
+from sim.certs import Pki, make_pki
+from sim.kubelet import FakeKubelet, PodDevices
+from sim.processes import free_port, spawn_agent, start_adapter
+from sim.prometheus import Prometheus
+from sim.scenario import Gpu, Scenario, gpu_uuid
 
 AGENT_NAMESPACE, AGENT_POD = "gpu-system", "gpu-agent-0"
 CUSTOM = "/apis/custom.metrics.k8s.io/v1beta2"

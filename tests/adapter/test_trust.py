@@ -4,7 +4,7 @@ authenticator does it (a certificate that does not authenticate leaves the beare
 and the user's UID and extra, from the front proxy's headers or a TokenReview, reaching the
 SubjectAccessReview.
 
-kube-apiserver is played by tests/sim/apiserver.py (TokenReview, SubjectAccessReview, the
+kube-apiserver is played by sim/apiserver.py (TokenReview, SubjectAccessReview, the
 ``extension-apiserver-authentication`` ConfigMap, pods), speaking the real API's JSON.
 """
 
@@ -23,10 +23,9 @@ from exporter.adapter.auth import Authenticator, Authorizer, RequestHeaderConfig
 from exporter.adapter.frontproxy import FrontProxyTrust
 from exporter.adapter.server import AdapterServer, Services
 from exporter.backoff import Backoff
-from tests.conftest import free_port
-from tests.sim.apiserver import FakeApiServer
-from tests.sim.certs import Pki, make_pki
-from tests.sim.processes import adapter_args, spawn_adapter
+from sim.apiserver import FakeApiServer
+from sim.certs import Pki, make_pki
+from sim.processes import adapter_args, free_port, spawn_adapter
 
 DISCOVERY = "/apis/custom.metrics.k8s.io/v1beta1"
 CONFIG_MAP = ("kube-system", "extension-apiserver-authentication")

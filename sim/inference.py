@@ -4,7 +4,7 @@
 The model: each request keeps the GPU busy for ``--cost-ms``; utilisation is the busy time of the
 requests served in the last ``--window-s`` over that window (capped at 100 %), written to
 ``--status-file`` four times a second for the simulated node to report through the fake NVML.
-``python -m tests.sim.inference --port P --status-file F``
+``python -m sim.inference --port P --status-file F``
 """
 
 from __future__ import annotations

@@ -23,7 +23,7 @@
  * Call names for unsupported/fail/block: name uuid minor util mem memv2 temp tempv power procs
  * procutil mig clock energy plimit enc dec pcie replay ecc remap reasons gpm events.
  * A symbol is dropped (an older driver) by building the library with a linker version script that
- * makes it local: see tests/sim/fakelib.py.
+ * makes it local: see sim/fakelib.py.
  */
 #include <errno.h>
 #include <libgen.h>

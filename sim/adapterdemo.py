@@ -10,20 +10,18 @@ import tempfile
 import time
 from pathlib import Path
 
-from tests.adapter.test_adapter import start_adapter
-from tests.conftest import free_port
-from tests.sim.apiserver import FakeApiServer, pod_json
-from tests.sim.certs import make_pki
-from tests.sim.node import NODE, PODS
-from tests.sim.processes import Process
-from tests.sim.prometheus import Prometheus
+from sim.apiserver import FakeApiServer, pod_json
+from sim.certs import make_pki
+from sim.node import NODE, PODS
+from sim.processes import Process, free_port, start_adapter
+from sim.prometheus import Prometheus
 
 
 def main() -> int:
     directory = Path(tempfile.mkdtemp(prefix="adapter-demo-"))
     agent_port = free_port()
     node = Process(
-        [sys.executable, "-m", "tests.sim.node", "--listen", f"127.0.0.1:{agent_port}"], what="the node", output=None
+        [sys.executable, "-m", "sim.node", "--listen", f"127.0.0.1:{agent_port}"], what="the node", output=None
     )
     prometheus = Prometheus(directory / "prometheus", [f"127.0.0.1:{agent_port}"], free_port())
     api = FakeApiServer().start()

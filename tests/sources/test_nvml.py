@@ -18,11 +18,11 @@ import pytest
 import requests
 
 from exporter.sources.nvml import NvmlReader
+from sim.fakelib import build_fake_nvml
+from sim.scenario import GIB, NVML_ERROR_DRIVER_NOT_LOADED, Gpu, Mig, Proc, Scenario, gpu_uuid, mig_uuid
 from tests.conftest import Node, find
-from tests.sim.fakelib import build_fake_nvml
-from tests.sim.scenario import GIB, NVML_ERROR_DRIVER_NOT_LOADED, Gpu, Mig, Proc, Scenario, gpu_uuid, mig_uuid
 
-ROOT = Path(__file__).resolve().parent.parent
+ROOT = Path(__file__).resolve().parents[2]
 MakeReader = Callable[..., NvmlReader]  # the nvml_reader fixture
 
 

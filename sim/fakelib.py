@@ -1,4 +1,4 @@
-"""Builds the fake libnvidia-ml.so.1 from tests/fakenvml/fakenvml.c with the system C compiler.
+"""Builds the fake libnvidia-ml.so.1 from sim/fakenvml/fakenvml.c with the system C compiler.
 
 An older driver lacks some symbols. pynvml looks each one up with ``getattr(CDLL, name)`` (dlsym)
 and caches it per process, so a symbol cannot be taken away at run time; instead a variant of the
@@ -12,7 +12,7 @@ import subprocess
 from collections.abc import Sequence
 from pathlib import Path
 
-FAKE_NVML_DIR = Path(__file__).resolve().parent.parent / "fakenvml"
+FAKE_NVML_DIR = Path(__file__).resolve().parent / "fakenvml"
 FAKE_NVML = FAKE_NVML_DIR / "libnvidia-ml.so.1"
 
 

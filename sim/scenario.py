@@ -1,4 +1,4 @@
-"""Scenarios for the fake libnvidia-ml.so.1 (tests/fakenvml/fakenvml.c): GPUs, MIG devices,
+"""Scenarios for the fake libnvidia-ml.so.1 (sim/fakenvml/fakenvml.c): GPUs, MIG devices,
 processes, Xid events and faults, written atomically so the library, which re-reads the file
 whenever it changes, never sees half of one."""
 

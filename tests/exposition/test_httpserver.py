@@ -21,8 +21,8 @@ import pytest
 import requests
 
 from exporter.exposition.httpserver import Handler, Server
-from tests.sim.certs import Pki, make_pki
-from tests.sim.scenario import Gpu, Scenario, gpu_uuid
+from sim.certs import Pki, make_pki
+from sim.scenario import Gpu, Scenario, gpu_uuid
 
 WORKERS = 4
 BIG = b"x" * 16_000_000  # more than loopback's socket buffers hold

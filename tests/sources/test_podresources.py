@@ -13,8 +13,8 @@ from exporter.model import Allocation, ClaimAllocation, ProcessOwner
 from exporter.sources.podresources.client import PodResourcesClient
 from exporter.sources.podsources import PodSources
 from exporter.sources.procfs import ProcReader
-from tests.sim.kubelet import Claim, ClaimDevice, FakeKubelet, PodDevices
-from tests.sim.scenario import gpu_uuid
+from sim.kubelet import Claim, ClaimDevice, FakeKubelet, PodDevices
+from sim.scenario import gpu_uuid
 
 BERT = PodDevices("default", "bert-intent-detection-7c9f", {"server": [("nvidia.com/gpu", [gpu_uuid(0)])]})
 

@@ -1,7 +1,7 @@
 """The simulated HPA controller's memory between syncs, after kubernetes
 pkg/controller/podautoscaler/horizontal.go: the largest proposal across metrics
 (computeReplicasForMetrics), stabilisation windows, the autoscaling/v2 default policies and the
-legacy clamp. It drives the demo (tests/sim/hpademo.py) and its tests; users get the one-sync
+legacy clamp. It drives the demo (sim/hpademo.py) and its tests; users get the one-sync
 arithmetic (exporter.adapter.hpa) through ``gpu-metrics-adapter hpa-explain``. Pure: time is passed in.
 """
 

@@ -3,7 +3,7 @@
 Four H100s from the fake libnvidia-ml.so.1; a kubelet pod-resources server; a /proc tree; and a
 pods API. Two replicas of a BERT intent-detection service hold a GPU each, two pods time-slice a
 third, the fourth is idle. Their load moves in slow waves, rewritten every second. The real
-agent runs against all of it as a child process: ``python -m tests.sim.node [agent flags]``.
+agent runs against all of it as a child process: ``python -m sim.node [agent flags]``.
 """
 
 from __future__ import annotations
@@ -16,12 +16,12 @@ import tempfile
 import time
 from pathlib import Path
 
-from tests.sim.apiserver import FakeApiServer, pod_json
-from tests.sim.fakelib import build_fake_nvml
-from tests.sim.kubelet import FakeKubelet, PodDevices
-from tests.sim.processes import Process
-from tests.sim.procfs import FakeProc, systemd_v2
-from tests.sim.scenario import GIB, Gpu, Proc, Scenario, gpu_uuid
+from sim.apiserver import FakeApiServer, pod_json
+from sim.fakelib import build_fake_nvml
+from sim.kubelet import FakeKubelet, PodDevices
+from sim.processes import Process
+from sim.procfs import FakeProc, systemd_v2
+from sim.scenario import GIB, Gpu, Proc, Scenario, gpu_uuid
 
 NODE = "sim-gpu-node-1"
 # (namespace, pod, uid, container, gpu index, device id, pid, phase of its load wave)

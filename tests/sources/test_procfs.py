@@ -4,7 +4,7 @@ from pathlib import Path
 
 from exporter.model import ProcessOwner
 from exporter.sources.procfs import ProcReader
-from tests.sim.procfs import HOST_PROCESS, FakeProc, cgroupfs_v1
+from sim.procfs import HOST_PROCESS, FakeProc, cgroupfs_v1
 
 UID = "5f1d2c3b-aaaa-4bbb-8ccc-0123456789ab"
 CID = "c" * 64

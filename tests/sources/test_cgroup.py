@@ -1,7 +1,7 @@
 import pytest
 
 from exporter.sources.cgroup import parse_cgroup
-from tests.sim.procfs import HOST_PROCESS, cgroupfs_v1, cgroupfs_v2, systemd_v2
+from sim.procfs import HOST_PROCESS, cgroupfs_v1, cgroupfs_v2, systemd_v2
 
 UID = "5f1d2c3b-aaaa-4bbb-8ccc-0123456789ab"
 STATIC_UID = "0123456789abcdef0123456789abcdef"  # static / mirror pods: a 32-hex hash

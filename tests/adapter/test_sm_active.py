@@ -11,11 +11,12 @@ from pathlib import Path
 import pytest
 
 from exporter.adapter.rules import DEFAULT_RULES
-from tests.conftest import AgentProcess, free_port
-from tests.sim.fakelib import build_fake_nvml
-from tests.sim.kubelet import FakeKubelet, PodDevices
-from tests.sim.prometheus import Prometheus
-from tests.sim.scenario import Gpu, Scenario, gpu_uuid
+from sim.fakelib import build_fake_nvml
+from sim.kubelet import FakeKubelet, PodDevices
+from sim.processes import free_port
+from sim.prometheus import Prometheus
+from sim.scenario import Gpu, Scenario, gpu_uuid
+from tests.conftest import AgentProcess
 
 
 @pytest.fixture(scope="module")
@@ -86,7 +87,7 @@ def test_the_timestamp_series_carries_the_pod_labels(prometheus: Prometheus) -> 
 def test_the_example_hpa_scales_bert_on_it() -> None:
     import yaml
 
-    path = Path(__file__).resolve().parent.parent / "daemonset" / "adapter" / "examples" / "hpa-sm-active.yaml"
+    path = Path(__file__).resolve().parents[2] / "daemonset" / "adapter" / "examples" / "hpa-sm-active.yaml"
     hpa = yaml.safe_load(path.read_text())
     assert hpa["apiVersion"] == "autoscaling/v2"
     assert hpa["spec"]["scaleTargetRef"]["name"] == "bert-intent-detection"

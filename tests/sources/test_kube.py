@@ -1,5 +1,5 @@
 """The reflector and the pod watch against a server speaking the Kubernetes API's list/watch JSON
-(tests/sim/apiserver.py), over real sockets and, where credentials matter, real TLS."""
+(sim/apiserver.py), over real sockets and, where credentials matter, real TLS."""
 
 from __future__ import annotations
 
@@ -17,8 +17,8 @@ import pytest
 from exporter.backoff import Backoff
 from exporter.sources.kube import PodWatcher, Reflector
 from exporter.sources.kubeclient import ConfigError, KubeClient, in_cluster_credentials, kubeconfig_credentials
-from tests.sim.apiserver import FakeApiServer, pod_json
-from tests.sim.certs import make_pki
+from sim.apiserver import FakeApiServer, pod_json
+from sim.certs import make_pki
 
 NODE = "gpu-node-1"
 

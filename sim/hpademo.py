@@ -3,12 +3,12 @@ the load stops, it scales back in. Only the GPUs and the cluster are simulated.
 
 Real parts: the agent (on the fake NVML), Prometheus scraping it, the adapter serving the custom
 metrics API over TLS, hey for load, and one HTTP server process per replica. Simulated: the GPUs
-(utilisation from each replica's served requests, tests/sim/inference.py), the kubelet's
-pod-resources and the pods API (tests/sim), a round-robin Service in front of the replicas, and
-the HPA controller, which runs exporter.adapter.hpa and tests/sim/autoscaler.py (upstream's
+(utilisation from each replica's served requests, sim/inference.py), the kubelet's
+pod-resources and the pods API (sim), a round-robin Service in front of the replicas, and
+the HPA controller, which runs exporter.adapter.hpa and sim/autoscaler.py (upstream's
 arithmetic) against the adapter exactly as kube-controller-manager reads it. Every HPA time (15 s
 sync, 15 s policy periods, 300 s scale-down window) is multiplied by one factor.
-``python -m tests.sim.hpademo`` (make demo).
+``python -m sim.hpademo`` (make demo).
 """
 
 from __future__ import annotations
@@ -31,15 +31,13 @@ import requests
 from exporter.adapter.hpa import NoMetricsError, Pod, pods_metric_replicas
 from exporter.adapter.quantity import format_quantity, parse_milli
 from exporter.exposition.httpserver import Handler
-from tests.adapter.test_adapter import start_adapter
-from tests.conftest import free_port
-from tests.sim.apiserver import FakeApiServer, pod_json
-from tests.sim.autoscaler import Autoscaler, Policy, ScalingRules, largest_proposal
-from tests.sim.certs import make_pki
-from tests.sim.kubelet import FakeKubelet, PodDevices
-from tests.sim.processes import Process, spawn_agent
-from tests.sim.prometheus import Prometheus
-from tests.sim.scenario import Gpu, Scenario, gpu_uuid
+from sim.apiserver import FakeApiServer, pod_json
+from sim.autoscaler import Autoscaler, Policy, ScalingRules, largest_proposal
+from sim.certs import make_pki
+from sim.kubelet import FakeKubelet, PodDevices
+from sim.processes import Process, free_port, spawn_agent, start_adapter
+from sim.prometheus import Prometheus
+from sim.scenario import Gpu, Scenario, gpu_uuid
 
 DEPLOYMENT = "bert-intent-detection"
 TARGET = 20.0  # targetAverageValue of duty_cycle_current
@@ -108,7 +106,7 @@ class Cluster:
         status = self.directory / f"{name}.util"
         status.write_text("0")
         process = Process(
-            [sys.executable, "-m", "tests.sim.inference", "--port", str(port), "--status-file", str(status)],
+            [sys.executable, "-m", "sim.inference", "--port", str(port), "--status-file", str(status)],
             what=f"replica {name}",
         )
         replica = Replica(name, f"00000000-0000-4000-8000-{number:012x}", gpu, port, status, process)

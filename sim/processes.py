@@ -18,10 +18,12 @@ from pathlib import Path
 from types import TracebackType
 from typing import IO, Any
 
-from tests.sim.certs import Pki
-from tests.sim.fakelib import build_fake_nvml
+import requests
 
-ROOT = Path(__file__).resolve().parents[2]
+from sim.certs import Pki
+from sim.fakelib import build_fake_nvml
+
+ROOT = Path(__file__).resolve().parents[1]
 
 Output = Path | IO[Any] | int | None
 """Where a process's stdout and stderr go: a log file (Path, or one already open), the caller's own
@@ -154,3 +156,31 @@ def adapter_args(pki: Pki, kubeconfig: Path, prometheus_url: str, *, front_proxy
         "--prometheus-url",
         prometheus_url,
     ]
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return int(s.getsockname()[1])
+
+
+def start_adapter(
+    directory: Path, pki: Pki, kubeconfig: Path, prometheus_url: str, *extra: str, ready: bool = True
+) -> tuple[Process, str]:
+    """The adapter as a process, once it listens (and, with ``ready``, once /readyz says so)."""
+    port = free_port()
+    process = spawn_adapter(
+        port, *adapter_args(pki, kubeconfig, prometheus_url), *extra, output=directory / f"adapter-{port}.log"
+    )
+    url = f"https://127.0.0.1:{port}"
+    try:
+        process.wait_for_port(port)
+        if ready:
+            readyz = url + "/readyz"
+            process.wait_until(
+                lambda: requests.get(readyz, verify=str(pki.ca), timeout=5).status_code == 200, 30, "ready"
+            )
+    except RuntimeError:
+        process.stop()
+        raise
+    return process, url

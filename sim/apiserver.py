@@ -62,7 +62,7 @@ from pathlib import Path
 from typing import Any
 from urllib.parse import parse_qs, urlparse
 
-from tests.sim.certs import Pki
+from sim.certs import Pki
 
 Obj = dict[str, Any]
 

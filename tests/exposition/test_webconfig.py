@@ -20,8 +20,8 @@ import pytest
 import requests
 from cryptography import x509
 
-from tests.sim.certs import Pki, issue_client, make_pki
-from tests.sim.scenario import Gpu, Scenario, gpu_uuid
+from sim.certs import Pki, issue_client, make_pki
+from sim.scenario import Gpu, Scenario, gpu_uuid
 
 PASSWORD = "s3cret-scrape"
 

@@ -12,7 +12,7 @@ from typing import Any
 import pytest
 import requests
 
-from tests.sim.processes import Process
+from sim.processes import Process
 
 
 def installed(binary_name: str) -> str:
