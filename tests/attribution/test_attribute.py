@@ -233,3 +233,70 @@ def test_busy_shared_gpu_whose_processes_have_no_samples_keeps_the_device_duty_c
         "a": (50.0, 300),
         "b": (50.0, 100),
     }
+
+
+def test_a_pod_whose_process_memory_is_unknown_reports_the_device_memory_never_a_partial_sum() -> None:
+    # NVML gives no usedGpuMemory for 102 (None: e.g. without privileges under MPS): b's own use is
+    # unknown, and the 300 bytes of 103 alone would understate it. a's processes are all known.
+    device = gpu(
+        memory_used_bytes=5000,
+        processes=(GpuProcess(101, 1200), GpuProcess(102, None), GpuProcess(103, 300)),
+        process_sm_percent={101: 10.0, 102: 20.0, 103: 5.0},
+    )
+    owners = {
+        101: ProcessOwner(101, "uid-a", None),
+        102: ProcessOwner(102, "uid-b", None),
+        103: ProcessOwner(103, "uid-b", None),
+    }
+    pods = {"uid-a": pod("uid-a", "a"), "uid-b": pod("uid-b", "b")}
+    result = attribute([device], [alloc("a", f"{GPU0}::0"), alloc("b", f"{GPU0}::1")], owners, pods)
+    assert {s.pod: s.memory_used_bytes for s in result.series} == {"a": 1200, "b": 5000}
+    assert {s.pod: s.duty_cycle_percent for s in result.series} == {"a": 10.0, "b": 25.0}
+
+
+def test_a_finished_pod_found_through_its_processes_is_not_attributed() -> None:
+    # No allocation names the GPU; the only process belongs to a pod the API says has Succeeded
+    # (its container is being torn down): the GPU is nobody's.
+    device = gpu(processes=(GpuProcess(101, 300),), process_sm_percent={101: 0.0})
+    owners = {101: ProcessOwner(101, "uid-a", "cid-1")}
+    pods = {"uid-a": pod("uid-a", "done", phase="Succeeded", containers={"cid-1": "main"})}
+    result = attribute([device], [], owners, pods)
+    assert [(s.namespace, s.pod, s.container) for s in result.series] == [("", "", "")]
+    assert result.processes_by_owner == {"pod": 1}
+
+
+def test_a_busy_process_of_a_finished_pod_makes_shares_unmeasurable() -> None:
+    device = gpu(
+        duty_cycle_percent=70.0,
+        processes=(GpuProcess(101, 300), GpuProcess(102, 100), GpuProcess(103, 100)),
+        process_sm_percent={101: 30.0, 102: 10.0, 103: 30.0},
+    )
+    owners = {
+        101: ProcessOwner(101, "uid-a", None),
+        102: ProcessOwner(102, "uid-b", None),
+        103: ProcessOwner(103, "uid-done", None),
+    }
+    pods = {"uid-a": pod("uid-a", "a"), "uid-b": pod("uid-b", "b"), "uid-done": pod("uid-done", "old", "Failed")}
+    result = attribute([device], [alloc("a", f"{GPU0}::0"), alloc("b", f"{GPU0}::1")], owners, pods)
+    assert {s.pod: s.duty_cycle_percent for s in result.series} == {"a": 70.0, "b": 70.0}
+
+
+def test_an_idle_host_process_on_a_shared_gpu_leaves_the_shares_measured() -> None:
+    # A monitoring tool's context on the host (no SM sample) takes nothing away from the pods.
+    device = gpu(
+        duty_cycle_percent=50.0,
+        processes=(GpuProcess(1, 200), GpuProcess(101, 300), GpuProcess(102, 100)),
+        process_sm_percent={101: 35.0, 102: 15.0},
+    )
+    owners = {
+        1: ProcessOwner(1, None, None),
+        101: ProcessOwner(101, "uid-a", None),
+        102: ProcessOwner(102, "uid-b", None),
+    }
+    pods = {"uid-a": pod("uid-a", "a"), "uid-b": pod("uid-b", "b")}
+    result = attribute([device], [alloc("a", f"{GPU0}::0"), alloc("b", f"{GPU0}::1")], owners, pods)
+    assert {s.pod: (s.duty_cycle_percent, s.memory_used_bytes) for s in result.series} == {
+        "a": (35.0, 300),
+        "b": (15.0, 100),
+    }
+    assert result.processes_by_owner == {"host": 1, "pod": 2}
