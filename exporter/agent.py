@@ -10,7 +10,6 @@ scraped.
 from __future__ import annotations
 
 import logging
-import threading
 import time
 from collections import Counter
 from collections.abc import Sequence
@@ -21,6 +20,7 @@ from prometheus_client.platform_collector import PlatformCollector
 from prometheus_client.process_collector import ProcessCollector
 
 from exporter.attribution.attribute import attribute
+from exporter.backoff import Backoff
 from exporter.config import Config, configure_logging, parse_config
 from exporter.exposition.collector import AgeCollector, SnapshotCollector
 from exporter.exposition.render import Exposition
@@ -30,7 +30,7 @@ from exporter.sources.nvml import NvmlReader
 from exporter.sources.podresources.client import PodResourcesClient
 from exporter.sources.podsources import PodSources
 from exporter.sources.procfs import ProcReader
-from exporter.supervise import wait_for_signal
+from exporter.supervise import Loop, StateLog, wait_for_signal
 
 if TYPE_CHECKING:
     from exporter.sources.kube import PodWatcher
@@ -66,18 +66,30 @@ class Agent:
         self._snapshot: Snapshot | None = None
         self._device_errors: Counter[tuple[str, str, str]] = Counter()
         self._last_success: float | None = None
-        self._stop = threading.Event()
-        self._threads: list[threading.Thread] = []
-        registry = CollectorRegistry(auto_describe=False)
-        registry.register(SnapshotCollector(lambda: self._snapshot, config.max_staleness_s))
-        ProcessCollector(registry=registry)
-        PlatformCollector(registry=registry)
-        self.exposition = Exposition(registry, AgeCollector(lambda: self._snapshot), max_age_s=config.max_staleness_s)
+        # Each survives any exception in one poll or render: the failure is logged once per change
+        # of state, readiness and the age gauges show it, and the next attempt comes a poll interval
+        # later (no backoff growth: polling is the agent's job, and its cost is one poll).
+        every_interval = Backoff(initial_s=config.interval_s, cap_s=config.interval_s, jitter=0.0)
+        self._next_poll = 0.0
+        self._poll = Loop("poll", self._poll_step, StateLog(log, "polling"), every_interval)
+        self._render = Loop(
+            "render",
+            self._render_step,
+            StateLog(log, "rendering /metrics"),
+            Backoff(initial_s=config.interval_s, cap_s=config.interval_s, jitter=0.0),
+            consequence="serving the last good rendering, which ages out; retrying",
+        )
+        self.registry = CollectorRegistry(auto_describe=False)
+        self.registry.register(SnapshotCollector(lambda: self._snapshot, config.max_staleness_s))
+        ProcessCollector(registry=self.registry)
+        PlatformCollector(registry=self.registry)
+        self.exposition = Exposition(
+            self.registry, AgeCollector(lambda: self._snapshot), max_age_s=config.max_staleness_s
+        )
         # Past this, a poll that has not finished, or a render loop that has not come round, means
         # the served data is not being renewed.
         self._liveness_bound_s = max(3 * config.interval_s, 2.0)
         self._render_loop_seen: float | None = None  # when the render loop last came round
-        self._render_failing = False
 
     def poll_once(self) -> Snapshot:
         started = time.monotonic()
@@ -125,67 +137,54 @@ class Agent:
         seen = self._render_loop_seen
         if seen is None or now - seen > self._liveness_bound_s:
             return False, "the /metrics renderer has stopped"
-        if self._render_failing:
-            return False, "rendering /metrics fails"
+        if self._render.state.failing is not None:
+            return False, f"rendering /metrics fails ({self._render.state.failing})"
         if not snapshot.health.nvml_up:
             return False, snapshot.health.nvml_status
+        ages = {s.device.uuid: now - s.device.sampled_at for s in snapshot.attribution.series}
+        if ages and min(ages.values()) > self.config.max_staleness_s:
+            return False, (
+                f"no device read in the last {min(ages.values()):.1f}s (all {len(ages)} older than "
+                f"--max-staleness {self.config.max_staleness_s:g}s): NVML reads are stalled"
+            )
         return True, f"ready: {snapshot.health.nvml_status}"
 
-    def _poll_loop(self) -> None:
-        next_poll = time.monotonic()
-        failing = False
-        while not self._stop.is_set():
-            try:
-                self.poll_once()
-                if failing:
-                    log.info("polling recovered")
-                failing = False
-            except Exception:  # a bug in one poll must not end polling; readiness and the ages show it
-                if not failing:
-                    log.exception("poll failed; retrying every interval")
-                failing = True
-            next_poll += self.config.interval_s
-            delay = next_poll - time.monotonic()
-            if delay < 0:  # overran: skip the missed ticks rather than poll back to back
-                next_poll = time.monotonic()
-                delay = 0
-            self._stop.wait(delay)
+    def _poll_step(self) -> float:
+        """One poll; the seconds until the next tick (ticks missed by an overrun are skipped)."""
+        self.poll_once()
+        self._next_poll += self.config.interval_s
+        delay = self._next_poll - time.monotonic()
+        if delay < 0:
+            self._next_poll = time.monotonic()
+            return 0.0
+        return delay
 
-    def _render_loop(self) -> None:
+    def _render_step(self) -> float:
         """Renders when a scrape asks for data newer than the last rendering; comes round at least
         once per interval, so readiness can tell a live renderer from a dead one."""
-        while not self._stop.is_set():
-            self._render_loop_seen = time.monotonic()
-            if not self.exposition.wait_for_demand(self.config.interval_s) or self._stop.is_set():
-                continue
-            try:
-                self.exposition.render()
-                if self._render_failing:
-                    log.info("rendering recovered")
-                self._render_failing = False
-            except Exception:  # serve the last good bytes meanwhile; they age out, /readyz says why
-                if not self._render_failing:
-                    log.exception("rendering /metrics failed; retrying at the next scrape")
-                self._render_failing = True
+        self._render_loop_seen = time.monotonic()
+        if self.exposition.wait_for_demand(self.config.interval_s) and not self._render.stopping:
+            self.exposition.render()
+        return 0.0
 
     def start(self) -> None:
         self.sources.start()
         if self.pods is not None:
             self.pods.start()
-        for target, name in ((self._poll_loop, "poll"), (self._render_loop, "render")):
-            thread = threading.Thread(target=target, name=name, daemon=True)
-            thread.start()
-            self._threads.append(thread)
+        self._next_poll = time.monotonic()
+        self._poll.start()
+        self._render.start()
 
     def stop(self, timeout_s: float = 0.5) -> None:
         """Stops in reverse order of dependence: render and poll first, then what the poll reads
         (pod sources and the pod watch), NVML last. Threads stuck in a driver call are daemons and
         cannot hold up the exit."""
-        self._stop.set()
+        self._poll.stop()
+        self._render.stop()
         self.exposition.wake()
         deadline = time.monotonic() + timeout_s
-        for thread in self._threads:
-            thread.join(max(0.0, deadline - time.monotonic()))
+        for loop in (self._poll, self._render):
+            loop.join(max(0.0, deadline - time.monotonic()))
         self.sources.stop()
         if self.pods is not None:
             self.pods.stop()

@@ -103,9 +103,12 @@ class Scenario:
     xids: list[Xid] = field(default_factory=list)
     init_rc: int = 0
     driver_version: str = "550.54.15"
+    count_block_s: float = 0.0  # nvmlDeviceGetCount hangs this long: the poll itself stalls
 
     def render(self) -> str:
-        lines = [f"driver\tinit={self.init_rc}\tversion={self.driver_version}"]
+        lines = [
+            f"driver\tinit={self.init_rc}\tversion={self.driver_version}\tcountblock={round(self.count_block_s * 1000)}"
+        ]
         for index, gpu in enumerate(self.gpus):
             gpm = gpu.gpm if gpu.gpm is not None else any(m in str(gpu.name) for m in GPM_MODELS)
             fields = {

@@ -59,10 +59,14 @@ Samples = dict[tuple[str, frozenset[tuple[str, str]]], float]
 
 
 def parse_samples(text: str) -> Samples:
+    """Samples by name and label set; a series exposed twice fails the test (Prometheus would
+    reject the scrape, and a dict would hide it)."""
     samples: Samples = {}
     for family in text_string_to_metric_families(text):
         for sample in family.samples:
-            samples[(sample.name, frozenset(sample.labels.items()))] = sample.value
+            key = (sample.name, frozenset(sample.labels.items()))
+            assert key not in samples, f"{sample.name}{sample.labels} is exposed twice"
+            samples[key] = sample.value
     return samples
 
 

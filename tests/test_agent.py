@@ -119,7 +119,9 @@ def test_kubelet_goes_away_and_comes_back(node: Node, start_agent) -> None:  # t
     node.api.delete(BERT_UID)  # so the process cgroup cannot name the pod either
     samples = agent.wait_for(lambda s: find(s, "gpu_exporter_pod_resources_up")[0][1] == 0, what="pod-resources down")
     samples = agent.wait_for(lambda s: BERT not in pods_of(s), what="series without pod labels")
-    assert pods_of(samples)[""] in (42, 3)  # device metrics keep flowing
+    # Device metrics keep flowing, both GPUs now without pod labels.
+    unlabelled = {labels["uuid"]: value for labels, value in find(samples, "duty_cycle_current", pod="")}
+    assert unlabelled == {gpu_uuid(0): 42, gpu_uuid(1): 3}
     node.kubelet.start()
     agent.wait_for(
         lambda s: BERT in pods_of(s) and find(s, "gpu_exporter_pod_resources_up")[0][1] == 1,

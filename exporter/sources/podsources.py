@@ -11,7 +11,6 @@ with jitter, so a kubelet that is away is not asked again every interval by ever
 from __future__ import annotations
 
 import logging
-import threading
 import time
 from collections.abc import Callable, Iterable, Mapping, Sequence
 from dataclasses import dataclass
@@ -20,6 +19,7 @@ from exporter.backoff import Backoff
 from exporter.model import Allocation, ProcessOwner
 from exporter.sources.podresources.client import PodResourcesClient
 from exporter.sources.procfs import ProcReader
+from exporter.supervise import Loop, StateLog
 
 log = logging.getLogger(__name__)
 
@@ -62,24 +62,25 @@ class PodSources:
         self._allocations: tuple[float, Sequence[Allocation]] = (float("-inf"), ())
         self._owners: Mapping[int, ProcessOwner | None] = {}
         self._wanted: frozenset[int] = frozenset()
-        self._wake = threading.Event()
-        self._stop = threading.Event()
         self._failures = 0
-        self._refresh_failing = False
         self._backoff = Backoff(initial_s=interval_s, cap_s=max(interval_s, BACKOFF_MAX_S))
         self._processes_changed = False
-        self._thread = threading.Thread(target=self._run, name="pod-sources", daemon=True)
+        self._next_list = clock()
+        self._loop = Loop(
+            "pod-sources",
+            self._refresh,
+            StateLog(log, "refreshing pod attribution sources"),
+            Backoff(initial_s=interval_s, cap_s=max(interval_s, BACKOFF_MAX_S)),
+        )
 
     def start(self) -> None:
-        self._thread.start()
+        self._loop.start()
 
     def stop(self) -> None:
-        self._stop.set()
-        self._wake.set()
+        self._loop.stop()
 
     def join(self, timeout_s: float) -> None:
-        if self._thread.is_alive():
-            self._thread.join(timeout_s)
+        self._loop.join(timeout_s)
 
     def want_owners(self, pids: Iterable[int]) -> None:
         """Hands over the PIDs NVML listed; new ones are resolved at once, off the poll thread."""
@@ -87,7 +88,7 @@ class PodSources:
         if wanted != self._wanted:
             self._wanted = wanted
             self._processes_changed = True
-            self._wake.set()
+            self._loop.wake()
 
     def view(self) -> PodSourcesView:
         when, allocations = self._allocations
@@ -100,25 +101,14 @@ class PodSources:
             pod_resources_errors=dict(self.kubelet.errors),
         )
 
-    def _run(self) -> None:
-        next_list = self._clock()
-        while not self._stop.is_set():
-            try:
-                self._owners = self._procs.owners(self._wanted)
-                changed, self._processes_changed = self._processes_changed, False
-                if self._clock() >= next_list or (changed and self._failures == 0):
-                    next_list = self._clock() + self._refresh_allocations()
-            except Exception:  # one bad refresh must not end attribution; the next one retries
-                if not self._refresh_failing:  # one line per change of state, not one per interval
-                    log.exception("refreshing pod attribution sources failed; retrying every interval")
-                self._refresh_failing = True
-                next_list = self._clock() + self._interval_s
-            else:
-                if self._refresh_failing:
-                    log.info("refreshing pod attribution sources recovered")
-                self._refresh_failing = False
-            self._wake.wait(max(0.0, next_list - self._clock()))
-            self._wake.clear()
+    def _refresh(self) -> float:
+        """Resolves the wanted PIDs' owners and, when due, the kubelet's allocations; the seconds
+        until the next refresh (a new set of processes wakes it sooner)."""
+        self._owners = self._procs.owners(self._wanted)
+        changed, self._processes_changed = self._processes_changed, False
+        if self._clock() >= self._next_list or (changed and self._failures == 0):
+            self._next_list = self._clock() + self._refresh_allocations()
+        return max(0.0, self._next_list - self._clock())
 
     def _refresh_allocations(self) -> float:
         """Asks the kubelet; returns the seconds until the next call."""

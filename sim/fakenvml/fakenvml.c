@@ -8,7 +8,7 @@
  * with rename() so a reader never sees half a file). One line per object, tab-separated
  * key=value fields:
  *
- *   driver  init=<rc>  version=<string>
+ *   driver  init=<rc>  version=<string>  countblock=<milliseconds> (nvmlDeviceGetCount hangs: a wedged driver)
  *   gpu     uuid= name= minor= util= memutil= total= used= reserved= temp= power= mig=0|1
  *           smclock= memclock= (MHz)  energy= (mJ)  plimit= (mW)  enc= dec= (%)  pcietx= pcierx= (KB/s)
  *           replay=  ecccorr= eccunc=  remapcorr= remapunc= remappending=0|1 remapfailed=0|1
@@ -180,6 +180,7 @@ static struct xid xids[MAX_XIDS];
 static struct event_set event_sets[MAX_EVENT_SETS];
 static unsigned gpu_count, proc_count, xid_count;
 static int init_rc;
+static unsigned count_block_ms;
 static char driver_version[80] = "fake";
 static int initialised;
 static struct stat loaded;
@@ -325,6 +326,7 @@ static void reload_locked(void) {
     unsigned mig_fill[MAX_GPUS] = {0};
     gpu_count = proc_count = xid_count = 0;
     init_rc = NVML_SUCCESS;
+    count_block_ms = 0;
     char line[4096];
     while (fgets(line, sizeof line, f)) {
         char *tab = strchr(line, '\t');
@@ -337,6 +339,7 @@ static void reload_locked(void) {
             for (char *save = NULL, *kv = strtok_r(copy, "\t\n", &save); kv; kv = strtok_r(NULL, "\t\n", &save)) {
                 if (!strncmp(kv, "init=", 5)) init_rc = (int)strtol(kv + 5, NULL, 10);
                 else if (!strncmp(kv, "version=", 8)) snprintf(driver_version, sizeof driver_version, "%s", kv + 8);
+                else if (!strncmp(kv, "countblock=", 11)) count_block_ms = (unsigned)strtoul(kv + 11, NULL, 10);
             }
         } else if (!strcmp(line, "gpu") && gpu_count < MAX_GPUS) {
             parse_device(&gpus[gpu_count], rest);
@@ -442,7 +445,13 @@ int nvmlDeviceGetCount_v2(unsigned int *count) {
     reload_locked();
     int rc = initialised ? NVML_SUCCESS : NVML_ERROR_UNINITIALIZED;
     *count = gpu_count;
+    unsigned block_ms = count_block_ms;
     pthread_mutex_unlock(&lock);
+    if (block_ms) {
+        struct timespec pause = {block_ms / 1000, (long)(block_ms % 1000) * 1000000L};
+        while (nanosleep(&pause, &pause) != 0) {
+        }
+    }
     return rc;
 }
 

@@ -184,7 +184,7 @@ def test_a_refresh_that_keeps_failing_logs_once_and_once_more_when_it_recovers(
     sources.start()
     try:
         time.sleep(1.0)  # twenty intervals, every one failing
-        failed = [r for r in caplog.records if "failed" in r.getMessage()]
+        failed = [r for r in caplog.records if "failing" in r.getMessage()]
         assert len(failed) == 1
         procs.healed = True
         deadline = time.monotonic() + 5

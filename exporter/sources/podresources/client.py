@@ -17,6 +17,7 @@ import grpc
 
 from exporter.model import Allocation, ClaimAllocation
 from exporter.sources.podresources import api_pb2, api_pb2_grpc
+from exporter.supervise import StateLog
 
 log = logging.getLogger(__name__)
 
@@ -29,7 +30,7 @@ class PodResourcesClient:
         self.timeout_s = timeout_s
         self.up = False
         self.errors: Counter[str] = Counter()  # gRPC status code name -> count
-        self._last_error = ""
+        self._state = StateLog(log, f"kubelet pod-resources at {socket_path}")
 
     def list_allocations(self) -> list[Allocation] | None:
         """The kubelet's current device allocations (DRA ones as ``ClaimAllocation``), or None when it
@@ -50,10 +51,9 @@ class PodResourcesClient:
             return None
         finally:
             channel.close()
-        if not self.up:
+        if not self._state.recovered() and not self.up:
             log.info("kubelet pod-resources reachable at %s", self.socket_path)
         self.up = True
-        self._last_error = ""
         allocations = [
             Allocation(
                 namespace=pod.namespace,
@@ -90,7 +90,7 @@ class PodResourcesClient:
     def _fail(self, code: str, detail: str | None) -> None:
         self.up = False
         self.errors[code] += 1
-        message = f"kubelet pod-resources at {self.socket_path} unavailable ({code}); exporting without pod labels"
-        if message != self._last_error:
-            log.warning("%s: %s", message, detail)
-            self._last_error = message
+        # The state is the status code alone: its details vary from one attempt to the next.
+        self._state.failed(
+            code, f"{detail}; exporting without pod labels" if detail else "exporting without pod labels"
+        )
