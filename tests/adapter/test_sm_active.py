@@ -10,6 +10,7 @@ from pathlib import Path
 
 import pytest
 
+from exporter.adapter.prometheus import pods_query
 from exporter.adapter.rules import DEFAULT_RULES
 from sim.fakelib import build_fake_nvml
 from sim.kubelet import FakeKubelet, PodDevices
@@ -59,15 +60,15 @@ def prometheus(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Prometheus]
 
 
 def sm_active_current(prometheus: Prometheus, namespace: str) -> dict[str, float]:
-    """The rule's value per pod of a namespace, rendered as the adapter renders its templates."""
+    """The rule's value per pod of a namespace, by the very query the adapter sends for it (each
+    pod's value and its newest sample's time, told apart by a label)."""
     rule = DEFAULT_RULES.custom_rule("sm_active_current")
     assert rule is not None
-    query = (
-        rule.metrics_query.replace("<<.Series>>", rule.series_query)
-        .replace("<<.LabelMatchers>>", f'namespace="{namespace}",pod!=""')
-        .replace("<<.GroupBy>>", "namespace,pod")
-    )
-    return {r["metric"]["pod"]: float(r["value"][1]) for r in prometheus.query(query)}
+    return {
+        r["metric"]["pod"]: float(r["value"][1])
+        for r in prometheus.query(pods_query(rule, namespace))
+        if r["metric"].get("gpu_adapter_field") == "value"
+    }
 
 
 def test_a_pods_sm_activity_over_the_gpus_it_holds_alone(prometheus: Prometheus) -> None:
