@@ -13,9 +13,10 @@ from __future__ import annotations
 
 from collections.abc import Callable, Iterable, Mapping
 from dataclasses import dataclass
-from typing import Any, Literal
+from enum import Enum
+from typing import Any, Literal, NamedTuple
 
-from exporter.model import GpuSeries
+from exporter.model import GpuSeries, Sample, Samples
 
 SEED = "seed"
 # --metrics: seed is always on; the default is every group.
@@ -28,7 +29,29 @@ POD_LABELS = ("node", "gpu", "uuid", "model", "namespace", "pod", "container")
 # The join from a device to the pods using it.
 POD_INFO_LABELS = ("node", "gpu", "uuid", "namespace", "pod", "container")
 
-Samples = tuple[tuple[tuple[str, ...], float], ...]  # (extra label values, value) pairs
+# NVML's enum values passed as call arguments (the catalogue imports no pynvml).
+NVML_TEMPERATURE_GPU = 0
+NVML_CLOCK_SM, NVML_CLOCK_MEM = 1, 2
+NVML_PCIE_UTIL_TX_BYTES, NVML_PCIE_UTIL_RX_BYTES = 0, 1
+NVML_MEMORY_ERROR_TYPE_CORRECTED, NVML_MEMORY_ERROR_TYPE_UNCORRECTED = 0, 1
+NVML_VOLATILE_ECC = 0
+
+
+class Utilisation(NamedTuple):
+    gpu: float  # percent of the sample period a kernel ran
+    memory: float  # percent of it memory was read or written
+
+
+class Memory(NamedTuple):
+    used: int
+    total: int
+
+
+class RemappedRows(NamedTuple):
+    correctable: int
+    uncorrectable: int
+    pending: bool
+    failed: bool
 
 
 @dataclass(frozen=True)
@@ -41,11 +64,18 @@ class Call:
     version: str | None = None
 
 
+class Via(Enum):
+    """How the reader gets a source's value."""
+
+    CALLS = "calls"  # the source's own calls, through the query
+    GPM_SAMPLES = "GPM samples"  # between two GPM samples a poll apart (exporter.sources.gpm)
+    XID_EVENTS = "Xid events"  # counted by the events watcher (exporter.sources.nvmlevents)
+
+
 @dataclass(frozen=True)
 class Source:
     """One NVML read of a device. ``calls`` are variants, newest first: the reader remembers per
-    device which one answers. No calls: the reader has its own code for it (GPM samples, Xid
-    events). ``plain`` turns the answer into plain data (numbers, tuples)."""
+    device which one answers. ``plain`` turns the answer into plain data (numbers, named tuples)."""
 
     key: str
     calls: tuple[Call, ...]
@@ -53,6 +83,7 @@ class Source:
     every: int = 1  # read every this many polls (the last answer is served in between)
     mig: bool = False  # read on MIG devices too
     what: str = ""  # for the logs, when not the key
+    via: Via = Via.CALLS
 
     @property
     def described(self) -> str:
@@ -67,45 +98,64 @@ class Source:
 SAMPLED_EVERY = 5
 SLOW_EVERY = 10
 
+
+def _utilisation_percent(answer: Any) -> int:
+    """The encoder's or decoder's answer: (utilisation percent, sampling period in microseconds)."""
+    percent, _period_us = answer
+    return int(percent)
+
+
 SOURCES: dict[str, Source] = {
     s.key: s
     for s in (
-        Source("utilisation", (Call("nvmlDeviceGetUtilizationRates"),), lambda u: (float(u.gpu), float(u.memory))),
+        Source(
+            "utilisation",
+            (Call("nvmlDeviceGetUtilizationRates"),),
+            lambda u: Utilisation(float(u.gpu), float(u.memory)),
+        ),
         Source(
             "memory",
             # v2 where the driver has it: v1 counts the driver's reserved memory as used.
             (Call("nvmlDeviceGetMemoryInfo", version="nvmlMemory_v2"), Call("nvmlDeviceGetMemoryInfo")),
-            lambda m: (int(m.used), int(m.total)),
+            lambda m: Memory(int(m.used), int(m.total)),
             mig=True,
             what="memory info",
         ),
         Source(
             "temperature",
-            (Call("nvmlDeviceGetTemperatureV", (0,)), Call("nvmlDeviceGetTemperature", (0,))),  # NVML_TEMPERATURE_GPU
+            (
+                Call("nvmlDeviceGetTemperatureV", (NVML_TEMPERATURE_GPU,)),
+                Call("nvmlDeviceGetTemperature", (NVML_TEMPERATURE_GPU,)),
+            ),
             float,
         ),
         Source("power", (Call("nvmlDeviceGetPowerUsage"),), float, what="power usage"),
-        Source("sm_clock", (Call("nvmlDeviceGetClockInfo", (1,)),), int, every=SAMPLED_EVERY),  # NVML_CLOCK_SM
-        Source("memory_clock", (Call("nvmlDeviceGetClockInfo", (2,)),), int, every=SAMPLED_EVERY),  # NVML_CLOCK_MEM
+        Source("sm_clock", (Call("nvmlDeviceGetClockInfo", (NVML_CLOCK_SM,)),), int, every=SAMPLED_EVERY),
+        Source("memory_clock", (Call("nvmlDeviceGetClockInfo", (NVML_CLOCK_MEM,)),), int, every=SAMPLED_EVERY),
         Source("energy", (Call("nvmlDeviceGetTotalEnergyConsumption"),), int, every=SAMPLED_EVERY),
         Source("power_limit", (Call("nvmlDeviceGetEnforcedPowerLimit"),), int, every=SLOW_EVERY),
-        Source(
-            "encoder", (Call("nvmlDeviceGetEncoderUtilization"),), lambda answer: int(answer[0]), every=SAMPLED_EVERY
-        ),
-        Source(
-            "decoder", (Call("nvmlDeviceGetDecoderUtilization"),), lambda answer: int(answer[0]), every=SAMPLED_EVERY
-        ),
-        # NVML_PCIE_UTIL_TX_BYTES 0, RX_BYTES 1
-        Source("pcie_tx", (Call("nvmlDeviceGetPcieThroughput", (0,)),), int, every=SAMPLED_EVERY),
-        Source("pcie_rx", (Call("nvmlDeviceGetPcieThroughput", (1,)),), int, every=SAMPLED_EVERY),
+        Source("encoder", (Call("nvmlDeviceGetEncoderUtilization"),), _utilisation_percent, every=SAMPLED_EVERY),
+        Source("decoder", (Call("nvmlDeviceGetDecoderUtilization"),), _utilisation_percent, every=SAMPLED_EVERY),
+        Source("pcie_tx", (Call("nvmlDeviceGetPcieThroughput", (NVML_PCIE_UTIL_TX_BYTES,)),), int, every=SAMPLED_EVERY),
+        Source("pcie_rx", (Call("nvmlDeviceGetPcieThroughput", (NVML_PCIE_UTIL_RX_BYTES,)),), int, every=SAMPLED_EVERY),
         Source("pcie_replays", (Call("nvmlDeviceGetPcieReplayCounter"),), int, every=SLOW_EVERY),
-        # (error type corrected 0 / uncorrected 1, NVML_VOLATILE_ECC 0): since the driver loaded.
-        Source("ecc_corrected", (Call("nvmlDeviceGetTotalEccErrors", (0, 0)),), int, every=SLOW_EVERY),
-        Source("ecc_uncorrected", (Call("nvmlDeviceGetTotalEccErrors", (1, 0)),), int, every=SLOW_EVERY),
+        # Volatile counts: since the driver loaded.
+        Source(
+            "ecc_corrected",
+            (Call("nvmlDeviceGetTotalEccErrors", (NVML_MEMORY_ERROR_TYPE_CORRECTED, NVML_VOLATILE_ECC)),),
+            int,
+            every=SLOW_EVERY,
+        ),
+        Source(
+            "ecc_uncorrected",
+            (Call("nvmlDeviceGetTotalEccErrors", (NVML_MEMORY_ERROR_TYPE_UNCORRECTED, NVML_VOLATILE_ECC)),),
+            int,
+            every=SLOW_EVERY,
+        ),
         Source(
             "remapped_rows",
             (Call("nvmlDeviceGetRemappedRows"),),
-            lambda rows: tuple(map(int, rows)),
+            lambda rows: RemappedRows(int(rows[0]), int(rows[1]), bool(rows[2]), bool(rows[3])),
             every=SLOW_EVERY,
         ),
         Source(
@@ -114,8 +164,8 @@ SOURCES: dict[str, Source] = {
             int,
             every=SAMPLED_EVERY,
         ),
-        Source("gpm", (), mig=True),  # {GPM metric id: percent} between two samples a poll apart
-        Source("xid", (), mig=True),  # {Xid: events counted} from NVML events (exporter.sources.nvmlevents)
+        Source("gpm", (), mig=True, via=Via.GPM_SAMPLES),  # {GPM metric id: percent}
+        Source("xid", (), mig=True, via=Via.XID_EVENTS),  # {Xid: events counted}
     )
 }
 
@@ -164,7 +214,7 @@ def _one(key: str, convert: Callable[[Any], float]) -> Callable[[Mapping[str, An
 
     def samples(reads: Mapping[str, Any]) -> Samples:
         value = reads.get(key)
-        return () if value is None else (((), convert(value)),)
+        return () if value is None else (Sample((), convert(value)),)
 
     return samples
 
@@ -174,7 +224,9 @@ def _by_label(**by: tuple[str, Callable[[Any], float]]) -> Callable[[Mapping[str
     pairs = tuple((label, key, convert) for label, (key, convert) in by.items())
 
     def samples(reads: Mapping[str, Any]) -> Samples:
-        return tuple(((label,), convert(reads[key])) for label, key, convert in pairs if reads.get(key) is not None)
+        return tuple(
+            Sample((label,), convert(reads[key])) for label, key, convert in pairs if reads.get(key) is not None
+        )
 
     return samples
 
@@ -186,7 +238,7 @@ def _percent_as_ratio(value: float) -> float:
 def _gpm(metric: int) -> Callable[[Mapping[str, Any]], Samples]:
     def samples(reads: Mapping[str, Any]) -> Samples:
         metrics = reads.get("gpm")
-        return (((), metrics[metric] / 100.0),) if metrics and metric in metrics else ()
+        return (Sample((), metrics[metric] / 100.0),) if metrics and metric in metrics else ()
 
     return samples
 
@@ -195,11 +247,11 @@ def _clock_events(reads: Mapping[str, Any]) -> Samples:
     mask = reads.get("clock_events")
     if mask is None:
         return ()
-    return tuple(((reason,), 1.0 if mask & bit else 0.0) for reason, bit in CLOCK_EVENT_REASONS.items())
+    return tuple(Sample((reason,), 1.0 if mask & bit else 0.0) for reason, bit in CLOCK_EVENT_REASONS.items())
 
 
 def _xid(reads: Mapping[str, Any]) -> Samples:
-    return tuple(((str(xid),), float(count)) for xid, count in sorted((reads.get("xid") or {}).items()))
+    return tuple(Sample((str(xid),), float(count)) for xid, count in sorted((reads.get("xid") or {}).items()))
 
 
 _WHOLE_DEVICE = "Absent on MIG devices."
@@ -282,7 +334,7 @@ FAMILIES: tuple[Family, ...] = (
         SEED,
         "`nvmlDeviceGetUtilizationRates().memory` ÷ 100",
         reads=("utilisation",),
-        samples=_one("utilisation", lambda u: u[1] / 100.0),
+        samples=_one("utilisation", lambda u: u.memory / 100.0),
     ),
     # --- clocks
     Family(
@@ -408,8 +460,8 @@ FAMILIES: tuple[Family, ...] = (
         labels=(*DEVICE_LABELS, "kind"),
         reads=("remapped_rows",),
         samples=_by_label(
-            correctable=("remapped_rows", lambda rows: float(rows[0])),
-            uncorrectable=("remapped_rows", lambda rows: float(rows[1])),
+            correctable=("remapped_rows", lambda rows: float(rows.correctable)),
+            uncorrectable=("remapped_rows", lambda rows: float(rows.uncorrectable)),
         ),
     ),
     Family(
@@ -420,7 +472,7 @@ FAMILIES: tuple[Family, ...] = (
         "health",
         "`nvmlDeviceGetRemappedRows` (isPending)",
         reads=("remapped_rows",),
-        samples=_one("remapped_rows", lambda rows: float(bool(rows[2]))),
+        samples=_one("remapped_rows", lambda rows: float(rows.pending)),
     ),
     Family(
         "gpu_row_remap_failed",
@@ -430,7 +482,7 @@ FAMILIES: tuple[Family, ...] = (
         "health",
         "`nvmlDeviceGetRemappedRows` (failureOccurred)",
         reads=("remapped_rows",),
-        samples=_one("remapped_rows", lambda rows: float(bool(rows[3]))),
+        samples=_one("remapped_rows", lambda rows: float(rows.failed)),
     ),
     Family(
         "gpu_clock_event_active",
