@@ -1,9 +1,11 @@
-"""The metric catalogue: every GPU family the agent exports, declared once.
+"""The metric catalogue: every family the agent exports, declared once, by its exposed name.
 
-Each family says its name, help, unit, type, group (``--metrics``), the devices it covers (GPU,
-MIG) and the NVML read behind it. The NVML reader reads exactly the sources the enabled groups
-need and turns them into samples here; the collector renders these families; the README's metric
-table is checked against this table (tests/test_catalogue.py). A new metric is one entry.
+Each GPU family (``FAMILIES``) says its name, help, unit, type, group (``--metrics``), the devices
+it covers (GPU, MIG) and the NVML read behind it. The NVML reader reads exactly the sources the
+enabled groups need and turns them into samples here. The agent's families about itself
+(``SELF_METRICS``, ``gpu_exporter_*``) say their name, help, unit, type and labels. The collector
+renders all of them from these declarations; the README's metric tables are checked against them
+(tests/test_catalogue.py). A new metric is one entry.
 
 Pure data and pure functions: the NVML calls are named, not imported (exporter.sources.nvml calls them),
 and the values handed to ``Source.plain`` are the bindings' structs read by attribute.
@@ -28,6 +30,8 @@ DEVICE_LABELS = ("node", "gpu", "uuid", "model")
 POD_LABELS = ("node", "gpu", "uuid", "model", "namespace", "pod", "container")
 # The join from a device to the pods using it.
 POD_INFO_LABELS = ("node", "gpu", "uuid", "namespace", "pod", "container")
+# The join from a DRA claim to its device: who holds it, then the claim and the device.
+DRA_LABELS = ("node", "namespace", "pod", "container", "claim_namespace", "claim", "driver", "pool", "device", "uuid")
 
 # NVML's enum values passed as call arguments (the catalogue imports no pynvml).
 NVML_TEMPERATURE_GPU = 0
@@ -256,6 +260,28 @@ def _xid(reads: Mapping[str, Any]) -> Samples:
 
 _WHOLE_DEVICE = "Absent on MIG devices."
 
+POD_INFO = Family(
+    "gpu_pod_info",
+    "1 for each pod using a device (GPU or MIG device): join per-device families to pods on node, gpu and uuid.",
+    "info",
+    "gauge",
+    SEED,
+    "pod-resources allocations and the GPU processes' cgroups",
+    POD_INFO_LABELS,
+    pod_value=lambda s: 1.0 if s.pod else None,
+)
+# Rendered from the attribution's DRA allocations (neither samples nor a pod value).
+DRA_ALLOCATION_INFO = Family(
+    "gpu_dra_allocation_info",
+    "1 for each device a container holds through a Dynamic Resource Allocation claim, resolved to its GPU "
+    "or MIG device (uuid) through the node's ResourceSlices: join claims to per-device families on uuid.",
+    "info",
+    "gauge",
+    SEED,
+    "pod-resources `dynamic_resources`, resolved through the node's ResourceSlices",
+    DRA_LABELS,
+)
+
 FAMILIES: tuple[Family, ...] = (
     # --- seed: the five *_current families with their pod labels, and the pod join
     Family(
@@ -316,16 +342,8 @@ FAMILIES: tuple[Family, ...] = (
         reads=("power",),
         pod_value=lambda s: s.device.power_milliwatts,
     ),
-    Family(
-        "gpu_pod_info",
-        "1 for each pod using a device (GPU or MIG device): join per-device families to pods on node, gpu and uuid.",
-        "info",
-        "gauge",
-        SEED,
-        "pod-resources allocations and the GPU processes' cgroups",
-        POD_INFO_LABELS,
-        pod_value=lambda s: 1.0 if s.pod else None,
-    ),
+    POD_INFO,
+    DRA_ALLOCATION_INFO,
     Family(
         "gpu_memory_utilization_ratio",
         "Fraction of the last sample period (0-1) during which GPU memory was being read or written. " + _WHOLE_DEVICE,
@@ -544,6 +562,8 @@ FAMILIES: tuple[Family, ...] = (
 # The seed's own reads: the *_current families and attribution use them whatever the groups.
 SEED_READS = ("utilisation", "memory", "temperature", "power")
 POD_FAMILIES = tuple(f for f in FAMILIES if f.pod_value is not None)
+# The seed's *_current families: one series per (device, pod), with the pod's labels.
+CURRENT_FAMILIES = tuple(f for f in POD_FAMILIES if f.labels == POD_LABELS)
 DEVICE_FAMILIES = tuple(f for f in FAMILIES if f.samples is not None)
 
 
@@ -580,3 +600,114 @@ def device_samples(families: Iterable[Family], reads: Mapping[str, Any]) -> dict
         if family.samples is not None and (samples := family.samples(reads)):
             out[family.name] = samples
     return out
+
+
+@dataclass(frozen=True)
+class SelfMetric:
+    """A family the agent exports about itself: whether what it reads answers, how fresh its data is."""
+
+    name: str  # as exposed: counters end in _total
+    help: str
+    unit: str
+    type: Literal["gauge", "counter"]
+    labels: tuple[str, ...] = ()
+
+
+NVML_UP = SelfMetric("gpu_exporter_nvml_up", "1 when NVML is initialised and answering, else 0.", "boolean", "gauge")
+POD_RESOURCES_UP = SelfMetric(
+    "gpu_exporter_pod_resources_up",
+    "1 when the last kubelet pod-resources List succeeded, else 0 (series then carry no pod labels).",
+    "boolean",
+    "gauge",
+)
+KUBERNETES_UP = SelfMetric(
+    "gpu_exporter_kubernetes_up",
+    "1 when the pod watch on the Kubernetes API is connected, else 0; absent with the watch turned off.",
+    "boolean",
+    "gauge",
+)
+POLL_DURATION = SelfMetric(
+    "gpu_exporter_poll_duration_seconds", "Duration of the last poll, in seconds.", "seconds", "gauge"
+)
+LAST_SUCCESSFUL_POLL = SelfMetric(
+    "gpu_exporter_last_successful_poll_timestamp_seconds",
+    "Unix time, in seconds, at which the last poll with NVML up finished.",
+    "seconds",
+    "gauge",
+)
+DATA_AGE = SelfMetric(
+    "gpu_exporter_data_age_seconds",
+    "Seconds since the poll whose data is served finished, measured at scrape time.",
+    "seconds",
+    "gauge",
+)
+DEVICE_DATA_AGE = SelfMetric(
+    "gpu_exporter_device_data_age_seconds",
+    "Seconds since each device was last read, measured at scrape time; its series are dropped past "
+    "the staleness bound (a GPU whose NVML calls hang shows here).",
+    "seconds",
+    "gauge",
+    ("gpu", "uuid"),
+)
+STALE_SERIES = SelfMetric(
+    "gpu_exporter_stale_series",
+    "GPU series left out because their device reading is older than the staleness bound.",
+    "series",
+    "gauge",
+)
+DEVICE_ERRORS = SelfMetric(
+    "gpu_exporter_device_errors_total",
+    "NVML errors per device, by NVML error kind.",
+    "errors",
+    "counter",
+    ("gpu", "uuid", "kind"),
+)
+UNKNOWN_DEVICE_IDS = SelfMetric(
+    "gpu_exporter_unknown_device_ids",
+    "Device ids in the kubelet's last answer, for GPU resources, that name no device on this node "
+    "(unknown format, another node's GPU, or no pod name); they are not guessed.",
+    "ids",
+    "gauge",
+    ("resource",),
+)
+POD_RESOURCES_ERRORS = SelfMetric(
+    "gpu_exporter_pod_resources_errors_total",
+    "Failed kubelet pod-resources calls, by gRPC status code.",
+    "errors",
+    "counter",
+    ("code",),
+)
+GPU_SHARING_PODS = SelfMetric(
+    "gpu_exporter_gpu_sharing_pods",
+    "Pods using each device; above 1 the device is shared (time-slicing, MPS).",
+    "pods",
+    "gauge",
+    ("uuid",),
+)
+GPU_PROCESSES = SelfMetric(
+    "gpu_exporter_gpu_processes",
+    "GPU processes in the last poll by what their cgroup says: pod, host, unknown_pod (not in the pod "
+    "watch), exited (gone before its cgroup was read), pending (cgroup not read yet).",
+    "processes",
+    "gauge",
+    ("owner",),
+)
+
+SELF_METRICS: tuple[SelfMetric, ...] = (
+    NVML_UP,
+    POD_RESOURCES_UP,
+    KUBERNETES_UP,
+    POLL_DURATION,
+    LAST_SUCCESSFUL_POLL,
+    DATA_AGE,
+    DEVICE_DATA_AGE,
+    STALE_SERIES,
+    DEVICE_ERRORS,
+    UNKNOWN_DEVICE_IDS,
+    POD_RESOURCES_ERRORS,
+    GPU_SHARING_PODS,
+    GPU_PROCESSES,
+)
+
+# Every family the agent exposes, GPU families and self-metrics.
+EXPOSED: tuple[Family | SelfMetric, ...] = (*FAMILIES, *SELF_METRICS)
