@@ -1,9 +1,11 @@
-"""The metric catalogue: every GPU family the agent exports, declared once.
+"""The metric catalogue: every family the agent exports, declared once, by its exposed name.
 
-Each family says its name, help, unit, type, group (``--metrics``), the devices it covers (GPU,
-MIG) and the NVML read behind it. The NVML reader reads exactly the sources the enabled groups
-need and turns them into samples here; the collector renders these families; the README's metric
-table is checked against this table (tests/test_catalogue.py). A new metric is one entry.
+Each GPU family (``FAMILIES``) says its name, help, unit, type, group (``--metrics``), the devices
+it covers (GPU, MIG) and the NVML read behind it. The NVML reader reads exactly the sources the
+enabled groups need and turns them into samples here. The agent's families about itself
+(``SELF_METRICS``, ``gpu_exporter_*``) say their name, help, unit, type and labels. The collector
+renders all of them from these declarations; the README's metric tables are checked against them
+(tests/test_catalogue.py). A new metric is one entry.
 
 Pure data and pure functions: the NVML calls are named, not imported (exporter.sources.nvml calls them),
 and the values handed to ``Source.plain`` are the bindings' structs read by attribute.
@@ -13,9 +15,10 @@ from __future__ import annotations
 
 from collections.abc import Callable, Iterable, Mapping
 from dataclasses import dataclass
-from typing import Any, Literal
+from enum import Enum
+from typing import Any, Literal, NamedTuple
 
-from exporter.model import GpuSeries
+from exporter.model import GpuSeries, Sample, Samples
 
 SEED = "seed"
 # --metrics: seed is always on; the default is every group.
@@ -27,8 +30,32 @@ DEVICE_LABELS = ("node", "gpu", "uuid", "model")
 POD_LABELS = ("node", "gpu", "uuid", "model", "namespace", "pod", "container")
 # The join from a device to the pods using it.
 POD_INFO_LABELS = ("node", "gpu", "uuid", "namespace", "pod", "container")
+# The join from a DRA claim to its device: who holds it, then the claim and the device.
+DRA_LABELS = ("node", "namespace", "pod", "container", "claim_namespace", "claim", "driver", "pool", "device", "uuid")
 
-Samples = tuple[tuple[tuple[str, ...], float], ...]  # (extra label values, value) pairs
+# NVML's enum values passed as call arguments (the catalogue imports no pynvml).
+NVML_TEMPERATURE_GPU = 0
+NVML_CLOCK_SM, NVML_CLOCK_MEM = 1, 2
+NVML_PCIE_UTIL_TX_BYTES, NVML_PCIE_UTIL_RX_BYTES = 0, 1
+NVML_MEMORY_ERROR_TYPE_CORRECTED, NVML_MEMORY_ERROR_TYPE_UNCORRECTED = 0, 1
+NVML_VOLATILE_ECC = 0
+
+
+class Utilisation(NamedTuple):
+    gpu: float  # percent of the sample period a kernel ran
+    memory: float  # percent of it memory was read or written
+
+
+class Memory(NamedTuple):
+    used: int
+    total: int
+
+
+class RemappedRows(NamedTuple):
+    correctable: int
+    uncorrectable: int
+    pending: bool
+    failed: bool
 
 
 @dataclass(frozen=True)
@@ -41,11 +68,18 @@ class Call:
     version: str | None = None
 
 
+class Via(Enum):
+    """How the reader gets a source's value."""
+
+    CALLS = "calls"  # the source's own calls, through the query
+    GPM_SAMPLES = "GPM samples"  # between two GPM samples a poll apart (exporter.sources.gpm)
+    XID_EVENTS = "Xid events"  # counted by the events watcher (exporter.sources.nvmlevents)
+
+
 @dataclass(frozen=True)
 class Source:
     """One NVML read of a device. ``calls`` are variants, newest first: the reader remembers per
-    device which one answers. No calls: the reader has its own code for it (GPM samples, Xid
-    events). ``plain`` turns the answer into plain data (numbers, tuples)."""
+    device which one answers. ``plain`` turns the answer into plain data (numbers, named tuples)."""
 
     key: str
     calls: tuple[Call, ...]
@@ -53,6 +87,7 @@ class Source:
     every: int = 1  # read every this many polls (the last answer is served in between)
     mig: bool = False  # read on MIG devices too
     what: str = ""  # for the logs, when not the key
+    via: Via = Via.CALLS
 
     @property
     def described(self) -> str:
@@ -67,45 +102,64 @@ class Source:
 SAMPLED_EVERY = 5
 SLOW_EVERY = 10
 
+
+def _utilisation_percent(answer: Any) -> int:
+    """The encoder's or decoder's answer: (utilisation percent, sampling period in microseconds)."""
+    percent, _period_us = answer
+    return int(percent)
+
+
 SOURCES: dict[str, Source] = {
     s.key: s
     for s in (
-        Source("utilisation", (Call("nvmlDeviceGetUtilizationRates"),), lambda u: (float(u.gpu), float(u.memory))),
+        Source(
+            "utilisation",
+            (Call("nvmlDeviceGetUtilizationRates"),),
+            lambda u: Utilisation(float(u.gpu), float(u.memory)),
+        ),
         Source(
             "memory",
             # v2 where the driver has it: v1 counts the driver's reserved memory as used.
             (Call("nvmlDeviceGetMemoryInfo", version="nvmlMemory_v2"), Call("nvmlDeviceGetMemoryInfo")),
-            lambda m: (int(m.used), int(m.total)),
+            lambda m: Memory(int(m.used), int(m.total)),
             mig=True,
             what="memory info",
         ),
         Source(
             "temperature",
-            (Call("nvmlDeviceGetTemperatureV", (0,)), Call("nvmlDeviceGetTemperature", (0,))),  # NVML_TEMPERATURE_GPU
+            (
+                Call("nvmlDeviceGetTemperatureV", (NVML_TEMPERATURE_GPU,)),
+                Call("nvmlDeviceGetTemperature", (NVML_TEMPERATURE_GPU,)),
+            ),
             float,
         ),
         Source("power", (Call("nvmlDeviceGetPowerUsage"),), float, what="power usage"),
-        Source("sm_clock", (Call("nvmlDeviceGetClockInfo", (1,)),), int, every=SAMPLED_EVERY),  # NVML_CLOCK_SM
-        Source("memory_clock", (Call("nvmlDeviceGetClockInfo", (2,)),), int, every=SAMPLED_EVERY),  # NVML_CLOCK_MEM
+        Source("sm_clock", (Call("nvmlDeviceGetClockInfo", (NVML_CLOCK_SM,)),), int, every=SAMPLED_EVERY),
+        Source("memory_clock", (Call("nvmlDeviceGetClockInfo", (NVML_CLOCK_MEM,)),), int, every=SAMPLED_EVERY),
         Source("energy", (Call("nvmlDeviceGetTotalEnergyConsumption"),), int, every=SAMPLED_EVERY),
         Source("power_limit", (Call("nvmlDeviceGetEnforcedPowerLimit"),), int, every=SLOW_EVERY),
-        Source(
-            "encoder", (Call("nvmlDeviceGetEncoderUtilization"),), lambda answer: int(answer[0]), every=SAMPLED_EVERY
-        ),
-        Source(
-            "decoder", (Call("nvmlDeviceGetDecoderUtilization"),), lambda answer: int(answer[0]), every=SAMPLED_EVERY
-        ),
-        # NVML_PCIE_UTIL_TX_BYTES 0, RX_BYTES 1
-        Source("pcie_tx", (Call("nvmlDeviceGetPcieThroughput", (0,)),), int, every=SAMPLED_EVERY),
-        Source("pcie_rx", (Call("nvmlDeviceGetPcieThroughput", (1,)),), int, every=SAMPLED_EVERY),
+        Source("encoder", (Call("nvmlDeviceGetEncoderUtilization"),), _utilisation_percent, every=SAMPLED_EVERY),
+        Source("decoder", (Call("nvmlDeviceGetDecoderUtilization"),), _utilisation_percent, every=SAMPLED_EVERY),
+        Source("pcie_tx", (Call("nvmlDeviceGetPcieThroughput", (NVML_PCIE_UTIL_TX_BYTES,)),), int, every=SAMPLED_EVERY),
+        Source("pcie_rx", (Call("nvmlDeviceGetPcieThroughput", (NVML_PCIE_UTIL_RX_BYTES,)),), int, every=SAMPLED_EVERY),
         Source("pcie_replays", (Call("nvmlDeviceGetPcieReplayCounter"),), int, every=SLOW_EVERY),
-        # (error type corrected 0 / uncorrected 1, NVML_VOLATILE_ECC 0): since the driver loaded.
-        Source("ecc_corrected", (Call("nvmlDeviceGetTotalEccErrors", (0, 0)),), int, every=SLOW_EVERY),
-        Source("ecc_uncorrected", (Call("nvmlDeviceGetTotalEccErrors", (1, 0)),), int, every=SLOW_EVERY),
+        # Volatile counts: since the driver loaded.
+        Source(
+            "ecc_corrected",
+            (Call("nvmlDeviceGetTotalEccErrors", (NVML_MEMORY_ERROR_TYPE_CORRECTED, NVML_VOLATILE_ECC)),),
+            int,
+            every=SLOW_EVERY,
+        ),
+        Source(
+            "ecc_uncorrected",
+            (Call("nvmlDeviceGetTotalEccErrors", (NVML_MEMORY_ERROR_TYPE_UNCORRECTED, NVML_VOLATILE_ECC)),),
+            int,
+            every=SLOW_EVERY,
+        ),
         Source(
             "remapped_rows",
             (Call("nvmlDeviceGetRemappedRows"),),
-            lambda rows: tuple(map(int, rows)),
+            lambda rows: RemappedRows(int(rows[0]), int(rows[1]), bool(rows[2]), bool(rows[3])),
             every=SLOW_EVERY,
         ),
         Source(
@@ -114,8 +168,8 @@ SOURCES: dict[str, Source] = {
             int,
             every=SAMPLED_EVERY,
         ),
-        Source("gpm", (), mig=True),  # {GPM metric id: percent} between two samples a poll apart
-        Source("xid", (), mig=True),  # {Xid: events counted} from NVML events (exporter.sources.nvmlevents)
+        Source("gpm", (), mig=True, via=Via.GPM_SAMPLES),  # {GPM metric id: percent}
+        Source("xid", (), mig=True, via=Via.XID_EVENTS),  # {Xid: events counted}
     )
 }
 
@@ -164,7 +218,7 @@ def _one(key: str, convert: Callable[[Any], float]) -> Callable[[Mapping[str, An
 
     def samples(reads: Mapping[str, Any]) -> Samples:
         value = reads.get(key)
-        return () if value is None else (((), convert(value)),)
+        return () if value is None else (Sample((), convert(value)),)
 
     return samples
 
@@ -174,7 +228,9 @@ def _by_label(**by: tuple[str, Callable[[Any], float]]) -> Callable[[Mapping[str
     pairs = tuple((label, key, convert) for label, (key, convert) in by.items())
 
     def samples(reads: Mapping[str, Any]) -> Samples:
-        return tuple(((label,), convert(reads[key])) for label, key, convert in pairs if reads.get(key) is not None)
+        return tuple(
+            Sample((label,), convert(reads[key])) for label, key, convert in pairs if reads.get(key) is not None
+        )
 
     return samples
 
@@ -186,7 +242,7 @@ def _percent_as_ratio(value: float) -> float:
 def _gpm(metric: int) -> Callable[[Mapping[str, Any]], Samples]:
     def samples(reads: Mapping[str, Any]) -> Samples:
         metrics = reads.get("gpm")
-        return (((), metrics[metric] / 100.0),) if metrics and metric in metrics else ()
+        return (Sample((), metrics[metric] / 100.0),) if metrics and metric in metrics else ()
 
     return samples
 
@@ -195,14 +251,36 @@ def _clock_events(reads: Mapping[str, Any]) -> Samples:
     mask = reads.get("clock_events")
     if mask is None:
         return ()
-    return tuple(((reason,), 1.0 if mask & bit else 0.0) for reason, bit in CLOCK_EVENT_REASONS.items())
+    return tuple(Sample((reason,), 1.0 if mask & bit else 0.0) for reason, bit in CLOCK_EVENT_REASONS.items())
 
 
 def _xid(reads: Mapping[str, Any]) -> Samples:
-    return tuple(((str(xid),), float(count)) for xid, count in sorted((reads.get("xid") or {}).items()))
+    return tuple(Sample((str(xid),), float(count)) for xid, count in sorted((reads.get("xid") or {}).items()))
 
 
 _WHOLE_DEVICE = "Absent on MIG devices."
+
+POD_INFO = Family(
+    "gpu_pod_info",
+    "1 for each pod using a device (GPU or MIG device): join per-device families to pods on node, gpu and uuid.",
+    "info",
+    "gauge",
+    SEED,
+    "pod-resources allocations and the GPU processes' cgroups",
+    POD_INFO_LABELS,
+    pod_value=lambda s: 1.0 if s.pod else None,
+)
+# Rendered from the attribution's DRA allocations (neither samples nor a pod value).
+DRA_ALLOCATION_INFO = Family(
+    "gpu_dra_allocation_info",
+    "1 for each device a container holds through a Dynamic Resource Allocation claim, resolved to its GPU "
+    "or MIG device (uuid) through the node's ResourceSlices: join claims to per-device families on uuid.",
+    "info",
+    "gauge",
+    SEED,
+    "pod-resources `dynamic_resources`, resolved through the node's ResourceSlices",
+    DRA_LABELS,
+)
 
 FAMILIES: tuple[Family, ...] = (
     # --- seed: the five *_current families with their pod labels, and the pod join
@@ -264,16 +342,8 @@ FAMILIES: tuple[Family, ...] = (
         reads=("power",),
         pod_value=lambda s: s.device.power_milliwatts,
     ),
-    Family(
-        "gpu_pod_info",
-        "1 for each pod using a device (GPU or MIG device): join per-device families to pods on node, gpu and uuid.",
-        "info",
-        "gauge",
-        SEED,
-        "pod-resources allocations and the GPU processes' cgroups",
-        POD_INFO_LABELS,
-        pod_value=lambda s: 1.0 if s.pod else None,
-    ),
+    POD_INFO,
+    DRA_ALLOCATION_INFO,
     Family(
         "gpu_memory_utilization_ratio",
         "Fraction of the last sample period (0-1) during which GPU memory was being read or written. " + _WHOLE_DEVICE,
@@ -282,7 +352,7 @@ FAMILIES: tuple[Family, ...] = (
         SEED,
         "`nvmlDeviceGetUtilizationRates().memory` ÷ 100",
         reads=("utilisation",),
-        samples=_one("utilisation", lambda u: u[1] / 100.0),
+        samples=_one("utilisation", lambda u: u.memory / 100.0),
     ),
     # --- clocks
     Family(
@@ -408,8 +478,8 @@ FAMILIES: tuple[Family, ...] = (
         labels=(*DEVICE_LABELS, "kind"),
         reads=("remapped_rows",),
         samples=_by_label(
-            correctable=("remapped_rows", lambda rows: float(rows[0])),
-            uncorrectable=("remapped_rows", lambda rows: float(rows[1])),
+            correctable=("remapped_rows", lambda rows: float(rows.correctable)),
+            uncorrectable=("remapped_rows", lambda rows: float(rows.uncorrectable)),
         ),
     ),
     Family(
@@ -420,7 +490,7 @@ FAMILIES: tuple[Family, ...] = (
         "health",
         "`nvmlDeviceGetRemappedRows` (isPending)",
         reads=("remapped_rows",),
-        samples=_one("remapped_rows", lambda rows: float(bool(rows[2]))),
+        samples=_one("remapped_rows", lambda rows: float(rows.pending)),
     ),
     Family(
         "gpu_row_remap_failed",
@@ -430,7 +500,7 @@ FAMILIES: tuple[Family, ...] = (
         "health",
         "`nvmlDeviceGetRemappedRows` (failureOccurred)",
         reads=("remapped_rows",),
-        samples=_one("remapped_rows", lambda rows: float(bool(rows[3]))),
+        samples=_one("remapped_rows", lambda rows: float(rows.failed)),
     ),
     Family(
         "gpu_clock_event_active",
@@ -492,6 +562,8 @@ FAMILIES: tuple[Family, ...] = (
 # The seed's own reads: the *_current families and attribution use them whatever the groups.
 SEED_READS = ("utilisation", "memory", "temperature", "power")
 POD_FAMILIES = tuple(f for f in FAMILIES if f.pod_value is not None)
+# The seed's *_current families: one series per (device, pod), with the pod's labels.
+CURRENT_FAMILIES = tuple(f for f in POD_FAMILIES if f.labels == POD_LABELS)
 DEVICE_FAMILIES = tuple(f for f in FAMILIES if f.samples is not None)
 
 
@@ -528,3 +600,114 @@ def device_samples(families: Iterable[Family], reads: Mapping[str, Any]) -> dict
         if family.samples is not None and (samples := family.samples(reads)):
             out[family.name] = samples
     return out
+
+
+@dataclass(frozen=True)
+class SelfMetric:
+    """A family the agent exports about itself: whether what it reads answers, how fresh its data is."""
+
+    name: str  # as exposed: counters end in _total
+    help: str
+    unit: str
+    type: Literal["gauge", "counter"]
+    labels: tuple[str, ...] = ()
+
+
+NVML_UP = SelfMetric("gpu_exporter_nvml_up", "1 when NVML is initialised and answering, else 0.", "boolean", "gauge")
+POD_RESOURCES_UP = SelfMetric(
+    "gpu_exporter_pod_resources_up",
+    "1 when the last kubelet pod-resources List succeeded, else 0 (series then carry no pod labels).",
+    "boolean",
+    "gauge",
+)
+KUBERNETES_UP = SelfMetric(
+    "gpu_exporter_kubernetes_up",
+    "1 when the pod watch on the Kubernetes API is connected, else 0; absent with the watch turned off.",
+    "boolean",
+    "gauge",
+)
+POLL_DURATION = SelfMetric(
+    "gpu_exporter_poll_duration_seconds", "Duration of the last poll, in seconds.", "seconds", "gauge"
+)
+LAST_SUCCESSFUL_POLL = SelfMetric(
+    "gpu_exporter_last_successful_poll_timestamp_seconds",
+    "Unix time, in seconds, at which the last poll with NVML up finished.",
+    "seconds",
+    "gauge",
+)
+DATA_AGE = SelfMetric(
+    "gpu_exporter_data_age_seconds",
+    "Seconds since the poll whose data is served finished, measured at scrape time.",
+    "seconds",
+    "gauge",
+)
+DEVICE_DATA_AGE = SelfMetric(
+    "gpu_exporter_device_data_age_seconds",
+    "Seconds since each device was last read, measured at scrape time; its series are dropped past "
+    "the staleness bound (a GPU whose NVML calls hang shows here).",
+    "seconds",
+    "gauge",
+    ("gpu", "uuid"),
+)
+STALE_SERIES = SelfMetric(
+    "gpu_exporter_stale_series",
+    "GPU series left out because their device reading is older than the staleness bound.",
+    "series",
+    "gauge",
+)
+DEVICE_ERRORS = SelfMetric(
+    "gpu_exporter_device_errors_total",
+    "NVML errors per device, by NVML error kind.",
+    "errors",
+    "counter",
+    ("gpu", "uuid", "kind"),
+)
+UNKNOWN_DEVICE_IDS = SelfMetric(
+    "gpu_exporter_unknown_device_ids",
+    "Device ids in the kubelet's last answer, for GPU resources, that name no device on this node "
+    "(unknown format, another node's GPU, or no pod name); they are not guessed.",
+    "ids",
+    "gauge",
+    ("resource",),
+)
+POD_RESOURCES_ERRORS = SelfMetric(
+    "gpu_exporter_pod_resources_errors_total",
+    "Failed kubelet pod-resources calls, by gRPC status code.",
+    "errors",
+    "counter",
+    ("code",),
+)
+GPU_SHARING_PODS = SelfMetric(
+    "gpu_exporter_gpu_sharing_pods",
+    "Pods using each device; above 1 the device is shared (time-slicing, MPS).",
+    "pods",
+    "gauge",
+    ("uuid",),
+)
+GPU_PROCESSES = SelfMetric(
+    "gpu_exporter_gpu_processes",
+    "GPU processes in the last poll by what their cgroup says: pod, host, unknown_pod (not in the pod "
+    "watch), exited (gone before its cgroup was read), pending (cgroup not read yet).",
+    "processes",
+    "gauge",
+    ("owner",),
+)
+
+SELF_METRICS: tuple[SelfMetric, ...] = (
+    NVML_UP,
+    POD_RESOURCES_UP,
+    KUBERNETES_UP,
+    POLL_DURATION,
+    LAST_SUCCESSFUL_POLL,
+    DATA_AGE,
+    DEVICE_DATA_AGE,
+    STALE_SERIES,
+    DEVICE_ERRORS,
+    UNKNOWN_DEVICE_IDS,
+    POD_RESOURCES_ERRORS,
+    GPU_SHARING_PODS,
+    GPU_PROCESSES,
+)
+
+# Every family the agent exposes, GPU families and self-metrics.
+EXPOSED: tuple[Family | SelfMetric, ...] = (*FAMILIES, *SELF_METRICS)

@@ -8,6 +8,25 @@ from __future__ import annotations
 
 from collections.abc import Mapping
 from dataclasses import dataclass, field
+from typing import NamedTuple
+
+
+class Sample(NamedTuple):
+    """One sample of a per-device family: the values of its labels beyond the device's, and its value."""
+
+    labels: tuple[str, ...]
+    value: float
+
+
+Samples = tuple[Sample, ...]
+
+
+class DeviceError(NamedTuple):
+    """An NVML error counted on a device: the GPU's NVML index, the device's UUID, the error kind."""
+
+    gpu: str
+    uuid: str
+    kind: str
 
 
 @dataclass(frozen=True)
@@ -40,9 +59,9 @@ class DeviceReading:
     processes: tuple[GpuProcess, ...] | None = None
     # pid -> SM utilisation percent over the last interval; None: not measurable on this device.
     process_sm_percent: Mapping[int, float] | None = None
-    # The catalogue's per-device families (exporter.catalogue): family name -> ((extra label values,
-    # value), ...). A family the device does not support is not in it.
-    metrics: Mapping[str, tuple[tuple[tuple[str, ...], float], ...]] = field(default_factory=dict)
+    # The catalogue's per-device families (exporter.catalogue): family name -> its samples. A family
+    # the device does not support is not in it.
+    metrics: Mapping[str, Samples] = field(default_factory=dict)
 
 
 @dataclass(frozen=True)
@@ -147,7 +166,7 @@ class Health:
     kubernetes_up: bool | None  # None: the pod watch is turned off
     poll_duration_seconds: float | None
     last_success_wall_time: float | None
-    device_errors: Mapping[tuple[str, str, str], int]  # (gpu index, uuid, error kind) -> count
+    device_errors: Mapping[tuple[str, str, str], int]  # DeviceError fields -> count
     pod_resources_errors_total: Mapping[str, int]
 
 

@@ -14,17 +14,40 @@ from typing import Any
 from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, Metric
 from prometheus_client.registry import Collector
 
-from exporter.catalogue import DEVICE_FAMILIES, POD_FAMILIES, POD_LABELS
+from exporter.catalogue import (
+    CURRENT_FAMILIES,
+    DATA_AGE,
+    DEVICE_DATA_AGE,
+    DEVICE_ERRORS,
+    DEVICE_FAMILIES,
+    DRA_ALLOCATION_INFO,
+    GPU_PROCESSES,
+    GPU_SHARING_PODS,
+    KUBERNETES_UP,
+    LAST_SUCCESSFUL_POLL,
+    NVML_UP,
+    POD_INFO,
+    POD_RESOURCES_ERRORS,
+    POD_RESOURCES_UP,
+    POLL_DURATION,
+    STALE_SERIES,
+    UNKNOWN_DEVICE_IDS,
+    Family,
+    SelfMetric,
+)
 from exporter.model import DeviceReading, GpuSeries, Health, Snapshot
 
-GPU_LABELS = list(POD_LABELS)
 
-# name -> (help text with the unit, how to read the value from a series): the seed's *_current
-# families, declared in the catalogue.
-GPU_GAUGES: dict[str, tuple[str, Callable[[GpuSeries], float | int | None]]] = {
-    f.name: (f.help, f.pod_value) for f in POD_FAMILIES if f.labels == POD_LABELS and f.pod_value is not None
-}
-_POD_INFO = next(f for f in POD_FAMILIES if f.name == "gpu_pod_info")
+def declared_family(declared: Family | SelfMetric) -> GaugeMetricFamily | CounterMetricFamily:
+    """An empty family as the catalogue declares it (a counter's exposed ``_total`` is the client's)."""
+    kind = CounterMetricFamily if declared.type == "counter" else GaugeMetricFamily
+    return kind(declared.name, declared.help, labels=list(declared.labels))
+
+
+def _value(declared: SelfMetric, value: float) -> Metric:
+    family = declared_family(declared)
+    family.add_metric([], value)
+    return family
 
 
 class SnapshotCollector(Collector):
@@ -44,10 +67,10 @@ class SnapshotCollector(Collector):
             return
         now = self._clock()
         fresh = [s for s in snapshot.attribution.series if now - s.device.sampled_at <= self._max_staleness_s]
-        for name, (help_text, value_of) in GPU_GAUGES.items():
-            family = GaugeMetricFamily(name, help_text, labels=GPU_LABELS)
+        for declared in CURRENT_FAMILIES:
+            family = declared_family(declared)
             for series in fresh:
-                value = value_of(series)
+                value = declared.pod_value(series) if declared.pod_value is not None else None
                 if value is not None:
                     family.add_metric(_labels(snapshot.node, series), value)
             yield family
@@ -69,17 +92,8 @@ class AgeCollector(Collector):
         if snapshot is None:
             return
         now = self._clock()
-        yield _gauge(
-            "gpu_exporter_data_age_seconds",
-            "Seconds since the poll whose data is served finished, measured at scrape time.",
-            max(0.0, now - snapshot.completed_at),
-        )
-        ages = GaugeMetricFamily(
-            "gpu_exporter_device_data_age_seconds",
-            "Seconds since each device was last read, measured at scrape time; its series are dropped past "
-            "the staleness bound (a GPU whose NVML calls hang shows here).",
-            labels=["gpu", "uuid"],
-        )
+        yield _value(DATA_AGE, max(0.0, now - snapshot.completed_at))
+        ages = declared_family(DEVICE_DATA_AGE)
         sampled = {s.device.uuid: s.device for s in snapshot.attribution.series}
         for uuid, device in sorted(sampled.items()):
             ages.add_metric([str(device.index), uuid], max(0.0, now - device.sampled_at))
@@ -89,7 +103,7 @@ class AgeCollector(Collector):
 def _device_families(node: str, fresh: list[GpuSeries]) -> Iterator[Metric]:
     """gpu_pod_info, then the catalogue's per-device families: once per device, however many pods
     use it (a pod label on a shared GPU's counter would count it once per pod)."""
-    info = GaugeMetricFamily(_POD_INFO.name, _POD_INFO.help, labels=list(_POD_INFO.labels))
+    info = declared_family(POD_INFO)
     devices: dict[str, DeviceReading] = {}
     for series in fresh:
         device = devices.setdefault(series.device.uuid, series.device)
@@ -100,26 +114,16 @@ def _device_families(node: str, fresh: list[GpuSeries]) -> Iterator[Metric]:
         rows = [(device, samples) for device in devices.values() if (samples := device.metrics.get(declared.name))]
         if not rows:
             continue  # not enabled, or no device supports it
-        kind = CounterMetricFamily if declared.type == "counter" else GaugeMetricFamily
-        family = kind(declared.name, declared.help, labels=list(declared.labels))
+        family = declared_family(declared)
         for device, samples in rows:
             for extra, value in samples:
                 family.add_metric([node, str(device.index), device.uuid, device.model, *extra], value)
         yield family
 
 
-DRA_HOLDER_LABELS = ("node", "namespace", "pod", "container")
-DRA_DEVICE_LABELS = ("claim_namespace", "claim", "driver", "pool", "device", "uuid")
-
-
 def _dra_allocations(snapshot: Snapshot, fresh_uuids: set[str]) -> Metric:
     """One series per DRA allocation resolved to a device here, so a claim joins to its GPU."""
-    family = GaugeMetricFamily(
-        "gpu_dra_allocation_info",
-        "1 for each device a container holds through a Dynamic Resource Allocation claim, resolved to its GPU "
-        "or MIG device (uuid) through the node's ResourceSlices: join claims to per-device families on uuid.",
-        labels=[*DRA_HOLDER_LABELS, *DRA_DEVICE_LABELS],
-    )
+    family = declared_family(DRA_ALLOCATION_INFO)
     for resolved in snapshot.attribution.dra_allocations:
         claim = resolved.allocation
         if resolved.uuid in fresh_uuids:
@@ -134,10 +138,6 @@ def _labels(node: str, series: GpuSeries) -> list[str]:
     return [node, str(device.index), device.uuid, device.model, series.namespace, series.pod, series.container]
 
 
-def _gauge(name: str, help_text: str, value: float) -> GaugeMetricFamily:
-    return GaugeMetricFamily(name, help_text, value=value)
-
-
 def _self_metrics(snapshot: Snapshot, stale: int) -> Iterator[Metric]:
     yield from _health_gauges(snapshot.health, stale)
     yield from _counted_families(snapshot)
@@ -145,82 +145,30 @@ def _self_metrics(snapshot: Snapshot, stale: int) -> Iterator[Metric]:
 
 def _health_gauges(health: Health, stale: int) -> Iterator[Metric]:
     """Whether each outside system answers, and how fresh the poll is."""
-    yield _gauge("gpu_exporter_nvml_up", "1 when NVML is initialised and answering, else 0.", float(health.nvml_up))
-    yield _gauge(
-        "gpu_exporter_pod_resources_up",
-        "1 when the last kubelet pod-resources List succeeded, else 0 (series then carry no pod labels).",
-        float(health.pod_resources_up),
-    )
+    yield _value(NVML_UP, float(health.nvml_up))
+    yield _value(POD_RESOURCES_UP, float(health.pod_resources_up))
     if health.kubernetes_up is not None:
-        yield _gauge(
-            "gpu_exporter_kubernetes_up",
-            "1 when the pod watch on the Kubernetes API is connected, else 0.",
-            float(health.kubernetes_up),
-        )
+        yield _value(KUBERNETES_UP, float(health.kubernetes_up))
     if health.poll_duration_seconds is not None:
-        yield _gauge(
-            "gpu_exporter_poll_duration_seconds", "Duration of the last poll, in seconds.", health.poll_duration_seconds
-        )
+        yield _value(POLL_DURATION, health.poll_duration_seconds)
     if health.last_success_wall_time is not None:
-        yield _gauge(
-            "gpu_exporter_last_successful_poll_timestamp_seconds",
-            "Unix time, in seconds, at which the last poll with NVML up finished.",
-            health.last_success_wall_time,
-        )
-    yield _gauge(
-        "gpu_exporter_stale_series",
-        "GPU series left out because their device reading is older than the staleness bound.",
-        float(stale),
-    )
+        yield _value(LAST_SUCCESSFUL_POLL, health.last_success_wall_time)
+    yield _value(STALE_SERIES, float(stale))
 
 
 def _counted_families(snapshot: Snapshot) -> Iterator[Metric]:
     """Errors, unknown ids, sharing and process owners, each a labelled family."""
     health, attribution = snapshot.health, snapshot.attribution
-    yield _labelled(
-        CounterMetricFamily(
-            "gpu_exporter_device_errors", "NVML errors per device, by NVML error kind.", labels=["gpu", "uuid", "kind"]
-        ),
-        health.device_errors,
-    )
-    yield _labelled(
-        GaugeMetricFamily(
-            "gpu_exporter_unknown_device_ids",
-            "Device ids in the kubelet's last answer, for GPU resources, that name no device on this node "
-            "(unknown format, another node's GPU, or no pod name); they are not guessed.",
-            labels=["resource"],
-        ),
-        attribution.unknown_device_ids,
-    )
-    yield _labelled(
-        CounterMetricFamily(
-            "gpu_exporter_pod_resources_errors",
-            "Failed kubelet pod-resources calls, by gRPC status code.",
-            labels=["code"],
-        ),
-        health.pod_resources_errors_total,
-    )
-    yield _labelled(
-        GaugeMetricFamily(
-            "gpu_exporter_gpu_sharing_pods",
-            "Pods using each device; above 1 the device is shared (time-slicing, MPS).",
-            labels=["uuid"],
-        ),
-        attribution.sharing_pods,
-    )
-    yield _labelled(
-        GaugeMetricFamily(
-            "gpu_exporter_gpu_processes",
-            "GPU processes in the last poll by what their cgroup says: pod, host, unknown_pod (not in the pod "
-            "watch), exited (gone before its cgroup was read), pending (cgroup not read yet).",
-            labels=["owner"],
-        ),
-        attribution.processes_by_owner,
-    )
+    yield _labelled(DEVICE_ERRORS, health.device_errors)
+    yield _labelled(UNKNOWN_DEVICE_IDS, attribution.unknown_device_ids)
+    yield _labelled(POD_RESOURCES_ERRORS, health.pod_resources_errors_total)
+    yield _labelled(GPU_SHARING_PODS, attribution.sharing_pods)
+    yield _labelled(GPU_PROCESSES, attribution.processes_by_owner)
 
 
-def _labelled(family: GaugeMetricFamily | CounterMetricFamily, values: Mapping[Any, int]) -> Metric:
-    """Fills a labelled family from a mapping keyed by one label value or a tuple of them."""
+def _labelled(declared: SelfMetric, values: Mapping[Any, int]) -> Metric:
+    """The declared family filled from a mapping keyed by one label value or a tuple of them."""
+    family = declared_family(declared)
     for key, value in sorted(values.items()):
         family.add_metric(list(key) if isinstance(key, tuple) else [key], value)
     return family

@@ -4,7 +4,7 @@
 reader found for ``nvmlEventTypeXidCriticalError`` and counts each event once, by GPU UUID and
 GPU instance (a MIG device), and by Xid code. Any failure (NVML gone, a GPU lost, an exception
 of any type) frees the event set, logs one line per change of state and retries with jittered
-exponential backoff, as client-go's reflector does; events that happen while it is not
+exponential backoff (exporter.supervise.Loop); events that happen while it is not
 registered are not seen (NVML does not queue them for a set that does not exist).
 """
 
@@ -21,6 +21,7 @@ from typing import Any
 import pynvml
 
 from exporter.backoff import Backoff
+from exporter.supervise import Loop, StateLog
 
 log = logging.getLogger(__name__)
 
@@ -39,26 +40,33 @@ class XidWatcher:
 
     def __init__(self, wait_ms: int = 1000, retry_min_s: float = 1.0, retry_max_s: float = 30.0) -> None:
         self._wait_ms = wait_ms
-        self._retry = Backoff(retry_min_s, retry_max_s)
         self._lock = threading.Lock()
         self._wanted: tuple[tuple[int, str], ...] = ()
         self._counts: Counter[tuple[str, int | None, int]] = Counter()
-        self._stop = threading.Event()
         self._changed = threading.Event()
-        self._thread: threading.Thread | None = None
+        self._event_set: Any = None
+        self._handles: dict[int, str] = {}  # handle address -> GPU uuid
+        self._loop = Loop(
+            "nvml-events",
+            self._step,
+            StateLog(log, "Xid events"),
+            Backoff(retry_min_s, retry_max_s),
+            expected=(pynvml.NVMLError,),
+        )
+        self._started = False
         self.registered = 0  # GPUs registered for Xid events right now
 
     def watch(self, gpus: Sequence[tuple[int, str]]) -> None:
         """The GPUs (index, uuid) to watch; the thread starts on the first call. Never blocks."""
         wanted = tuple(gpus)
         with self._lock:
-            if wanted == self._wanted and self._thread is not None:
+            if wanted == self._wanted and self._started:
                 return
             self._wanted = wanted
             self._changed.set()
-            if self._thread is None and not self._stop.is_set():
-                self._thread = threading.Thread(target=self._run, name="nvml-events", daemon=True)
-                self._thread.start()
+            if not self._started and not self._loop.stopping:
+                self._started = True
+                self._loop.start()
 
     def counts(self) -> XidCounts:
         with self._lock:
@@ -71,46 +79,41 @@ class XidWatcher:
     def close(self, timeout_s: float = 0.1) -> None:
         """Stops the thread. A wait in progress cannot be interrupted: the thread (a daemon) ends
         when it returns, within ``wait_ms``; shutting NVML down meanwhile ends it sooner."""
-        self._stop.set()
+        with self._lock:
+            self._loop.stop()
         self._changed.set()
-        if self._thread is not None:
-            self._thread.join(timeout_s)
+        self._loop.join(timeout_s)
+        if not self._loop.is_alive():
+            self._event_set = self._free(self._event_set)
 
-    def _run(self) -> None:
-        event_set: Any = None
-        handles: dict[int, str] = {}  # handle address -> GPU uuid
-        failing: str | None = None
-        while not self._stop.is_set():
+    def _step(self) -> float:
+        """Registers afresh when the GPUs changed, then waits for one event. Any failure frees the
+        event set and registers again after the loop's backoff."""
+        try:
+            if self._changed.is_set():
+                self._changed.clear()
+                self._event_set = self._free(self._event_set)
+                self._event_set, self._handles = self._register()
+            if self._event_set is None:
+                self._changed.wait(self._wait_ms / 1000)
+                return 0.0
             try:
-                if self._changed.is_set():
-                    self._changed.clear()
-                    event_set = self._free(event_set)
-                    event_set, handles = self._register()
-                if event_set is None:
-                    self._changed.wait(self._wait_ms / 1000)
-                    continue
-                try:
-                    data = pynvml.nvmlEventSetWait_v2(event_set, self._wait_ms)
-                except pynvml.NVMLError as error:
-                    if error.value != pynvml.NVML_ERROR_TIMEOUT:
-                        raise
-                    data = None
-                if data is not None:
-                    self._count(data, handles)
-                if failing is not None:
-                    log.info("Xid events: watching again (%d GPUs)", self.registered)
-                    failing = None
-                self._retry.reset()
-            except Exception as error:  # any fault: back off and register afresh
-                state = f"{type(error).__name__}: {error}"
-                if state != failing:
-                    log.warning("Xid events: %s; retrying with backoff", state)
-                    failing = state
-                event_set = self._free(event_set)
-                self.registered = 0
-                self._changed.set()  # register again after the pause
-                self._stop.wait(self._retry.next_delay())
-        self._free(event_set)
+                data = pynvml.nvmlEventSetWait_v2(self._event_set, self._wait_ms)
+            except pynvml.NVMLError as error:
+                if error.value != pynvml.NVML_ERROR_TIMEOUT:
+                    raise
+                data = None
+            if data is not None:
+                self._count(data, self._handles)
+        except BaseException:
+            self._event_set = self._free(self._event_set)
+            self.registered = 0
+            self._changed.set()  # register again after the pause
+            raise
+        finally:
+            if self._loop.stopping:
+                self._event_set = self._free(self._event_set)
+        return 0.0
 
     def _register(self) -> tuple[Any, dict[int, str]]:
         with self._lock:

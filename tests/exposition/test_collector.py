@@ -8,7 +8,8 @@ from dataclasses import replace
 
 from prometheus_client import CollectorRegistry
 
-from exporter.exposition.collector import GPU_GAUGES, AgeCollector, SnapshotCollector
+from exporter.catalogue import CURRENT_FAMILIES
+from exporter.exposition.collector import AgeCollector, SnapshotCollector
 from exporter.exposition.render import Exposition, gzip_stored
 from exporter.model import Attribution, DeviceReading, GpuSeries, Health, Snapshot
 from tests.conftest import Samples, find, parse_samples
@@ -100,8 +101,8 @@ def test_series_carry_every_label_and_absent_values_stay_absent() -> None:
 def test_every_family_has_help_text_with_its_unit() -> None:
     registry = registry_for([snapshot()], Clock())
     families = {f.name: f for f in registry.collect()}
-    for name in GPU_GAUGES:
-        assert families[name].documentation
+    for declared in CURRENT_FAMILIES:
+        assert families[declared.name].documentation
     assert "percent" in families["duty_cycle_current"].documentation
     assert "bytes" in families["memory_used_bytes_current"].documentation
     assert "Celsius" in families["temperature_celsius_current"].documentation

@@ -100,7 +100,7 @@ def test_reads_every_value_of_every_gpu(scenario_file: Path, nvml_reader: MakeRe
 def test_not_supported_values_are_absent_not_zero(
     scenario_file: Path, nvml_reader: MakeReader, caplog: pytest.LogCaptureFixture
 ) -> None:
-    caplog.set_level(logging.INFO, logger="exporter.sources.nvml")
+    caplog.set_level(logging.INFO, logger="exporter.sources.nvmlquery")
     Scenario(gpus=[Gpu(gpu_uuid(0), unsupported=("power", "temp")), Gpu(gpu_uuid(1))]).write(scenario_file)
     reader = nvml_reader()
     devices, errors = by_uuid(reader)
@@ -148,13 +148,20 @@ def test_lost_gpu_is_dropped_and_counted_then_picked_up_again(scenario_file: Pat
     assert set(by_uuid(reader)[0]) == {gpu_uuid(0), gpu_uuid(1)}
 
 
-def test_a_blocked_gpu_does_not_hold_up_the_others(scenario_file: Path, nvml_reader: MakeReader) -> None:
+def gpu_0_blocking(scenario_file: Path, nvml_reader: MakeReader, seconds: float):  # type: ignore[no-untyped-def]
+    """Two GPUs read once, then GPU 0's utilisation call blocking for ``seconds``: the scenario,
+    the reader and the first readings."""
     scenario = Scenario(gpus=[Gpu(gpu_uuid(0), util=10), Gpu(gpu_uuid(1), util=20)])
     scenario.write(scenario_file)
     reader = nvml_reader()
     fresh, _ = by_uuid(reader)
-    scenario.gpus[0].block = {"util": 3}
+    scenario.gpus[0].block = {"util": seconds}
     scenario.write(scenario_file)
+    return scenario, reader, fresh
+
+
+def test_a_blocked_gpu_does_not_hold_up_the_others(scenario_file: Path, nvml_reader: MakeReader) -> None:
+    scenario, reader, fresh = gpu_0_blocking(scenario_file, nvml_reader, 3)
     started = time.monotonic()
     devices, _ = by_uuid(reader, deadline_s=0.3)
     assert time.monotonic() - started < 1.5
@@ -173,6 +180,27 @@ def test_a_blocked_gpu_does_not_hold_up_the_others(scenario_file: Path, nvml_rea
     by_uuid(reader)
     devices, _ = by_uuid(reader)
     assert devices[gpu_uuid(0)].sampled_at > fresh[gpu_uuid(0)].sampled_at
+
+
+def test_a_stalled_read_is_logged_once_when_it_stalls_and_once_when_it_recovers(
+    scenario_file: Path, nvml_reader: MakeReader, caplog: pytest.LogCaptureFixture
+) -> None:
+    caplog.set_level(logging.INFO, logger="exporter.sources.nvml")
+    scenario, reader, fresh = gpu_0_blocking(scenario_file, nvml_reader, 1.5)
+    for _ in range(3):
+        by_uuid(reader, deadline_s=0.3)
+        assert reader.stalled_gpus == {0}
+    scenario.gpus[0].block = {}
+    scenario.write(scenario_file)
+    deadline = time.monotonic() + 5
+    while by_uuid(reader, deadline_s=0.3)[0][gpu_uuid(0)].sampled_at == fresh[gpu_uuid(0)].sampled_at:
+        assert time.monotonic() < deadline, "GPU 0 was not read again once its call returned"
+        time.sleep(0.05)
+    assert reader.stalled_gpus == frozenset()
+    lines = [r.getMessage() for r in caplog.records if "GPU 0" in r.getMessage()]
+    assert len(lines) == 2, lines  # not once per poll
+    assert "a read has not returned" in lines[0]
+    assert "GPU 0 recovered" in lines[1] and gpu_uuid(0) in lines[1]
 
 
 def test_a_gpu_that_begins_to_hang_late_in_a_poll_does_not_hold_up_the_gpus_behind_it(
