@@ -365,6 +365,19 @@ def test_undecodable_names_and_bad_events_do_not_stop_the_watch(
     eventually(lambda: watcher.up)  # once the new watch has stayed open its minimum
 
 
+def test_json_nested_too_deeply_is_one_line_without_a_traceback(
+    api: FakeApiServer, watcher: PodWatcher, caplog: pytest.LogCaptureFixture
+) -> None:
+    """It raised RecursionError, logged as unexpected with a traceback."""
+    caplog.set_level(logging.INFO, logger="exporter.sources.kube")
+    api.inject(b"[" * 100_000 + b"]" * 100_000)
+    api.apply(pod_json("uid-after", "default", "after", NODE))
+    eventually(lambda: "after" in names(watcher))
+    warnings = [r for r in caplog.records if r.levelno >= logging.WARNING]
+    assert len(warnings) == 1 and "not JSON" in warnings[0].getMessage(), [r.getMessage() for r in warnings]
+    assert not warnings[0].exc_info  # no traceback
+
+
 def test_metadata_only_lists_and_watches_keep_compact_records(api: FakeApiServer, kubeconfig: str) -> None:
     for i in range(3):
         api.apply(pod_json(f"uid-{i}", "ns", f"pod-{i}", f"node-{i}", labels={"app": "bert"}))
