@@ -275,16 +275,16 @@ def test_api_errors_back_off_growing_up_to_a_cap(api: FakeApiServer, tmp_path: P
             return KubeClient(credentials)
 
         reflector = Reflector(
-            "pods", "/api/v1/pods", pod_info, connect, backoff=Backoff(initial_s=0.1, cap_s=0.4, jitter=0.0)
+            "pods", "/api/v1/pods", pod_info, connect, backoff=Backoff(initial_s=0.2, cap_s=0.8, jitter=0.0)
         )
         reflector.start()
         try:
-            time.sleep(2.5)
+            time.sleep(3.3)
             assert not reflector.up and reflector.items is None
         finally:
             reflector.stop()
             reflector.join(5)
-    assert_backs_off([c.at for c in api.calls] if fault == "HTTP 500" else connects, 0.1, 0.4)
+    assert_backs_off([c.at for c in api.calls] if fault == "HTTP 500" else connects, 0.2, 0.8)
 
 
 def test_watches_ending_after_their_first_event_are_backed_off_and_said_so(
