@@ -30,7 +30,10 @@ answers as the real API does for the calls made:
   ``spec.devices[].basic`` (``attributes``, ``capacity``), as upstream's conversion does. Field
   selectors: ``metadata.name``, ``spec.nodeName``, ``spec.driver``.
 
-Faults tests can cause: ``break_watches()``, ``compact()`` (history gone: resuming watches get 410),
+Faults tests can cause: ``break_watches()`` (each watch ends as the server ends it), ``cut_watches()``
+(each watch's connection closes in the middle of its chunked stream, as a dropped connection
+does), ``end_watches_after`` (every watch ends normally after that many events, as a proxy that
+ends each stream after its first flush), ``compact()`` (history gone: resuming watches get 410),
 ``expire_continues()``, ``watch_gone`` (every watch answers 410 at once, forever), ``fail_status``
 (every list and watch answers that HTTP status, forever), ``forbidden`` (resources answering 403, as
 RBAC does). Names need not be valid UTF-8 on the wire: objects are written with
@@ -184,6 +187,7 @@ class FakeApiServer:
         self._version = 100
         self._oldest = 100  # watches from before this version get 410 Gone
         self._generation = 0  # bumped to end every open watch
+        self._cut = False  # with the generation bumped: end them without the last chunk
         self._bookmarks = 0  # bumped to send a BOOKMARK on every open watch that allows them
         self._snapshots: dict[int, _Snapshot] = {}  # continue token id -> the list it continues
         self._next_snapshot = 0
@@ -191,6 +195,7 @@ class FakeApiServer:
         self.expire_next_continues = 0  # this many continue requests answer 410 (then they work again)
         self.calls: list[Call] = []
         self.watch_gone = False
+        self.end_watches_after: int | None = None
         self.fail_status: int | None = None
         self.forbidden: set[str] = set()
         self.resource_versions: tuple[str, ...] = ("v1", "v1beta1")
@@ -243,6 +248,13 @@ class FakeApiServer:
     def break_watches(self) -> None:
         with self._cond:
             self._generation += 1
+            self._cut = False
+            self._cond.notify_all()
+
+    def cut_watches(self) -> None:
+        with self._cond:
+            self._generation += 1
+            self._cut = True
             self._cond.notify_all()
 
     def bookmark(self) -> None:
@@ -258,6 +270,7 @@ class FakeApiServer:
             self._snapshots.clear()
             self._oldest = self._version + 1
             self._generation += 1
+            self._cut = False
             self._cond.notify_all()
 
     def expire_continues(self) -> None:
@@ -381,8 +394,9 @@ class FakeApiServer:
         timeout_s: float,
         bookmarks: bool,
         metadata_only: bool,
-    ) -> Iterator[Obj | bytes]:
-        """A watch's events (raw lines as bytes) until it ends; taken under the lock, yielded outside it."""
+    ) -> Iterator[Obj | bytes | None]:
+        """A watch's events (raw lines as bytes) until it ends (None: cut, not ended); taken under the
+        lock, yielded outside it."""
         deadline = time.monotonic() + timeout_s
 
         def shown(obj: Obj) -> Obj:
@@ -413,7 +427,8 @@ class FakeApiServer:
             out: list[Obj | bytes] = []
             with self._cond:
                 if self._generation != generation:
-                    return
+                    cut = self._cut
+                    break
                 out.extend(self._raw_lines[raw_sent:])
                 raw_sent = len(self._raw_lines)
                 for event_version, event_resource, kind, obj in self._events:
@@ -450,6 +465,8 @@ class FakeApiServer:
                     self._cond.wait(timeout=left)
                     continue
             yield from out
+        if cut:
+            yield None
 
     # --- the HTTP side ---
     def _handler(self) -> type[BaseHTTPRequestHandler]:
@@ -563,7 +580,7 @@ class FakeApiServer:
                 self.end_headers()
                 self.wfile.write(data)
 
-            def _watch(self, events: Iterator[Obj | bytes]) -> None:
+            def _watch(self, events: Iterator[Obj | bytes | None]) -> None:
                 self.send_response(200)
                 self.send_header("Content-Type", "application/json")
                 self.send_header("Transfer-Encoding", "chunked")
@@ -571,8 +588,12 @@ class FakeApiServer:
                 self.end_headers()
                 self.wfile.flush()
                 try:
-                    for event in events:
+                    for sent, event in enumerate(events, 1):
+                        if event is None:
+                            return  # cut: the connection closes without the last chunk
                         self._chunk((event if isinstance(event, bytes) else _encode(event)) + b"\n")
+                        if sent == api.end_watches_after:
+                            break
                 except OSError:
                     return  # the client went away
                 self._chunk(b"")  # the last chunk: the watch ends

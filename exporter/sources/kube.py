@@ -2,11 +2,15 @@
 
 A reflector keeps one resource in memory as compact frozen records (a caller's function turns each
 object into one; whole objects are never kept). It lists in pages, watches from the list's
-resourceVersion with bookmarks, resumes a broken watch from the last version seen and re-lists only
-when that version is gone (410). Every failure waits on client-go's reflector backoff (about 1 s
-doubling to 30 s, with jitter, reset after two healthy minutes), so a 410 storm or an API that is
-away costs a few requests a minute instead of hundreds a second. ``up`` is false while failing and
-each change of state is logged once. No fault in one event or object ends the thread.
+resourceVersion with bookmarks, keeps the last version seen as events are applied, so a broken
+watch (cut, unparsable, timed out) resumes from there, and re-lists only when that version is gone
+(410). The loop is a supervised ``Loop``: every failure waits on client-go's reflector backoff (about
+1 s doubling to 30 s, with jitter, reset after two healthy minutes), so a 410 storm or an API that is
+away costs a few requests a minute instead of hundreds a second. A watch is healthy once it has
+stayed open for a minimum duration (client-go's one second); one that ends sooner, even with
+events in it, is backed off too, so a proxy ending every stream after its first flush cannot drive
+a tight loop. ``up`` is false while failing and each change of state is logged once (a
+``StateLog``). No fault in one event or object ends the thread.
 """
 
 from __future__ import annotations
@@ -34,6 +38,7 @@ from exporter.sources.kubeclient import (
     decode_json,
     load_credentials,
 )
+from exporter.supervise import BackOff, Loop, StateLog, describe
 
 log = logging.getLogger(__name__)
 
@@ -43,7 +48,7 @@ PAGE_SIZE = 500  # client-go's pager default
 LIST_TIMEOUT_S = 60.0  # per page
 MIN_WATCH_TIMEOUT_S = 300.0  # the server ends each watch after 5-10 minutes (client-go's spread)
 READ_GRACE_S = 30.0  # beyond the watch's timeout, before a silent server counts as hung
-PROBATION_S = 1.0  # a watch quiet this long after its head is healthy; ending sooner with nothing is not
+MIN_WATCH_S = 1.0  # a watch open this long is healthy; one ending sooner is backed off (client-go's bound)
 JSON = "application/json"
 METADATA_LIST = "application/json;as=PartialObjectMetadataList;g=meta.k8s.io;v=v1,application/json"
 METADATA_WATCH = "application/json;as=PartialObjectMetadata;g=meta.k8s.io;v=v1,application/json"
@@ -77,7 +82,7 @@ class Reflector(Generic[T]):
         page_size: int = PAGE_SIZE,
         backoff: Backoff | None = None,
         watch_timeout_s: float | None = None,
-        probation_s: float = PROBATION_S,
+        min_watch_s: float = MIN_WATCH_S,
     ) -> None:
         self.what = what
         self.errors: Counter[str] = Counter()  # contained faults: bad_event, bad_object
@@ -92,19 +97,26 @@ class Reflector(Generic[T]):
         self._page_size = page_size
         self._backoff = backoff or Backoff()
         self._watch_timeout_s = watch_timeout_s
-        self._probation_s = probation_s
+        self._min_watch_s = min_watch_s
         self._lock = threading.Lock()
         self._store: dict[str, T] = {}
         self._changes = 0
         self._published: tuple[int, Mapping[str, T]] = (-1, MappingProxyType({}))
         self._synced = False
-        self._up = False
-        self._failure: str | None = None  # the kind of failure last logged, None while healthy
-        self._failures = 0
-        self._fresh_list = False  # listed, and no watch has shown progress since
+        self._version: str | None = None  # the last resourceVersion seen; None: list first
+        self._resource = ""  # the path listed and watched
+        self._fresh_list = False  # listed, and no watch has been healthy since
         self._client: KubeClient | None = None
-        self._stop = threading.Event()
-        self._thread = threading.Thread(target=self._run, name=f"watch {what}", daemon=True)
+        self.state = StateLog(log, f"{what}: Kubernetes API")
+        self._loop = Loop(
+            f"watch {what}",
+            self._step,
+            self.state,
+            self._backoff,
+            consequence=f"retrying with backoff up to {self._backoff.cap_s:g}s, keeping what was last seen",
+            expected=(ApiError, StreamTimeout, ProtocolError, ConfigError, OSError, _Expired),
+            describe=_describe,
+        )
 
     # --- what callers read ---
     @property
@@ -121,8 +133,8 @@ class Reflector(Generic[T]):
 
     @property
     def up(self) -> bool:
-        """False while requests fail or watches cannot be kept open."""
-        return self._up
+        """False before the first list, and while requests fail or watches cannot be kept open."""
+        return self._synced and self.state.failing is None
 
     @property
     def synced(self) -> bool:
@@ -130,51 +142,44 @@ class Reflector(Generic[T]):
         return self._synced
 
     def start(self) -> None:
-        self._thread.start()
+        self._loop.start()
 
     def stop(self) -> None:
         """Ends the thread soon: requests in flight are cut off."""
-        self._stop.set()
+        self._loop.stop()
         client = self._client
         if client is not None:
             client.close()
 
     def join(self, timeout: float | None = None) -> None:
-        if self._thread.ident is not None:
-            self._thread.join(timeout)
+        self._loop.join(timeout)
 
     # --- the loop ---
-    def _run(self) -> None:
-        version: str | None = None  # None: list first
-        path = ""
-        delay = 0.0
-        while not self._stop.wait(delay):
-            delay = 0.0
-            try:
-                if self._client is None:
-                    self._client = self._connect()
-                    if self._stop.is_set():
-                        break
-                client = self._client
-                if version is None:
-                    path = self._path if isinstance(self._path, str) else self._path(client)
-                    version = self._list(client, path)
-                version = self._watch(client, path, version)
-            except _Expired:
-                version = None
-                if self._fresh_list:  # not even one event since the list: the server cannot be watched
-                    self._failed("watch expired right after the list (410 Gone)", "")
-                else:
-                    log.debug("%s: watch expired (410 Gone); listing again", self.what)
-                delay = self._backoff.next_delay()
-            except Exception as error:  # the API edge: any failure means "back off, then retry"
-                if self._stop.is_set():
-                    break
-                detail = error.message if isinstance(error, ApiError) else str(error)
-                self._failed(_kind(error), detail, unexpected=not _expected(error))
-                if isinstance(error, ConfigError | OSError) and not isinstance(error, TimeoutError):
-                    self._client = None  # credentials, CA or address may have changed: load them again
-                delay = self._backoff.next_delay()
+    def _step(self) -> float:
+        """A list when there is no version to resume from, then one watch; the wait before the next."""
+        try:
+            if self._client is None:
+                self._client = self._connect()
+                if self._loop.stopping:
+                    return 0.0
+            client = self._client
+            if self._version is None:
+                self._resource = self._path if isinstance(self._path, str) else self._path(client)
+                self._version = self._list(client, self._resource)
+            self._watch(client, self._resource)
+        except _Expired:
+            self._version = None
+            if self._fresh_list:  # not even a healthy watch since the list: the server cannot be watched
+                raise
+            # A watch that was healthy fell behind the server's history: relist after one backoff
+            # step, as client-go does, without counting it as a failure.
+            log.debug("%s: watch expired (410 Gone); listing again", self.what)
+            return self._backoff.next_delay()
+        except (ConfigError, OSError) as error:
+            if not isinstance(error, TimeoutError):
+                self._client = None  # credentials, CA or address may have changed: load them again
+            raise
+        return 0.0
 
     def _list(self, client: KubeClient, path: str) -> str:
         """All pages into a new store, swapped in whole; the list's resourceVersion."""
@@ -194,7 +199,7 @@ class Reflector(Generic[T]):
                     token, restarted = "", True
                     continue
                 raise
-            if self._stop.is_set():
+            if self._loop.stopping:
                 raise InterruptedError("stopping")
             if not isinstance(page, dict):
                 raise ProtocolError("a list answer that is not an object")
@@ -214,8 +219,6 @@ class Reflector(Generic[T]):
         if not self._synced:
             log.info("%s: listed %d through the Kubernetes API, watching for changes", self.what, len(records))
             self._synced = True
-            if self._failure is None:
-                self._up = True
         return version
 
     def _absorb(self, records: dict[str, T], item: object) -> None:
@@ -228,17 +231,18 @@ class Reflector(Generic[T]):
         except Exception as error:  # one unreadable object is left out, never the whole list
             self._contained("bad_object", error)
 
-    def _watch(self, client: KubeClient, path: str, version: str) -> str:
-        """Follows changes until the server ends the watch; the last resourceVersion seen."""
+    def _watch(self, client: KubeClient, path: str) -> None:
+        """Follows changes from the last version seen until the server ends the watch."""
         timeout_s = self._watch_timeout_s or MIN_WATCH_TIMEOUT_S * (1 + random.random())
         params = dict(
             self._selectors,
             watch="true",
-            resourceVersion=version,
+            resourceVersion=self._version or "",
             allowWatchBookmarks="true",
             timeoutSeconds=str(int(timeout_s)),
         )
-        started = time.monotonic()
+        started = time.monotonic()  # before the request: some proxies send the head with the first event
+        healthy_at = started + self._min_watch_s
         end = started + timeout_s + READ_GRACE_S
         connection = client.open(path, params, self._accept_watch, end)
         try:
@@ -248,36 +252,33 @@ class Reflector(Generic[T]):
                 raise _Expired() if status == 410 else error
             if status != 200:
                 raise ApiError(status, "Unexpected", "")
-            probation_end = time.monotonic() + self._probation_s
-            proven = False
-            while not self._stop.is_set():
+            healthy = False
+            while not self._loop.stopping:
                 try:
-                    line = connection.read_line(end if proven else min(end, probation_end))
+                    line = connection.read_line(end if healthy else min(end, healthy_at))
                 except StreamTimeout:
-                    if proven or time.monotonic() >= end:
+                    if healthy or time.monotonic() >= end:
                         raise
-                    proven = True  # open and quiet: a healthy watch on a quiet resource
-                    self._progressed()
-                    continue
+                    line = b""  # open and quiet so far: a quiet resource
                 if line is None:
-                    if not proven:
-                        raise ProtocolError("the watch ended at once with nothing in it")
-                    return version
+                    if not healthy:
+                        raise BackOff(f"watches end within {self._min_watch_s:g}s, long before their timeout")
+                    return
                 if line.strip():
-                    version = self._apply(line, version)
-                    if not proven:
-                        proven = True
-                        self._progressed()
-            return version
+                    self._apply(line)
+                if not healthy and time.monotonic() >= healthy_at:
+                    healthy = True
+                    self._fresh_list = False
+                    self.state.recovered()
         finally:
             connection.close()
 
-    def _apply(self, line: bytes, version: str) -> str:
-        """One watch event into the store; the resourceVersion to resume from."""
+    def _apply(self, line: bytes) -> None:
+        """One watch event into the store; its resourceVersion becomes the one to resume from."""
         event = decode_json(line)  # not JSON: the stream is broken; resume from the last good version
         if not isinstance(event, dict):
             self._contained("bad_event", ProtocolError(f"an event that is not an object: {line[:80]!r}"))
-            return version
+            return
         kind, obj = event.get("type"), event.get("object")
         if kind == "ERROR":
             status = obj if isinstance(obj, dict) else {}
@@ -292,9 +293,9 @@ class Reflector(Generic[T]):
         try:
             if not isinstance(obj, dict) or kind not in ("ADDED", "MODIFIED", "DELETED", "BOOKMARK"):
                 raise ProtocolError(f"an event of type {kind!r} with a {type(obj).__name__}")
-            version = str(obj["metadata"].get("resourceVersion") or version)
+            self._version = str(obj["metadata"].get("resourceVersion") or self._version)
             if kind == "BOOKMARK":
-                return version
+                return
             uid = _uid(obj)
             if kind != "DELETED":
                 record = self._convert(obj)
@@ -307,32 +308,8 @@ class Reflector(Generic[T]):
                 else:
                     self._store[uid] = record
                 self._changes += 1
-        return version
 
-    # --- state and its log lines ---
-    def _progressed(self) -> None:
-        """A watch is delivering: healthy again if we were failing."""
-        self._fresh_list = False
-        if self._failure is not None:
-            log.info("%s: Kubernetes API healthy again after %d failed attempts", self.what, self._failures)
-            self._failure = None
-            self._failures = 0
-        self._up = True
-
-    def _failed(self, kind: str, detail: str, unexpected: bool = False) -> None:
-        self._up = False
-        self._failures += 1
-        if kind != self._failure:
-            log.warning(
-                "%s: Kubernetes API failing (%s%s); retrying with backoff up to %gs, keeping what was last seen",
-                self.what,
-                kind,
-                f": {detail.splitlines()[0]}" if detail and detail != kind else "",
-                self._backoff.cap_s,
-                exc_info=unexpected,
-            )
-            self._failure = kind
-
+    # --- contained faults and failure states ---
     def _contained(self, kind: str, error: Exception) -> None:
         self.errors[kind] += 1
         if self.errors[kind] == 1:
@@ -341,20 +318,20 @@ class Reflector(Generic[T]):
             )
 
 
-def _kind(error: Exception) -> str:
+def _describe(error: BaseException) -> str:
+    """A failure as its state: stable across retries, so one line is logged per change."""
+    if isinstance(error, _Expired):
+        return "the watch expired right after the list (410 Gone)"
     if isinstance(error, ApiError):
-        return f"HTTP {error.status}" + (f" {error.reason}" if error.reason else "")
+        kind = f"HTTP {error.status}" + (f" {error.reason}" if error.reason else "")
+        return f"{kind}: {error.message.strip().splitlines()[0]}" if error.message.strip() else kind
     if isinstance(error, StreamTimeout):
         return "no answer in time"
     if isinstance(error, ProtocolError):
-        return "unreadable answer"
+        return f"unreadable answer: {error}"
     if isinstance(error, ConfigError):
-        return "credentials"
-    return type(error).__name__
-
-
-def _expected(error: Exception) -> bool:
-    return isinstance(error, ApiError | StreamTimeout | ProtocolError | ConfigError | OSError)
+        return f"credentials: {error}"
+    return describe(error)
 
 
 _SURROGATE = re.compile("[\ud800-\udfff]")

@@ -1,14 +1,16 @@
-"""The Kubernetes API over HTTP/1.1 on the standard library: where the API is, who we are, and GET
-requests whose every wait and size is bounded.
+"""The Kubernetes API over HTTP/1.1, framed by h11: where the API is, who we are, and GET requests
+whose every wait and size is bounded.
 
 Why not the ``kubernetes`` package: on every node it costs ~30 MB to import and ~20 MB more of model
 objects, while the agent needs two shapes of GET (a JSON list page, a stream of JSON lines). The
 adapter, one per cluster, keeps that client for its reviews.
 
-Why a socket and not ``http.client``: a watch is proven healthy by a quiet second after its response
-head, which needs a read that can time out and be tried again; ``http.client``'s buffered reader is
-unusable after one timeout. Each request is one connection (``Connection: close``): lists are rare
-and a watch holds its connection for minutes, so pooling would buy nothing.
+Why h11 on a socket and not ``http.client``: a watch is proven healthy by a quiet second after its
+response head, which needs a read that can time out and be tried again; ``http.client``'s buffered
+reader is unusable after one timeout, while h11 (sans-I/O) only parses what it was given and keeps
+the rest for the next read. h11 alone parses the status line, headers and chunked framing, so a
+malformed response is refused in one place. Each request is one connection (``Connection:
+close``): lists are rare and a watch holds its connection for minutes, so pooling would buy nothing.
 
 Credentials, as client-go reads them: in a pod, the service account's token (re-read whenever the
 kubelet rotates the file), its CA and ``KUBERNETES_SERVICE_HOST``/``_PORT``; for development, the
@@ -33,6 +35,8 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 from urllib.parse import quote, urlencode, urlsplit
+
+import h11
 
 SERVICE_ACCOUNT_DIR = Path("/var/run/secrets/kubernetes.io/serviceaccount")
 CONNECT_TIMEOUT_S = 10.0
@@ -248,28 +252,34 @@ def _tls_context(
 class Connection:
     """One request's connection: the response head, then its body by lines or whole.
 
-    Every read takes an absolute ``time.monotonic()`` deadline and raises ``StreamTimeout`` when it
-    passes, leaving the connection readable; the body's framing (chunked, sized, or until close) is
-    decoded incrementally, so a timeout in the middle of a chunk loses nothing.
+    h11 does all the HTTP framing (status line, headers, chunked or sized or until-close bodies);
+    this class only moves bytes between the socket and it. Every read takes an absolute
+    ``time.monotonic()`` deadline and raises ``StreamTimeout`` when it passes: h11 keeps what part
+    of an event has arrived, so the connection stays readable, and anything h11 refuses is a
+    ``ProtocolError`` after which the connection is only closed.
     """
 
-    def __init__(self, sock: socket.socket, on_close: Callable[[socket.socket], None] | None = None) -> None:
+    def __init__(
+        self, sock: socket.socket, http: h11.Connection, on_close: Callable[[socket.socket], None] | None = None
+    ) -> None:
         self.sock = sock
+        self._http = http
         self._on_close = on_close
-        self.status = 0
-        self.headers: dict[str, str] = {}
-        self._raw = bytearray()  # bytes from the socket not yet decoded
         self._body = bytearray()  # decoded body bytes not yet returned
-        self._eof = False
-        self._framing = "close"
-        self._left = 0  # bytes left in the current chunk, or in a sized body
-        self._after_chunk = False  # the CRLF after a chunk's data is still to be read
         self._done = False
 
-    def _fill(self, deadline: float) -> None:
-        """Appends what the socket has; sets ``_eof`` when the peer closed."""
-        if self._eof:
-            raise ProtocolError("connection closed early")
+    def _next_event(self, deadline: float) -> object:
+        """h11's next response event, reading the socket until there is one."""
+        while True:
+            try:
+                event = self._http.next_event()
+            except h11.RemoteProtocolError as error:
+                raise ProtocolError(f"unreadable HTTP response: {error}") from error
+            if event is not h11.NEED_DATA:
+                return event
+            self._receive(deadline)
+
+    def _receive(self, deadline: float) -> None:
         pending = self.sock.pending() if isinstance(self.sock, ssl.SSLSocket) else 0
         if not pending:
             left = deadline - time.monotonic()
@@ -282,81 +292,26 @@ class Connection:
             raise StreamTimeout() from error
         except ssl.SSLZeroReturnError:
             data = b""
-        if not data:
-            self._eof = True
-        self._raw += data
-
-    def _raw_line(self, deadline: float, limit: int) -> bytes:
-        while True:
-            end = self._raw.find(b"\n")
-            if end >= 0:
-                line = bytes(self._raw[: end + 1])
-                del self._raw[: end + 1]
-                return line.rstrip(b"\r\n")
-            if len(self._raw) > limit:
-                raise ProtocolError("header or chunk line too long")
-            self._fill(deadline)
+        self._http.receive_data(data)  # b"": the peer closed; h11 decides whether the message was whole
 
     def read_head(self, deadline: float) -> int:
-        """The status code; the headers land in ``headers`` (names lower-cased)."""
-        while b"\r\n\r\n" not in self._raw and b"\n\n" not in self._raw:
-            if len(self._raw) > MAX_HEAD_BYTES:
-                raise ProtocolError("response head too long")
-            self._fill(deadline)
-        status_line = self._raw_line(deadline, MAX_HEAD_BYTES).decode("latin-1")
-        parts = status_line.split(" ", 2)
-        if len(parts) < 2 or not parts[0].startswith("HTTP/1.") or not parts[1].isdigit():
-            raise ProtocolError(f"not an HTTP/1.x response: {status_line[:80]!r}")
-        while line := self._raw_line(deadline, MAX_HEAD_BYTES):
-            name, _, value = line.decode("latin-1").partition(":")
-            self.headers[name.strip().lower()] = value.strip()
-        self.status = int(parts[1])
-        if "chunked" in self.headers.get("transfer-encoding", "").lower():
-            self._framing = "chunked"
-        elif self.headers.get("content-length", "").isdigit():
-            self._framing, self._left = "length", int(self.headers["content-length"])
-            self._done = self._left == 0
-        return self.status
+        """The response's status code (interim 1xx responses skipped)."""
+        while True:
+            event = self._next_event(deadline)
+            if isinstance(event, h11.Response):
+                return event.status_code
+            if not isinstance(event, h11.InformationalResponse):
+                raise ProtocolError(f"a {type(event).__name__} before the response head")
 
-    def _decode_more(self, deadline: float) -> None:
-        """Moves at least one body byte from ``_raw`` to ``_body``, or marks the body done."""
-        if self._framing == "chunked":
-            if self._after_chunk:
-                self._raw_line(deadline, 2)
-                self._after_chunk = False
-            if self._left == 0:
-                size = self._raw_line(deadline, 1024).split(b";", 1)[0].strip()
-                try:
-                    self._left = int(size, 16)
-                except ValueError as error:
-                    raise ProtocolError(f"bad chunk size {size[:20]!r}") from error
-                if self._left == 0:
-                    while self._raw_line(deadline, MAX_HEAD_BYTES):  # trailers, then the empty line
-                        pass
-                    self._done = True
-                    return
-        if self._framing == "close":
-            if not self._raw:
-                if self._eof:
-                    self._done = True
-                    return
-                self._fill(deadline)
-            self._body += self._raw
-            self._raw.clear()
-            return
-        if not self._raw:
-            self._fill(deadline)  # a close before the body's end raises
-            if not self._raw:
-                raise ProtocolError("connection closed inside the body")
-        taken = min(self._left, len(self._raw))
-        self._body += self._raw[:taken]
-        del self._raw[:taken]
-        self._left -= taken
-        if self._left == 0:
-            if self._framing == "chunked":
-                self._after_chunk = True
-            else:
-                self._done = True
+    def _read_more(self, deadline: float) -> None:
+        """Moves the next piece of the body into ``_body``, or marks the body done."""
+        event = self._next_event(deadline)
+        if isinstance(event, h11.Data):
+            self._body += event.data
+        elif isinstance(event, h11.EndOfMessage):
+            self._done = True
+        else:
+            raise ProtocolError(f"a {type(event).__name__} inside the response body")
 
     def read_line(self, deadline: float, limit: int = MAX_LINE_BYTES) -> bytes | None:
         """The next newline-terminated line of the body (without it), or None at its end."""
@@ -376,13 +331,13 @@ class Connection:
                     self._body.clear()
                     return line
                 return None
-            self._decode_more(deadline)
+            self._read_more(deadline)
 
     def read_body(self, deadline: float, limit: int = MAX_BODY_BYTES) -> bytes:
         while not self._done:
             if len(self._body) > limit:
                 raise ProtocolError(f"response body exceeds {limit} bytes")
-            self._decode_more(deadline)
+            self._read_more(deadline)
         body = bytes(self._body)
         self._body.clear()
         return body
@@ -395,21 +350,24 @@ class Connection:
 
 
 def decode_json(data: bytes) -> Any:
-    """JSON that is not valid UTF-8 is read with replacement characters, never refused."""
+    """JSON that is not valid UTF-8 is read with replacement characters, never refused; what is not
+    JSON, or nests deeper than the parser can follow, is a ``ProtocolError``."""
     try:
         return json.loads(data.decode("utf-8", "replace"))
-    except ValueError as error:
-        raise ProtocolError(f"response is not JSON: {error}") from error
+    except json.JSONDecodeError as error:
+        raise ProtocolError(f"response is not JSON ({error.msg})") from error
+    except (ValueError, RecursionError) as error:  # ValueError: an integer too long to convert
+        raise ProtocolError(f"response is not JSON this client can read ({type(error).__name__})") from error
 
 
 def api_error(status: int, body: bytes) -> ApiError:
     """An ``ApiError`` from an error response's ``Status`` body (or its absence)."""
     reason, message = "", ""
     try:
-        parsed = json.loads(body.decode("utf-8", "replace"))
+        parsed = decode_json(body)
         if isinstance(parsed, dict):
             reason, message = str(parsed.get("reason") or ""), str(parsed.get("message") or "")
-    except ValueError:
+    except ProtocolError:
         message = body[:200].decode("utf-8", "replace")
     return ApiError(status, reason, message)
 
@@ -428,17 +386,21 @@ class KubeClient:
         """Connects and sends ``GET path?params``; the caller reads the response and closes it."""
         creds = self.credentials
         query = urlencode(params, quote_via=quote)
-        target = creds.base_path + path + (f"?{query}" if query else "")
         host = f"[{creds.host}]" if ":" in creds.host else creds.host
         headers = [
-            f"GET {target} HTTP/1.1",
-            f"Host: {host}:{creds.port}",
-            f"User-Agent: {self.user_agent}",
-            f"Accept: {accept}",
-            "Connection: close",
+            ("Host", f"{host}:{creds.port}"),
+            ("User-Agent", self.user_agent),
+            ("Accept", accept),
+            ("Connection", "close"),
         ]
         if creds.token is not None:
-            headers.append(f"Authorization: Bearer {creds.token()}")
+            headers.append(("Authorization", f"Bearer {creds.token()}"))
+        http = h11.Connection(h11.CLIENT, max_incomplete_event_size=MAX_HEAD_BYTES)
+        try:
+            target = creds.base_path + path + (f"?{query}" if query else "")
+            request = http.send(h11.Request(method="GET", target=target, headers=headers))
+        except h11.LocalProtocolError as error:  # a token or path that cannot go in a request head
+            raise ProtocolError(f"cannot send the request: {error}") from error
         timeout = max(0.001, min(CONNECT_TIMEOUT_S, deadline - time.monotonic()))
         sock = socket.create_connection((creds.host, creds.port), timeout=timeout)
         try:
@@ -453,12 +415,13 @@ class KubeClient:
                 if self._closed:
                     raise ConnectionAbortedError("client closed")
                 self._open.add(sock)
-            sock.sendall(("\r\n".join(headers) + "\r\n\r\n").encode("utf-8", "replace"))
+            sock.sendall(request)
+            http.send(h11.EndOfMessage())  # a GET has no body: nothing more to send
         except BaseException:
             self._forget(sock)
             sock.close()
             raise
-        return Connection(sock, self._forget)
+        return Connection(sock, http, self._forget)
 
     def get_json(self, path: str, params: Mapping[str, str], accept: str, timeout_s: float) -> Any:
         """A whole JSON response; an error status raises ``ApiError``."""

@@ -7,6 +7,7 @@ import itertools
 import logging
 import os
 import socket
+import threading
 import time
 from collections.abc import Callable, Iterator, Mapping
 from pathlib import Path
@@ -15,7 +16,7 @@ from typing import Any
 import pytest
 
 from exporter.backoff import Backoff
-from exporter.sources.kube import PodWatcher, Reflector
+from exporter.sources.kube import MIN_WATCH_S, PodWatcher, Reflector, pod_info
 from exporter.sources.kubeclient import ConfigError, KubeClient, in_cluster_credentials, kubeconfig_credentials
 from sim.apiserver import FakeApiServer, pod_json
 from sim.certs import make_pki
@@ -201,6 +202,7 @@ def test_failing_then_healthy_is_one_line_each_and_up_follows(
     caplog.set_level(logging.INFO, logger="exporter.sources.kube")
     api.apply(pod_json("uid-2", "default", "bert-1", NODE))
     eventually(lambda: watcher.up and names(watcher) == {"bert-0", "bert-1"})  # a watch that delivers
+    time.sleep(MIN_WATCH_S)  # ... and has been open long enough to be healthy: its end is no failure
     api.fail_status = 500
     api.break_watches()
     eventually(lambda: not watcher.up)
@@ -214,7 +216,7 @@ def test_failing_then_healthy_is_one_line_each_and_up_follows(
     assert len(api.list_calls()) == 1  # errors retry the watch from where it was; only a 410 relists
     lines = [(r.levelname, r.getMessage()) for r in caplog.records]
     assert [level for level, _ in lines] == ["WARNING", "INFO"], lines
-    assert "HTTP 500" in lines[0][1] and "healthy again" in lines[1][1]
+    assert "HTTP 500" in lines[0][1] and "recovered" in lines[1][1]
 
 
 def test_a_quiet_healthy_watch_is_up_again_without_any_event(api: FakeApiServer, watcher: PodWatcher) -> None:
@@ -244,6 +246,101 @@ def test_an_unreachable_api_is_down_unknown_and_said_once(
         assert len(caplog.records) == 1
 
 
+def assert_backs_off(times: list[float], initial_s: float, cap_s: float) -> None:
+    """Attempts at ``times``, apart by delays doubling from ``initial_s``, then held at ``cap_s``."""
+    gaps = [round(later - earlier, 3) for earlier, later in itertools.pairwise(times)]
+    assert len(gaps) >= 4, gaps
+    assert initial_s * 0.8 <= gaps[0] <= initial_s * 1.5, gaps
+    assert gaps[0] < gaps[1] < gaps[2], gaps  # growing ...
+    assert all(cap_s * 0.8 <= gap <= cap_s * 1.5 for gap in gaps[2:]), gaps  # ... up to the cap
+
+
+@pytest.mark.parametrize("fault", ["HTTP 500", "connection refused"])
+def test_api_errors_back_off_growing_up_to_a_cap(api: FakeApiServer, tmp_path: Path, fault: str) -> None:
+    """Not only 410s: before this test, retrying every 0.5 s, or without a cap, passed the suite."""
+    connects: list[float] = []
+    with socket.socket() as closed:  # bound, never listening: connections are refused
+        closed.bind(("127.0.0.1", 0))
+        if fault == "HTTP 500":
+            api.fail_status = 500
+            kubeconfig = api.write_kubeconfig(tmp_path / "kubeconfig")
+        else:
+            nowhere = FakeApiServer()
+            nowhere.url = f"http://127.0.0.1:{closed.getsockname()[1]}"
+            kubeconfig = nowhere.write_kubeconfig(tmp_path / "kubeconfig")
+        credentials = kubeconfig_credentials(kubeconfig)
+
+        def connect() -> KubeClient:  # called again after each connection error: credentials may change
+            connects.append(time.monotonic())
+            return KubeClient(credentials)
+
+        reflector = Reflector(
+            "pods", "/api/v1/pods", pod_info, connect, backoff=Backoff(initial_s=0.2, cap_s=0.8, jitter=0.0)
+        )
+        reflector.start()
+        try:
+            time.sleep(3.3)
+            assert not reflector.up and reflector.items is None
+        finally:
+            reflector.stop()
+            reflector.join(5)
+    assert_backs_off([c.at for c in api.calls] if fault == "HTTP 500" else connects, 0.2, 0.8)
+
+
+def test_watches_ending_after_their_first_event_are_backed_off_and_said_so(
+    api: FakeApiServer, kubeconfig: str, started: Callable[[PodWatcher], PodWatcher], caplog: pytest.LogCaptureFixture
+) -> None:
+    """A proxy ending every stream after its first flush: before, a watch a few milliseconds, up and silent."""
+    caplog.set_level(logging.INFO, logger="exporter.sources.kube")
+    api.apply(pod_json("uid-1", "default", "bert-0", NODE))
+    api.end_watches_after = 1
+    churning = threading.Event()
+
+    def churn() -> None:  # a pod changing every 10 ms: every watch has an event at once
+        change = 0
+        while not churning.wait(0.01):
+            change += 1
+            api.apply(pod_json("uid-2", "default", "bert-1", NODE, labels={"change": str(change)}))
+
+    thread = threading.Thread(target=churn, daemon=True)
+    thread.start()
+    try:
+        watcher = started(PodWatcher(NODE, kubeconfig))  # the real backoff: ~1 s doubling to 30 s
+        eventually(lambda: len(api.watch_calls()) >= 2)
+        began = time.monotonic()
+        up_seen: list[bool] = []
+        while time.monotonic() - began < 4.0:
+            up_seen.append(watcher.up)
+            time.sleep(0.05)
+    finally:
+        churning.set()
+        thread.join(5)
+    watches = [round(c.at - began, 2) for c in api.watch_calls() if c.at >= began]
+    assert len(watches) <= 4, watches  # a few, not one per event
+    assert not any(up_seen)
+    assert names(watcher) == {"bert-0", "bert-1"}  # what the short watches delivered is kept
+    warnings = [r.getMessage() for r in caplog.records if r.levelno >= logging.WARNING]
+    assert len(warnings) == 1 and "long before their timeout" in warnings[0], warnings
+
+
+@pytest.mark.parametrize("break_watch", ["cut connection", "unparsable line"])
+def test_a_broken_watch_resumes_from_the_last_event_applied(
+    api: FakeApiServer, watcher: PodWatcher, break_watch: str
+) -> None:
+    """Before, a watch that broke (rather than ended) resumed from the version it had started from,
+    and the server replayed every event since (or, once compacted, forced a re-list)."""
+    for i in range(2, 5):
+        api.apply(pod_json(f"uid-{i}", "default", f"bert-{i}", NODE))  # versions 102 to 104
+    eventually(lambda: len(names(watcher)) == 4)
+    if break_watch == "cut connection":
+        api.cut_watches()
+    else:
+        api.inject(b"{this is not json")
+    eventually(lambda: len(api.watch_calls()) == 2)
+    assert [c.param("resourceVersion") for c in api.watch_calls()] == ["101", "104"]  # nothing replayed
+    assert len(api.list_calls()) == 1
+
+
 def test_undecodable_names_and_bad_events_do_not_stop_the_watch(
     api: FakeApiServer, kubeconfig: str, started: Callable[[PodWatcher], PodWatcher]
 ) -> None:
@@ -265,7 +362,20 @@ def test_undecodable_names_and_bad_events_do_not_stop_the_watch(
     api.apply(pod_json("uid-after", "default", "after", NODE))
     eventually(lambda: "after" in names(watcher))
     assert len(api.list_calls()) == 1 and len(api.watch_calls()) == 2
-    assert watcher.up
+    eventually(lambda: watcher.up)  # once the new watch has stayed open its minimum
+
+
+def test_json_nested_too_deeply_is_one_line_without_a_traceback(
+    api: FakeApiServer, watcher: PodWatcher, caplog: pytest.LogCaptureFixture
+) -> None:
+    """It raised RecursionError, logged as unexpected with a traceback."""
+    caplog.set_level(logging.INFO, logger="exporter.sources.kube")
+    api.inject(b"[" * 100_000 + b"]" * 100_000)
+    api.apply(pod_json("uid-after", "default", "after", NODE))
+    eventually(lambda: "after" in names(watcher))
+    warnings = [r for r in caplog.records if r.levelno >= logging.WARNING]
+    assert len(warnings) == 1 and "not JSON" in warnings[0].getMessage(), [r.getMessage() for r in warnings]
+    assert not warnings[0].exc_info  # no traceback
 
 
 def test_metadata_only_lists_and_watches_keep_compact_records(api: FakeApiServer, kubeconfig: str) -> None:
@@ -314,7 +424,7 @@ def test_stop_ends_the_thread_at_once_whether_watching_or_backing_off(api: FakeA
         watcher.stop()
         watcher.join(5)
     assert time.monotonic() - began < 1.0
-    assert not watching.reflector._thread.is_alive() and not backing_off.reflector._thread.is_alive()
+    assert not watching.reflector._loop.is_alive() and not backing_off.reflector._loop.is_alive()
 
 
 def test_in_cluster_credentials_over_tls_with_a_rotating_token(tmp_path: Path) -> None:
@@ -344,7 +454,7 @@ def test_in_cluster_credentials_over_tls_with_a_rotating_token(tmp_path: Path) -
             api.apply(pod_json("uid-2", "default", "bert-1", NODE))
             eventually(lambda: set((reflector.items or {}).values()) == {"bert-0", "bert-1"})
             assert {c.authorization for c in api.calls} == {"Bearer first", "Bearer second"}
-            assert reflector.up
+            eventually(lambda: reflector.up)  # once the new watch has stayed open its minimum
         finally:
             reflector.stop()
             reflector.join(5)
