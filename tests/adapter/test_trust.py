@@ -224,6 +224,39 @@ def test_a_tokens_uid_and_extra_decide_the_access_review(tmp_path: Path, api: Fa
         adapter.stop()
 
 
+def test_one_kubeconfig_serves_the_reviews_the_configmap_and_the_pod_watch_alike(tmp_path: Path) -> None:
+    """The reviews' client, the ConfigMap's and the pod watch read one kubeconfig with one loader: its
+    CA (inline), client certificate and token reach the API server from all three."""
+    pki = make_pki(tmp_path / "pki")
+    api = FakeApiServer(tls=pki, token="adapter-token").start()  # GETs without the token are 401
+    api.tokens["bob-token"] = ("bob", ["system:authenticated"])
+    api.config_maps[CONFIG_MAP] = published(pki)
+    kubeconfig = api.write_kubeconfig(tmp_path / "kubeconfig", token="adapter-token", client_cert=True, inline=True)
+    port = free_port()
+    log = tmp_path / "adapter.log"
+    nowhere = f"http://127.0.0.1:{free_port()}"
+    process = spawn_adapter(port, *adapter_args(pki, kubeconfig, nowhere, front_proxy_ca=False), output=log)
+    url = f"https://127.0.0.1:{port}"
+
+    def get(path: str, **headers: str) -> requests.Response:
+        return requests.get(url + path, headers=headers, verify=str(pki.ca), timeout=10)
+
+    try:
+        process.wait_for_port(port)
+        # Ready: the pod watch has synced and the ConfigMap (the front proxy's CA) has been read.
+        assert until(lambda: get("/readyz").status_code == 200), log.read_text()
+        # A bearer token: a TokenReview, then a SubjectAccessReview, both over TLS to the same server.
+        assert get(DISCOVERY, Authorization="Bearer bob-token").status_code == 200, log.read_text()
+        assert api.access_reviews[-1]["user"] == "bob"
+        paths = {call.path for call in api.calls if call.method == "GET"}
+        assert {"/api/v1/pods", "/api/v1/namespaces/kube-system/configmaps/extension-apiserver-authentication"} <= paths
+        gets = [call for call in api.calls if call.method == "GET"]
+        assert {(call.authorization, call.client_cn) for call in gets} == {("Bearer adapter-token", "prometheus")}
+    finally:
+        process.stop()
+        api.stop()
+
+
 class _Allow:
     def review_token(self, token: str) -> User | None:
         return None
