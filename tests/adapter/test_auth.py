@@ -136,7 +136,7 @@ def test_a_failed_token_review_is_401_not_cached_and_logged_once(caplog: pytest.
     assert auth.authenticate(None, headers(Authorization="Bearer good")) == User("alice", ("team",))
     messages = [r.getMessage() for r in caplog.records]
     assert sum("TokenReview" in m and "failing" in m for m in messages) == 1
-    assert sum("answered again" in m for m in messages) == 1
+    assert sum("TokenReview recovered" in m for m in messages) == 1
 
 
 def test_a_failed_access_review_is_an_error_not_a_denial_and_logged_once(caplog: pytest.LogCaptureFixture) -> None:

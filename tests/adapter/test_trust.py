@@ -97,7 +97,8 @@ def test_the_front_proxy_ca_is_read_once_it_can_be_and_readiness_waits_for_it(
         assert until(lambda: adapter.get(DISCOVERY, X_Remote_User="hpa").status_code == 200), adapter.log.read_text()
         assert adapter.get("/readyz", cert=False).status_code == 200
         log = adapter.log.read_text()
-        assert log.count("cannot read the front proxy's CA") == 1  # once per change of state, not per retry
+        assert log.count("reading the front proxy's CA failing") == 1  # once per change of state, not per retry
+        assert log.count("reading the front proxy's CA recovered") == 1
     finally:
         adapter.stop()
 
@@ -327,6 +328,6 @@ def test_failures_back_off_with_jitter_up_to_a_bound() -> None:
         raise OSError("configmaps is forbidden")
 
     trust = FrontProxyTrust(unreadable, lambda _: None, refresh_s=60, backoff=Backoff(initial_s=1, cap_s=30, jitter=0))
-    waits = [trust._attempt() for _ in range(7)]
+    waits = [trust.loop.run_once() for _ in range(7)]
     assert waits == [1, 2, 4, 8, 16, 30, 30]  # doubling, then capped: never a tight loop
     assert not trust.loaded.is_set() and len(calls) == 7
