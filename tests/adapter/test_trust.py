@@ -11,6 +11,9 @@ kube-apiserver is played by sim/apiserver.py (TokenReview, SubjectAccessReview, 
 from __future__ import annotations
 
 import json
+import re
+import socket
+import ssl
 import time
 from collections.abc import Callable, Iterator
 from pathlib import Path
@@ -314,6 +317,85 @@ def test_a_rotated_front_proxy_ca_is_trusted_for_new_connections(tmp_path: Path)
         published_ca[0] = new.ca  # kube-apiserver's front-proxy CA rotates
         assert until(lambda: status(new) == 200, timeout_s=10)
         assert status(old) == "refused in the TLS handshake"
+    finally:
+        trust.stop()
+        server.shutdown()
+        server.server_close()
+
+
+class _Recording(_Allow):
+    def __init__(self) -> None:
+        self.users: list[str] = []
+
+    def review_access(self, user: User, attributes: Any) -> bool:
+        self.users.append(user.name)
+        return True
+
+
+def test_a_kept_alive_connection_is_not_trusted_past_a_ca_rotation(tmp_path: Path) -> None:
+    """k8s.io/apiserver checks the front proxy's chain against the current CA on every request: a
+    connection verified under a CA since replaced must not go on naming users in X-Remote-User."""
+    old, new = make_pki(tmp_path / "old"), make_pki(tmp_path / "new")
+    ca_file = tmp_path / "requestheader-ca.crt"
+    ca_file.write_bytes(old.ca.read_bytes())
+    authorizer = _Recording()
+    services = Services(
+        custom=_NoMetrics(),  # type: ignore[arg-type]
+        external=_NoMetrics(),  # type: ignore[arg-type]
+        authenticator=Authenticator(_Allow()),
+        authorizer=Authorizer(authorizer, ttl_s=0),  # every request reviewed: the user it names is seen
+        always_allow_paths=frozenset({"/readyz"}),
+        not_ready=lambda: "",
+    )
+    server = AdapterServer(("127.0.0.1", 0), str(old.server_cert), str(old.server_key), services)
+    server.start()
+    trust = FrontProxyTrust(
+        lambda: RequestHeaderConfig(ca_file.read_text()),
+        server.trust,
+        refresh_s=0.2,
+        backoff=Backoff(initial_s=0.1, cap_s=0.2),
+    )
+    trust.start()
+    context = ssl.create_default_context(cafile=str(old.ca))
+    context.load_cert_chain(old.client_cert, old.client_key)
+    request = b"GET /apis HTTP/1.1\r\nHost: adapter\r\nX-Remote-User: bob\r\n\r\n"
+
+    def answer(connection: ssl.SSLSocket) -> bytes:
+        """The status line of the answer to one request (b"" when the connection is closed instead)."""
+        connection.sendall(request)
+        head = b""
+        while b"\r\n\r\n" not in head:
+            data = connection.recv(65536)
+            if not data:
+                return head
+            head += data
+        length = int(re.search(rb"(?i)content-length: *(\d+)", head)[1])  # type: ignore[index]
+        body = head.split(b"\r\n\r\n", 1)[1]
+        while len(body) < length:
+            body += connection.recv(65536)
+        return head.split(b"\r\n", 1)[0]
+
+    raw = socket.create_connection(("127.0.0.1", server.server_address[1]), timeout=5)
+    try:
+        with context.wrap_socket(raw, server_hostname="localhost") as kept_alive:
+            assert answer(kept_alive) == b"HTTP/1.1 200 OK"
+            assert authorizer.users == ["bob"]
+            ca_file.write_bytes(new.ca.read_bytes())  # the front proxy's CA rotates
+            rotated = new.ca.read_text()
+            assert until(lambda: getattr(services.authenticator.front_proxy, "client_ca_pem", "") == rotated, 10)
+            try:
+                after = answer(kept_alive)
+            except OSError:  # reset: closed as well
+                after = b""
+            assert not after.startswith(b"HTTP/1.1 200")
+            assert authorizer.users == ["bob"]  # never authorized as bob again on that connection
+        # A new connection is verified under the current CA: the new certificate names users again.
+        fresh = ssl.create_default_context(cafile=str(old.ca))
+        fresh.load_cert_chain(new.client_cert, new.client_key)
+        raw = socket.create_connection(("127.0.0.1", server.server_address[1]), timeout=5)
+        with fresh.wrap_socket(raw, server_hostname="localhost") as connection:
+            assert answer(connection) == b"HTTP/1.1 200 OK"
+        assert authorizer.users == ["bob", "bob"]
     finally:
         trust.stop()
         server.shutdown()
