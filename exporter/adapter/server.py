@@ -75,6 +75,9 @@ class _Handler(Handler):
                 self.send(200, b"ok", "text/plain; charset=utf-8")
             return
         if self._verified_under_a_replaced_ca():
+            log.info(
+                "closing a connection from %s verified under the front proxy's previous CA", self.client_address[0]
+            )
             self.close_connection = True  # unanswered: the client's retry connects under the current CA
             return
         try:

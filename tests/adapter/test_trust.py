@@ -349,8 +349,9 @@ def test_a_kept_alive_connection_is_not_trusted_past_a_ca_rotation(tmp_path: Pat
     )
     server = AdapterServer(("127.0.0.1", 0), str(old.server_cert), str(old.server_key), services)
     server.start()
+    user_headers = ["X-Remote-User"]
     trust = FrontProxyTrust(
-        lambda: RequestHeaderConfig(ca_file.read_text()),
+        lambda: RequestHeaderConfig(ca_file.read_text(), username_headers=tuple(user_headers)),
         server.trust,
         refresh_s=0.2,
         backoff=Backoff(initial_s=0.1, cap_s=0.2),
@@ -379,7 +380,11 @@ def test_a_kept_alive_connection_is_not_trusted_past_a_ca_rotation(tmp_path: Pat
     try:
         with context.wrap_socket(raw, server_hostname="localhost") as kept_alive:
             assert answer(kept_alive) == b"HTTP/1.1 200 OK"
-            assert authorizer.users == ["bob"]
+            # New header names under the same CA: the connection stays trusted.
+            user_headers.append("X-Proxy-User")
+            assert until(lambda: len(getattr(services.authenticator.front_proxy, "username_headers", ())) == 2, 10)
+            assert answer(kept_alive) == b"HTTP/1.1 200 OK"
+            assert authorizer.users == ["bob", "bob"]
             ca_file.write_bytes(new.ca.read_bytes())  # the front proxy's CA rotates
             rotated = new.ca.read_text()
             assert until(lambda: getattr(services.authenticator.front_proxy, "client_ca_pem", "") == rotated, 10)
@@ -388,14 +393,14 @@ def test_a_kept_alive_connection_is_not_trusted_past_a_ca_rotation(tmp_path: Pat
             except OSError:  # reset: closed as well
                 after = b""
             assert not after.startswith(b"HTTP/1.1 200")
-            assert authorizer.users == ["bob"]  # never authorized as bob again on that connection
+            assert authorizer.users == ["bob", "bob"]  # never authorized as bob again on that connection
         # A new connection is verified under the current CA: the new certificate names users again.
         fresh = ssl.create_default_context(cafile=str(old.ca))
         fresh.load_cert_chain(new.client_cert, new.client_key)
         raw = socket.create_connection(("127.0.0.1", server.server_address[1]), timeout=5)
         with fresh.wrap_socket(raw, server_hostname="localhost") as connection:
             assert answer(connection) == b"HTTP/1.1 200 OK"
-        assert authorizer.users == ["bob", "bob"]
+        assert authorizer.users == ["bob", "bob", "bob"]
     finally:
         trust.stop()
         server.shutdown()
