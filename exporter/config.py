@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import argparse
 import logging
 import os
 import socket
@@ -12,6 +11,7 @@ from dataclasses import dataclass
 from typing import NoReturn
 
 from exporter.catalogue import GROUPS, parse_groups
+from exporter.cli import ArgumentParser
 from exporter.exposition.webconfig import WebConfig, WebConfigError, load_web_config
 from exporter.sources.kubeclient import ConfigError, load_credentials
 
@@ -38,17 +38,12 @@ class Config:
     metric_groups: frozenset[str] = frozenset(GROUPS)
 
 
-class _Parser(argparse.ArgumentParser):
+class _Parser(ArgumentParser):
     env_of: dict[str, str]  # flag -> its environment variable
 
     def bad(self, flag: str, problem: str) -> NoReturn:
         """Names the flag and its environment variable, since either may have set the value."""
         self.error(f"{flag} (env {self.env_of[flag]}): {problem}")
-
-    def error(self, message: str) -> NoReturn:
-        """One line naming what is wrong, exit code 2 (argparse's own prints the usage too)."""
-        sys.stderr.write(f"{self.prog}: error: {' '.join(message.split())}\n")
-        raise SystemExit(2)
 
 
 def _env(name: str) -> str:

@@ -23,6 +23,9 @@ from dataclasses import dataclass
 from typing import Any, Protocol
 from urllib.parse import unquote
 
+from exporter.adapter.backendstate import BackendState
+from exporter.supervise import describe
+
 log = logging.getLogger(__name__)
 
 Extra = tuple[tuple[str, tuple[str, ...]], ...]
@@ -91,29 +94,6 @@ class ReviewUnavailableError(Exception):
     """A SubjectAccessReview could not be made: the request is answered 500, as k8s.io/apiserver does."""
 
 
-class _FailureLog:
-    """Logs a review failing once per change of state, and its recovery, not once per request."""
-
-    def __init__(self, what: str) -> None:
-        self._what = what
-        self._failing = ""
-        self._lock = threading.Lock()
-
-    def failed(self, error: Exception) -> None:
-        reason = f"{type(error).__name__}: {error}".splitlines()[0]
-        with self._lock:
-            if reason != self._failing:
-                log.warning("%s failing (%s)", self._what, reason)
-                self._failing = reason
-
-    def succeeded(self) -> None:
-        if self._failing:
-            with self._lock:
-                if self._failing:
-                    log.info("%s answered again", self._what)
-                    self._failing = ""
-
-
 def bearer_token(authorization: str) -> str | None:
     """The token of an ``Authorization`` header, parsed as k8s.io/apiserver's bearertoken
     authenticator does: the scheme in any case, the token the second space-separated field."""
@@ -169,7 +149,7 @@ class Authenticator:
         self._reviewer = reviewer
         self.front_proxy = front_proxy  # replaced whole when the published settings change
         self._tokens = _TtlCache(ttl_s, clock)
-        self._failures = _FailureLog("TokenReview (bearer tokens answered 401 meanwhile)")
+        self._failures = BackendState(log, "TokenReview", "bearer tokens answered 401 meanwhile")
 
     def authenticate(self, peer_cert: Mapping[str, Any] | None, headers: Any) -> User | None:
         """``peer_cert`` is ssl's verified client certificate (None or empty without one);
@@ -197,9 +177,9 @@ class Authenticator:
         try:
             user: User | None = self._tokens.get(token, lambda: self._reviewer.review_token(token))
         except Exception as error:  # the API edge: an unanswered review authenticates no one
-            self._failures.failed(error)
+            self._failures.failed(describe(error))
             return None
-        self._failures.succeeded()
+        self._failures.recovered()
         return user
 
 
@@ -207,14 +187,14 @@ class Authorizer:
     def __init__(self, reviewer: Reviewer, ttl_s: float = 10.0, clock: Callable[[], float] = time.monotonic) -> None:
         self._reviewer = reviewer
         self._decisions = _TtlCache(ttl_s, clock)
-        self._failures = _FailureLog("SubjectAccessReview (requests answered 500 meanwhile)")
+        self._failures = BackendState(log, "SubjectAccessReview", "requests answered 500 meanwhile")
 
     def allowed(self, user: User, attributes: Mapping[str, Any]) -> bool:
         key = (user, tuple(sorted((k, str(v)) for k, v in attributes.items())))
         try:
             allowed: bool = self._decisions.get(key, lambda: self._reviewer.review_access(user, attributes))
         except Exception as error:  # the API edge
-            self._failures.failed(error)
+            self._failures.failed(describe(error))
             raise ReviewUnavailableError() from error
-        self._failures.succeeded()
+        self._failures.recovered()
         return allowed

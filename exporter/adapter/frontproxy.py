@@ -4,7 +4,8 @@ are read and re-read while serving, because the CA rotates.
 The settings come from ``--requestheader-client-ca-file`` or from the ConfigMap
 ``kube-system/extension-apiserver-authentication``. Until the first read succeeds, only bearer
 tokens authenticate and /readyz says not ready: kube-apiserver's requests could not be told from
-anyone's. Failures back off with jitter, as client-go does, and are logged once per change.
+anyone's. A supervised loop (exporter.supervise) re-reads them: failures back off with jitter, as
+client-go does, and are logged once per change.
 """
 
 from __future__ import annotations
@@ -15,6 +16,7 @@ from collections.abc import Callable
 
 from exporter.adapter.auth import RequestHeaderConfig
 from exporter.backoff import Backoff
+from exporter.supervise import Loop, StateLog
 
 log = logging.getLogger(__name__)
 
@@ -30,27 +32,29 @@ class FrontProxyTrust:
         """``apply`` installs a configuration (and raises if it cannot, e.g. a PEM that does not load)."""
         self._read, self._apply = read, apply
         self._refresh_s = refresh_s
-        self._backoff = backoff or Backoff(initial_s=1.0, cap_s=30.0)
         self.loaded = threading.Event()
-        self._stop = threading.Event()
+        self._attempted = threading.Event()
         self._current: RequestHeaderConfig | None = None
-        self._failing = ""  # failures are logged once per change
+        self.loop = Loop(
+            "front-proxy-ca",
+            self._step,
+            StateLog(log, "reading the front proxy's CA"),
+            backoff or Backoff(initial_s=1.0, cap_s=30.0),
+            consequence="retrying with backoff; until a read succeeds the one read before is kept "
+            "(none: only bearer tokens authenticate)",
+            # The file or the API edge: its message says what is wrong, a traceback would not.
+            expected=(Exception,),
+        )
 
     def start(self) -> None:
-        """One read now, so a working setup serves authenticated from its first request; the thread
-        takes over from there."""
-        wait_s = self._attempt()
-        self._thread = threading.Thread(target=self._run, args=(wait_s,), name="front-proxy-ca", daemon=True)
-        self._thread.start()
+        """Returns after the first read, so a working setup serves authenticated from its first request."""
+        self.loop.start()
+        self._attempted.wait()
 
     def stop(self) -> None:
-        self._stop.set()
+        self.loop.stop()
 
-    def _run(self, wait_s: float) -> None:
-        while not self._stop.wait(wait_s):
-            wait_s = self._attempt()
-
-    def _attempt(self) -> float:
+    def _step(self) -> float:
         """Reads and installs the settings if they changed; returns how long to wait before the next read."""
         try:
             config = self._read()
@@ -63,13 +67,6 @@ class FrontProxyTrust:
                 )
                 self._current = config
             self.loaded.set()
-            self._backoff.reset()
-            self._failing = ""
             return self._refresh_s
-        except Exception as error:  # the API or file edge: any failure means "try again later"
-            message = f"{type(error).__name__}: {error}".splitlines()[0]
-            if message != self._failing:
-                kept = "keeping the one read before" if self._current else "only bearer tokens authenticate until then"
-                log.warning("cannot read the front proxy's CA (%s); retrying, %s", message, kept)
-                self._failing = message
-            return min(self._backoff.next_delay(), self._refresh_s)
+        finally:
+            self._attempted.set()

@@ -9,24 +9,37 @@ import json
 from collections.abc import Mapping
 from typing import Any
 
-from kubernetes import client, config
+import urllib3
+from kubernetes import client
 
 from exporter.adapter.auth import RequestHeaderConfig, User, frozen_extra, header_names
+from exporter.sources.kubeclient import Credentials
 
 REQUEST_TIMEOUT_S = 10
 
 
-def api_client(kubeconfig: str | None) -> client.ApiClient:
-    """From a kubeconfig file, or the pod's service account when None; raises when neither works."""
-    if kubeconfig:
-        loaded: client.ApiClient = config.new_client_from_config(config_file=kubeconfig)
-        return loaded
-    configuration = client.Configuration()
-    config.incluster_config.InClusterConfigLoader(
-        token_filename=config.incluster_config.SERVICE_TOKEN_FILENAME,
-        cert_filename=config.incluster_config.SERVICE_CERT_FILENAME,
-    ).load_and_set(configuration)
-    return client.ApiClient(configuration)
+def api_client(credentials: Credentials) -> client.ApiClient:
+    """The kubernetes package's client on the credentials the pod watch uses (kubeclient's loader), so
+    one kubeconfig means the same server, TLS and identity to both, and is refused by both alike."""
+    configuration = client.Configuration(host=credentials.where)
+    token = credentials.token
+    if token is not None:
+        # Asked for before every request, so a rotated token file is used at once, as the watch does.
+        configuration.api_key = {"authorization": ""}
+        configuration.api_key_prefix = {"authorization": "Bearer"}
+        # The package annotates this documented hook as None.
+        configuration.refresh_api_key_hook = lambda c: c.api_key.update(authorization=token())  # type: ignore[assignment]
+    api = client.ApiClient(configuration)
+    tls = credentials.tls
+    # The package builds its TLS from file paths; the loaded context (CA, client pair, insecure) is
+    # handed to its connection pool whole instead.
+    api.rest_client.pool_manager = urllib3.PoolManager(
+        maxsize=configuration.connection_pool_maxsize,
+        ssl_context=tls,
+        cert_reqs=tls.verify_mode if tls is not None else None,
+        server_hostname=credentials.server_hostname,
+    )
+    return api
 
 
 class KubeReviewer:

@@ -3,18 +3,14 @@
 from __future__ import annotations
 
 import argparse
-import datetime
 import ipaddress
 import logging
 import math
-import os
-import socket
 import ssl
 import sys
 from collections.abc import Callable, Sequence
 from dataclasses import replace
 from pathlib import Path
-from typing import NoReturn
 from urllib.parse import urlsplit
 
 from kubernetes import client
@@ -27,22 +23,17 @@ from exporter.adapter.prometheus import PrometheusClient, PrometheusProvider
 from exporter.adapter.rules import DEFAULT_RULES, Rules, RulesError, load_rules
 from exporter.adapter.server import SHARED_BODY_BYTES, AdapterServer, Services, tls_context
 from exporter.adapter.sharing import SharedAnswers
+from exporter.cli import ArgumentParser
 from exporter.config import configure_logging
 from exporter.sources.kube import Reflector
-from exporter.sources.kubeclient import ConfigError, KubeClient, load_credentials
+from exporter.sources.kubeclient import ConfigError, Credentials, KubeClient, load_credentials
 from exporter.supervise import wait_for_signal
 
 log = logging.getLogger("exporter.adapter")
 
 
-class _Parser(argparse.ArgumentParser):
-    def error(self, message: str) -> NoReturn:
-        sys.stderr.write(f"{self.prog}: error: {' '.join(message.split())}\n")
-        raise SystemExit(2)
-
-
-def build_parser() -> _Parser:
-    parser = _Parser(
+def build_parser() -> ArgumentParser:
+    parser = ArgumentParser(
         prog="gpu-metrics-adapter",
         description="Serves GPU metrics from Prometheus through the Kubernetes custom and external "
         "metrics APIs, as an aggregated API server. `gpu-metrics-adapter hpa-explain` instead reads an HPA's "
@@ -98,7 +89,7 @@ def build_parser() -> _Parser:
     return parser
 
 
-def _rules(path: str | None, parser: _Parser) -> Rules:
+def _rules(path: str | None, parser: ArgumentParser) -> Rules:
     if not path:
         return DEFAULT_RULES
     try:
@@ -113,19 +104,19 @@ def _rules(path: str | None, parser: _Parser) -> Rules:
         parser.error(f"--config: {error}")
 
 
-def _kubernetes(flag: str, kubeconfig: str | None, parser: _Parser) -> client.ApiClient:
-    """An API client from a kubeconfig, or the pod's service account; a missing or broken one is a
-    start-up error naming the flag, never a traceback at the first request."""
+def _credentials(flag: str, kubeconfig: str | None, parser: ArgumentParser) -> Credentials:
+    """Credentials from a kubeconfig, or the pod's service account; a missing or broken one (or one
+    the loader does not support, such as an exec plugin) is a start-up error naming the flag, never
+    a traceback at the first request."""
     try:
-        return api_client(kubeconfig)
-    except Exception as error:  # the kubernetes client raises many kinds for a bad kubeconfig
-        reason = " ".join(str(error).split()) or type(error).__name__
+        return load_credentials(kubeconfig)
+    except ConfigError as error:
         if kubeconfig:
-            parser.error(f"{flag}: cannot use {kubeconfig!r}: {reason}")
-        parser.error(f"{flag} not given and not running in a cluster ({reason})")
+            parser.error(f"{flag}: cannot use {kubeconfig!r}: {error}")
+        parser.error(f"{flag} not given and not running in a cluster ({error})")
 
 
-def _validate(args: argparse.Namespace, parser: _Parser) -> None:
+def _validate(args: argparse.Namespace, parser: ArgumentParser) -> None:
     if not 0 < args.secure_port < 65536:
         parser.error(f"--secure-port: want 1 to 65535, got {args.secure_port}")
     try:
@@ -161,53 +152,11 @@ def _listed(value: str) -> tuple[str, ...]:
     return tuple(v.strip() for v in value.split(",") if v.strip())
 
 
-def self_signed(cert_dir: Path) -> tuple[Path, Path]:
-    """A serving pair for this host, as kube-apiserver's own --cert-dir does, reused if present."""
-    from cryptography import x509
-    from cryptography.hazmat.primitives import hashes, serialization
-    from cryptography.hazmat.primitives.asymmetric import ec
-    from cryptography.x509.oid import NameOID
-
-    cert, key = cert_dir / "apiserver.crt", cert_dir / "apiserver.key"
-    if cert.exists() and key.exists():
-        return cert, key
-    cert_dir.mkdir(parents=True, exist_ok=True)
-    private = ec.generate_private_key(ec.SECP256R1())
-    name = x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, f"gpu-metrics-adapter@{socket.gethostname()}")])
-    now = datetime.datetime.now(datetime.UTC)
-    certificate = (
-        x509.CertificateBuilder()
-        .subject_name(name)
-        .issuer_name(name)
-        .public_key(private.public_key())
-        .serial_number(x509.random_serial_number())
-        .not_valid_before(now - datetime.timedelta(minutes=5))
-        .not_valid_after(now + datetime.timedelta(days=365))
-        .add_extension(
-            x509.SubjectAlternativeName(
-                [
-                    x509.DNSName("localhost"),
-                    x509.DNSName(socket.gethostname()),
-                    x509.IPAddress(ipaddress.ip_address("127.0.0.1")),
-                ]
-            ),
-            critical=False,
-        )
-        .sign(private, hashes.SHA256())
-    )
-    key.write_bytes(
-        private.private_bytes(
-            serialization.Encoding.PEM, serialization.PrivateFormat.PKCS8, serialization.NoEncryption()
-        )
-    )
-    os.chmod(key, 0o600)
-    cert.write_bytes(certificate.public_bytes(serialization.Encoding.PEM))
-    return cert, key
-
-
-def _serving_pair(args: argparse.Namespace, parser: _Parser) -> tuple[str, str]:
+def _serving_pair(args: argparse.Namespace, parser: ArgumentParser) -> tuple[str, str]:
     if args.tls_cert_file:
         return args.tls_cert_file, args.tls_private_key_file
+    from exporter.adapter.selfsigned import self_signed  # cryptography is loaded only to make a pair
+
     try:
         cert, key = self_signed(Path(args.cert_dir))
     except OSError as error:
@@ -216,7 +165,7 @@ def _serving_pair(args: argparse.Namespace, parser: _Parser) -> tuple[str, str]:
 
 
 def _front_proxy_source(
-    args: argparse.Namespace, parser: _Parser, main_api: client.ApiClient, cert: str, key: str
+    args: argparse.Namespace, parser: ArgumentParser, main_api: client.ApiClient, cert: str, key: str
 ) -> Callable[[], RequestHeaderConfig]:
     """How to read the front proxy's CA and header names: from --requestheader-client-ca-file
     (checked now), else from the extension-apiserver-authentication ConfigMap (read by the trust
@@ -258,10 +207,14 @@ def main(argv: Sequence[str] | None = None) -> int:
     args = parser.parse_args(arguments)
     _validate(args, parser)
     rules = _rules(args.config, parser)
-    main_api = _kubernetes("--kubeconfig", args.kubeconfig, parser)
+    main_api = api_client(_credentials("--kubeconfig", args.kubeconfig, parser))
     reviewer = KubeReviewer(
-        _kubernetes("--authentication-kubeconfig", args.authentication_kubeconfig or args.kubeconfig, parser),
-        _kubernetes("--authorization-kubeconfig", args.authorization_kubeconfig or args.kubeconfig, parser),
+        api_client(
+            _credentials("--authentication-kubeconfig", args.authentication_kubeconfig or args.kubeconfig, parser)
+        ),
+        api_client(
+            _credentials("--authorization-kubeconfig", args.authorization_kubeconfig or args.kubeconfig, parser)
+        ),
     )
     cert, key = _serving_pair(args, parser)
     try:
@@ -269,10 +222,6 @@ def main(argv: Sequence[str] | None = None) -> int:
     except (OSError, ssl.SSLError) as error:
         parser.error(f"--tls-cert-file/--tls-private-key-file: cannot load: {error}")
     read_front_proxy = _front_proxy_source(args, parser, main_api, cert, key)
-    try:
-        load_credentials(args.kubeconfig)  # what the pod watch will use: checked now, not at its first list
-    except ConfigError as error:
-        parser.error(f"--kubeconfig: {error}")
     configure_logging(args.log_level)
     return _serve(args, rules, reviewer, cert, key, read_front_proxy)
 

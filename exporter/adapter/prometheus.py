@@ -21,6 +21,7 @@ from dataclasses import dataclass
 
 import requests
 
+from exporter.adapter.backendstate import BackendState
 from exporter.adapter.provider import (
     ExternalValue,
     MetricInfo,
@@ -218,8 +219,7 @@ class PrometheusProvider:
         self._pod_names = pod_names
         # A query waits for an identical one in flight no longer than that one may take.
         self._shared = shared or SharedAnswers(SHARED_GROUPS, len, wait_s=prometheus.timeout_s + 1)
-        self._failing = ""  # the backend failure last logged: logged once per change of state
-        self._failing_lock = threading.Lock()
+        self._backend = BackendState(log, "Prometheus")
 
     def list_all_metrics(self) -> list[MetricInfo]:
         """Every configured metric, always: discovery never depends on data being there."""
@@ -284,20 +284,10 @@ class PrometheusProvider:
         try:
             samples = self._prometheus.query(promql)
         except PrometheusUnavailableError as error:
-            self._note_failure(f"Prometheus unavailable: {error}")
+            self._backend.failed(f"unavailable: {error}")
             raise UnavailableError("the metrics backend is unavailable") from error
         except PrometheusQueryError as error:
-            self._note_failure(f"Prometheus refused a rule's query ({error}): {promql}")
+            self._backend.failed(f"refused a rule's query ({error}): {promql}")
             raise ProviderError("the metric's query failed; the adapter's log says why") from error
-        if self._failing:
-            with self._failing_lock:
-                if self._failing:
-                    log.info("Prometheus answers again")
-                    self._failing = ""
+        self._backend.recovered()
         return samples
-
-    def _note_failure(self, message: str) -> None:
-        with self._failing_lock:
-            if message != self._failing:
-                log.warning("%s", message)
-                self._failing = message

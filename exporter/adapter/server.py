@@ -74,6 +74,12 @@ class _Handler(Handler):
             else:
                 self.send(200, b"ok", "text/plain; charset=utf-8")
             return
+        if self._verified_under_a_replaced_ca():
+            log.info(
+                "closing a connection from %s verified under the front proxy's previous CA", self.client_address[0]
+            )
+            self.close_connection = True  # unanswered: the client's retry connects under the current CA
+            return
         try:
             user = services.authenticator.authenticate(self._peer_cert(), self.headers)
             if user is None:
@@ -106,6 +112,20 @@ class _Handler(Handler):
     def _peer_cert(self) -> dict[str, Any] | None:
         connection = self.connection
         return connection.getpeercert() if isinstance(connection, ssl.SSLSocket) else None
+
+    def _verified_under_a_replaced_ca(self) -> bool:
+        """A client certificate verified in the handshake under a front-proxy CA since replaced.
+
+        k8s.io/apiserver checks the chain against the current CA on every request; a handshake's
+        verification is the connection's context's, so a connection wrapped with a context no longer
+        current is closed before it is answered. Its client retries on a new connection (Go's
+        transport does so for a GET on a reused one), which the current CA verifies or refuses."""
+        connection = self.connection
+        return (
+            isinstance(connection, ssl.SSLSocket)
+            and connection.context is not self.server.tls
+            and bool(connection.getpeercert())
+        )
 
     def _authorize(self, user: User, route: api.Route, path: str) -> None:
         """A SubjectAccessReview whose attributes name exactly the object whose data is returned."""
@@ -210,7 +230,10 @@ class AdapterServer(Server):
         super().__init__(address, _Handler, tls_context(cert, key, None), probe_paths=probes)
 
     def trust(self, front_proxy: RequestHeaderConfig) -> None:
-        """Installs the front proxy's settings (raises if its CA does not load)."""
-        context = tls_context(self._cert, self._key, front_proxy.client_ca_pem)
+        """Installs the front proxy's settings (raises if its CA does not load). A new CA is a new
+        context, and connections wrapped with the one before are trusted no more (see the handler);
+        the same CA with other header names keeps the context and its connections."""
+        current = self.services.authenticator.front_proxy
+        if current is None or current.client_ca_pem != front_proxy.client_ca_pem:
+            self.tls = tls_context(self._cert, self._key, front_proxy.client_ca_pem)
         self.services.authenticator.front_proxy = front_proxy
-        self.tls = context

@@ -16,10 +16,14 @@ work unchanged::
 Behaviour follows exporter-toolkit's: ``client_allowed_sans`` admits a client certificate only when
 one of its DNS, IP, email or URI names is listed (and needs a client certificate to be required);
 an unknown user is checked against a dummy hash so that answers take as long as for a known one;
-verified credentials are remembered by a hash of them. Options that only make sense for Go's TLS
-stack (cipher_suites, curve_preferences, prefer_server_cipher_suites, http_server_config.http2) are
-accepted for compatibility and left to Python's defaults; http_server_config.headers is refused
-rather than ignored. Relative paths are relative to the config file, as in exporter-toolkit.
+verified credentials are remembered by a hash of them. ``cipher_suites`` takes Go's names (those
+of Go's ``tls.CipherSuites()``) and limits TLS 1.2 to them; TLS 1.3's suites are fixed, as in Go.
+``RequestClientCert`` and ``RequireAnyClientCert`` ask for a certificate and do not verify it: Python's
+TLS verifies every certificate it asks for, so they are refused at start rather than served
+differently. Options that only make sense for Go's TLS stack (curve_preferences,
+prefer_server_cipher_suites, http_server_config.http2) are accepted for compatibility and left to
+Python's defaults; http_server_config.headers is refused rather than ignored. Relative paths are
+relative to the config file, as in exporter-toolkit.
 """
 
 from __future__ import annotations
@@ -53,12 +57,30 @@ _TLS_VERSIONS = {
 _CLIENT_AUTH = {
     "": ssl.CERT_NONE,
     "NoClientCert": ssl.CERT_NONE,
-    "RequestClientCert": ssl.CERT_OPTIONAL,
-    "RequireAnyClientCert": ssl.CERT_REQUIRED,
-    "RequireClientCert": ssl.CERT_REQUIRED,  # exporter-toolkit keeps this older name
     "VerifyClientCertIfGiven": ssl.CERT_OPTIONAL,
     "RequireAndVerifyClientCert": ssl.CERT_REQUIRED,
 }
+# Go's modes that ask for a certificate without verifying it, and the verified mode to use instead.
+_UNVERIFIED_CLIENT_AUTH = {
+    "RequestClientCert": "VerifyClientCertIfGiven",
+    "RequireAnyClientCert": "RequireAndVerifyClientCert",
+    "RequireClientCert": "RequireAndVerifyClientCert",  # exporter-toolkit's older name for RequireAnyClientCert
+}
+# Go's TLS 1.2 cipher suites (tls.CipherSuites(), which exporter-toolkit accepts) by OpenSSL's names.
+_TLS12_CIPHERS = {
+    "TLS_ECDHE_ECDSA_WITH_AES_128_CBC_SHA": "ECDHE-ECDSA-AES128-SHA",
+    "TLS_ECDHE_ECDSA_WITH_AES_256_CBC_SHA": "ECDHE-ECDSA-AES256-SHA",
+    "TLS_ECDHE_RSA_WITH_AES_128_CBC_SHA": "ECDHE-RSA-AES128-SHA",
+    "TLS_ECDHE_RSA_WITH_AES_256_CBC_SHA": "ECDHE-RSA-AES256-SHA",
+    "TLS_ECDHE_ECDSA_WITH_AES_128_GCM_SHA256": "ECDHE-ECDSA-AES128-GCM-SHA256",
+    "TLS_ECDHE_ECDSA_WITH_AES_256_GCM_SHA384": "ECDHE-ECDSA-AES256-GCM-SHA384",
+    "TLS_ECDHE_RSA_WITH_AES_128_GCM_SHA256": "ECDHE-RSA-AES128-GCM-SHA256",
+    "TLS_ECDHE_RSA_WITH_AES_256_GCM_SHA384": "ECDHE-RSA-AES256-GCM-SHA384",
+    "TLS_ECDHE_RSA_WITH_CHACHA20_POLY1305_SHA256": "ECDHE-RSA-CHACHA20-POLY1305",
+    "TLS_ECDHE_ECDSA_WITH_CHACHA20_POLY1305_SHA256": "ECDHE-ECDSA-CHACHA20-POLY1305",
+}
+# Accepted and, as in Go, without effect: TLS 1.3's suites are not configurable.
+_TLS13_CIPHERS = frozenset({"TLS_AES_128_GCM_SHA256", "TLS_AES_256_GCM_SHA384", "TLS_CHACHA20_POLY1305_SHA256"})
 _STRING, _STRINGS, _BOOL = "a string", "a list of strings", "true or false"
 _TLS_FIELDS = {
     "cert_file": _STRING,
@@ -293,6 +315,12 @@ def _tls_context(config: dict[Any, Any], base: Path) -> tuple[ssl.SSLContext, fr
     except (OSError, ValueError) as error:  # ssl.SSLError is an OSError; a path with a NUL byte a ValueError
         raise WebConfigError(f"tls_server_config: cannot load cert_file/key_file: {error}") from error
     auth_type = config.get("client_auth_type") or ""
+    if auth_type in _UNVERIFIED_CLIENT_AUTH:
+        raise WebConfigError(
+            f"tls_server_config.client_auth_type {auth_type} (a client certificate asked for, not verified) is not "
+            f"supported: Python's TLS verifies every certificate it asks for; use {_UNVERIFIED_CLIENT_AUTH[auth_type]} "
+            "with client_ca_file"
+        )
     if auth_type not in _CLIENT_AUTH:
         raise WebConfigError(f"tls_server_config.client_auth_type: unknown {auth_type!r}")
     context.verify_mode = _CLIENT_AUTH[auth_type]
@@ -311,10 +339,7 @@ def _tls_context(config: dict[Any, Any], base: Path) -> tuple[ssl.SSLContext, fr
     allowed_sans = config.get("client_allowed_sans")
     if allowed_sans is not None and context.verify_mode != ssl.CERT_REQUIRED:
         # As exporter-toolkit: with a certificate optional there may be nothing to match.
-        raise WebConfigError(
-            "tls_server_config.client_allowed_sans needs client_auth_type RequireAnyClientCert or "
-            "RequireAndVerifyClientCert"
-        )
+        raise WebConfigError("tls_server_config.client_allowed_sans needs client_auth_type RequireAndVerifyClientCert")
     for key, attribute in (("min_version", "minimum_version"), ("max_version", "maximum_version")):
         if config.get(key) is not None:
             if config[key] not in _TLS_VERSIONS:
@@ -322,6 +347,8 @@ def _tls_context(config: dict[Any, Any], base: Path) -> tuple[ssl.SSLContext, fr
             setattr(context, attribute, _TLS_VERSIONS[config[key]])
     if config.get("min_version") is None:
         context.minimum_version = ssl.TLSVersion.TLSv1_2  # exporter-toolkit's default
+    if config.get("cipher_suites"):
+        _set_ciphers(context, config["cipher_suites"])
     if config.get("max_version") is not None and context.maximum_version < context.minimum_version:
         # OpenSSL takes the pair, then fails every handshake.
         raise WebConfigError(
@@ -330,3 +357,28 @@ def _tls_context(config: dict[Any, Any], base: Path) -> tuple[ssl.SSLContext, fr
         )
     sans = None if allowed_sans is None else frozenset(_ip_text(name) for name in allowed_sans)
     return context, sans
+
+
+def _set_ciphers(context: ssl.SSLContext, names: list[str]) -> None:
+    """Limits TLS 1.2 to the listed suites, in their order; listing none of TLS 1.2's leaves TLS 1.3
+    alone, as Go then negotiates no TLS 1.2 suite."""
+    unknown = [name for name in names if name not in _TLS12_CIPHERS and name not in _TLS13_CIPHERS]
+    if unknown:
+        raise WebConfigError(
+            f"tls_server_config.cipher_suites: unknown {', '.join(unknown)} (want Go's names, e.g. "
+            "TLS_ECDHE_RSA_WITH_AES_128_GCM_SHA256)"
+        )
+    tls12 = [_TLS12_CIPHERS[name] for name in names if name in _TLS12_CIPHERS]
+    if tls12:
+        try:
+            context.set_ciphers(":".join(tls12))
+        except ssl.SSLError as error:  # none of them built into this OpenSSL
+            raise WebConfigError(f"tls_server_config.cipher_suites: none can be used here: {error}") from error
+        return
+    capped = context.maximum_version not in (ssl.TLSVersion.MAXIMUM_SUPPORTED, ssl.TLSVersion.TLSv1_3)
+    if capped:
+        raise WebConfigError(
+            "tls_server_config.cipher_suites lists only TLS 1.3 suites, and max_version is below TLS13: "
+            "no handshake could succeed"
+        )
+    context.minimum_version = ssl.TLSVersion.TLSv1_3

@@ -136,7 +136,7 @@ def test_a_failed_token_review_is_401_not_cached_and_logged_once(caplog: pytest.
     assert auth.authenticate(None, headers(Authorization="Bearer good")) == User("alice", ("team",))
     messages = [r.getMessage() for r in caplog.records]
     assert sum("TokenReview" in m and "failing" in m for m in messages) == 1
-    assert sum("answered again" in m for m in messages) == 1
+    assert sum("TokenReview recovered" in m for m in messages) == 1
 
 
 def test_a_failed_access_review_is_an_error_not_a_denial_and_logged_once(caplog: pytest.LogCaptureFixture) -> None:
@@ -147,13 +147,39 @@ def test_a_failed_access_review_is_an_error_not_a_denial_and_logged_once(caplog:
     assert sum("SubjectAccessReview" in r.getMessage() for r in caplog.records) == 1
 
 
-def test_access_decisions_are_cached_per_attributes() -> None:
+ATTRIBUTES = {
+    "group": "custom.metrics.k8s.io",
+    "version": "v1beta2",
+    "resource": "pods",
+    "subresource": "duty_cycle_current",
+    "name": "bert-0",
+    "namespace": "default",
+    "verb": "get",
+}
+ALICE = User("alice", ("team",), "alice-uid", (("scopes", ("gpu-metrics",)),))
+VARIANTS = [  # each differs from (ALICE, ATTRIBUTES) in one thing a SubjectAccessReview decides on
+    *((ALICE, ATTRIBUTES | {key: f"other-{value}"}) for key, value in ATTRIBUTES.items()),
+    (ALICE, {"path": "/apis/custom.metrics.k8s.io", "verb": "get"}),
+    (User("mallory", ALICE.groups, ALICE.uid, ALICE.extra), ATTRIBUTES),
+    (User(ALICE.name, ("team", "admins"), ALICE.uid, ALICE.extra), ATTRIBUTES),
+    (User(ALICE.name, ALICE.groups, "other-uid", ALICE.extra), ATTRIBUTES),
+    (User(ALICE.name, ALICE.groups, ALICE.uid, (("scopes", ("all-metrics",)),)), ATTRIBUTES),
+    (User(ALICE.name, ALICE.groups, ALICE.uid), ATTRIBUTES),
+]
+
+
+@pytest.mark.parametrize(("user", "attributes"), VARIANTS)
+def test_access_decisions_are_cached_per_attributes(user: User, attributes: dict[str, str]) -> None:
+    """The same user and attributes are reviewed once per TTL; a request differing in any one of
+    them is reviewed again, never answered with another's decision."""
     reviewer = Reviewer()
     authorizer = Authorizer(reviewer, ttl_s=10, clock=lambda: 0.0)
-    attributes = {"group": "custom.metrics.k8s.io", "resource": "pods", "verb": "get"}
-    assert authorizer.allowed(User("alice"), attributes)
-    assert authorizer.allowed(User("alice"), dict(attributes))
-    assert not authorizer.allowed(User("mallory"), attributes)
+    assert authorizer.allowed(ALICE, ATTRIBUTES)
+    assert authorizer.allowed(ALICE, dict(ATTRIBUTES))
+    assert reviewer.access_reviews == 1
+    authorizer.allowed(user, attributes)
+    assert reviewer.access_reviews == 2
+    authorizer.allowed(user, dict(attributes))
     assert reviewer.access_reviews == 2
 
 

@@ -95,3 +95,22 @@ def test_an_unwritable_cert_dir_is_one_line(tmp_path: Path, kubeconfig: Path) ->
     assert result.returncode == 2
     (line,) = result.stderr.strip().splitlines()
     assert "--cert-dir: cannot write a self-signed pair" in line
+
+
+@pytest.mark.parametrize("flag", ["--kubeconfig", "--authentication-kubeconfig", "--authorization-kubeconfig"])
+def test_a_kubeconfig_the_loader_refuses_is_one_line_for_every_kubeconfig_flag(
+    tmp_path: Path, kubeconfig: Path, flag: str
+) -> None:
+    """One loader reads all three: an exec plugin (which the pod watch cannot use) is refused at start
+    whichever flag names it, never accepted by the reviews' client and failed by the watch's."""
+    exec_plugin = tmp_path / "exec-kubeconfig"
+    exec_plugin.write_text(
+        kubeconfig.read_text().replace(
+            "user: {}", "user: {exec: {apiVersion: client.authentication.k8s.io/v1, command: /bin/true}}"
+        )
+    )
+    args = ["--kubeconfig", str(kubeconfig)] if flag != "--kubeconfig" else []
+    result = run_adapter(tmp_path, *args, flag, str(exec_plugin))
+    assert result.returncode == 2, result.stderr
+    (line,) = result.stderr.strip().splitlines()
+    assert line.startswith(f"gpu-metrics-adapter: error: {flag}: cannot use") and "exec" in line, line

@@ -11,6 +11,9 @@ kube-apiserver is played by sim/apiserver.py (TokenReview, SubjectAccessReview, 
 from __future__ import annotations
 
 import json
+import re
+import socket
+import ssl
 import time
 from collections.abc import Callable, Iterator
 from pathlib import Path
@@ -97,7 +100,8 @@ def test_the_front_proxy_ca_is_read_once_it_can_be_and_readiness_waits_for_it(
         assert until(lambda: adapter.get(DISCOVERY, X_Remote_User="hpa").status_code == 200), adapter.log.read_text()
         assert adapter.get("/readyz", cert=False).status_code == 200
         log = adapter.log.read_text()
-        assert log.count("cannot read the front proxy's CA") == 1  # once per change of state, not per retry
+        assert log.count("reading the front proxy's CA failing") == 1  # once per change of state, not per retry
+        assert log.count("reading the front proxy's CA recovered") == 1
     finally:
         adapter.stop()
 
@@ -224,6 +228,39 @@ def test_a_tokens_uid_and_extra_decide_the_access_review(tmp_path: Path, api: Fa
         adapter.stop()
 
 
+def test_one_kubeconfig_serves_the_reviews_the_configmap_and_the_pod_watch_alike(tmp_path: Path) -> None:
+    """The reviews' client, the ConfigMap's and the pod watch read one kubeconfig with one loader: its
+    CA (inline), client certificate and token reach the API server from all three."""
+    pki = make_pki(tmp_path / "pki")
+    api = FakeApiServer(tls=pki, token="adapter-token").start()  # GETs without the token are 401
+    api.tokens["bob-token"] = ("bob", ["system:authenticated"])
+    api.config_maps[CONFIG_MAP] = published(pki)
+    kubeconfig = api.write_kubeconfig(tmp_path / "kubeconfig", token="adapter-token", client_cert=True, inline=True)
+    port = free_port()
+    log = tmp_path / "adapter.log"
+    nowhere = f"http://127.0.0.1:{free_port()}"
+    process = spawn_adapter(port, *adapter_args(pki, kubeconfig, nowhere, front_proxy_ca=False), output=log)
+    url = f"https://127.0.0.1:{port}"
+
+    def get(path: str, **headers: str) -> requests.Response:
+        return requests.get(url + path, headers=headers, verify=str(pki.ca), timeout=10)
+
+    try:
+        process.wait_for_port(port)
+        # Ready: the pod watch has synced and the ConfigMap (the front proxy's CA) has been read.
+        assert until(lambda: get("/readyz").status_code == 200), log.read_text()
+        # A bearer token: a TokenReview, then a SubjectAccessReview, both over TLS to the same server.
+        assert get(DISCOVERY, Authorization="Bearer bob-token").status_code == 200, log.read_text()
+        assert api.access_reviews[-1]["user"] == "bob"
+        paths = {call.path for call in api.calls if call.method == "GET"}
+        assert {"/api/v1/pods", "/api/v1/namespaces/kube-system/configmaps/extension-apiserver-authentication"} <= paths
+        gets = [call for call in api.calls if call.method == "GET"]
+        assert {(call.authorization, call.client_cn) for call in gets} == {("Bearer adapter-token", "prometheus")}
+    finally:
+        process.stop()
+        api.stop()
+
+
 class _Allow:
     def review_token(self, token: str) -> User | None:
         return None
@@ -286,6 +323,90 @@ def test_a_rotated_front_proxy_ca_is_trusted_for_new_connections(tmp_path: Path)
         server.server_close()
 
 
+class _Recording(_Allow):
+    def __init__(self) -> None:
+        self.users: list[str] = []
+
+    def review_access(self, user: User, attributes: Any) -> bool:
+        self.users.append(user.name)
+        return True
+
+
+def test_a_kept_alive_connection_is_not_trusted_past_a_ca_rotation(tmp_path: Path) -> None:
+    """k8s.io/apiserver checks the front proxy's chain against the current CA on every request: a
+    connection verified under a CA since replaced must not go on naming users in X-Remote-User."""
+    old, new = make_pki(tmp_path / "old"), make_pki(tmp_path / "new")
+    ca_file = tmp_path / "requestheader-ca.crt"
+    ca_file.write_bytes(old.ca.read_bytes())
+    authorizer = _Recording()
+    services = Services(
+        custom=_NoMetrics(),  # type: ignore[arg-type]
+        external=_NoMetrics(),  # type: ignore[arg-type]
+        authenticator=Authenticator(_Allow()),
+        authorizer=Authorizer(authorizer, ttl_s=0),  # every request reviewed: the user it names is seen
+        always_allow_paths=frozenset({"/readyz"}),
+        not_ready=lambda: "",
+    )
+    server = AdapterServer(("127.0.0.1", 0), str(old.server_cert), str(old.server_key), services)
+    server.start()
+    user_headers = ["X-Remote-User"]
+    trust = FrontProxyTrust(
+        lambda: RequestHeaderConfig(ca_file.read_text(), username_headers=tuple(user_headers)),
+        server.trust,
+        refresh_s=0.2,
+        backoff=Backoff(initial_s=0.1, cap_s=0.2),
+    )
+    trust.start()
+    context = ssl.create_default_context(cafile=str(old.ca))
+    context.load_cert_chain(old.client_cert, old.client_key)
+    request = b"GET /apis HTTP/1.1\r\nHost: adapter\r\nX-Remote-User: bob\r\n\r\n"
+
+    def answer(connection: ssl.SSLSocket) -> bytes:
+        """The status line of the answer to one request (b"" when the connection is closed instead)."""
+        connection.sendall(request)
+        head = b""
+        while b"\r\n\r\n" not in head:
+            data = connection.recv(65536)
+            if not data:
+                return head
+            head += data
+        length = int(re.search(rb"(?i)content-length: *(\d+)", head)[1])  # type: ignore[index]
+        body = head.split(b"\r\n\r\n", 1)[1]
+        while len(body) < length:
+            body += connection.recv(65536)
+        return head.split(b"\r\n", 1)[0]
+
+    raw = socket.create_connection(("127.0.0.1", server.server_address[1]), timeout=5)
+    try:
+        with context.wrap_socket(raw, server_hostname="localhost") as kept_alive:
+            assert answer(kept_alive) == b"HTTP/1.1 200 OK"
+            # New header names under the same CA: the connection stays trusted.
+            user_headers.append("X-Proxy-User")
+            assert until(lambda: len(getattr(services.authenticator.front_proxy, "username_headers", ())) == 2, 10)
+            assert answer(kept_alive) == b"HTTP/1.1 200 OK"
+            assert authorizer.users == ["bob", "bob"]
+            ca_file.write_bytes(new.ca.read_bytes())  # the front proxy's CA rotates
+            rotated = new.ca.read_text()
+            assert until(lambda: getattr(services.authenticator.front_proxy, "client_ca_pem", "") == rotated, 10)
+            try:
+                after = answer(kept_alive)
+            except OSError:  # reset: closed as well
+                after = b""
+            assert not after.startswith(b"HTTP/1.1 200")
+            assert authorizer.users == ["bob", "bob"]  # never authorized as bob again on that connection
+        # A new connection is verified under the current CA: the new certificate names users again.
+        fresh = ssl.create_default_context(cafile=str(old.ca))
+        fresh.load_cert_chain(new.client_cert, new.client_key)
+        raw = socket.create_connection(("127.0.0.1", server.server_address[1]), timeout=5)
+        with fresh.wrap_socket(raw, server_hostname="localhost") as connection:
+            assert answer(connection) == b"HTTP/1.1 200 OK"
+        assert authorizer.users == ["bob", "bob", "bob"]
+    finally:
+        trust.stop()
+        server.shutdown()
+        server.server_close()
+
+
 def test_failures_back_off_with_jitter_up_to_a_bound() -> None:
     calls = []
 
@@ -294,6 +415,6 @@ def test_failures_back_off_with_jitter_up_to_a_bound() -> None:
         raise OSError("configmaps is forbidden")
 
     trust = FrontProxyTrust(unreadable, lambda _: None, refresh_s=60, backoff=Backoff(initial_s=1, cap_s=30, jitter=0))
-    waits = [trust._attempt() for _ in range(7)]
+    waits = [trust.loop.run_once() for _ in range(7)]
     assert waits == [1, 2, 4, 8, 16, 30, 30]  # doubling, then capped: never a tight loop
     assert not trust.loaded.is_set() and len(calls) == 7

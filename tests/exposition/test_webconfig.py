@@ -181,6 +181,71 @@ def test_tls_version_floor(tmp_path: Path, pki: Pki, start_agent) -> None:  # ty
         context.wrap_socket(raw, server_hostname="127.0.0.1")
 
 
+def negotiated(port: int, ca: Path, openssl_ciphers: str) -> str | None:
+    """The TLS 1.2 suite a client offering only ``openssl_ciphers`` gets, or None if refused."""
+    context = ssl.create_default_context(cafile=str(ca))
+    context.maximum_version = ssl.TLSVersion.TLSv1_2
+    context.set_ciphers(openssl_ciphers)
+    try:
+        with (
+            socket.create_connection(("127.0.0.1", port), timeout=5) as raw,
+            context.wrap_socket(raw, server_hostname="127.0.0.1") as tls,
+        ):
+            suite = tls.cipher()
+            return suite[0] if suite else None
+    except ssl.SSLError:
+        return None
+
+
+def test_cipher_suites_limit_tls12_to_the_listed_ones(tmp_path: Path, pki: Pki, start_agent) -> None:  # type: ignore[no-untyped-def]
+    """exporter-toolkit's cipher_suites, by Go's names: a CBC suite (which OpenSSL would otherwise
+    choose for a client offering only that) is refused when the file allows one AEAD suite. TLS 1.3
+    is unaffected, as in Go."""
+    config = web_config(tmp_path, pki, "  cipher_suites: [TLS_ECDHE_ECDSA_WITH_AES_128_GCM_SHA256]\n")
+    agent = start_agent(args(tmp_path, config), scenario(tmp_path), ca=pki.ca)
+    cbc = "ECDHE-ECDSA-AES128-SHA256:ECDHE-ECDSA-AES256-SHA384"
+    assert negotiated(agent.port, pki.ca, cbc) is None
+    assert negotiated(agent.port, pki.ca, f"{cbc}:ECDHE-ECDSA-AES256-GCM-SHA384") is None
+    assert negotiated(agent.port, pki.ca, f"{cbc}:ECDHE-ECDSA-AES128-GCM-SHA256") == "ECDHE-ECDSA-AES128-GCM-SHA256"
+    scrape = requests.get(agent.url + "/metrics", verify=agent.verify, auth=("prometheus", PASSWORD), timeout=5)
+    assert scrape.status_code == 200  # over TLS 1.3
+
+
+def test_cipher_suites_can_name_a_suite_python_leaves_out(tmp_path: Path, pki: Pki, start_agent) -> None:  # type: ignore[no-untyped-def]
+    """Python's defaults leave out SHA-1 suites; a file listing one gets it, as with exporter-toolkit."""
+    config = web_config(tmp_path, pki, "  cipher_suites: [TLS_ECDHE_ECDSA_WITH_AES_128_CBC_SHA]\n")
+    agent = start_agent(args(tmp_path, config), scenario(tmp_path), ca=pki.ca)
+    assert negotiated(agent.port, pki.ca, "ECDHE-ECDSA-AES128-SHA") == "ECDHE-ECDSA-AES128-SHA"
+    assert negotiated(agent.port, pki.ca, "ECDHE-ECDSA-AES128-GCM-SHA256") is None
+
+
+@pytest.mark.parametrize(
+    ("extra_tls", "complaint"),
+    [
+        (
+            "  cipher_suites: [TLS_ECDHE_RSA_WITH_AES_128_GCM_SHA256, ECDHE-RSA-AES128-SHA]\n",
+            "unknown ECDHE-RSA-AES128",
+        ),
+        ("  cipher_suites: [TLS_RSA_WITH_RC4_128_SHA]\n", "cipher_suites: unknown TLS_RSA_WITH_RC4_128_SHA"),
+        ("  cipher_suites: [TLS_AES_128_GCM_SHA256]\n  max_version: TLS12\n", "lists only TLS 1.3 suites"),
+        ("  client_auth_type: RequireAnyClientCert\n", "RequireAnyClientCert (a client certificate asked for, not"),
+        ("  client_auth_type: RequireClientCert\n  client_ca_file: CA\n", "use RequireAndVerifyClientCert"),
+        ("  client_auth_type: RequestClientCert\n", "use VerifyClientCertIfGiven with client_ca_file"),
+    ],
+)
+def test_tls_settings_python_cannot_serve_as_go_does_exit_2(
+    tmp_path: Path, pki: Pki, extra_tls: str, complaint: str
+) -> None:
+    """Refused at start, one line, rather than served differently from exporter-toolkit: Python's
+    TLS verifies every client certificate it asks for."""
+    config = web_config(tmp_path, pki, extra_tls.replace("CA", str(pki.ca)))
+    result = subprocess.run(
+        [sys.executable, "-m", "exporter", "--web-config", str(config)], capture_output=True, text=True, timeout=30
+    )
+    lines = result.stderr.strip().splitlines()
+    assert result.returncode == 2 and len(lines) == 1 and complaint in lines[0], lines
+
+
 def test_client_allowed_sans_admit_only_listed_certificates(tmp_path: Path, pki: Pki, start_agent) -> None:  # type: ignore[no-untyped-def]
     """As exporter-toolkit: a verified client certificate gets in only if one of its DNS, IP, email
     or URI names is listed; IP addresses match however the certificate spells them."""
