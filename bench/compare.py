@@ -100,9 +100,11 @@ def series_count(url: str) -> int:
 class SimulatedNode:
     """A node layout served to one exporter: NVML scenario, kubelet, /proc and the pods API."""
 
-    def __init__(self, exporter: str, gpus: int, procs: int, pods: int, extra: tuple[str, ...] = ()) -> None:
+    def __init__(
+        self, exporter: str, gpus: int, procs: int, pods: int, extra: tuple[str, ...] = (), migs_per_gpu: int = 0
+    ) -> None:
         self.state = Path(tempfile.mkdtemp(prefix="gpu-bench-"))
-        layout = node_layout(gpus, procs, pods)
+        layout = node_layout(gpus, procs, pods, migs_per_gpu=migs_per_gpu)
         layout.scenario.write(self.state / "scenario.txt")
         self.kubelet = FakeKubelet(str(self.state / "kubelet.sock")).start()
         self.kubelet.set_pods(layout.allocations)

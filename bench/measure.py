@@ -16,7 +16,7 @@ from typing import Any
 from sim.apiserver import pod_json
 from sim.kubelet import PodDevices
 from sim.procfs import systemd_v2
-from sim.scenario import GIB, Gpu, Proc, Scenario, gpu_uuid
+from sim.scenario import GIB, Gpu, Mig, Proc, Scenario, gpu_uuid, mig_uuid
 
 
 @dataclass(frozen=True)
@@ -29,12 +29,21 @@ class NodeLayout:
     pods: list[dict[str, Any]]
 
 
-def node_layout(gpus: int, procs: int, pods: int, node: str = "bench-node") -> NodeLayout:
-    """``pods`` pods time-slicing ``gpus`` GPUs round-robin; ``procs`` processes spread over the pods."""
+def node_layout(gpus: int, procs: int, pods: int, node: str = "bench-node", migs_per_gpu: int = 0) -> NodeLayout:
+    """``pods`` pods time-slicing the node's devices round-robin; ``procs`` processes spread over the
+    pods (many per device: MPS-style). With ``migs_per_gpu`` every GPU is split into that many MIG
+    devices (1g.10gb) and the pods hold MIG devices instead of GPUs."""
     names = [f"bert-intent-detection-{i:04d}" for i in range(pods)]
     uids = [f"{i:08x}-0000-4000-8000-000000000000" for i in range(pods)]
+    migs = [
+        Mig(parent=g, uuid=mig_uuid(g * migs_per_gpu + m), gi=m + 1, name="NVIDIA H100 MIG 1g.10gb", total=10 * GIB)
+        for g in range(gpus)
+        for m in range(migs_per_gpu)
+    ]
+    devices = [m.uuid for m in migs] or [gpu_uuid(g) for g in range(gpus)]
+    resource = "nvidia.com/mig-1g.10gb" if migs else "nvidia.com/gpu"
     allocations = [
-        PodDevices("default", name, {"server": [("nvidia.com/gpu", [f"{gpu_uuid(i % gpus)}::{i}"])]})
+        PodDevices("default", name, {"server": [(resource, [f"{devices[i % len(devices)]}::{i}"])]})
         for i, name in enumerate(names)
     ]
     cgroups: dict[int, str] = {}
@@ -45,8 +54,14 @@ def node_layout(gpus: int, procs: int, pods: int, node: str = "bench-node") -> N
         pid = 100_000 + p
         cgroups[pid] = systemd_v2(uids[pod], f"{pid:064x}")
         containers.setdefault(pod, {"server": f"{pid:064x}"})
-        processes.append(Proc(gpu=pod % gpus, pid=pid, mem=GIB, sm=(p * 7) % 50))
-    scenario = Scenario(gpus=[Gpu(gpu_uuid(i), util=40) for i in range(gpus)], procs=processes)
+        if migs:
+            mig = migs[pod % len(migs)]
+            processes.append(Proc(gpu=mig.parent, pid=pid, mem=GIB // 8, gi=mig.gi, ci=0))
+        else:
+            processes.append(Proc(gpu=pod % gpus, pid=pid, mem=GIB, sm=(p * 7) % 50))
+    scenario = Scenario(
+        gpus=[Gpu(gpu_uuid(i), util=40, mig=bool(migs)) for i in range(gpus)], migs=migs, procs=processes
+    )
     pod_objects = [pod_json(uids[i], "default", names[i], node, containers=containers.get(i, {})) for i in range(pods)]
     return NodeLayout(scenario, allocations, cgroups, pod_objects)
 

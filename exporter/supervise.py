@@ -33,46 +33,45 @@ class StateLog:
     """Logs ``what`` failing once per change of state, and once when it recovers.
 
     ``failing`` is the state last logged (None while healthy) and ``failures`` counts failed
-    attempts since the last recovery, so readiness and metrics can read them too.
+    attempts since the last recovery, so readiness and metrics can read them too. Safe to share
+    between threads (an adapter's request threads share one backend's); a success while healthy,
+    every request's case, takes no lock.
     """
 
-    def __init__(self, logger: logging.Logger, what: str, level: int = logging.WARNING) -> None:
+    def __init__(self, logger: logging.Logger, what: str, consequence: str = "", level: int = logging.WARNING) -> None:
         self.logger = logger
         self.what = what
+        self.consequence = consequence
         self.level = level
         self.failing: str | None = None
         self.failures = 0
+        self._lock = threading.Lock()
 
     def failed(self, state: str, consequence: str = "", *, exc_info: BaseException | bool = False) -> bool:
-        """Records a failed attempt; logs it when ``state`` differs from the last one. True if logged."""
-        self.failures += 1
-        if state == self.failing:
-            return False
-        self.failing = state
-        self.logger.log(
-            self.level,
-            "%s failing (%s)%s",
-            self.what,
-            state,
-            f"; {consequence}" if consequence else "",
-            exc_info=exc_info,
-        )
+        """Records a failed attempt; logs it when ``state`` differs from the last one. True if logged.
+        ``consequence`` (else the one given at construction) says what users see meanwhile."""
+        with self._lock:
+            self.failures += 1
+            if state == self.failing:
+                return False
+            self.failing = state
+        consequence = consequence or self.consequence
+        suffix = f"; {consequence}" if consequence else ""
+        self.logger.log(self.level, "%s failing (%s)%s", self.what, state, suffix, exc_info=exc_info)
         return True
 
     def recovered(self, detail: str = "") -> bool:
         """Records a success; logs the recovery if it was failing. True if logged."""
-        if self.failing is None:
-            self.failures = 0
+        if self.failing is None and self.failures == 0:
             return False
-        self.logger.info(
-            "%s recovered after %d failed attempt%s%s",
-            self.what,
-            self.failures,
-            "" if self.failures == 1 else "s",
-            f" ({detail})" if detail else "",
-        )
-        self.failing = None
-        self.failures = 0
+        with self._lock:
+            if self.failing is None:
+                self.failures = 0
+                return False
+            failures, self.failing, self.failures = self.failures, None, 0
+        plural = "" if failures == 1 else "s"
+        suffix = f" ({detail})" if detail else ""
+        self.logger.info("%s recovered after %d failed attempt%s%s", self.what, failures, plural, suffix)
         return True
 
 

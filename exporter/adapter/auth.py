@@ -23,8 +23,7 @@ from dataclasses import dataclass
 from typing import Any, Protocol
 from urllib.parse import unquote
 
-from exporter.adapter.backendstate import BackendState
-from exporter.supervise import describe
+from exporter.supervise import StateLog, describe
 
 log = logging.getLogger(__name__)
 
@@ -149,7 +148,7 @@ class Authenticator:
         self._reviewer = reviewer
         self.front_proxy = front_proxy  # replaced whole when the published settings change
         self._tokens = _TtlCache(ttl_s, clock)
-        self._failures = BackendState(log, "TokenReview", "bearer tokens answered 401 meanwhile")
+        self._failures = StateLog(log, "TokenReview", "bearer tokens answered 401 meanwhile")
 
     def authenticate(self, peer_cert: Mapping[str, Any] | None, headers: Any) -> User | None:
         """``peer_cert`` is ssl's verified client certificate (None or empty without one);
@@ -187,7 +186,7 @@ class Authorizer:
     def __init__(self, reviewer: Reviewer, ttl_s: float = 10.0, clock: Callable[[], float] = time.monotonic) -> None:
         self._reviewer = reviewer
         self._decisions = _TtlCache(ttl_s, clock)
-        self._failures = BackendState(log, "SubjectAccessReview", "requests answered 500 meanwhile")
+        self._failures = StateLog(log, "SubjectAccessReview", "requests answered 500 meanwhile")
 
     def allowed(self, user: User, attributes: Mapping[str, Any]) -> bool:
         key = (user, tuple(sorted((k, str(v)) for k, v in attributes.items())))

@@ -21,7 +21,6 @@ from dataclasses import dataclass
 
 import requests
 
-from exporter.adapter.backendstate import BackendState
 from exporter.adapter.provider import (
     ExternalValue,
     MetricInfo,
@@ -33,6 +32,7 @@ from exporter.adapter.provider import (
 from exporter.adapter.rules import Rule, Rules, quote, selector_matchers
 from exporter.adapter.selector import Selector
 from exporter.adapter.sharing import SharedAnswers
+from exporter.supervise import StateLog
 
 log = logging.getLogger(__name__)
 
@@ -219,7 +219,7 @@ class PrometheusProvider:
         self._pod_names = pod_names
         # A query waits for an identical one in flight no longer than that one may take.
         self._shared = shared or SharedAnswers(SHARED_GROUPS, len, wait_s=prometheus.timeout_s + 1)
-        self._backend = BackendState(log, "Prometheus")
+        self._backend = StateLog(log, "Prometheus")
 
     def list_all_metrics(self) -> list[MetricInfo]:
         """Every configured metric, always: discovery never depends on data being there."""

@@ -145,7 +145,7 @@ class NvmlReader:
         self.stalled_gpus: frozenset[int] = frozenset()
         self._retry = Backoff(retry_min_s, retry_max_s)
         self._next_init = 0.0
-        self._nvml_state = StateLog(log, "NVML", logging.ERROR)
+        self._nvml_state = StateLog(log, "NVML", level=logging.ERROR)
         self._closed = False
         self._pool: StallPool[int, _GpuResult] = StallPool(self._read_gpu, "nvml-read")
         self._last: dict[int, tuple[DeviceReading, ...]] = {}
