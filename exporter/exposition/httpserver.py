@@ -15,11 +15,14 @@ touches a socket, so the loop keeps every socket to itself. h11 refuses conflict
 Content-Lengths, a bare CR in a head, a missing Host and a head still incomplete after 32 KiB;
 it unfolds obs-fold and accepts bare LF line ends, as RFC 9112 allows a recipient to. Around it:
 
-- at most ``max_connections`` are open: beyond it, the connection that has waited longest without
-  a complete request is closed to admit the new one; then the one whose answer has not drained
-  for longest, if it has taken nothing for a second; then the longest idle; then the slowest
-  reader. So neither a flood of slow senders nor clients that never read their answers can lock
-  out a scraper that sends its request at once, or push out its idle keep-alive connection;
+- at most ``max_connections`` are open, and at most ``max_connections_per_client`` from one client
+  address. Beyond either, one connection is closed to admit the new one (for the per-client
+  bound, one of that client's own), the least useful first: one closing after its answer; one that
+  has waited a second (``_GRACE_S``: time for a request head to arrive) without a whole request;
+  a writer whose answer has taken nothing for a second; the longest idle keep-alive one; one
+  still within its second of waiting; then an answer that is draining. So a flood of slow senders,
+  clients that never read their answers or one client churning connections cannot lock out a
+  probe whose request is on its way, nor a scraper that polls on a kept-alive connection;
 - a connection's next request is read only once its answer has gone out, so a client pipelining
   requests holds at most one answer (and a read of requests not yet parsed) at a time;
 - the TLS handshake and the whole first request must arrive within ``request_timeout`` of the
@@ -45,7 +48,7 @@ import socket
 import ssl
 import threading
 import time
-from collections.abc import Callable, Collection, Mapping
+from collections.abc import Callable, Collection, Iterable, Mapping
 from dataclasses import dataclass
 from email.utils import formatdate
 from http import HTTPStatus
@@ -57,15 +60,18 @@ from exporter.supervise import StateLog
 
 log = logging.getLogger(__name__)
 
+MAX_CONNECTIONS = 512
+DEFAULT_MAX_CONNECTIONS_PER_CLIENT = 64
 MAX_HEAD_BYTES = 32 * 1024
 MAX_HEADERS = 100  # as http.client and http.server allow
 MAX_BODY_BYTES = 16 * 1024
 _READ_BYTES = 4096  # h11 checks its bound on a head between reads: a whole head may pass it by one read
+_GRACE_S = 1.0  # a connection waiting for its request this long is evicted before idle keep-alives
 _LINGER_S = 1.0  # how long a connection closed after an error answer may still send (then RST is harmless)
 _SEND_BYTES = 256 * 1024
 _STALLED_S = 1.0  # an answer that took no bytes for this long is not draining: evicted before idle keep-alives
 _OUT_OF_FDS = (errno.EMFILE, errno.ENFILE, errno.ENOBUFS, errno.ENOMEM)
-_EVICTING = "closing the oldest unfinished connections to admit new ones"
+_EVICTING = "closing the least useful connection to admit each new one"
 
 
 @dataclass
@@ -133,6 +139,7 @@ class _Connection:
         "address",
         "awaited",
         "body",
+        "client",
         "closed",
         "deadline",
         "eof",
@@ -143,6 +150,7 @@ class _Connection:
         "pending",
         "progressed",
         "request",
+        "since",
         "sock",
         "state",
         "tls",
@@ -153,6 +161,7 @@ class _Connection:
         self.tls = tls  # the context to wrap the connection with, once its ClientHello is in
         self.awaited = _TLS_RECORD_HEADER  # bytes of it that make the socket readable (SO_RCVLOWAT)
         self.address = address
+        self.client: str = address[0]
         self.state = _HELLO
         self.parser: h11.Connection | None = None  # made once the connection reads HTTP
         self.request: h11.Request | None = None  # while its body arrives and it is answered
@@ -162,6 +171,7 @@ class _Connection:
         self.pending: collections.deque[memoryview] = collections.deque()
         self.progressed = 0.0  # when its answer last took bytes (or began), while writing
         self.group: dict[_Connection, None] | None = None
+        self.since = 0.0  # when it entered its group
         self.deadline = 0.0
         self.events = 0
         self.closed = False
@@ -187,7 +197,8 @@ class Server:
         tls: ssl.SSLContext | None,
         *,
         peer_check: Callable[[Mapping[str, Any]], bool] | None = None,
-        max_connections: int = 512,
+        max_connections: int = MAX_CONNECTIONS,
+        max_connections_per_client: int | None = None,
         workers: int = 16,
         request_timeout: float = 10.0,
         idle_timeout: float = 120.0,
@@ -199,6 +210,7 @@ class Server:
         self.tls = tls
         self.peer_check = peer_check
         self.max_connections = max_connections
+        self.max_connections_per_client = max_connections_per_client or max_connections
         self.max_workers = workers
         self.request_timeout = request_timeout
         self.idle_timeout = idle_timeout
@@ -222,12 +234,15 @@ class Server:
         self._selector.register(self.socket, selectors.EVENT_READ, "accept")
         self._accept_paused_until: float | None = None
         self._connections: set[_Connection] = set()
+        self._clients: dict[str, set[_Connection]] = {}  # open connections by client address
         # Open connections by what they are doing, each in the order they started doing it; the
-        # first of the first non-empty group is the one closed to admit a new connection.
-        self._opening: dict[_Connection, None] = {}  # handshake, partial request, lingering close
+        # first of each is the candidate from its group to close to admit a new connection.
+        self._lingering: dict[_Connection, None] = {}  # answered, closing
+        self._opening: dict[_Connection, None] = {}  # handshake, partial request
         self._idle: dict[_Connection, None] = {}  # keep-alive, waiting for the next request
         self._writing: dict[_Connection, None] = {}  # in the order their answers last took bytes
         self._at_limit = StateLog(log, "admitting connections")
+        self._client_at_limit = StateLog(log, "admitting a client's connections")
         self._peers = StateLog(log, "client certificates")
         self._next_sweep = 0.0
         self._done: collections.deque[tuple[_Connection, _Answer]] = collections.deque()
@@ -345,15 +360,13 @@ class Server:
             except OSError as error:
                 if error.errno in _OUT_OF_FDS:
                     self._at_limit.failed(f"cannot accept: {error.strerror}", _EVICTING)
-                    if not self._evict():
+                    if not self._evict(self._candidates()):
                         self._pause_accepting()
                     return
                 continue  # the client gave up before we accepted (ECONNABORTED and kin)
-            if len(self._connections) >= self.max_connections:
-                self._at_limit.failed(f"{len(self._connections)} connections open, the most allowed", _EVICTING)
-                if not self._evict():
-                    sock.close()
-                    continue
+            if not self._make_room(address[0]):
+                sock.close()
+                continue
             try:
                 sock.setblocking(False)
                 sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
@@ -364,11 +377,25 @@ class Server:
                 continue
             conn = _Connection(sock, address, self.tls)
             self._connections.add(conn)
+            self._clients.setdefault(conn.client, set()).add(conn)
             self._enter(conn, self._opening, self.request_timeout)
             if self.tls is None:
                 self._speak_http(conn)
             else:
                 self._watch(conn, selectors.EVENT_READ)
+
+    def _make_room(self, client: str) -> bool:
+        """Whether a new connection from ``client`` may be admitted, closing another if needed."""
+        own = self._clients.get(client, set())
+        if len(own) >= self.max_connections_per_client:
+            self._client_at_limit.failed(
+                f"a client holds {len(own)} connections, the most one client may", f"closing its own first ({client})"
+            )
+            return self._evict(own)
+        if len(self._connections) >= self.max_connections:
+            self._at_limit.failed(f"{len(self._connections)} connections open, the most allowed", _EVICTING)
+            return self._evict(self._candidates())
+        return True
 
     def _hello(self, conn: _Connection) -> None:
         """Waits for the client's whole ClientHello, in the kernel's buffer, before giving the
@@ -425,11 +452,11 @@ class Server:
             if not self.peer_check(sock.getpeercert() or {}):
                 self._peers.failed(
                     "refused the client certificate: not allowed by the web config",
-                    f"closing such connections before any request (first from {conn.address[0]})",
+                    f"closing such connections before any request (first from {conn.client})",
                 )
                 self._close(conn)
                 return
-            self._peers.recovered(f"one allowed from {conn.address[0]}")
+            self._peers.recovered(f"one allowed from {conn.client}")
         self._speak_http(conn)
         self._read(conn)  # the first request may have come with the handshake's last flight
 
@@ -592,7 +619,7 @@ class Server:
             self._close(conn)
             return
         conn.state = _LINGER
-        self._enter(conn, self._opening, _LINGER_S)
+        self._enter(conn, self._lingering, _LINGER_S)
         self._watch(conn, selectors.EVENT_READ)
 
     def _linger(self, conn: _Connection) -> None:
@@ -613,7 +640,8 @@ class Server:
         conn.group = group
         if group is not None:
             group[conn] = None
-        conn.deadline = time.monotonic() + timeout_s
+        conn.since = time.monotonic()
+        conn.deadline = conn.since + timeout_s
 
     def _watch(self, conn: _Connection, events: int) -> None:
         if events == conn.events:
@@ -636,25 +664,45 @@ class Server:
             conn.events = 0
         self._enter(conn, None, 0.0)
         self._connections.discard(conn)
+        own = self._clients.get(conn.client)
+        if own is not None:
+            own.discard(conn)
+            if not own:
+                del self._clients[conn.client]
         conn.sock.close()
 
-    def _evict(self) -> bool:
-        """Closes one connection to admit another, the least useful first (see the module's doc)."""
-        stalled = next(iter(self._writing), None)
-        if stalled is not None and time.monotonic() - stalled.progressed < _STALLED_S:
-            stalled = None
-        for group in (self._opening, {stalled: None} if stalled else {}, self._idle, self._writing):
-            if group:
-                self._close(next(iter(group)))
-                return True
-        return False
+    def _candidates(self) -> list[_Connection]:
+        """The first of each group: within a group, no later one is less useful."""
+        return [next(iter(group)) for group in (self._lingering, self._opening, self._idle, self._writing) if group]
+
+    def _evict(self, candidates: Iterable[_Connection]) -> bool:
+        """Closes the least useful of ``candidates`` (see the module's doc); False if none may go."""
+        now = time.monotonic()
+        ranked = [(rank, conn) for conn in candidates if (rank := self._usefulness(conn, now)) is not None]
+        if not ranked:
+            return False
+        self._close(min(ranked, key=lambda ranked_conn: ranked_conn[0])[1])
+        return True
+
+    def _usefulness(self, conn: _Connection, now: float) -> tuple[int, float] | None:
+        """Lower is closed first to admit another; None while a worker computes its answer."""
+        group = conn.group
+        if group is self._lingering:
+            return 0, conn.since
+        if group is self._opening:
+            return (1 if now - conn.since >= _GRACE_S else 4), conn.since
+        if group is self._writing:
+            return (2 if now - conn.progressed >= _STALLED_S else 5), conn.progressed
+        if group is self._idle:
+            return 3, conn.since
+        return None
 
     def _sweep(self) -> None:
         now = time.monotonic()
         if now < self._next_sweep:
             return
         self._next_sweep = now + 0.1
-        for group in (self._opening, self._idle, self._writing):
+        for group in (self._lingering, self._opening, self._idle, self._writing):
             for conn in [c for c in group if c.deadline <= now]:
                 log.debug("closing %s: past its deadline", conn.address)
                 self._close(conn)
@@ -663,6 +711,10 @@ class Server:
             self._selector.register(self.socket, selectors.EVENT_READ, "accept")
         if self._at_limit.failing and len(self._connections) < self.max_connections // 2:
             self._at_limit.recovered(f"{len(self._connections)} open")
+        if self._client_at_limit.failing and all(
+            len(own) < self.max_connections_per_client for own in self._clients.values()
+        ):
+            self._client_at_limit.recovered()
 
     def _pause_accepting(self) -> None:
         self._selector.unregister(self.socket)
