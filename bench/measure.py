@@ -121,10 +121,13 @@ class SlowClients:
     def __enter__(self) -> SlowClients:
         """Opens every connection at once, without blocking: a server that stops accepting (a full
         backlog answers SYNs only as it accepts) must not stretch this out to a second per socket.
-        Connections not established within ``connect_s`` are given up."""
+        Connections not established within ``connect_s`` are given up. To a loopback server they
+        come from 250 addresses, as a fleet would: from one, they would meet the per-client bound."""
         pending: list[socket.socket] = []
-        for _ in range(self._count):
+        for n in range(self._count):
             sock = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
+            if self._address[0].startswith("127."):
+                sock.bind((f"127.0.1.{1 + n % 250}", 0))
             sock.setblocking(False)
             sock.connect_ex(self._address)
             pending.append(sock)

@@ -221,7 +221,13 @@ def main(argv: Sequence[str] | None = None) -> int:
     )
     agent = Agent(config)
     try:
-        server = MetricsServer((config.listen_host, config.listen_port), agent.exposition, agent.readiness, config.web)
+        server = MetricsServer(
+            (config.listen_host, config.listen_port),
+            agent.exposition,
+            agent.readiness,
+            config.web,
+            config.max_connections_per_client,
+        )
     except OSError as error:
         log.error("cannot listen on %s:%d: %s", config.listen_host or "*", config.listen_port, error)
         return 1

@@ -12,6 +12,7 @@ from typing import NoReturn
 
 from exporter.catalogue import GROUPS, parse_groups
 from exporter.cli import ArgumentParser
+from exporter.exposition.httpserver import DEFAULT_MAX_CONNECTIONS_PER_CLIENT, MAX_CONNECTIONS
 from exporter.exposition.webconfig import WebConfig, WebConfigError, load_web_config
 from exporter.sources.kubeclient import ConfigError, load_credentials
 
@@ -36,6 +37,7 @@ class Config:
     log_level: str
     web: WebConfig | None
     metric_groups: frozenset[str] = frozenset(GROUPS)
+    max_connections_per_client: int = DEFAULT_MAX_CONNECTIONS_PER_CLIENT
 
 
 class _Parser(ArgumentParser):
@@ -111,6 +113,13 @@ def build_parser(environ: Mapping[str, str]) -> _Parser:
         _env("WEB_CONFIG"),
         "Prometheus exporter-toolkit web config file enabling TLS and/or basic auth on /metrics (default: none)",
     )
+    add(
+        "--max-connections-per-client",
+        _env("MAX_CONNECTIONS_PER_CLIENT"),
+        f"connections one client address may hold open, of the {MAX_CONNECTIONS} served; beyond it that client's "
+        f"least useful one is closed (default {DEFAULT_MAX_CONNECTIONS_PER_CLIENT})",
+        default=str(DEFAULT_MAX_CONNECTIONS_PER_CLIENT),
+    )
     return parser
 
 
@@ -151,6 +160,9 @@ def parse_config(argv: Sequence[str] | None = None, environ: Mapping[str, str] |
             web = load_web_config(args.web_config)
         except WebConfigError as error:
             parser.bad("--web-config", str(error))
+    per_client = str(args.max_connections_per_client)
+    if not (per_client.isascii() and per_client.isdigit() and 1 <= int(per_client) <= MAX_CONNECTIONS):
+        parser.bad("--max-connections-per-client", f"want 1 to {MAX_CONNECTIONS}, got {per_client!r}")
     return Config(
         listen_host=host.strip("[]"),
         listen_port=int(port_text),
@@ -164,6 +176,7 @@ def parse_config(argv: Sequence[str] | None = None, environ: Mapping[str, str] |
         log_level=level,
         web=web,
         metric_groups=metric_groups,
+        max_connections_per_client=int(per_client),
     )
 
 

@@ -21,7 +21,6 @@ import tempfile
 import threading
 import time
 from dataclasses import dataclass, field
-from http.server import ThreadingHTTPServer
 from itertools import count
 from pathlib import Path
 from typing import Any
@@ -30,7 +29,7 @@ import requests
 
 from exporter.adapter.hpa import NoMetricsError, Pod, pods_metric_replicas
 from exporter.adapter.quantity import format_quantity, parse_milli
-from exporter.exposition.httpserver import Handler
+from exporter.exposition.httpserver import Handler, Server
 from sim.apiserver import FakeApiServer, pod_json
 from sim.autoscaler import Autoscaler, Policy, ScalingRules, largest_proposal
 from sim.certs import make_pki
@@ -144,14 +143,12 @@ class Cluster:
             return [r.port for r in self.replicas]
 
 
-def service(cluster: Cluster) -> ThreadingHTTPServer:
+def service(cluster: Cluster) -> Server:
     """The Deployment's Service: round-robin over the live replicas."""
     turn = count()
     local = threading.local()
 
     class Balancer(Handler):
-        timeout = None  # keep-alive connections from the balancer stay open between bursts
-
         def do_GET(self) -> None:  # noqa: N802 (http.server's naming)
             ports = cluster.ports()
             session = getattr(local, "session", None) or requests.Session()
@@ -164,9 +161,8 @@ def service(cluster: Cluster) -> ThreadingHTTPServer:
                 body, code = b'{"error": "no replica answered"}', 503
             self.send(code, body, "application/json")
 
-    server = ThreadingHTTPServer(("127.0.0.1", free_port()), Balancer)
-    server.daemon_threads = True
-    threading.Thread(target=server.serve_forever, daemon=True).start()
+    server = Server(("127.0.0.1", free_port()), Balancer, None)
+    server.start()
     return server
 
 
@@ -254,7 +250,7 @@ def run(
         stop.set()
         if hey is not None:
             hey.stop()
-        front.shutdown()
+        front.stop()
         for replica in cluster.replicas:
             replica.process.stop()
         adapter.stop()

@@ -15,10 +15,9 @@ import json
 import os
 import threading
 import time
-from http.server import ThreadingHTTPServer
 from urllib.parse import parse_qs, urlsplit
 
-from exporter.exposition.httpserver import Handler
+from exporter.exposition.httpserver import Handler, Server
 
 INTENTS = {
     "music": "PlayMusic",
@@ -46,8 +45,6 @@ def main() -> None:
     lock = threading.Lock()
 
     class Predict(Handler):
-        timeout = None  # keep-alive connections from the balancer stay open between bursts
-
         def do_GET(self) -> None:  # noqa: N802 (http.server's naming)
             url = urlsplit(self.path)
             if url.path != "/predict":
@@ -59,9 +56,7 @@ def main() -> None:
                 body, code = json.dumps({"query": query, "intent": intent(query)}).encode(), 200
             self.send(code, body, "application/json")
 
-    server = ThreadingHTTPServer(("127.0.0.1", args.port), Predict)
-    server.daemon_threads = True
-    threading.Thread(target=server.serve_forever, daemon=True).start()
+    Server(("127.0.0.1", args.port), Predict, None).start()
     while True:
         now = time.monotonic()
         with lock:

@@ -20,6 +20,7 @@ def test_defaults() -> None:
     assert config.proc_root == "/proc"
     assert config.node_name == "gpu-node-7"
     assert config.kubernetes and config.kubeconfig is None and config.log_level == "info"
+    assert config.max_connections_per_client == 64
 
 
 def test_environment_variables_and_flags_override_them(tmp_path: Path) -> None:
@@ -56,6 +57,9 @@ def test_environment_variables_and_flags_override_them(tmp_path: Path) -> None:
         (["--kubeconfig", "/"], "--kubeconfig"),  # a directory
         (["--kubeconfig", "/dev/null"], "--kubeconfig"),  # not a mapping
         (["--log-level", "loud"], "--log-level"),
+        (["--max-connections-per-client", "0"], "--max-connections-per-client"),
+        (["--max-connections-per-client", "513"], "--max-connections-per-client"),  # more than are served
+        (["--max-connections-per-client", "many"], "--max-connections-per-client"),
         (["--no-such-flag"], "--no-such-flag"),
     ],
 )

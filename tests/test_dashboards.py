@@ -5,10 +5,8 @@ from __future__ import annotations
 
 import json
 import re
-import threading
 import time
 from collections.abc import Iterator
-from http.server import ThreadingHTTPServer
 from pathlib import Path
 from typing import Any
 
@@ -16,7 +14,7 @@ import promql_parser
 import pytest
 import requests
 
-from exporter.exposition.httpserver import Handler
+from exporter.exposition.httpserver import Handler, Server
 from sim.kubelet import FakeKubelet, PodDevices
 from sim.processes import free_port
 from sim.prometheus import Prometheus
@@ -157,8 +155,8 @@ def scraped(tmp_path_factory: pytest.TempPathFactory) -> Iterator[tuple[Promethe
         build_fake_nvml().parent,
         directory / "agent.log",
     )
-    ksm = ThreadingHTTPServer(("127.0.0.1", 0), _KubeStateMetrics)
-    threading.Thread(target=ksm.serve_forever, daemon=True).start()
+    ksm = Server(("127.0.0.1", 0), _KubeStateMetrics, None)
+    ksm.start()
     prometheus = Prometheus(
         directory / "prometheus", [f"127.0.0.1:{agent.port}", f"127.0.0.1:{ksm.server_address[1]}"], free_port()
     )
@@ -178,7 +176,7 @@ def scraped(tmp_path_factory: pytest.TempPathFactory) -> Iterator[tuple[Promethe
     finally:
         prometheus.stop()
         agent.stop()
-        ksm.shutdown()
+        ksm.stop()
         kubelet.stop()
 
 

@@ -25,6 +25,7 @@ from exporter.adapter.server import SHARED_BODY_BYTES, AdapterServer, Services, 
 from exporter.adapter.sharing import SharedAnswers
 from exporter.cli import ArgumentParser
 from exporter.config import configure_logging
+from exporter.exposition.httpserver import DEFAULT_MAX_CONNECTIONS_PER_CLIENT, MAX_CONNECTIONS
 from exporter.sources.kube import Reflector
 from exporter.sources.kubeclient import ConfigError, Credentials, KubeClient, load_credentials
 from exporter.supervise import wait_for_signal
@@ -85,6 +86,13 @@ def build_parser() -> ArgumentParser:
         help="seconds a Prometheus query may take, as a whole (default 10)",
     )
     add("--config", help="rules file (default: the built-in rules for the agent's metrics)")
+    add(
+        "--max-connections-per-client",
+        type=int,
+        default=DEFAULT_MAX_CONNECTIONS_PER_CLIENT,
+        help=f"connections one client address may hold open, of the {MAX_CONNECTIONS} served; beyond it that "
+        f"client's least useful one is closed (default {DEFAULT_MAX_CONNECTIONS_PER_CLIENT})",
+    )
     add("--log-level", default="info", choices=["debug", "info", "warning", "error"])
     return parser
 
@@ -143,6 +151,9 @@ def _validate(args: argparse.Namespace, parser: ArgumentParser) -> None:
             header_names(names, flag)
         except ValueError:
             parser.error(f"{flag}: want header names (HTTP tokens: no spaces, colons or quotes), got {value!r}")
+    if not 1 <= args.max_connections_per_client <= MAX_CONNECTIONS:
+        got = args.max_connections_per_client
+        parser.error(f"--max-connections-per-client: want 1 to {MAX_CONNECTIONS}, got {got}")
     paths = _listed(args.authorization_always_allow_paths)
     if any(not p.startswith("/") for p in paths):
         parser.error(f"--authorization-always-allow-paths: want paths starting with /, got {','.join(paths)}")
@@ -264,7 +275,9 @@ def _serve(
         answers=SharedAnswers(SHARED_BODY_BYTES, len, wait_s=args.prometheus_timeout + 2),
     )
     try:
-        server = AdapterServer((args.bind_address, args.secure_port), cert, key, services)
+        server = AdapterServer(
+            (args.bind_address, args.secure_port), cert, key, services, args.max_connections_per_client
+        )
     except OSError as error:
         log.error("cannot listen on %s:%d: %s", args.bind_address, args.secure_port, error)
         return 1

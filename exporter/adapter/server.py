@@ -222,12 +222,25 @@ class AdapterServer(Server):
     accepted connection is wrapped with the context current at that moment). Until a CA is
     installed no client certificate is asked for, so only bearer tokens authenticate."""
 
-    def __init__(self, address: tuple[str, int], cert: str, key: str, services: Services) -> None:
+    def __init__(
+        self,
+        address: tuple[str, int],
+        cert: str,
+        key: str,
+        services: Services,
+        max_connections_per_client: int | None = None,
+    ) -> None:
         self.services = services
         self._cert, self._key = cert, key
         # A probe that needs no authentication is a flag check, cheap enough for the loop thread.
         probes = PROBES & services.always_allow_paths
-        super().__init__(address, _Handler, tls_context(cert, key, None), probe_paths=probes)
+        super().__init__(
+            address,
+            _Handler,
+            tls_context(cert, key, None),
+            probe_paths=probes,
+            max_connections_per_client=max_connections_per_client,
+        )
 
     def trust(self, front_proxy: RequestHeaderConfig) -> None:
         """Installs the front proxy's settings (raises if its CA does not load). A new CA is a new

@@ -1,27 +1,36 @@
 """HTTP plumbing the agent's and the adapter's servers share: a server whose cost is bounded by
 what it is asked to compute, not by how many clients hold a connection or how slowly they talk; a
-handler that answers with a body of known length; and serving until SIGTERM or SIGINT.
+handler that answers with a body of known length.
 
 Why not a thread per connection (``ThreadingHTTPServer``): a client that drips one header byte
 every few seconds then holds a thread for as long as it likes, and 2000 of them held 2000 threads
 and 40-75 MB. Here one thread, the loop, owns every socket. It accepts, does TLS handshakes without
 blocking, reads until a whole request (head and body) has arrived, and writes responses out. Only
 a complete request goes to one of a few worker threads, which runs the ``Handler`` on bytes in
-memory and hands the response back as bytes. So a connection costs a thread only while its request
-is being computed, never while its client is slow to send or to read. Around that:
+memory and hands the response back. So a connection costs a thread only while its request is
+being computed, never while its client is slow to send or to read.
 
-- at most ``max_connections`` are open: beyond it, the connection that has waited longest without
-  a complete request is closed to admit the new one; then the one whose answer has not drained
-  for longest, if it has taken nothing for a second; then the longest idle; then the slowest
-  reader. So neither a flood of slow senders nor clients that never read their answers can lock
-  out a scraper that sends its request at once, or push out its idle keep-alive connection;
+HTTP itself, reading requests and writing responses, is h11's: one sans-I/O parser that never
+touches a socket, so the loop keeps every socket to itself. h11 refuses conflicting
+Content-Lengths, a bare CR in a head, a missing Host and a head still incomplete after 32 KiB;
+it unfolds obs-fold and accepts bare LF line ends, as RFC 9112 allows a recipient to. Around it:
+
+- at most ``max_connections`` are open, and at most ``max_connections_per_client`` from one client
+  address. Beyond either, one connection is closed to admit the new one (for the per-client
+  bound, one of that client's own), the least useful first: one closing after its answer; one that
+  has waited a second (``_GRACE_S``: time for a request head to arrive) without a whole request;
+  a writer whose answer has taken nothing for a second; the longest idle keep-alive one; one
+  still within its second of waiting; then an answer that is draining. So a flood of slow senders,
+  clients that never read their answers or one client churning connections cannot lock out a
+  probe whose request is on its way, nor a scraper that polls on a kept-alive connection;
 - a connection's next request is read only once its answer has gone out, so a client pipelining
-  requests holds at most one answer (and 48 KiB of requests not yet read) at a time;
+  requests holds at most one answer (and a read of requests not yet parsed) at a time;
 - the TLS handshake and the whole first request must arrive within ``request_timeout`` of the
   accept, a later request within ``request_timeout`` of its first byte; an idle keep-alive
   connection is closed after ``idle_timeout``, a response not taken within ``write_timeout``;
-- a request head is at most 32 KiB and a body at most 16 KiB (neither server takes bodies);
-  chunked request bodies are refused;
+- a request head is at most 32 KiB (h11's bound on an incomplete event, checked after each read of
+  4 KiB) with at most 100 fields, and a body at most 16 KiB (neither server takes bodies);
+  Transfer-Encoding is refused, so a body is only ever framed by its Content-Length;
 - over TLS, a connection gets its TLS object (~48 KB of OpenSSL buffers mid-handshake) only once
   its whole ClientHello has arrived, so clients that stall a handshake cost ~1 KB each.
 """
@@ -31,42 +40,76 @@ from __future__ import annotations
 import collections
 import contextlib
 import errno
+import http.client
 import io
 import logging
-import re
 import selectors
 import socket
 import ssl
 import threading
 import time
-from collections.abc import Callable, Collection, Mapping
-from http.server import BaseHTTPRequestHandler
-from typing import Any, ClassVar
+from collections.abc import Callable, Collection, Iterable, Mapping
+from dataclasses import dataclass
+from email.utils import formatdate
+from http import HTTPStatus
+from typing import Any
+
+import h11
+
+from exporter.supervise import StateLog
 
 log = logging.getLogger(__name__)
 
+MAX_CONNECTIONS = 512
+DEFAULT_MAX_CONNECTIONS_PER_CLIENT = 64
 MAX_HEAD_BYTES = 32 * 1024
+MAX_HEADERS = 100  # as http.client and http.server allow
 MAX_BODY_BYTES = 16 * 1024
+_READ_BYTES = 4096  # h11 checks its bound on a head between reads: a whole head may pass it by one read
+_GRACE_S = 1.0  # a connection waiting for its request this long is evicted before idle keep-alives
 _LINGER_S = 1.0  # how long a connection closed after an error answer may still send (then RST is harmless)
 _SEND_BYTES = 256 * 1024
 _STALLED_S = 1.0  # an answer that took no bytes for this long is not draining: evicted before idle keep-alives
-_BARE_CR = re.compile(rb"\r(?!\n)")
 _OUT_OF_FDS = (errno.EMFILE, errno.ENFILE, errno.ENOBUFS, errno.ENOMEM)
+_EVICTING = "closing the least useful connection to admit each new one"
 
 
-class Handler(BaseHTTPRequestHandler):
-    """What a route sees: ``BaseHTTPRequestHandler``'s attributes (``path``, ``headers``,
-    ``connection`` — an ``ssl.SSLSocket`` over TLS, for ``getpeercert()``) plus ``send``.
+@dataclass
+class _Answer:
+    code: int
+    headers: list[tuple[str, str]]
+    body: tuple[bytes, ...] = ()
+    close: bool = False  # the connection closes after it
 
-    Also works under the standard library's servers (the tests' stand-ins use it so)."""
 
-    protocol_version = "HTTP/1.1"
-    # Under a standard-library server, headers and body go out in two writes: without TCP_NODELAY,
-    # Nagle's algorithm holds the body until the client's delayed ACK (~40 ms) on every keep-alive
-    # request. ``Server`` sets it on every connection itself.
-    disable_nagle_algorithm = True
-    timeout: ClassVar[float | None] = 10  # under a standard-library server only: ``Server`` applies its own deadlines
-    server: Server  # type: ignore[assignment]  # ours, not a socketserver
+def _plain(code: int, reason: str = "", close: bool = True) -> _Answer:
+    body = f"{reason or HTTPStatus(code).phrase}\n".encode()
+    fields = [("Content-Type", "text/plain; charset=utf-8"), ("Content-Length", str(len(body)))]
+    return _Answer(code, fields, (body,), close)
+
+
+class Handler:
+    """What a route sees of one request: ``command`` (the method), ``path`` (the request target),
+    ``headers`` (an ``http.client.HTTPMessage``), ``rfile`` (the body), ``connection`` (the socket:
+    an ``ssl.SSLSocket`` over TLS, for ``getpeercert()``), ``client_address`` and ``server``.
+
+    A route is a method ``do_<METHOD>`` that answers by calling ``send`` once."""
+
+    server: Server
+
+    def __init__(
+        self, server: Server, connection: socket.socket, address: Any, request: h11.Request, body: bytes
+    ) -> None:
+        self.server = server
+        self.connection = connection
+        self.client_address = address
+        self.command = request.method.decode("ascii")
+        self.path = request.target.decode("latin-1")
+        self.headers = http.client.HTTPMessage()
+        for name, value in request.headers.raw_items():
+            self.headers[name.decode("latin-1")] = value.decode("latin-1")
+        self.rfile = io.BytesIO(body)
+        self.answer: _Answer | None = None
 
     def send(
         self,
@@ -79,43 +122,8 @@ class Handler(BaseHTTPRequestHandler):
         """``body`` may come in parts, sent one after the other: a large part shared by many
         answers (a rendering) is then sent as it is, not copied into each answer."""
         parts = (body,) if isinstance(body, bytes) else body
-        self.send_response(code)
-        self.send_header("Content-Type", content_type)
-        self.send_header("Content-Length", str(sum(map(len, parts))))
-        for name, value in (headers or {}).items():
-            self.send_header(name, value)
-        self.end_headers()
-        if send_body:
-            for part in parts:
-                self.wfile.write(part)
-
-    def log_message(self, format: str, *args: object) -> None:  # noqa: A002 (http.server's signature)
-        if log.isEnabledFor(logging.DEBUG):
-            log.debug("%s %s", self.address_string(), format % args)
-
-
-class _Response:
-    """The handler's ``wfile``: keeps what it writes (a rendered body is kept, not copied)."""
-
-    __slots__ = ("chunks",)
-
-    def __init__(self) -> None:
-        self.chunks: list[bytes] = []
-
-    def write(self, data: bytes) -> int:
-        self.chunks.append(data if type(data) is bytes else bytes(data))
-        return len(data)
-
-    def flush(self) -> None:
-        pass
-
-
-class _RefusedError(Exception):
-    """A request the loop answers itself, closing the connection after."""
-
-    def __init__(self, code: int, reason: str) -> None:
-        super().__init__(reason)
-        self.code, self.reason = code, reason
+        fields = [("Content-Type", content_type), ("Content-Length", str(sum(map(len, parts))))]
+        self.answer = _Answer(code, fields + list((headers or {}).items()), parts if send_body else ())
 
 
 _HELLO, _HANDSHAKE, _READ, _BUSY, _WRITE, _LINGER = range(6)
@@ -130,34 +138,40 @@ class _Connection:
     __slots__ = (
         "address",
         "awaited",
-        "buffer",
+        "body",
+        "client",
         "closed",
         "deadline",
         "eof",
         "events",
         "group",
         "keep_alive",
+        "parser",
         "pending",
         "progressed",
-        "scanned",
+        "request",
+        "since",
         "sock",
         "state",
         "tls",
     )
 
-    def __init__(self, sock: socket.socket, address: Any, state: int, tls: ssl.SSLContext | None) -> None:
+    def __init__(self, sock: socket.socket, address: Any, tls: ssl.SSLContext | None) -> None:
         self.sock = sock
         self.tls = tls  # the context to wrap the connection with, once its ClientHello is in
         self.awaited = _TLS_RECORD_HEADER  # bytes of it that make the socket readable (SO_RCVLOWAT)
         self.address = address
-        self.state = state
-        self.buffer = bytearray()
-        self.scanned = 0  # bytes of ``buffer`` already searched for the end of the head
+        self.client: str = address[0]
+        self.state = _HELLO
+        self.parser: h11.Connection | None = None  # made once the connection reads HTTP
+        self.request: h11.Request | None = None  # while its body arrives and it is answered
+        self.body = bytearray()
         self.eof = False  # the client will send nothing more
         self.keep_alive = False
         self.pending: collections.deque[memoryview] = collections.deque()
         self.progressed = 0.0  # when its answer last took bytes (or began), while writing
         self.group: dict[_Connection, None] | None = None
+        self.since = 0.0  # when it entered its group
         self.deadline = 0.0
         self.events = 0
         self.closed = False
@@ -183,7 +197,8 @@ class Server:
         tls: ssl.SSLContext | None,
         *,
         peer_check: Callable[[Mapping[str, Any]], bool] | None = None,
-        max_connections: int = 512,
+        max_connections: int = MAX_CONNECTIONS,
+        max_connections_per_client: int | None = None,
         workers: int = 16,
         request_timeout: float = 10.0,
         idle_timeout: float = 120.0,
@@ -195,6 +210,7 @@ class Server:
         self.tls = tls
         self.peer_check = peer_check
         self.max_connections = max_connections
+        self.max_connections_per_client = max_connections_per_client or max_connections
         self.max_workers = workers
         self.request_timeout = request_timeout
         self.idle_timeout = idle_timeout
@@ -218,16 +234,19 @@ class Server:
         self._selector.register(self.socket, selectors.EVENT_READ, "accept")
         self._accept_paused_until: float | None = None
         self._connections: set[_Connection] = set()
+        self._clients: dict[str, set[_Connection]] = {}  # open connections by client address
         # Open connections by what they are doing, each in the order they started doing it; the
-        # first of the first non-empty group is the one closed to admit a new connection.
-        self._opening: dict[_Connection, None] = {}  # handshake, partial request, lingering close
+        # first of each is the candidate from its group to close to admit a new connection.
+        self._lingering: dict[_Connection, None] = {}  # answered, closing
+        self._opening: dict[_Connection, None] = {}  # handshake, partial request
         self._idle: dict[_Connection, None] = {}  # keep-alive, waiting for the next request
         self._writing: dict[_Connection, None] = {}  # in the order their answers last took bytes
-        self._at_limit = False
-        self._refusing_peers = False
+        self._at_limit = StateLog(log, "admitting connections")
+        self._client_at_limit = StateLog(log, "admitting a client's connections")
+        self._peers = StateLog(log, "client certificates")
         self._next_sweep = 0.0
-        self._done: collections.deque[tuple[_Connection, list[bytes], bool]] = collections.deque()
-        self._jobs: collections.deque[tuple[_Connection, bytes] | None] = collections.deque()
+        self._done: collections.deque[tuple[_Connection, _Answer]] = collections.deque()
+        self._jobs: collections.deque[tuple[_Connection, h11.Request, bytes] | None] = collections.deque()
         self._job_ready = threading.Condition()
         self._workers: list[threading.Thread] = []
         self._idle_workers = 0
@@ -306,10 +325,9 @@ class Server:
             else:
                 self._guarded(self._ready, key.data)
         for _ in range(len(self._done)):  # those made meanwhile wait for the next turn: no connection hogs the loop
-            conn, chunks, keep_alive = self._done.popleft()
+            conn, answer = self._done.popleft()
             if not conn.closed:
-                conn.keep_alive = keep_alive
-                self._guarded(self._respond, conn, chunks)
+                self._guarded(self._respond, conn, answer)
         self._sweep()
 
     def _guarded(self, step: Callable[..., None], conn: _Connection, *args: Any) -> None:
@@ -341,16 +359,14 @@ class Server:
                 return
             except OSError as error:
                 if error.errno in _OUT_OF_FDS:
-                    self._note_limit(f"cannot accept: {error.strerror}")
-                    if not self._evict():
+                    self._at_limit.failed(f"cannot accept: {error.strerror}", _EVICTING)
+                    if not self._evict(self._candidates()):
                         self._pause_accepting()
                     return
                 continue  # the client gave up before we accepted (ECONNABORTED and kin)
-            if len(self._connections) >= self.max_connections:
-                self._note_limit(f"{len(self._connections)} connections open, the most allowed")
-                if not self._evict():
-                    sock.close()
-                    continue
+            if not self._make_room(address[0]):
+                sock.close()
+                continue
             try:
                 sock.setblocking(False)
                 sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
@@ -359,10 +375,27 @@ class Server:
             except OSError:
                 sock.close()
                 continue
-            conn = _Connection(sock, address, _HELLO if self.tls is not None else _READ, self.tls)
+            conn = _Connection(sock, address, self.tls)
             self._connections.add(conn)
+            self._clients.setdefault(conn.client, set()).add(conn)
             self._enter(conn, self._opening, self.request_timeout)
-            self._watch(conn, selectors.EVENT_READ)
+            if self.tls is None:
+                self._speak_http(conn)
+            else:
+                self._watch(conn, selectors.EVENT_READ)
+
+    def _make_room(self, client: str) -> bool:
+        """Whether a new connection from ``client`` may be admitted, closing another if needed."""
+        own = self._clients.get(client, set())
+        if len(own) >= self.max_connections_per_client:
+            self._client_at_limit.failed(
+                f"a client holds {len(own)} connections, the most one client may", f"closing its own first ({client})"
+            )
+            return self._evict(own)
+        if len(self._connections) >= self.max_connections:
+            self._at_limit.failed(f"{len(self._connections)} connections open, the most allowed", _EVICTING)
+            return self._evict(self._candidates())
+        return True
 
     def _hello(self, conn: _Connection) -> None:
         """Waits for the client's whole ClientHello, in the kernel's buffer, before giving the
@@ -416,82 +449,85 @@ class Server:
             self._close(conn)
             return
         if self.peer_check is not None:
-            allowed = self.peer_check(sock.getpeercert() or {})
-            if allowed == self._refusing_peers:  # a change: log it once
-                self._refusing_peers = not allowed
-                if allowed:
-                    log.info("a client certificate was allowed again (from %s)", conn.address[0])
-                else:
-                    log.warning("refused the client certificate of %s: not allowed by the web config", conn.address[0])
-            if not allowed:
+            if not self.peer_check(sock.getpeercert() or {}):
+                self._peers.failed(
+                    "refused the client certificate: not allowed by the web config",
+                    f"closing such connections before any request (first from {conn.client})",
+                )
                 self._close(conn)
                 return
-        conn.state = _READ
-        self._watch(conn, selectors.EVENT_READ)
+            self._peers.recovered(f"one allowed from {conn.client}")
+        self._speak_http(conn)
         self._read(conn)  # the first request may have come with the handshake's last flight
 
+    def _speak_http(self, conn: _Connection) -> None:
+        conn.parser = h11.Connection(h11.SERVER, max_incomplete_event_size=MAX_HEAD_BYTES)
+        conn.state = _READ
+        self._watch(conn, selectors.EVENT_READ)
+
     def _read(self, conn: _Connection) -> None:
-        sock, buffer = conn.sock, conn.buffer
-        limit = MAX_HEAD_BYTES + MAX_BODY_BYTES
-        while len(buffer) <= limit:
+        assert conn.parser is not None
+        while True:
             try:
-                data = sock.recv(min(65536, limit + 1 - len(buffer)))
+                data = conn.sock.recv(_READ_BYTES)
             except (BlockingIOError, ssl.SSLWantReadError, ssl.SSLWantWriteError):
-                break
+                return
             except OSError:
                 self._close(conn)
                 return
             if not data:
-                conn.eof = True
-                break
-            if not buffer and conn.group is self._idle:  # the first byte of a later request
+                conn.eof = True  # not given to h11: a request cut short is closed, not answered
+                self._next_request(conn)
+                return
+            if conn.group is self._idle:  # the first byte of a later request
                 self._enter(conn, self._opening, self.request_timeout)
-            buffer += data
-        self._next_request(conn)
+            conn.parser.receive_data(data)
+            if not self._next_request(conn):
+                return
 
-    def _next_request(self, conn: _Connection) -> None:
-        """Hands the buffered request to a worker once it is complete; refuses it when it cannot be."""
-        buffer = conn.buffer
-        blank = len(buffer) - len(buffer.lstrip(b"\r\n")) if buffer[:1] in (b"\r", b"\n") else 0  # type: ignore[comparison-overlap]
-        if blank:  # empty lines before a request are ignored
-            del buffer[:blank]
-            conn.scanned = max(0, conn.scanned - blank)
-        end = _head_end(buffer, conn.scanned)
-        if end < 0:
-            conn.scanned = max(0, len(buffer) - 2)
-            if len(buffer) > MAX_HEAD_BYTES:
-                self._refuse(conn, _head_too_large(buffer))
-            elif conn.eof:
+    def _next_request(self, conn: _Connection) -> bool:
+        """Parses what has arrived: hands a whole request on, refuses one h11 or the bounds refuse.
+        True while the request is still arriving."""
+        parser = conn.parser
+        assert parser is not None
+        while True:
+            try:
+                event = parser.next_event()
+            except h11.RemoteProtocolError as error:
+                self._refuse(conn, _refusal(parser, error))
+                return False
+            if event is h11.NEED_DATA:
+                if conn.eof:
+                    self._close(conn)
+                return not conn.eof
+            if isinstance(event, h11.Request):
+                conn.request = event
+                refusal = _beyond_bounds(event)
+                if refusal is not None:
+                    self._refuse(conn, refusal)
+                    return False
+            elif isinstance(event, h11.Data):
+                conn.body += event.data
+            elif isinstance(event, h11.EndOfMessage):
+                self._dispatch(conn)
+                return False
+            else:  # ConnectionClosed or PAUSED: never while reading a request, as h11 is used here
                 self._close(conn)
-            return
-        try:
-            if end > MAX_HEAD_BYTES:
-                raise _head_too_large(buffer)
-            head = bytes(buffer[:end])
-            if _BARE_CR.search(head):
-                # The handler's header parser ends a line at a bare CR, _body_length does not: a
-                # header hidden behind one (Transfer-Encoding) would frame the request two ways.
-                raise _RefusedError(400, "bare CR in the request head")
-            total = end + _body_length(head)
-        except _RefusedError as refusal:
-            self._refuse(conn, refusal)
-            return
-        if len(buffer) < total:
-            if conn.eof:
-                self._close(conn)
-            return
-        request = bytes(buffer[:total])
-        del buffer[:total]
-        conn.scanned = 0
+                return False
+
+    def _dispatch(self, conn: _Connection) -> None:
+        request, body = conn.request, bytes(conn.body)
+        assert request is not None
+        conn.body.clear()
         conn.state = _BUSY
         self._enter(conn, None, 0.0)
         self._watch(conn, 0)
-        if self.answers_inline(_request_path(request)):
+        if self.answers_inline(request.target.split(b"?", 1)[0].decode("latin-1")):
             # Answered here, sent from the turn's queue of answers (not at once: a connection
             # pipelining probes would otherwise recurse once per request).
-            self._done.append((conn, *self._answer(conn, request)))
+            self._done.append((conn, self._answer(conn, request, body)))
         else:
-            self._submit(conn, request)
+            self._submit(conn, request, body)
 
     def in_loop(self) -> bool:
         """True on the loop's own thread: a handler answering there must not block."""
@@ -502,12 +538,22 @@ class Server:
         and never block (the probes, and what a subclass knows to be so right now)."""
         return path in self.probe_paths
 
-    def _refuse(self, conn: _Connection, refusal: _RefusedError) -> None:
-        conn.buffer.clear()
-        conn.keep_alive = False
-        self._respond(conn, [_closing_answer(refusal.code, refusal.reason)])
+    def _refuse(self, conn: _Connection, refusal: _Answer) -> None:
+        conn.body.clear()
+        self._respond(conn, refusal)
 
-    def _respond(self, conn: _Connection, chunks: list[bytes]) -> None:
+    def _respond(self, conn: _Connection, answer: _Answer) -> None:
+        parser = conn.parser
+        assert parser is not None
+        fields = [*answer.headers, ("Date", formatdate(usegmt=True))]
+        if answer.close:
+            fields.append(("Connection", "close"))
+        chunks = [parser.send(h11.Response(status_code=answer.code, headers=fields, reason=_reason(answer.code)))]
+        if conn.request is None or conn.request.method != b"HEAD":
+            for part in answer.body:
+                chunks.append(parser.send(h11.Data(data=part)))  # the part itself, not a copy
+        parser.send(h11.EndOfMessage())
+        conn.keep_alive = parser.our_state is h11.DONE and parser.their_state is h11.DONE
         chunks = [chunk for chunk in chunks if chunk]
         if len(chunks) > 1 and sum(map(len, chunks)) <= 65536:
             chunks = [b"".join(chunks)]  # one segment for a small answer
@@ -549,8 +595,12 @@ class Server:
             self._close_after_linger(conn)
 
     def _await_request(self, conn: _Connection) -> None:
+        parser = conn.parser
+        assert parser is not None
+        parser.start_next_cycle()
+        conn.request = None
         conn.state = _READ
-        if conn.buffer:  # pipelined, or the next request already begun
+        if parser.trailing_data[0]:  # pipelined, or the next request already begun
             self._enter(conn, self._opening, self.request_timeout)
         else:
             self._enter(conn, self._idle, self.idle_timeout)
@@ -569,7 +619,7 @@ class Server:
             self._close(conn)
             return
         conn.state = _LINGER
-        self._enter(conn, self._opening, _LINGER_S)
+        self._enter(conn, self._lingering, _LINGER_S)
         self._watch(conn, selectors.EVENT_READ)
 
     def _linger(self, conn: _Connection) -> None:
@@ -590,7 +640,8 @@ class Server:
         conn.group = group
         if group is not None:
             group[conn] = None
-        conn.deadline = time.monotonic() + timeout_s
+        conn.since = time.monotonic()
+        conn.deadline = conn.since + timeout_s
 
     def _watch(self, conn: _Connection, events: int) -> None:
         if events == conn.events:
@@ -613,39 +664,57 @@ class Server:
             conn.events = 0
         self._enter(conn, None, 0.0)
         self._connections.discard(conn)
+        own = self._clients.get(conn.client)
+        if own is not None:
+            own.discard(conn)
+            if not own:
+                del self._clients[conn.client]
         conn.sock.close()
 
-    def _evict(self) -> bool:
-        """Closes one connection to admit another, the least useful first (see the module's doc)."""
-        stalled = next(iter(self._writing), None)
-        if stalled is not None and time.monotonic() - stalled.progressed < _STALLED_S:
-            stalled = None
-        for group in (self._opening, {stalled: None} if stalled else {}, self._idle, self._writing):
-            if group:
-                self._close(next(iter(group)))
-                return True
-        return False
+    def _candidates(self) -> list[_Connection]:
+        """The first of each group: within a group, no later one is less useful."""
+        return [next(iter(group)) for group in (self._lingering, self._opening, self._idle, self._writing) if group]
+
+    def _evict(self, candidates: Iterable[_Connection]) -> bool:
+        """Closes the least useful of ``candidates`` (see the module's doc); False if none may go."""
+        now = time.monotonic()
+        ranked = [(rank, conn) for conn in candidates if (rank := self._usefulness(conn, now)) is not None]
+        if not ranked:
+            return False
+        self._close(min(ranked, key=lambda ranked_conn: ranked_conn[0])[1])
+        return True
+
+    def _usefulness(self, conn: _Connection, now: float) -> tuple[int, float] | None:
+        """Lower is closed first to admit another; None while a worker computes its answer."""
+        group = conn.group
+        if group is self._lingering:
+            return 0, conn.since
+        if group is self._opening:
+            return (1 if now - conn.since >= _GRACE_S else 4), conn.since
+        if group is self._writing:
+            return (2 if now - conn.progressed >= _STALLED_S else 5), conn.progressed
+        if group is self._idle:
+            return 3, conn.since
+        return None
 
     def _sweep(self) -> None:
         now = time.monotonic()
         if now < self._next_sweep:
             return
         self._next_sweep = now + 0.1
-        for group in (self._opening, self._idle, self._writing):
+        for group in (self._lingering, self._opening, self._idle, self._writing):
             for conn in [c for c in group if c.deadline <= now]:
                 log.debug("closing %s: past its deadline", conn.address)
                 self._close(conn)
         if self._accept_paused_until is not None and now >= self._accept_paused_until:
             self._accept_paused_until = None
             self._selector.register(self.socket, selectors.EVENT_READ, "accept")
-        if self._at_limit and len(self._connections) < self.max_connections // 2:
-            self._at_limit = False
-            log.info("connections back under the limit: %d open", len(self._connections))
-
-    def _note_limit(self, why: str) -> None:
-        if not self._at_limit:
-            self._at_limit = True
-            log.warning("%s: closing the oldest unfinished connections to admit new ones", why)
+        if self._at_limit.failing and len(self._connections) < self.max_connections // 2:
+            self._at_limit.recovered(f"{len(self._connections)} open")
+        if self._client_at_limit.failing and all(
+            len(own) < self.max_connections_per_client for own in self._clients.values()
+        ):
+            self._client_at_limit.recovered()
 
     def _pause_accepting(self) -> None:
         self._selector.unregister(self.socket)
@@ -664,9 +733,9 @@ class Server:
 
     # -- workers --------------------------------------------------------------------------------
 
-    def _submit(self, conn: _Connection, request: bytes) -> None:
+    def _submit(self, conn: _Connection, request: h11.Request, body: bytes) -> None:
         with self._job_ready:
-            self._jobs.append((conn, request))
+            self._jobs.append((conn, request, body))
             if self._idle_workers == 0 and len(self._workers) < self.max_workers:
                 worker = threading.Thread(target=self._work, name=f"http-worker-{len(self._workers)}", daemon=True)
                 self._workers.append(worker)
@@ -683,39 +752,55 @@ class Server:
                 job = self._jobs.popleft()
             if job is None:
                 return
-            conn, request = job
-            self._done.append((conn, *self._answer(conn, request)))
+            conn, request, body = job
+            self._done.append((conn, self._answer(conn, request, body)))
             self._wake()
 
-    def _answer(self, conn: _Connection, request: bytes) -> tuple[list[bytes], bool]:
+    def _answer(self, conn: _Connection, request: h11.Request, body: bytes) -> _Answer:
+        """Runs the handler's route for one complete request."""
         try:
-            return self._handle(conn, request)
+            handler = self.handler_class(self, conn.sock, conn.address, request, body)
+            route = getattr(handler, f"do_{handler.command}", None)
+            if route is None:
+                return _plain(501, "unsupported method", close=False)
+            route()
+            if handler.answer is None:
+                raise RuntimeError(f"{type(handler).__name__}.do_{handler.command} sent no answer")
+            return handler.answer
         except Exception:  # the thread lives on; the client hears of it
             self.handle_error(conn.sock, conn.address)
-            return [_closing_answer(500, "Internal Server Error")], False
-
-    def _handle(self, conn: _Connection, request: bytes) -> tuple[list[bytes], bool]:
-        """Runs the handler on one complete request; returns what it wrote and whether the
-        connection stays open."""
-        handler = self.handler_class.__new__(self.handler_class)
-        handler.server = self
-        handler.request = handler.connection = conn.sock
-        handler.client_address = conn.address
-        handler.rfile = io.BytesIO(request)
-        response = _Response()
-        handler.wfile = response  # type: ignore[assignment]
-        handler.close_connection = True
-        handler.handle_one_request()
-        return response.chunks, not handler.close_connection
+            return _plain(500)
 
 
-def _closing_answer(code: int, reason: str) -> bytes:
-    body = f"{reason}\n".encode()
-    head = (
-        f"HTTP/1.1 {code} {reason}\r\nContent-Type: text/plain; charset=utf-8\r\n"
-        f"Content-Length: {len(body)}\r\nConnection: close\r\n\r\n"
-    )
-    return head.encode() + body
+def _reason(code: int) -> bytes:
+    try:
+        return HTTPStatus(code).phrase.encode()
+    except ValueError:
+        return b""
+
+
+def _refusal(parser: h11.Connection, error: h11.RemoteProtocolError) -> _Answer:
+    """h11's answer to a request it refused; 414 when the request line alone is over the head's
+    bound (as http.server answers)."""
+    code = error.error_status_hint
+    if code == 431 and b"\n" not in parser.trailing_data[0]:
+        code = 414
+    return _plain(code)
+
+
+def _beyond_bounds(request: h11.Request) -> _Answer | None:
+    """A refusal for a request h11 frames but this server does not take."""
+    if len(request.headers) > MAX_HEADERS:
+        return _plain(431, "too many header fields")
+    length = 0
+    for name, value in request.headers:
+        if name == b"transfer-encoding":
+            return _plain(501, "Transfer-Encoding is not supported")
+        if name == b"content-length":
+            length = int(value)
+    if length > MAX_BODY_BYTES:
+        return _plain(413)
+    return None
 
 
 def _client_hello_bytes(peeked: bytes) -> int | None:
@@ -740,46 +825,3 @@ def _client_hello_bytes(peeked: bytes) -> int | None:
                 return None
             if len(message) >= 4 + int.from_bytes(message[1:4], "big"):
                 return position
-
-
-def _request_path(request: bytes) -> str:
-    """The path of a request's target, without its query, as the handler's routes read it."""
-    line = request.split(b"\n", 1)[0].split(b" ")
-    return line[1].split(b"?", 1)[0].decode("latin-1") if len(line) == 3 else ""
-
-
-def _head_too_large(buffer: bytearray) -> _RefusedError:
-    """414 when the request line alone is over the limit (as http.server answers), else 431."""
-    line_end = buffer.find(b"\n", 0, MAX_HEAD_BYTES)
-    if line_end < 0:
-        return _RefusedError(414, "request line too long")
-    return _RefusedError(431, "request head too large")
-
-
-def _head_end(buffer: bytearray, start: int) -> int:
-    """Where the head ends (just past its empty line), searching from ``start``; -1 if not yet."""
-    ends = [i + 3 for i in (buffer.find(b"\n\r\n", start),) if i >= 0]
-    ends += [i + 2 for i in (buffer.find(b"\n\n", start),) if i >= 0]
-    return min(ends, default=-1)
-
-
-def _body_length(head: bytes) -> int:
-    """The Content-Length the head declares (0 without one), as the handler will read it."""
-    length: bytes | None = None
-    for line in head.split(b"\n")[1:]:
-        name, colon, value = line.partition(b":")
-        if not colon:
-            continue
-        name = name.strip().lower()
-        if name == b"transfer-encoding":
-            raise _RefusedError(501, "Transfer-Encoding is not supported")
-        if name == b"content-length":
-            value = value.strip()
-            if not value.isdigit() or (length is not None and value != length):
-                raise _RefusedError(400, "bad Content-Length")
-            length = value
-    if length is None:
-        return 0
-    if len(length) > 9 or int(length) > MAX_BODY_BYTES:
-        raise _RefusedError(413, "request body too large")
-    return int(length)

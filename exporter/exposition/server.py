@@ -67,11 +67,19 @@ class MetricsServer(Server):
         exposition: Exposition,
         readiness: Callable[[], tuple[bool, str]],
         web: WebConfig | None = None,
+        max_connections_per_client: int | None = None,
     ) -> None:
         self.exposition = exposition
         self.readiness = readiness
         self.web = web or WebConfig(tls=None, auth=None)
-        super().__init__(address, _Handler, self.web.tls, peer_check=self.web.allows_peer, probe_paths=_UNAUTHENTICATED)
+        super().__init__(
+            address,
+            _Handler,
+            self.web.tls,
+            peer_check=self.web.allows_peer,
+            probe_paths=_UNAUTHENTICATED,
+            max_connections_per_client=max_connections_per_client,
+        )
 
     def answers_inline(self, path: str) -> bool:
         """The probes, and a scrape while the rendering is current and no password is to be checked:

@@ -11,9 +11,7 @@ from __future__ import annotations
 
 import copy
 import json
-import threading
 from collections.abc import Callable, Iterator
-from http.server import ThreadingHTTPServer
 from pathlib import Path
 from typing import Any
 
@@ -22,7 +20,7 @@ import promql_parser
 import pytest
 import yaml
 
-from exporter.exposition.httpserver import Handler
+from exporter.exposition.httpserver import Handler, Server
 from sim.kubelet import FakeKubelet, PodDevices
 from sim.processes import free_port, spawn_agent
 from sim.prometheus import Prometheus
@@ -85,8 +83,8 @@ def prometheus(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Prometheus]
     agent = spawn_agent(
         agent_port, directory / "s.txt", "--no-kubernetes", "--pod-resources-socket", kubelet.socket_path
     )
-    ksm = ThreadingHTTPServer(("127.0.0.1", 0), _KubeStateMetrics)
-    threading.Thread(target=ksm.serve_forever, daemon=True).start()
+    ksm = Server(("127.0.0.1", 0), _KubeStateMetrics, None)
+    ksm.start()
     server = Prometheus(
         directory / "prometheus", [f"127.0.0.1:{agent_port}", f"127.0.0.1:{ksm.server_address[1]}"], free_port()
     )
@@ -96,7 +94,7 @@ def prometheus(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Prometheus]
     finally:
         server.stop()
         agent.stop()
-        ksm.shutdown()
+        ksm.stop()
         kubelet.stop()
 
 

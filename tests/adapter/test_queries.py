@@ -10,11 +10,9 @@ every answer is known before the query runs.
 
 from __future__ import annotations
 
-import threading
 import time
 from collections.abc import Iterator
 from dataclasses import dataclass
-from http.server import ThreadingHTTPServer
 
 import pytest
 
@@ -22,7 +20,7 @@ from exporter.adapter.prometheus import PrometheusClient, PrometheusProvider
 from exporter.adapter.provider import MetricInfo
 from exporter.adapter.rules import DEFAULT_RULES, load_rules
 from exporter.adapter.selector import Selector, parse_selector
-from exporter.exposition.httpserver import Handler
+from exporter.exposition.httpserver import Handler, Server
 from sim.processes import free_port
 from sim.prometheus import Prometheus
 
@@ -129,15 +127,15 @@ def store(request: pytest.FixtureRequest, tmp_path_factory: pytest.TempPathFacto
     directory = tmp_path_factory.mktemp(f"queries-{request.param}")
     now = float(int(time.time()))
     handler = type("Series", (_Series,), {"now": now})
-    server = ThreadingHTTPServer(("127.0.0.1", 0), handler)
-    threading.Thread(target=server.serve_forever, daemon=True).start()
+    server = Server(("127.0.0.1", 0), handler, None)
+    server.start()
     prometheus = Prometheus(directory, [f"127.0.0.1:{server.server_address[1]}"], free_port(), kind=request.param)
     try:
         prometheus.wait_for(f"count(duty_cycle_current) == {len(GPUS)} and count(gpu_busy) == {len(BUSY)}")
         yield Store(prometheus, now)
     finally:
         prometheus.stop()
-        server.shutdown()
+        server.stop()
 
 
 def every_pod(namespace: str, selector: Selector) -> list[str]:

@@ -54,6 +54,8 @@ CASES = [
     (["--prometheus-url", "prometheus:9090"], "--prometheus-url"),
     (["--bind-address", "localhost:6443"], "--bind-address"),
     (["--secure-port", "0"], "--secure-port"),
+    (["--max-connections-per-client", "0"], "--max-connections-per-client"),
+    (["--max-connections-per-client", "lots"], "--max-connections-per-client"),
     (["--requestheader-username-headers", ","], "--requestheader-username-headers"),
     (["--authorization-always-allow-paths", "healthz"], "--authorization-always-allow-paths"),
     (["--tls-cert-file", "/nonexistent/tls.crt"], "--tls-cert-file and --tls-private-key-file go together"),

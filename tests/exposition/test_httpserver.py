@@ -170,6 +170,90 @@ def test_over_the_limit_the_oldest_unfinished_connection_makes_room(servers: lis
         sock.close()
 
 
+def test_at_the_limit_a_connection_whose_request_is_on_its_way_outlives_idle_ones(servers: list[Server]) -> None:
+    """The newest connection, its request not yet in (a probe over a slow link), was the one closed
+    to admit the next while keep-alive connections sat idle."""
+    servers.append(server := serve(max_connections=10, idle_timeout=60))
+    idle = []
+    for n in range(9):
+        connection = http.client.HTTPConnection(*server.server_address, timeout=10)
+        connection.request("GET", f"/idle-{n}")
+        assert connection.getresponse().read().startswith(b"/idle-")
+        idle.append(connection)
+    on_its_way = connect(server)
+    time.sleep(0.1)  # the server has accepted it
+    assert get(server, "/newcomer")[0] == 200
+    on_its_way.sendall(b"GET /on-its-way HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n")
+    assert on_its_way.recv(65536).startswith(b"HTTP/1.1 200")
+    assert idle[0].sock is not None and closed_by_server(idle[0].sock, 5)  # the longest idle made room
+    for connection in idle:
+        connection.close()
+    on_its_way.close()
+
+
+def from_address(host: str) -> socket.socket:
+    """A socket whose connection comes from ``host`` (any of 127.0.0.0/8 is loopback): another client."""
+    sock = socket.socket()
+    sock.bind((host, 0))
+    sock.settimeout(5)
+    return sock
+
+
+def test_a_client_churning_connections_harms_neither_probes_nor_a_kept_alive_scraper(servers: list[Server]) -> None:
+    """One client opening ~100 connections a second, each sending one request then idling, filled the
+    table: the newest connection still waiting (a probe's) was closed to admit the next, and the
+    scraper's kept-alive connection went as the longest idle. Now that client may hold only so many,
+    and its own connections make room for its next."""
+    servers.append(server := serve(max_connections=48, max_connections_per_client=16, probe_paths={"/probe"}))
+    stop = threading.Event()
+    churned: list[socket.socket] = []
+
+    def churn() -> None:
+        while not stop.wait(0.01) and len(churned) < 1000:
+            sock = from_address("127.0.0.2")
+            churned.append(sock)
+            with contextlib.suppress(OSError):  # closed by the server to admit the churner's next
+                sock.connect(server.server_address)
+                sock.sendall(b"GET /probe HTTP/1.1\r\nHost: x\r\n\r\n")
+                sock.recv(65536)
+
+    def probe() -> bool:
+        with from_address("127.0.0.3") as sock:
+            try:
+                sock.connect(server.server_address)
+                time.sleep(0.02)  # the round trips of a TLS handshake, or a slow link
+                sock.sendall(b"GET /probe HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n")
+                return sock.recv(65536).startswith(b"HTTP/1.1 200")
+            except OSError:
+                return False
+
+    scraper = http.client.HTTPConnection(*server.server_address, timeout=5, source_address=("127.0.0.4", 0))
+    churner = threading.Thread(target=churn, daemon=True)
+    churner.start()
+    scrapes: list[bytes | str] = []
+    probes: list[bool] = []
+    try:
+        for second in range(5):
+            try:
+                scraper.request("GET", f"/scrape-{second}")
+                scrapes.append(scraper.getresponse().read().split()[1])  # port=...: which connection
+            except OSError as error:
+                scrapes.append(repr(error))
+                scraper.close()
+            started = time.monotonic()
+            while time.monotonic() - started < 1:
+                probes.append(probe())
+    finally:
+        stop.set()
+        churner.join()
+        scraper.close()
+        for sock in churned:
+            sock.close()
+    assert len(churned) > 300  # the churn went on throughout
+    assert probes.count(False) == 0 and len(probes) > 50
+    assert len(set(scrapes)) == 1, scrapes  # every scrape on the one kept-alive connection
+
+
 def test_over_the_limit_clients_that_never_read_go_before_an_idle_scraper(servers: list[Server]) -> None:
     """Clients that pipeline requests for a large answer and never read it once were evicted last:
     filling the limit with them pushed out a scraper's idle keep-alive connection."""
