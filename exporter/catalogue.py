@@ -304,7 +304,7 @@ FAMILIES: tuple[Family, ...] = (
         "gauge",
         SEED,
         "`nvmlDeviceGetMemoryInfo` v2 (v1 on older drivers); on a shared GPU, the pod's processes' "
-        "`usedGpuMemory` summed",
+        "`usedGpuMemory` summed (the device's value when any of them is unknown: never a partial sum)",
         POD_LABELS,
         reads=("memory",),
         pod_value=lambda s: s.memory_used_bytes,

@@ -126,26 +126,21 @@ def only_nvml_missing(agent: Agent) -> bool:
     return freshness_reason(agent) == ""
 
 
-def test_a_rendering_that_fails_makes_the_agent_not_ready(agent: Agent) -> None:
-    faulty = Faulty("raise")
+@pytest.mark.parametrize(
+    ("fault", "reason"),
+    [
+        ("raise", "rendering /metrics fails (UnicodeEncodeError: "),
+        ("hang", "the /metrics renderer has stopped"),
+    ],
+)
+def test_a_rendering_that_fails_or_hangs_makes_the_agent_not_ready(agent: Agent, fault: str, reason: str) -> None:
+    faulty = Faulty(fault)
     agent.registry.register(faulty)
     wait_until(lambda: only_nvml_missing(agent), 5, "only NVML missing")
     faulty.armed = True
     scrape_in_background(agent)
-    wait_until(lambda: "rendering /metrics fails" in freshness_reason(agent), 5, "rendering failing")
-    assert "UnicodeEncodeError" in freshness_reason(agent)
-    faulty.armed = False
-    scrape_in_background(agent)
-    wait_until(lambda: only_nvml_missing(agent), 5, "recovery at the next scrape")
-
-
-def test_a_renderer_that_hangs_makes_the_agent_not_ready(agent: Agent) -> None:
-    faulty = Faulty("hang")
-    agent.registry.register(faulty)
-    wait_until(lambda: only_nvml_missing(agent), 5, "only NVML missing")
-    faulty.armed = True
-    scrape_in_background(agent)
-    wait_until(lambda: freshness_reason(agent) == "the /metrics renderer has stopped", 5, "the renderer seen stopped")
+    wait_until(lambda: freshness_reason(agent).startswith(reason), 5, f"readiness to say {reason!r}")
     faulty.armed = False
     faulty.release.set()
-    wait_until(lambda: only_nvml_missing(agent), 5, "the renderer back")
+    scrape_in_background(agent)
+    wait_until(lambda: only_nvml_missing(agent), 5, "recovery at the next scrape")
