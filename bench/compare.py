@@ -35,6 +35,7 @@ from sim.procfs import FakeProc, systemd_v2
 from sim.scenario import Scenario
 
 EXPORTERS = ("gpu-pod-exporter", "nvitop-exporter")
+NODE = "bench-node"  # the node the layouts' pods are scheduled on: the pod watch selects them
 
 
 def wait_answering(process: Process, url: str) -> None:
@@ -58,6 +59,8 @@ def start(
             state / "scenario.txt",
             *watch,
             *extra,
+            "--node-name",
+            NODE,
             "--interval",
             str(interval),
             "--pod-resources-socket",

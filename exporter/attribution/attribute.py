@@ -223,6 +223,45 @@ def _shares_measurable(device: DeviceReading, foreign: set[str]) -> bool:
     return bool(device.processes) and device.uuid not in foreign
 
 
+@dataclass(frozen=True)
+class _ProcessFigures:
+    """A shared device's per-process figures, indexed once per device so that each pod's share
+    costs its own processes only (not every process on the device once per pod)."""
+
+    sm_percent: Mapping[int, float] | None  # None: no per-process samples, or no device utilisation
+    memory_bytes: Mapping[int, int | None] | None  # None: no process list
+
+    @classmethod
+    def of(cls, device: DeviceReading) -> _ProcessFigures:
+        """NVML only reports processes with non-zero use, so a listed process without a sample was
+        idle; but when no process has a sample while the device is busy, the samples do not explain
+        the load (the sampling window missed it): the duty cycle cannot be split then."""
+        samples, processes, busy = device.process_sm_percent, device.processes, device.duty_cycle_percent
+        explained = (
+            samples is not None
+            and processes is not None
+            and busy is not None
+            and (busy <= 0 or any(samples.get(p.pid, 0.0) > 0 for p in processes))
+        )
+        memory = None if processes is None else {p.pid: p.used_memory_bytes for p in processes}
+        return cls(samples if explained else None, memory)
+
+    def duty_cycle(self, pids: set[int], fallback: float | None) -> float | None:
+        """The pod's processes' SM utilisation summed (capped at 100); the device's when unmeasurable."""
+        if self.sm_percent is None:
+            return fallback
+        return min(100.0, sum(self.sm_percent.get(pid, 0.0) for pid in pids))
+
+    def memory(self, pids: set[int], fallback: int | None) -> int | None:
+        """The pod's processes' used memory summed; the device's when any of it is not available."""
+        if self.memory_bytes is None:
+            return fallback
+        used = [self.memory_bytes.get(pid) for pid in pids if pid in self.memory_bytes]
+        if any(u is None for u in used):
+            return fallback
+        return sum(u for u in used if u is not None)
+
+
 def _device_series(device: DeviceReading, pods_here: Mapping[PodKey, _Holder], measurable: bool) -> list[GpuSeries]:
     if not pods_here:
         return [
@@ -230,13 +269,13 @@ def _device_series(device: DeviceReading, pods_here: Mapping[PodKey, _Holder], m
                 device=device, duty_cycle_percent=device.duty_cycle_percent, memory_used_bytes=device.memory_used_bytes
             )
         ]
-    shared = len(pods_here) > 1 and measurable
+    figures = _ProcessFigures.of(device) if len(pods_here) > 1 and measurable else None
     series = []
     for (namespace, name), holder in sorted(pods_here.items()):
         duty, memory = device.duty_cycle_percent, device.memory_used_bytes
-        if shared:
-            duty = _pod_duty_cycle(device, holder.pids, duty)
-            memory = _pod_memory(device, holder.pids, memory)
+        if figures is not None:
+            duty = figures.duty_cycle(holder.pids, duty)
+            memory = figures.memory(holder.pids, memory)
         series.append(
             GpuSeries(
                 device=device,
@@ -248,28 +287,3 @@ def _device_series(device: DeviceReading, pods_here: Mapping[PodKey, _Holder], m
             )
         )
     return series
-
-
-def _pod_duty_cycle(device: DeviceReading, pids: set[int], fallback: float | None) -> float | None:
-    """The pod's processes' SM utilisation summed (capped at 100); the device's when unmeasurable.
-
-    NVML only reports processes with non-zero use, so a listed process without a sample was idle;
-    but when no process has a sample while the device is busy, the samples do not explain the load
-    (the sampling window missed it) and every pod keeps the device's value.
-    """
-    samples = device.process_sm_percent
-    if samples is None or device.processes is None or device.duty_cycle_percent is None:
-        return fallback
-    if device.duty_cycle_percent > 0 and not any(samples.get(p.pid, 0.0) > 0 for p in device.processes):
-        return fallback
-    return min(100.0, sum(samples.get(pid, 0.0) for pid in pids))
-
-
-def _pod_memory(device: DeviceReading, pids: set[int], fallback: int | None) -> int | None:
-    """The pod's processes' used memory summed; the device's when any of it is not available."""
-    if device.processes is None:
-        return fallback
-    used = [p.used_memory_bytes for p in device.processes if p.pid in pids]
-    if any(u is None for u in used):
-        return fallback
-    return sum(u for u in used if u is not None)
