@@ -32,7 +32,8 @@ it unfolds obs-fold and accepts bare LF line ends, as RFC 9112 allows a recipien
   4 KiB) with at most 100 fields, and a body at most 16 KiB (neither server takes bodies);
   Transfer-Encoding is refused, so a body is only ever framed by its Content-Length;
 - over TLS, a connection gets its TLS object (~48 KB of OpenSSL buffers mid-handshake) only once
-  its whole ClientHello has arrived, so clients that stall a handshake cost ~1 KB each.
+  its whole ClientHello has arrived, so clients that stall a handshake cost ~1 KB each; a hello
+  in more than a few records is refused.
 """
 
 from __future__ import annotations
@@ -132,6 +133,10 @@ _TLS_CLIENT_HELLO = 0x01
 _TLS_RECORD_HEADER = 5
 _TLS_MAX_PLAINTEXT = 2**14  # RFC 8446 5.1: a record's plaintext, and a hello comes in plaintext
 _TLS_MAX_HELLO = 32 * 1024  # records of a ClientHello; browsers' largest (post-quantum key shares) are ~2 KB
+# Clients send a hello in one record, rarely two. The hello is parsed again from its start each
+# time another record is in: a bound on the records bounds that work, which a hello dripped in
+# 1-byte records would make quadratic, on the loop thread.
+_TLS_MAX_HELLO_RECORDS = 4
 
 
 class _Connection:
@@ -805,9 +810,10 @@ def _beyond_bounds(request: h11.Request) -> _Answer | None:
 
 def _client_hello_bytes(peeked: bytes) -> int | None:
     """How many bytes, records included, the whole ClientHello at the start of ``peeked`` takes
-    (more than ``len(peeked)`` while it is still arriving); None when the bytes are no ClientHello."""
+    (more than ``len(peeked)`` while it is still arriving); None when the bytes are no ClientHello, or
+    one in more records than clients send."""
     position, message = 0, b""
-    while True:
+    for _ in range(_TLS_MAX_HELLO_RECORDS):
         if len(peeked) < position + _TLS_RECORD_HEADER:
             return position + _TLS_RECORD_HEADER
         if peeked[position] != _TLS_HANDSHAKE_RECORD:
@@ -825,3 +831,4 @@ def _client_hello_bytes(peeked: bytes) -> int | None:
                 return None
             if len(message) >= 4 + int.from_bytes(message[1:4], "big"):
                 return position
+    return None  # in more records than any client sends

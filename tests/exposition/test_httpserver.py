@@ -501,7 +501,7 @@ def rss_bytes() -> int:
 
 
 def test_a_client_hello_in_small_records_gets_no_tls_object_until_whole(servers: list[Server], pki: Pki) -> None:
-    """A ClientHello may be cut into several records; one stalled after a small first record once got
+    """A ClientHello may be cut into a few records; one stalled after a small first record once got
     its ~48 KB TLS object at once. It is still served when its records are all in."""
     servers.append(server := serve(tls_server_context(pki), request_timeout=60))
     assert get(server, "/warm-up", ssl.create_default_context(cafile=str(pki.ca)))[0] == 200
@@ -513,7 +513,7 @@ def test_a_client_hello_in_small_records_gets_no_tls_object_until_whole(servers:
         stalled.append(sock)
     time.sleep(1)
     assert rss_bytes() - before < 6_000_000  # 400 TLS objects mid-handshake are ~19 MB
-    assert request_with_a_dripped_client_hello(server, pki.ca, record_size=50).startswith(b"HTTP/1.1 200")
+    assert request_with_a_dripped_client_hello(server, pki.ca, record_size=200).startswith(b"HTTP/1.1 200")
     for sock in stalled:
         sock.close()
 
@@ -566,3 +566,18 @@ def test_the_agent_under_a_slowloris_attack(tmp_path: Path, start_agent) -> None
         dripper.join()
         for sock in slow:
             sock.close()
+
+
+def test_a_client_hello_in_many_tiny_records_is_refused_at_once(servers: list[Server], pki: Pki) -> None:
+    """Each record of a hello cut into 1-byte records woke the loop to parse every record again from
+    the start: a few dozen such clients slowed every answer. Real clients send one or two records."""
+    servers.append(server := serve(tls_server_context(pki), request_timeout=60))
+    hello = in_records(client_hello(pki.ca)[3], 1)
+    sock = connect(server)
+    sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+    for start in range(0, len(hello), 6):  # one record at a time
+        with contextlib.suppress(OSError):  # closed by the server meanwhile
+            sock.send(hello[start : start + 6])
+    assert closed_by_server(sock, 5)  # not at the 60 s deadline
+    sock.close()
+    assert get(server, "/after", ssl.create_default_context(cafile=str(pki.ca)))[0] == 200
