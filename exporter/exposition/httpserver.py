@@ -43,6 +43,7 @@ import contextlib
 import errno
 import http.client
 import io
+import ipaddress
 import logging
 import selectors
 import socket
@@ -166,7 +167,7 @@ class _Connection:
         self.tls = tls  # the context to wrap the connection with, once its ClientHello is in
         self.awaited = _TLS_RECORD_HEADER  # bytes of it that make the socket readable (SO_RCVLOWAT)
         self.address = address
-        self.client: str = address[0]
+        self.client = client_key(address[0])
         self.state = _HELLO
         self.parser: h11.Connection | None = None  # made once the connection reads HTTP
         self.request: h11.Request | None = None  # while its body arrives and it is answered
@@ -369,7 +370,7 @@ class Server:
                         self._pause_accepting()
                     return
                 continue  # the client gave up before we accepted (ECONNABORTED and kin)
-            if not self._make_room(address[0]):
+            if not self._make_room(client_key(address[0])):
                 sock.close()
                 continue
             try:
@@ -832,3 +833,18 @@ def _client_hello_bytes(peeked: bytes) -> int | None:
             if len(message) >= 4 + int.from_bytes(message[1:4], "big"):
                 return position
     return None  # in more records than any client sends
+
+
+def client_key(host: str) -> str:
+    """The client a connection from ``host`` counts against: an IPv6 host's whole /64, which one
+    site is commonly given (so is free to use every address of), and an IPv4-mapped IPv6 address as
+    the IPv4 address it is."""
+    try:
+        address = ipaddress.ip_address(host)
+    except ValueError:  # not an IP address: a Unix socket's path, say
+        return host
+    if isinstance(address, ipaddress.IPv6Address):
+        if address.ipv4_mapped is not None:
+            return str(address.ipv4_mapped)
+        return str(ipaddress.IPv6Network((address, 64), strict=False))
+    return str(address)

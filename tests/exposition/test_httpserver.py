@@ -20,7 +20,7 @@ from typing import Any
 import pytest
 import requests
 
-from exporter.exposition.httpserver import Handler, Server
+from exporter.exposition.httpserver import Handler, Server, client_key
 from sim.certs import Pki, make_pki
 from sim.scenario import Gpu, Scenario, gpu_uuid
 
@@ -581,3 +581,19 @@ def test_a_client_hello_in_many_tiny_records_is_refused_at_once(servers: list[Se
     assert closed_by_server(sock, 5)  # not at the 60 s deadline
     sock.close()
     assert get(server, "/after", ssl.create_default_context(cafile=str(pki.ca)))[0] == 200
+
+
+@pytest.mark.parametrize(
+    ("host", "client"),
+    [
+        ("10.1.2.3", "10.1.2.3"),
+        ("::ffff:10.1.2.3", "10.1.2.3"),  # an IPv4 client on a dual-stack socket is that IPv4 client
+        ("2001:db8:1:2:aaaa:bbbb:cccc:dddd", "2001:db8:1:2::/64"),
+        ("2001:db8:1:2::1", "2001:db8:1:2::/64"),  # one site's /64 is one client: its hosts choose freely in it
+        ("2001:db8:1:3::1", "2001:db8:1:3::/64"),
+        ("fe80::1%eth0", "fe80::/64"),
+    ],
+)
+def test_a_client_is_an_ipv4_address_or_an_ipv6_64(host: str, client: str) -> None:
+    """The per-client bound counted exact addresses: a host owning a /64 was as many clients as it liked."""
+    assert client_key(host) == client
