@@ -95,7 +95,7 @@ class Handler:
     ``headers`` (an ``http.client.HTTPMessage``), ``rfile`` (the body), ``connection`` (the socket:
     an ``ssl.SSLSocket`` over TLS, for ``getpeercert()``), ``client_address`` and ``server``.
 
-    A route is a method ``do_<METHOD>`` that answers by calling ``send`` once."""
+    A route is a method ``do_<METHOD>`` that answers by calling ``send`` once, or ``drop``."""
 
     server: Server
 
@@ -112,6 +112,7 @@ class Handler:
             self.headers[name.decode("latin-1")] = value.decode("latin-1")
         self.rfile = io.BytesIO(body)
         self.answer: _Answer | None = None
+        self.dropped = False
 
     def send(
         self,
@@ -126,6 +127,10 @@ class Handler:
         parts = (body,) if isinstance(body, bytes) else body
         fields = [("Content-Type", content_type), ("Content-Length", str(sum(map(len, parts))))]
         self.answer = _Answer(code, fields + list((headers or {}).items()), parts if send_body else ())
+
+    def drop(self) -> None:
+        """Closes the connection without an answer (the client sees EOF), whatever was sent."""
+        self.dropped = True
 
 
 _HELLO, _HANDSHAKE, _READ, _BUSY, _WRITE, _LINGER = range(6)
@@ -251,7 +256,7 @@ class Server:
         self._client_at_limit = StateLog(log, "admitting a client's connections")
         self._peers = StateLog(log, "client certificates")
         self._next_sweep = 0.0
-        self._done: collections.deque[tuple[_Connection, _Answer]] = collections.deque()
+        self._done: collections.deque[tuple[_Connection, _Answer | None]] = collections.deque()
         self._jobs: collections.deque[tuple[_Connection, h11.Request, bytes] | None] = collections.deque()
         self._job_ready = threading.Condition()
         self._workers: list[threading.Thread] = []
@@ -332,7 +337,11 @@ class Server:
                 self._guarded(self._ready, key.data)
         for _ in range(len(self._done)):  # those made meanwhile wait for the next turn: no connection hogs the loop
             conn, answer = self._done.popleft()
-            if not conn.closed:
+            if conn.closed:
+                continue
+            if answer is None:
+                self._close(conn)
+            else:
                 self._guarded(self._respond, conn, answer)
         self._sweep()
 
@@ -762,14 +771,16 @@ class Server:
             self._done.append((conn, self._answer(conn, request, body)))
             self._wake()
 
-    def _answer(self, conn: _Connection, request: h11.Request, body: bytes) -> _Answer:
-        """Runs the handler's route for one complete request."""
+    def _answer(self, conn: _Connection, request: h11.Request, body: bytes) -> _Answer | None:
+        """Runs the handler's route for one complete request; None to close the connection unanswered."""
         try:
             handler = self.handler_class(self, conn.sock, conn.address, request, body)
             route = getattr(handler, f"do_{handler.command}", None)
             if route is None:
                 return _plain(501, "unsupported method", close=False)
             route()
+            if handler.dropped:
+                return None
             if handler.answer is None:
                 raise RuntimeError(f"{type(handler).__name__}.do_{handler.command} sent no answer")
             return handler.answer
