@@ -20,9 +20,11 @@ it unfolds obs-fold and accepts bare LF line ends, as RFC 9112 allows a recipien
   bound, one of that client's own), the least useful first: one closing after its answer; one that
   has waited a second (``_GRACE_S``: time for a request head to arrive) without a whole request;
   a writer whose answer has taken nothing for a second; the longest idle keep-alive one; one
-  still within its second of waiting; then an answer that is draining. So a flood of slow senders,
-  clients that never read their answers or one client churning connections cannot lock out a
-  probe whose request is on its way, nor a scraper that polls on a kept-alive connection;
+  still within its second of waiting; an answer that is draining; last, one whose request is
+  with a worker (its answer is dropped). So a flood of slow senders, clients that never read their
+  answers, clients keeping every connection busy by pipelining, or one client churning
+  connections cannot lock out a probe whose request is on its way, nor a scraper that polls on a
+  kept-alive connection. A client address is an IPv4 address or an IPv6 /64 (``client_key``);
 - a connection's next request is read only once its answer has gone out, so a client pipelining
   requests holds at most one answer (and a read of requests not yet parsed) at a time;
 - the TLS handshake and the whole first request must arrive within ``request_timeout`` of the
@@ -252,12 +254,14 @@ class Server:
         self._opening: dict[_Connection, None] = {}  # handshake, partial request
         self._idle: dict[_Connection, None] = {}  # keep-alive, waiting for the next request
         self._writing: dict[_Connection, None] = {}  # in the order their answers last took bytes
+        self._busy: dict[_Connection, None] = {}  # a request with the workers (queued or computed)
         self._at_limit = StateLog(log, "admitting connections")
         self._client_at_limit = StateLog(log, "admitting a client's connections")
         self._peers = StateLog(log, "client certificates")
         self._next_sweep = 0.0
         self._done: collections.deque[tuple[_Connection, _Answer | None]] = collections.deque()
-        self._jobs: collections.deque[tuple[_Connection, h11.Request, bytes] | None] = collections.deque()
+        # Requests waiting for a worker, oldest first; a connection closed meanwhile takes its own out.
+        self._jobs: dict[_Connection, tuple[h11.Request, bytes]] = {}
         self._job_ready = threading.Condition()
         self._workers: list[threading.Thread] = []
         self._idle_workers = 0
@@ -279,7 +283,6 @@ class Server:
         if self._thread is not None:
             self._thread.join(timeout=5)
         with self._job_ready:
-            self._jobs.extend([None] * len(self._workers))
             self._job_ready.notify_all()
         deadline = time.monotonic() + 0.5
         for worker in self._workers:
@@ -337,7 +340,7 @@ class Server:
                 self._guarded(self._ready, key.data)
         for _ in range(len(self._done)):  # those made meanwhile wait for the next turn: no connection hogs the loop
             conn, answer = self._done.popleft()
-            if conn.closed:
+            if conn.closed:  # closed to make room while its answer was computed
                 continue
             if answer is None:
                 self._close(conn)
@@ -535,7 +538,7 @@ class Server:
         assert request is not None
         conn.body.clear()
         conn.state = _BUSY
-        self._enter(conn, None, 0.0)
+        self._enter(conn, self._busy, 0.0)
         self._watch(conn, 0)
         if self.answers_inline(request.target.split(b"?", 1)[0].decode("latin-1")):
             # Answered here, sent from the turn's queue of answers (not at once: a connection
@@ -677,6 +680,9 @@ class Server:
             with contextlib.suppress(KeyError, ValueError, OSError):
                 self._selector.unregister(conn.sock)
             conn.events = 0
+        if conn.state == _BUSY:
+            with self._job_ready:
+                self._jobs.pop(conn, None)
         self._enter(conn, None, 0.0)
         self._connections.discard(conn)
         own = self._clients.get(conn.client)
@@ -688,19 +694,25 @@ class Server:
 
     def _candidates(self) -> list[_Connection]:
         """The first of each group: within a group, no later one is less useful."""
-        return [next(iter(group)) for group in (self._lingering, self._opening, self._idle, self._writing) if group]
+        groups = (self._lingering, self._opening, self._idle, self._writing, self._busy)
+        return [next(iter(group)) for group in groups if group]
 
     def _evict(self, candidates: Iterable[_Connection]) -> bool:
-        """Closes the least useful of ``candidates`` (see the module's doc); False if none may go."""
+        """Closes the least useful of ``candidates`` (see the module's doc); False if there are none."""
         now = time.monotonic()
-        ranked = [(rank, conn) for conn in candidates if (rank := self._usefulness(conn, now)) is not None]
+        ranked = [(self._usefulness(conn, now), conn) for conn in candidates]
         if not ranked:
             return False
         self._close(min(ranked, key=lambda ranked_conn: ranked_conn[0])[1])
         return True
 
-    def _usefulness(self, conn: _Connection, now: float) -> tuple[int, float] | None:
-        """Lower is closed first to admit another; None while a worker computes its answer."""
+    def _usefulness(self, conn: _Connection, now: float) -> tuple[int, float]:
+        """Lower is closed first to admit another.
+
+        A connection whose request is with a worker goes last, but it does go: a client pipelining
+        cheap requests keeps its connections busy nearly all the time (the next request is handed on
+        as soon as an answer is out), so were they exempt, such clients at the limit would leave no
+        room for anyone, a probe included. Its answer, when computed, is dropped."""
         group = conn.group
         if group is self._lingering:
             return 0, conn.since
@@ -710,7 +722,7 @@ class Server:
             return (2 if now - conn.progressed >= _STALLED_S else 5), conn.progressed
         if group is self._idle:
             return 3, conn.since
-        return None
+        return 6, conn.since
 
     def _sweep(self) -> None:
         now = time.monotonic()
@@ -750,7 +762,7 @@ class Server:
 
     def _submit(self, conn: _Connection, request: h11.Request, body: bytes) -> None:
         with self._job_ready:
-            self._jobs.append((conn, request, body))
+            self._jobs[conn] = (request, body)
             if self._idle_workers == 0 and len(self._workers) < self.max_workers:
                 worker = threading.Thread(target=self._work, name=f"http-worker-{len(self._workers)}", daemon=True)
                 self._workers.append(worker)
@@ -761,13 +773,13 @@ class Server:
         while True:
             with self._job_ready:
                 self._idle_workers += 1
-                while not self._jobs:
+                while not self._jobs and not self._stopping.is_set():
                     self._job_ready.wait()
                 self._idle_workers -= 1
-                job = self._jobs.popleft()
-            if job is None:
-                return
-            conn, request, body = job
+                if self._stopping.is_set():
+                    return
+                conn = next(iter(self._jobs))
+                request, body = self._jobs.pop(conn)
             self._done.append((conn, self._answer(conn, request, body)))
             self._wake()
 
@@ -785,6 +797,8 @@ class Server:
                 raise RuntimeError(f"{type(handler).__name__}.do_{handler.command} sent no answer")
             return handler.answer
         except Exception:  # the thread lives on; the client hears of it
+            if conn.closed:  # closed to make room meanwhile: its socket failed the route, no bug
+                return None
             self.handle_error(conn.sock, conn.address)
             return _plain(500)
 

@@ -568,6 +568,55 @@ def test_the_agent_under_a_slowloris_attack(tmp_path: Path, start_agent) -> None
             sock.close()
 
 
+def test_connections_kept_busy_by_pipelining_cannot_lock_out_a_probe(servers: list[Server]) -> None:
+    """Clients from several addresses filled the limit with connections each pipelining cheap
+    requests: a connection whose request was with a worker could not be closed to make room, and
+    its next request went to a worker as soon as its answer was out, so every new connection, a
+    probe's included, was closed at accept."""
+    servers.append(server := serve(max_connections=48, max_connections_per_client=16, probe_paths={"/probe"}))
+    requests_ = b"GET /nope HTTP/1.1\r\nHost: x\r\n\r\n" * 200
+    pipelining = []
+    for host in ("127.0.0.2", "127.0.0.3", "127.0.0.4"):
+        for _ in range(16):
+            sock = from_address(host)
+            sock.connect(server.server_address)
+            sock.setblocking(False)
+            pipelining.append(sock)
+    stop = threading.Event()
+
+    def pump() -> None:
+        """Keeps every pipeline full, reading the answers as they come."""
+        while not stop.is_set():
+            for sock in pipelining:
+                with contextlib.suppress(OSError):  # full, or closed by the server to make room
+                    while sock.recv(65536):
+                        pass
+                with contextlib.suppress(OSError):
+                    sock.send(requests_)
+            time.sleep(0.001)
+
+    pumper = threading.Thread(target=pump, daemon=True)
+    pumper.start()
+    probes = []
+    try:
+        time.sleep(0.5)  # every pipeline is flowing
+        for _ in range(10):
+            with from_address("127.0.0.9") as sock:
+                try:
+                    sock.connect(server.server_address)
+                    sock.sendall(b"GET /probe HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n")
+                    probes.append(sock.recv(65536)[:12])
+                except OSError as error:
+                    probes.append(repr(error).encode())
+            time.sleep(0.05)
+    finally:
+        stop.set()
+        pumper.join()
+        for sock in pipelining:
+            sock.close()
+    assert probes == [b"HTTP/1.1 200"] * 10, probes
+
+
 def test_a_client_hello_in_many_tiny_records_is_refused_at_once(servers: list[Server], pki: Pki) -> None:
     """Each record of a hello cut into 1-byte records woke the loop to parse every record again from
     the start: a few dozen such clients slowed every answer. Real clients send one or two records."""
