@@ -247,7 +247,7 @@ class Server:
         self._selector.register(self.socket, selectors.EVENT_READ, "accept")
         self._accept_paused_until: float | None = None
         self._connections: set[_Connection] = set()
-        self._clients: dict[str, set[_Connection]] = {}  # open connections by client address
+        self._clients: dict[str, set[_Connection]] = {}  # open connections by client (client_key)
         # Open connections by what they are doing, each in the order they started doing it; the
         # first of each is the candidate from its group to close to admit a new connection.
         self._lingering: dict[_Connection, None] = {}  # answered, closing
