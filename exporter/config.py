@@ -116,8 +116,8 @@ def build_parser(environ: Mapping[str, str]) -> _Parser:
     add(
         "--max-connections-per-client",
         _env("MAX_CONNECTIONS_PER_CLIENT"),
-        f"connections one client address may hold open, of the {MAX_CONNECTIONS} served; beyond it that client's "
-        f"least useful one is closed (default {DEFAULT_MAX_CONNECTIONS_PER_CLIENT})",
+        f"connections one client (an IPv4 address or an IPv6 /64) may hold open, of the {MAX_CONNECTIONS} served; "
+        f"beyond it that client's least useful one is closed (default {DEFAULT_MAX_CONNECTIONS_PER_CLIENT})",
         default=str(DEFAULT_MAX_CONNECTIONS_PER_CLIENT),
     )
     return parser

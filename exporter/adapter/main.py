@@ -90,8 +90,8 @@ def build_parser() -> ArgumentParser:
         "--max-connections-per-client",
         type=int,
         default=DEFAULT_MAX_CONNECTIONS_PER_CLIENT,
-        help=f"connections one client address may hold open, of the {MAX_CONNECTIONS} served; beyond it that "
-        f"client's least useful one is closed (default {DEFAULT_MAX_CONNECTIONS_PER_CLIENT})",
+        help=f"connections one client (an IPv4 address or an IPv6 /64) may hold open, of the {MAX_CONNECTIONS} "
+        f"served; beyond it that client's least useful one is closed (default {DEFAULT_MAX_CONNECTIONS_PER_CLIENT})",
     )
     add("--log-level", default="info", choices=["debug", "info", "warning", "error"])
     return parser

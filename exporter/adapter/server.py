@@ -78,7 +78,7 @@ class _Handler(Handler):
             log.info(
                 "closing a connection from %s verified under the front proxy's previous CA", self.client_address[0]
             )
-            self.close_connection = True  # unanswered: the client's retry connects under the current CA
+            self.drop()  # unanswered: the client's retry connects under the current CA
             return
         try:
             user = services.authenticator.authenticate(self._peer_cert(), self.headers)

@@ -20,9 +20,11 @@ it unfolds obs-fold and accepts bare LF line ends, as RFC 9112 allows a recipien
   bound, one of that client's own), the least useful first: one closing after its answer; one that
   has waited a second (``_GRACE_S``: time for a request head to arrive) without a whole request;
   a writer whose answer has taken nothing for a second; the longest idle keep-alive one; one
-  still within its second of waiting; then an answer that is draining. So a flood of slow senders,
-  clients that never read their answers or one client churning connections cannot lock out a
-  probe whose request is on its way, nor a scraper that polls on a kept-alive connection;
+  still within its second of waiting; an answer that is draining; last, one whose request is
+  with a worker (its answer is dropped). So a flood of slow senders, clients that never read their
+  answers, clients keeping every connection busy by pipelining, or one client churning
+  connections cannot lock out a probe whose request is on its way, nor a scraper that polls on a
+  kept-alive connection. A client address is an IPv4 address or an IPv6 /64 (``client_key``);
 - a connection's next request is read only once its answer has gone out, so a client pipelining
   requests holds at most one answer (and a read of requests not yet parsed) at a time;
 - the TLS handshake and the whole first request must arrive within ``request_timeout`` of the
@@ -32,7 +34,8 @@ it unfolds obs-fold and accepts bare LF line ends, as RFC 9112 allows a recipien
   4 KiB) with at most 100 fields, and a body at most 16 KiB (neither server takes bodies);
   Transfer-Encoding is refused, so a body is only ever framed by its Content-Length;
 - over TLS, a connection gets its TLS object (~48 KB of OpenSSL buffers mid-handshake) only once
-  its whole ClientHello has arrived, so clients that stall a handshake cost ~1 KB each.
+  its whole ClientHello has arrived, so clients that stall a handshake cost ~1 KB each; a hello
+  in more than a few records is refused.
 """
 
 from __future__ import annotations
@@ -42,6 +45,7 @@ import contextlib
 import errno
 import http.client
 import io
+import ipaddress
 import logging
 import selectors
 import socket
@@ -93,7 +97,7 @@ class Handler:
     ``headers`` (an ``http.client.HTTPMessage``), ``rfile`` (the body), ``connection`` (the socket:
     an ``ssl.SSLSocket`` over TLS, for ``getpeercert()``), ``client_address`` and ``server``.
 
-    A route is a method ``do_<METHOD>`` that answers by calling ``send`` once."""
+    A route is a method ``do_<METHOD>`` that answers by calling ``send`` once, or ``drop``."""
 
     server: Server
 
@@ -110,6 +114,7 @@ class Handler:
             self.headers[name.decode("latin-1")] = value.decode("latin-1")
         self.rfile = io.BytesIO(body)
         self.answer: _Answer | None = None
+        self.dropped = False
 
     def send(
         self,
@@ -125,6 +130,10 @@ class Handler:
         fields = [("Content-Type", content_type), ("Content-Length", str(sum(map(len, parts))))]
         self.answer = _Answer(code, fields + list((headers or {}).items()), parts if send_body else ())
 
+    def drop(self) -> None:
+        """Closes the connection without an answer (the client sees EOF), whatever was sent."""
+        self.dropped = True
+
 
 _HELLO, _HANDSHAKE, _READ, _BUSY, _WRITE, _LINGER = range(6)
 _TLS_HANDSHAKE_RECORD = 0x16
@@ -132,6 +141,10 @@ _TLS_CLIENT_HELLO = 0x01
 _TLS_RECORD_HEADER = 5
 _TLS_MAX_PLAINTEXT = 2**14  # RFC 8446 5.1: a record's plaintext, and a hello comes in plaintext
 _TLS_MAX_HELLO = 32 * 1024  # records of a ClientHello; browsers' largest (post-quantum key shares) are ~2 KB
+# Clients send a hello in one record, rarely two. The hello is parsed again from its start each
+# time another record is in: a bound on the records bounds that work, which a hello dripped in
+# 1-byte records would make quadratic, on the loop thread.
+_TLS_MAX_HELLO_RECORDS = 4
 
 
 class _Connection:
@@ -161,7 +174,7 @@ class _Connection:
         self.tls = tls  # the context to wrap the connection with, once its ClientHello is in
         self.awaited = _TLS_RECORD_HEADER  # bytes of it that make the socket readable (SO_RCVLOWAT)
         self.address = address
-        self.client: str = address[0]
+        self.client = client_key(address[0])
         self.state = _HELLO
         self.parser: h11.Connection | None = None  # made once the connection reads HTTP
         self.request: h11.Request | None = None  # while its body arrives and it is answered
@@ -234,19 +247,21 @@ class Server:
         self._selector.register(self.socket, selectors.EVENT_READ, "accept")
         self._accept_paused_until: float | None = None
         self._connections: set[_Connection] = set()
-        self._clients: dict[str, set[_Connection]] = {}  # open connections by client address
+        self._clients: dict[str, set[_Connection]] = {}  # open connections by client (client_key)
         # Open connections by what they are doing, each in the order they started doing it; the
         # first of each is the candidate from its group to close to admit a new connection.
         self._lingering: dict[_Connection, None] = {}  # answered, closing
         self._opening: dict[_Connection, None] = {}  # handshake, partial request
         self._idle: dict[_Connection, None] = {}  # keep-alive, waiting for the next request
         self._writing: dict[_Connection, None] = {}  # in the order their answers last took bytes
+        self._busy: dict[_Connection, None] = {}  # a request with the workers (queued or computed)
         self._at_limit = StateLog(log, "admitting connections")
         self._client_at_limit = StateLog(log, "admitting a client's connections")
         self._peers = StateLog(log, "client certificates")
         self._next_sweep = 0.0
-        self._done: collections.deque[tuple[_Connection, _Answer]] = collections.deque()
-        self._jobs: collections.deque[tuple[_Connection, h11.Request, bytes] | None] = collections.deque()
+        self._done: collections.deque[tuple[_Connection, _Answer | None]] = collections.deque()
+        # Requests waiting for a worker, oldest first; a connection closed meanwhile takes its own out.
+        self._jobs: dict[_Connection, tuple[h11.Request, bytes]] = {}
         self._job_ready = threading.Condition()
         self._workers: list[threading.Thread] = []
         self._idle_workers = 0
@@ -268,7 +283,6 @@ class Server:
         if self._thread is not None:
             self._thread.join(timeout=5)
         with self._job_ready:
-            self._jobs.extend([None] * len(self._workers))
             self._job_ready.notify_all()
         deadline = time.monotonic() + 0.5
         for worker in self._workers:
@@ -326,7 +340,11 @@ class Server:
                 self._guarded(self._ready, key.data)
         for _ in range(len(self._done)):  # those made meanwhile wait for the next turn: no connection hogs the loop
             conn, answer = self._done.popleft()
-            if not conn.closed:
+            if conn.closed:  # closed to make room while its answer was computed
+                continue
+            if answer is None:
+                self._close(conn)
+            else:
                 self._guarded(self._respond, conn, answer)
         self._sweep()
 
@@ -364,7 +382,7 @@ class Server:
                         self._pause_accepting()
                     return
                 continue  # the client gave up before we accepted (ECONNABORTED and kin)
-            if not self._make_room(address[0]):
+            if not self._make_room(client_key(address[0])):
                 sock.close()
                 continue
             try:
@@ -520,7 +538,7 @@ class Server:
         assert request is not None
         conn.body.clear()
         conn.state = _BUSY
-        self._enter(conn, None, 0.0)
+        self._enter(conn, self._busy, 0.0)
         self._watch(conn, 0)
         if self.answers_inline(request.target.split(b"?", 1)[0].decode("latin-1")):
             # Answered here, sent from the turn's queue of answers (not at once: a connection
@@ -662,6 +680,9 @@ class Server:
             with contextlib.suppress(KeyError, ValueError, OSError):
                 self._selector.unregister(conn.sock)
             conn.events = 0
+        if conn.state == _BUSY:
+            with self._job_ready:
+                self._jobs.pop(conn, None)
         self._enter(conn, None, 0.0)
         self._connections.discard(conn)
         own = self._clients.get(conn.client)
@@ -673,19 +694,25 @@ class Server:
 
     def _candidates(self) -> list[_Connection]:
         """The first of each group: within a group, no later one is less useful."""
-        return [next(iter(group)) for group in (self._lingering, self._opening, self._idle, self._writing) if group]
+        groups = (self._lingering, self._opening, self._idle, self._writing, self._busy)
+        return [next(iter(group)) for group in groups if group]
 
     def _evict(self, candidates: Iterable[_Connection]) -> bool:
-        """Closes the least useful of ``candidates`` (see the module's doc); False if none may go."""
+        """Closes the least useful of ``candidates`` (see the module's doc); False if there are none."""
         now = time.monotonic()
-        ranked = [(rank, conn) for conn in candidates if (rank := self._usefulness(conn, now)) is not None]
+        ranked = [(self._usefulness(conn, now), conn) for conn in candidates]
         if not ranked:
             return False
         self._close(min(ranked, key=lambda ranked_conn: ranked_conn[0])[1])
         return True
 
-    def _usefulness(self, conn: _Connection, now: float) -> tuple[int, float] | None:
-        """Lower is closed first to admit another; None while a worker computes its answer."""
+    def _usefulness(self, conn: _Connection, now: float) -> tuple[int, float]:
+        """Lower is closed first to admit another.
+
+        A connection whose request is with a worker goes last, but it does go: a client pipelining
+        cheap requests keeps its connections busy nearly all the time (the next request is handed on
+        as soon as an answer is out), so were they exempt, such clients at the limit would leave no
+        room for anyone, a probe included. Its answer, when computed, is dropped."""
         group = conn.group
         if group is self._lingering:
             return 0, conn.since
@@ -695,7 +722,7 @@ class Server:
             return (2 if now - conn.progressed >= _STALLED_S else 5), conn.progressed
         if group is self._idle:
             return 3, conn.since
-        return None
+        return 6, conn.since
 
     def _sweep(self) -> None:
         now = time.monotonic()
@@ -735,7 +762,7 @@ class Server:
 
     def _submit(self, conn: _Connection, request: h11.Request, body: bytes) -> None:
         with self._job_ready:
-            self._jobs.append((conn, request, body))
+            self._jobs[conn] = (request, body)
             if self._idle_workers == 0 and len(self._workers) < self.max_workers:
                 worker = threading.Thread(target=self._work, name=f"http-worker-{len(self._workers)}", daemon=True)
                 self._workers.append(worker)
@@ -746,28 +773,32 @@ class Server:
         while True:
             with self._job_ready:
                 self._idle_workers += 1
-                while not self._jobs:
+                while not self._jobs and not self._stopping.is_set():
                     self._job_ready.wait()
                 self._idle_workers -= 1
-                job = self._jobs.popleft()
-            if job is None:
-                return
-            conn, request, body = job
+                if self._stopping.is_set():
+                    return
+                conn = next(iter(self._jobs))
+                request, body = self._jobs.pop(conn)
             self._done.append((conn, self._answer(conn, request, body)))
             self._wake()
 
-    def _answer(self, conn: _Connection, request: h11.Request, body: bytes) -> _Answer:
-        """Runs the handler's route for one complete request."""
+    def _answer(self, conn: _Connection, request: h11.Request, body: bytes) -> _Answer | None:
+        """Runs the handler's route for one complete request; None to close the connection unanswered."""
         try:
             handler = self.handler_class(self, conn.sock, conn.address, request, body)
             route = getattr(handler, f"do_{handler.command}", None)
             if route is None:
                 return _plain(501, "unsupported method", close=False)
             route()
+            if handler.dropped:
+                return None
             if handler.answer is None:
                 raise RuntimeError(f"{type(handler).__name__}.do_{handler.command} sent no answer")
             return handler.answer
         except Exception:  # the thread lives on; the client hears of it
+            if conn.closed:  # closed to make room meanwhile: its socket failed the route, no bug
+                return None
             self.handle_error(conn.sock, conn.address)
             return _plain(500)
 
@@ -805,9 +836,10 @@ def _beyond_bounds(request: h11.Request) -> _Answer | None:
 
 def _client_hello_bytes(peeked: bytes) -> int | None:
     """How many bytes, records included, the whole ClientHello at the start of ``peeked`` takes
-    (more than ``len(peeked)`` while it is still arriving); None when the bytes are no ClientHello."""
+    (more than ``len(peeked)`` while it is still arriving); None when the bytes are no ClientHello, or
+    one in more records than clients send."""
     position, message = 0, b""
-    while True:
+    for _ in range(_TLS_MAX_HELLO_RECORDS):
         if len(peeked) < position + _TLS_RECORD_HEADER:
             return position + _TLS_RECORD_HEADER
         if peeked[position] != _TLS_HANDSHAKE_RECORD:
@@ -825,3 +857,19 @@ def _client_hello_bytes(peeked: bytes) -> int | None:
                 return None
             if len(message) >= 4 + int.from_bytes(message[1:4], "big"):
                 return position
+    return None  # in more records than any client sends
+
+
+def client_key(host: str) -> str:
+    """The client a connection from ``host`` counts against: an IPv6 host's whole /64, which one
+    site is commonly given (so is free to use every address of), and an IPv4-mapped IPv6 address as
+    the IPv4 address it is."""
+    try:
+        address = ipaddress.ip_address(host)
+    except ValueError:  # not an IP address: a Unix socket's path, say
+        return host
+    if isinstance(address, ipaddress.IPv6Address):
+        if address.ipv4_mapped is not None:
+            return str(address.ipv4_mapped)
+        return str(ipaddress.IPv6Network((address, 64), strict=False))
+    return str(address)

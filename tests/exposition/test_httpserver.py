@@ -20,7 +20,7 @@ from typing import Any
 import pytest
 import requests
 
-from exporter.exposition.httpserver import Handler, Server
+from exporter.exposition.httpserver import Handler, Server, client_key
 from sim.certs import Pki, make_pki
 from sim.scenario import Gpu, Scenario, gpu_uuid
 
@@ -501,7 +501,7 @@ def rss_bytes() -> int:
 
 
 def test_a_client_hello_in_small_records_gets_no_tls_object_until_whole(servers: list[Server], pki: Pki) -> None:
-    """A ClientHello may be cut into several records; one stalled after a small first record once got
+    """A ClientHello may be cut into a few records; one stalled after a small first record once got
     its ~48 KB TLS object at once. It is still served when its records are all in."""
     servers.append(server := serve(tls_server_context(pki), request_timeout=60))
     assert get(server, "/warm-up", ssl.create_default_context(cafile=str(pki.ca)))[0] == 200
@@ -513,7 +513,7 @@ def test_a_client_hello_in_small_records_gets_no_tls_object_until_whole(servers:
         stalled.append(sock)
     time.sleep(1)
     assert rss_bytes() - before < 6_000_000  # 400 TLS objects mid-handshake are ~19 MB
-    assert request_with_a_dripped_client_hello(server, pki.ca, record_size=50).startswith(b"HTTP/1.1 200")
+    assert request_with_a_dripped_client_hello(server, pki.ca, record_size=200).startswith(b"HTTP/1.1 200")
     for sock in stalled:
         sock.close()
 
@@ -566,3 +566,83 @@ def test_the_agent_under_a_slowloris_attack(tmp_path: Path, start_agent) -> None
         dripper.join()
         for sock in slow:
             sock.close()
+
+
+def test_connections_kept_busy_by_pipelining_cannot_lock_out_a_probe(servers: list[Server]) -> None:
+    """Clients from several addresses filled the limit with connections each pipelining cheap
+    requests: a connection whose request was with a worker could not be closed to make room, and
+    its next request went to a worker as soon as its answer was out, so every new connection, a
+    probe's included, was closed at accept."""
+    servers.append(server := serve(max_connections=48, max_connections_per_client=16, probe_paths={"/probe"}))
+    requests_ = b"GET /nope HTTP/1.1\r\nHost: x\r\n\r\n" * 200
+    pipelining = []
+    for host in ("127.0.0.2", "127.0.0.3", "127.0.0.4"):
+        for _ in range(16):
+            sock = from_address(host)
+            sock.connect(server.server_address)
+            sock.setblocking(False)
+            pipelining.append(sock)
+    stop = threading.Event()
+
+    def pump() -> None:
+        """Keeps every pipeline full, reading the answers as they come."""
+        while not stop.is_set():
+            for sock in pipelining:
+                with contextlib.suppress(OSError):  # full, or closed by the server to make room
+                    while sock.recv(65536):
+                        pass
+                with contextlib.suppress(OSError):
+                    sock.send(requests_)
+            time.sleep(0.001)
+
+    pumper = threading.Thread(target=pump, daemon=True)
+    pumper.start()
+    probes = []
+    try:
+        time.sleep(0.5)  # every pipeline is flowing
+        for _ in range(10):
+            with from_address("127.0.0.9") as sock:
+                try:
+                    sock.connect(server.server_address)
+                    sock.sendall(b"GET /probe HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n")
+                    probes.append(sock.recv(65536)[:12])
+                except OSError as error:
+                    probes.append(repr(error).encode())
+            time.sleep(0.05)
+    finally:
+        stop.set()
+        pumper.join()
+        for sock in pipelining:
+            sock.close()
+    assert probes == [b"HTTP/1.1 200"] * 10, probes
+
+
+def test_a_client_hello_in_many_tiny_records_is_refused_at_once(servers: list[Server], pki: Pki) -> None:
+    """Each record of a hello cut into 1-byte records woke the loop to parse every record again from
+    the start: a few dozen such clients slowed every answer. Real clients send one or two records."""
+    servers.append(server := serve(tls_server_context(pki), request_timeout=60))
+    hello = in_records(client_hello(pki.ca)[3], 1)
+    sock = connect(server)
+    sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+    for start in range(0, len(hello), 6):  # one record at a time
+        with contextlib.suppress(OSError):  # closed by the server meanwhile
+            sock.send(hello[start : start + 6])
+    assert closed_by_server(sock, 5)  # not at the 60 s deadline
+    sock.close()
+    assert get(server, "/after", ssl.create_default_context(cafile=str(pki.ca)))[0] == 200
+
+
+@pytest.mark.parametrize(
+    ("host", "client"),
+    [
+        ("10.1.2.3", "10.1.2.3"),
+        ("::ffff:10.1.2.3", "10.1.2.3"),  # an IPv4 client on a dual-stack socket is that IPv4 client
+        ("2001:db8:1:2:aaaa:bbbb:cccc:dddd", "2001:db8:1:2::/64"),
+        ("2001:db8:1:2::1", "2001:db8:1:2::/64"),  # one site's /64 is one client: its hosts choose freely in it
+        ("2001:db8:1:3::1", "2001:db8:1:3::/64"),
+        ("fe80::1%eth0", "fe80::/64"),
+    ],
+)
+def test_a_client_is_an_ipv4_address_or_an_ipv6_64(host: str, client: str) -> None:
+    """The per-client bound counted exact addresses: a host owning a /64 was as many clients as it liked."""
+    assert client_key(host) == client
