@@ -165,6 +165,9 @@ class NvmlReader:
         self._polls = 0
         # Values read every few polls: (uuid, source) -> (poll read at, plain value).
         self._kept: dict[tuple[str, str], tuple[int, Any]] = {}
+        # What never changes for a device (its name, its minor number): (uuid, what) -> value.
+        self._fixed: dict[tuple[str, str], Any] = {}
+        self._present: set[str] = set()  # the UUIDs of the last poll's devices
         self._gpm = GpmSampler()
 
     @property
@@ -242,10 +245,20 @@ class NvmlReader:
             errors.extend(self._absorb(index))
         self._note_stalls(stall_s)
         devices = tuple(d for index in sorted(self._last) if index < count for d in self._last[index])
+        self._forget_gone({d.uuid for d in devices})
         if self._xid is not None and self.initialised:
             self._xid.watch([(d.index, d.uuid) for d in devices if d.parent_uuid is None])
             devices = with_xid_counts(devices, self._xid.counts(), self._xid_key, self._xid_families)
         return NvmlPoll(devices=devices, errors=tuple(errors))
+
+    def _forget_gone(self, present: set[str]) -> None:
+        """Drops what is kept by UUID for devices no longer here (MIG devices come and go with every
+        reconfiguration), so what is kept stays bounded by the devices present."""
+        if present == self._present:
+            return
+        self._present = present
+        self._kept = {key: value for key, value in self._kept.items() if key[0] in present}
+        self._fixed = {key: value for key, value in self._fixed.items() if key[0] in present}
 
     def _gpu_state(self, index: int) -> StateLog:
         state = self._gpu_states.get(index)
@@ -325,8 +338,18 @@ class NvmlReader:
             result.failure = error
         return result
 
+    def _fixed_value(self, query: DeviceQuery, described: str, handle: Any, variant: Variant) -> Any | None:
+        """A value that never changes for a device, read until it is known, then kept by UUID."""
+        key = (query.uuid, described)
+        value = self._fixed.get(key)
+        if value is None:
+            value = query.value(described, handle, variant)
+            if value is not None:
+                self._fixed[key] = value
+        return value
+
     def _read_device(self, handle: Any, query: DeviceQuery) -> tuple[DeviceReading, ...]:
-        model = query.value("name", handle, text(binding("nvmlDeviceGetName"))) or ""
+        model = self._fixed_value(query, "name", handle, text(binding("nvmlDeviceGetName"))) or ""
         mig_mode = query.value("MIG mode", handle, binding("nvmlDeviceGetMigMode"))
         migs = (
             [self._read_mig(handle, query, mig, model) for mig in mig_devices(query, handle)]
@@ -346,17 +369,17 @@ class NvmlReader:
             ]
         reads = self._read_sources(handle, query, self._gpu_plan)
         utilisation = reads.get("utilisation")
-        process_sm = (
-            query.value(
+        process_sm: dict[int, float] | None = None
+        if utilisation is not None and processes == ():
+            process_sm = {}  # no process listed: no sample could name one (an idle node's every poll)
+        elif utilisation is not None:
+            process_sm = query.value(
                 "per-process utilisation",
                 handle,
                 Variant("nvmlDeviceGetProcessUtilization", lambda h: self._process_sm_percent(h, query.uuid)),
             )
-            if utilisation is not None
-            else None
-        )
         memory = reads.get("memory")
-        minor = query.value("minor number", handle, binding("nvmlDeviceGetMinorNumber"))
+        minor = self._fixed_value(query, "minor number", handle, binding("nvmlDeviceGetMinorNumber"))
         gpu = DeviceReading(
             index=query.index,
             uuid=query.uuid,
@@ -381,7 +404,7 @@ class NvmlReader:
         return DeviceReading(
             index=query.index,
             uuid=mig.uuid,
-            model=mig_query.value("name", mig.handle, text(binding("nvmlDeviceGetName"))) or model,
+            model=self._fixed_value(mig_query, "name", mig.handle, text(binding("nvmlDeviceGetName"))) or model,
             sampled_at=time.monotonic(),
             parent_uuid=query.uuid,
             gpu_instance_id=mig.gpu_instance_id,
