@@ -12,7 +12,7 @@ from __future__ import annotations
 import logging
 import time
 from collections import Counter
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from typing import TYPE_CHECKING
 
 from prometheus_client import CollectorRegistry
@@ -25,7 +25,7 @@ from exporter.config import Config, configure_logging, parse_config
 from exporter.exposition.collector import AgeCollector, SnapshotCollector
 from exporter.exposition.render import Exposition
 from exporter.exposition.server import MetricsServer
-from exporter.model import EMPTY_ATTRIBUTION, Health, Snapshot
+from exporter.model import EMPTY_ATTRIBUTION, Health, PodInfo, Snapshot
 from exporter.sources.nvml import NvmlReader
 from exporter.sources.podresources.client import PodResourcesClient
 from exporter.sources.podsources import PodSources
@@ -52,7 +52,10 @@ class Agent:
         self.config = config
         self.nvml = NvmlReader(groups=config.metric_groups)
         self.sources = PodSources(
-            PodResourcesClient(config.pod_resources_socket), ProcReader(config.proc_root), config.interval_s
+            PodResourcesClient(config.pod_resources_socket),
+            ProcReader(config.proc_root),
+            config.interval_s,
+            pods_watched=config.kubernetes,
         )
         self.pods: PodWatcher | None = None
         self.slices: SliceWatcher | None = None  # DRA devices; the watch starts with the first DRA claim
@@ -64,6 +67,7 @@ class Agent:
             self.pods = PodWatcher(config.node_name, config.kubeconfig)
             self.slices = SliceWatcher(config.node_name, config.kubeconfig)
         self._snapshot: Snapshot | None = None
+        self._pods_seen: Mapping[str, PodInfo] | None = None
         self._device_errors: Counter[tuple[str, str, str]] = Counter()
         self._last_success: float | None = None
         # Each survives any exception in one poll or render: the failure is logged once per change
@@ -95,8 +99,11 @@ class Agent:
         started = time.monotonic()
         nvml_poll = self.nvml.poll(self.config.interval_s, deadline_s=self.config.interval_s * 0.8)
         self.sources.want_owners(p.pid for device in nvml_poll.devices for p in device.processes or ())
-        sources = self.sources.view()
         pods = self.pods.pods if self.pods is not None else None
+        if pods is not self._pods_seen:  # republished only when this node's pods change
+            self._pods_seen = pods
+            self.sources.pods_changed()
+        sources = self.sources.view()
         dra = self.slices.devices(sources.allocations) if self.slices is not None else None
         attribution = (
             attribute(nvml_poll.devices, sources.allocations, sources.owners, pods, dra)

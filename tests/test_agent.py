@@ -287,3 +287,28 @@ def test_a_watch_answering_410_forever_backs_off_and_says_so(node: Node, start_a
     agent.wait_for(lambda s: find(s, "gpu_exporter_kubernetes_up") == [({}, 1.0)], timeout_s=40, what="recovery")
     warnings = [line for line in agent.log().splitlines() if "WARNING" in line and "exporter.sources.kube" in line]
     assert len(warnings) <= 2, warnings  # one line per change of state, not per retry
+
+
+def test_a_new_pod_holding_an_idle_gpu_is_labelled_as_soon_as_the_watch_sees_it(node: Node, start_agent) -> None:  # type: ignore[no-untyped-def]
+    """With the pod watch on, the kubelet is asked when this node's pods change, and otherwise only
+    every 15 intervals (3 s here): a pod admitted to an idle GPU, with no process that could name it,
+    gets its labels with the pod's next watch event, not at the next periodic List."""
+    agent = start_agent(node.args(), node.scenario_path)
+    agent.wait_for(lambda s: BERT in pods_of(s), what="the BERT pod")
+    lists = node.kubelet.calls
+    time.sleep(2.0)
+    # Idle: no pod and no process changed, so at most the periodic List (ten polls passed).
+    assert node.kubelet.calls - lists <= 1
+    lists = node.kubelet.calls
+    deadline = time.monotonic() + 5
+    while node.kubelet.calls == lists and time.monotonic() < deadline:  # a periodic List just happened
+        time.sleep(0.02)
+    node.kubelet.set_pods(
+        [
+            PodDevices("default", BERT, {"server": [("nvidia.com/gpu", [gpu_uuid(0)])]}),
+            PodDevices("ml", "idle-holder", {"main": [("nvidia.com/gpu", [gpu_uuid(1)])]}),
+        ]
+    )
+    node.api.apply(pod_json("cccccccc-0000-4000-8000-000000000003", "ml", "idle-holder", NODE))
+    # The next periodic List is 3 s away: the labels come from the List the watch event asked for.
+    agent.wait_for(lambda s: "idle-holder" in pods_of(s, "gpu_pod_info"), timeout_s=1.5, what="the new pod's labels")
