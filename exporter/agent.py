@@ -70,17 +70,20 @@ class Agent:
         self._pods_seen: Mapping[str, PodInfo] | None = None
         self._device_errors: Counter[tuple[str, str, str]] = Counter()
         self._last_success: float | None = None
+
         # Each survives any exception in one poll or render: the failure is logged once per change
         # of state, readiness and the age gauges show it, and the next attempt comes a poll interval
         # later (no backoff growth: polling is the agent's job, and its cost is one poll).
-        every_interval = Backoff(initial_s=config.interval_s, cap_s=config.interval_s, jitter=0.0)
+        def every_interval() -> Backoff:
+            return Backoff(initial_s=config.interval_s, cap_s=config.interval_s, jitter=0.0)
+
         self._next_poll = 0.0
-        self._poll = Loop("poll", self._poll_step, StateLog(log, "polling"), every_interval)
+        self._poll = Loop("poll", self._poll_step, StateLog(log, "polling"), every_interval())
         self._render = Loop(
             "render",
             self._render_step,
             StateLog(log, "rendering /metrics"),
-            Backoff(initial_s=config.interval_s, cap_s=config.interval_s, jitter=0.0),
+            every_interval(),
             consequence="serving the last good rendering, which ages out; retrying",
         )
         self.registry = CollectorRegistry(auto_describe=False)
@@ -148,10 +151,11 @@ class Agent:
             return False, f"rendering /metrics fails ({self._render.state.failing})"
         if not snapshot.health.nvml_up:
             return False, snapshot.health.nvml_status
-        ages = {s.device.uuid: now - s.device.sampled_at for s in snapshot.attribution.series}
-        if ages and min(ages.values()) > self.config.max_staleness_s:
+        read_at = {s.device.uuid: s.device.sampled_at for s in snapshot.attribution.series}
+        newest_age = now - max(read_at.values(), default=now)
+        if newest_age > self.config.max_staleness_s:
             return False, (
-                f"no device read in the last {min(ages.values()):.1f}s (all {len(ages)} older than "
+                f"no device read in the last {newest_age:.1f}s (all {len(read_at)} older than "
                 f"--max-staleness {self.config.max_staleness_s:g}s): NVML reads are stalled"
             )
         return True, f"ready: {snapshot.health.nvml_status}"

@@ -74,8 +74,7 @@ class PodSources:
         self._wanted: frozenset[int] = frozenset()
         self._failures = 0
         self._backoff = Backoff(initial_s=interval_s, cap_s=max(interval_s, BACKOFF_MAX_S))
-        self._processes_changed = False
-        self._pods_changed = False
+        self._ask_kubelet = False  # the GPU processes or this node's pods changed since the last refresh
         self._next_list = clock()
         self._loop = Loop(
             "pod-sources",
@@ -98,12 +97,12 @@ class PodSources:
         wanted = frozenset(pids)
         if wanted != self._wanted:
             self._wanted = wanted
-            self._processes_changed = True
+            self._ask_kubelet = True
             self._loop.wake()
 
     def pods_changed(self) -> None:
         """This node's pods changed (the pod watch saw it): the kubelet is asked at once."""
-        self._pods_changed = True
+        self._ask_kubelet = True
         self._loop.wake()
 
     def view(self) -> PodSourcesView:
@@ -122,8 +121,7 @@ class PodSources:
         until the next refresh (a new set of processes, or a change to the node's pods, wakes it
         sooner: at most once a poll, as the poll hands both over)."""
         self._owners = self._procs.owners(self._wanted)
-        changed = self._processes_changed or self._pods_changed
-        self._processes_changed = self._pods_changed = False
+        changed, self._ask_kubelet = self._ask_kubelet, False
         if self._clock() >= self._next_list or (changed and self._failures == 0):
             self._next_list = self._clock() + self._refresh_allocations()
         return max(0.0, self._next_list - self._clock())
