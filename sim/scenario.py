@@ -49,6 +49,7 @@ class Gpu:
     remap_pending: bool = False
     remap_failed: bool = False
     clock_reasons: int = 0  # nvmlClocksEventReason bitmask
+    recovery_action: int = 0  # nvmlDeviceGpuRecoveryAction_t, where the driver offers the field
     gpm: bool | None = None  # None: as the model (GPM_MODELS)
     sm_active: float = 0.0  # GPM percentages
     sm_occupancy: float = 0.0
@@ -104,10 +105,13 @@ class Scenario:
     init_rc: int = 0
     driver_version: str = "550.54.15"
     count_block_s: float = 0.0  # nvmlDeviceGetCount hangs this long: the poll itself stalls
+    recovery_field: bool = False  # the driver offers the GPU recovery action field (newer drivers)
+    instant_timeout: bool = False  # nvmlEventSetWait returns TIMEOUT at once (a broken driver)
 
     def render(self) -> str:
         lines = [
             f"driver\tinit={self.init_rc}\tversion={self.driver_version}\tcountblock={round(self.count_block_s * 1000)}"
+            f"\trecoveryfield={int(self.recovery_field)}\tinstanttimeout={int(self.instant_timeout)}"
         ]
         for index, gpu in enumerate(self.gpus):
             gpm = gpu.gpm if gpu.gpm is not None else any(m in str(gpu.name) for m in GPM_MODELS)
@@ -139,6 +143,7 @@ class Scenario:
                 "remappending": int(gpu.remap_pending),
                 "remapfailed": int(gpu.remap_failed),
                 "reasons": gpu.clock_reasons,
+                "recovery": gpu.recovery_action,
                 "gpm": int(gpm),
                 "smactive": gpu.sm_active,
                 "smocc": gpu.sm_occupancy,

@@ -271,6 +271,26 @@ def test_the_xid_watcher_recovers_from_a_failed_registration(
     assert len(failures) == 1  # one line per change of state, not one per retry
 
 
+def test_an_event_wait_that_times_out_at_once_is_floored(
+    scenario_file: Path, nvml_reader: MakeReader, fake_nvml: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    caplog.set_level(logging.WARNING, logger="exporter.sources.nvmlevents")
+    scenario = Scenario(gpus=[Gpu(gpu_uuid(0))], instant_timeout=True)
+    scenario.write(scenario_file)
+    reader = nvml_reader()
+    reader.poll(interval_s=1.0, deadline_s=5.0)
+    wait_until(lambda: reader.xid_gpus_watched == 1, what="the GPU registered")
+    before = calls_made(fake_nvml, "eventwait")
+    time.sleep(1.0)
+    waits = calls_made(fake_nvml, "eventwait") - before
+    assert waits <= 3, f"{waits} waits in a second: the watcher spins"  # a backoff apart, not a tight loop
+    said = [r.getMessage() for r in caplog.records if "timed out at once" in r.getMessage()]
+    assert len(said) == 1, said  # one line for the state, not one per wait
+    scenario.xids.append(Xid(gpu=0, code=79))  # still registered: the event is seen after the pause
+    scenario.write(scenario_file)
+    wait_until(lambda: xids_of(reader) == {gpu_uuid(0): {("79",): 1.0}}, what="the event after the backoff")
+
+
 def test_metrics_flag_names_unknown_groups_in_one_line(capsys: pytest.CaptureFixture[str]) -> None:
     with pytest.raises(SystemExit) as exited:
         parse_config(["--metrics", "seed,helth"], environ={})

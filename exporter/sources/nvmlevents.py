@@ -5,7 +5,9 @@ reader found for ``nvmlEventTypeXidCriticalError`` and counts each event once, b
 GPU instance (a MIG device), and by Xid code. Any failure (NVML gone, a GPU lost, an exception
 of any type) frees the event set, logs one line per change of state and retries with jittered
 exponential backoff (exporter.supervise.Loop); events that happen while it is not
-registered are not seen (NVML does not queue them for a set that does not exist).
+registered are not seen (NVML does not queue them for a set that does not exist). A wait that
+ends in TIMEOUT well before its time (a broken driver) is a step that ended too soon: the loop backs
+off before the next, keeping the set registered, instead of spinning.
 """
 
 from __future__ import annotations
@@ -14,6 +16,7 @@ import contextlib
 import ctypes
 import logging
 import threading
+import time
 from collections import Counter
 from collections.abc import Sequence
 from typing import Any
@@ -21,7 +24,7 @@ from typing import Any
 import pynvml
 
 from exporter.backoff import Backoff
-from exporter.supervise import Loop, StateLog
+from exporter.supervise import BackOff, Loop, StateLog
 
 log = logging.getLogger(__name__)
 
@@ -97,14 +100,19 @@ class XidWatcher:
             if self._event_set is None:
                 self._changed.wait(self._wait_ms / 1000)
                 return 0.0
+            started = time.monotonic()
             try:
                 data = pynvml.nvmlEventSetWait_v2(self._event_set, self._wait_ms)
             except pynvml.NVMLError as error:
                 if error.value != pynvml.NVML_ERROR_TIMEOUT:
                     raise
+                if time.monotonic() - started < self._wait_ms / 2000:
+                    raise BackOff("the event wait timed out at once") from error
                 data = None
             if data is not None:
                 self._count(data, self._handles)
+        except BackOff:
+            raise  # the set stays registered: events meanwhile wait in it
         except BaseException:
             self._event_set = self._free(self._event_set)
             self.registered = 0

@@ -9,11 +9,14 @@
  * key=value fields:
  *
  *   driver  init=<rc>  version=<string>  countblock=<milliseconds> (nvmlDeviceGetCount hangs: a wedged driver)
+ *           recoveryfield=0|1 (the driver offers NVML_FI_DEV_GET_GPU_RECOVERY_ACTION: newer drivers)
+ *           instanttimeout=0|1 (nvmlEventSetWait returns TIMEOUT at once when no event is pending: a broken driver)
  *   gpu     uuid= name= minor= util= memutil= total= used= reserved= temp= power= mig=0|1
  *           smclock= memclock= (MHz)  energy= (mJ)  plimit= (mW)  enc= dec= (%)  pcietx= pcierx= (KB/s)
  *           replay=  ecccorr= eccunc=  remapcorr= remapunc= remappending=0|1 remapfailed=0|1
  *           reasons=<clocks event reasons bitmask>  gpm=0|1  smactive= smocc= tensor= dram= (GPM, %)
  *           lost=0|1  unsupported=<call>,<call>  fail=<call>:<rc>,...  block=<call>:<milliseconds>
+ *           recovery=<nvmlDeviceGpuRecoveryAction_t> (the field's value where the driver offers it)
  *   mig     parent=<gpu index> uuid= name= gi= ci= total= used= smactive= smocc= tensor= dram=
  *   proc    gpu=<gpu index> pid= mem=<bytes|na> sm=<percent> gi= ci=
  *   xid     gpu=<gpu index> code=<xid> gi= ci= seq=<n>   (an event; seq numbers grow, each is delivered once)
@@ -21,7 +24,8 @@
  * fakeNvmlCallCount(call name) (not an NVML symbol) tells tests how often a call was made.
  * Text values (uuid, name) may hold %XX escapes for bytes that are no UTF-8 (e.g. name=A%FFB).
  * Call names for unsupported/fail/block: name uuid minor util mem memv2 temp tempv power procs
- * procutil mig clock energy plimit enc dec pcie replay ecc remap reasons gpm events.
+ * procutil mig clock energy plimit enc dec pcie replay ecc remap reasons gpm events fields (the field
+ * values), and eventwait (counted only: each nvmlEventSetWait_v2).
  * A symbol is dropped (an older driver) by building the library with a linker version script that
  * makes it local: see sim/fakelib.py.
  */
@@ -95,10 +99,10 @@ typedef struct {
 static const char *CALLS[MAX_CALLS] = {"name",   "uuid",   "minor", "util", "mem",    "memv2",   "temp",
                                        "tempv",  "power",  "procs", "procutil", "mig", "clock", "energy",
                                        "plimit", "enc",    "dec",   "pcie", "replay", "ecc",   "remap",
-                                       "reasons", "gpm",   "events"};
+                                       "reasons", "gpm",   "events", "fields", "eventwait"};
 enum { C_NAME, C_UUID, C_MINOR, C_UTIL, C_MEM, C_MEMV2, C_TEMP, C_TEMPV, C_POWER, C_PROCS,
        C_PROCUTIL, C_MIG, C_CLOCK, C_ENERGY, C_PLIMIT, C_ENC, C_DEC, C_PCIE, C_REPLAY, C_ECC, C_REMAP,
-       C_REASONS, C_GPM, C_EVENTS };
+       C_REASONS, C_GPM, C_EVENTS, C_FIELDS, C_EVENTWAIT };
 
 typedef struct {
     unsigned int version;
@@ -147,7 +151,7 @@ struct device {
     int temp;
     unsigned power;
     unsigned smclock, memclock, plimit, enc, dec, pcietx, pcierx, replay;
-    unsigned remapcorr, remapunc, remappending, remapfailed, gpm;
+    unsigned remapcorr, remapunc, remappending, remapfailed, gpm, recovery;
     unsigned long long energy, ecccorr, eccunc, reasons;
     double smactive, smocc, tensor, dram;
     int lost;
@@ -181,6 +185,7 @@ static struct event_set event_sets[MAX_EVENT_SETS];
 static unsigned gpu_count, proc_count, xid_count;
 static int init_rc;
 static unsigned count_block_ms;
+static int recovery_field, instant_timeout;
 static char driver_version[80] = "fake";
 static int initialised;
 static struct stat loaded;
@@ -260,6 +265,7 @@ static void parse_device(struct device *d, char *fields) {
         else if (!strcmp(k, "remapfailed")) d->remapfailed = strtoul(v, NULL, 10);
         else if (!strcmp(k, "reasons")) d->reasons = strtoull(v, NULL, 0);
         else if (!strcmp(k, "gpm")) d->gpm = strtoul(v, NULL, 10);
+        else if (!strcmp(k, "recovery")) d->recovery = strtoul(v, NULL, 10);
         else if (!strcmp(k, "smactive")) d->smactive = strtod(v, NULL);
         else if (!strcmp(k, "smocc")) d->smocc = strtod(v, NULL);
         else if (!strcmp(k, "tensor")) d->tensor = strtod(v, NULL);
@@ -327,6 +333,7 @@ static void reload_locked(void) {
     gpu_count = proc_count = xid_count = 0;
     init_rc = NVML_SUCCESS;
     count_block_ms = 0;
+    recovery_field = instant_timeout = 0;
     char line[4096];
     while (fgets(line, sizeof line, f)) {
         char *tab = strchr(line, '\t');
@@ -340,6 +347,8 @@ static void reload_locked(void) {
                 if (!strncmp(kv, "init=", 5)) init_rc = (int)strtol(kv + 5, NULL, 10);
                 else if (!strncmp(kv, "version=", 8)) snprintf(driver_version, sizeof driver_version, "%s", kv + 8);
                 else if (!strncmp(kv, "countblock=", 11)) count_block_ms = (unsigned)strtoul(kv + 11, NULL, 10);
+                else if (!strncmp(kv, "recoveryfield=", 14)) recovery_field = (int)strtol(kv + 14, NULL, 10);
+                else if (!strncmp(kv, "instanttimeout=", 15)) instant_timeout = (int)strtol(kv + 15, NULL, 10);
             }
         } else if (!strcmp(line, "gpu") && gpu_count < MAX_GPUS) {
             parse_device(&gpus[gpu_count], rest);
@@ -950,6 +959,9 @@ static void wait_for_scenario_change(unsigned long long timeout_us) {
 int nvmlEventSetWait_v2(struct event_set *set, nvmlEventData_t *data, unsigned int timeout_ms) {
     if (!set || !data) return NVML_ERROR_INVALID_ARGUMENT;
     unsigned long long deadline = now_us() + (unsigned long long)timeout_ms * 1000ULL;
+    pthread_mutex_lock(&lock);
+    call_counts[C_EVENTWAIT]++;
+    pthread_mutex_unlock(&lock);
     for (;;) {
         pthread_mutex_lock(&lock);
         reload_locked();
@@ -974,9 +986,10 @@ int nvmlEventSetWait_v2(struct event_set *set, nvmlEventData_t *data, unsigned i
             pthread_mutex_unlock(&lock);
             return NVML_SUCCESS;
         }
+        int at_once = instant_timeout;
         pthread_mutex_unlock(&lock);
         unsigned long long now = now_us();
-        if (now >= deadline) return NVML_ERROR_TIMEOUT;
+        if (now >= deadline || at_once) return NVML_ERROR_TIMEOUT;
         wait_for_scenario_change(deadline - now);
     }
 }
@@ -1000,12 +1013,45 @@ int nvmlDeviceGetFanSpeed(void *device, unsigned int *speed) {
     return rc == NVML_SUCCESS ? NVML_ERROR_NOT_SUPPORTED : rc; /* passively cooled */
 }
 
-int nvmlDeviceGetFieldValues(void *device, int count, void *values) {
+/* ---- Field values: only the GPU recovery action, on a driver that offers it; other fields are
+ * not supported, each in its own entry as NVML reports them. */
+
+#define NVML_FI_DEV_GET_GPU_RECOVERY_ACTION 230
+#define NVML_VALUE_TYPE_UNSIGNED_INT 1
+
+typedef struct {
+    unsigned int fieldId, scopeId;
+    long long timestamp, latencyUsec;
+    int valueType, nvmlReturn;
+    union {
+        double dVal;
+        unsigned int uiVal;
+        unsigned long long ullVal;
+    } value;
+} nvmlFieldValue_t;
+
+int nvmlDeviceGetFieldValues(void *device, int count, nvmlFieldValue_t *values) {
     struct device d;
-    int rc = enter(device, -1, &d);
-    (void)count;
-    (void)values;
-    return rc == NVML_SUCCESS ? NVML_ERROR_NOT_SUPPORTED : rc;
+    int rc = enter(device, C_FIELDS, &d);
+    if (rc != NVML_SUCCESS) return rc;
+    if (!values || count < 0) return NVML_ERROR_INVALID_ARGUMENT;
+    pthread_mutex_lock(&lock);
+    int offered = recovery_field;
+    pthread_mutex_unlock(&lock);
+    for (int i = 0; i < count; i++) {
+        nvmlFieldValue_t *v = &values[i];
+        v->timestamp = (long long)now_us();
+        v->latencyUsec = 0;
+        if (v->fieldId == NVML_FI_DEV_GET_GPU_RECOVERY_ACTION && offered && !d.is_mig) {
+            v->valueType = NVML_VALUE_TYPE_UNSIGNED_INT;
+            v->nvmlReturn = NVML_SUCCESS;
+            v->value.ullVal = 0;
+            v->value.uiVal = d.recovery;
+        } else {
+            v->nvmlReturn = NVML_ERROR_NOT_SUPPORTED;
+        }
+    }
+    return NVML_SUCCESS;
 }
 
 int nvmlDeviceGetGraphicsRunningProcesses_v3(void *device, unsigned int *count, nvmlProcessInfo_t *infos) {
