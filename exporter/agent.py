@@ -20,6 +20,7 @@ from prometheus_client.platform_collector import PlatformCollector
 from prometheus_client.process_collector import ProcessCollector
 
 from exporter.attribution.attribute import attribute
+from exporter.attribution.health import gpu_health
 from exporter.backoff import Backoff
 from exporter.config import Config, configure_logging, parse_config
 from exporter.exposition.collector import AgeCollector, SnapshotCollector
@@ -114,6 +115,17 @@ class Agent:
             else EMPTY_ATTRIBUTION
         )
         self._device_errors.update(nvml_poll.errors)
+        verdicts = (
+            gpu_health(
+                nvml_poll.devices,
+                nvml_poll.lost,
+                time.monotonic(),
+                self.config.health_xid_window_s,
+                self.config.max_staleness_s,
+            )
+            if "health" in self.config.metric_groups
+            else ()
+        )
         finished = time.monotonic()
         if self.nvml.initialised:
             self._last_success = time.time()
@@ -131,6 +143,7 @@ class Agent:
                 pod_resources_errors_total=dict(sources.pod_resources_errors),
             ),
             completed_at=finished,
+            gpu_health=verdicts,
         )
         self._snapshot = snapshot
         self.exposition.invalidate()

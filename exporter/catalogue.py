@@ -39,6 +39,7 @@ NVML_CLOCK_SM, NVML_CLOCK_MEM = 1, 2
 NVML_PCIE_UTIL_TX_BYTES, NVML_PCIE_UTIL_RX_BYTES = 0, 1
 NVML_MEMORY_ERROR_TYPE_CORRECTED, NVML_MEMORY_ERROR_TYPE_UNCORRECTED = 0, 1
 NVML_VOLATILE_ECC = 0
+NVML_FI_DEV_GET_GPU_RECOVERY_ACTION = 230  # a field value of newer drivers
 
 
 class Utilisation(NamedTuple):
@@ -60,11 +61,12 @@ class RemappedRows(NamedTuple):
 
 @dataclass(frozen=True)
 class Call:
-    """A pynvml function, called with the device handle then ``args``; ``version`` names the
-    pynvml struct-version object passed as ``version=`` (e.g. ``nvmlMemory_v2``)."""
+    """A pynvml function, called with the device handle then ``args`` (a tuple of ints is passed as a
+    list, e.g. field ids); ``version`` names the pynvml struct-version object passed as ``version=``
+    (e.g. ``nvmlMemory_v2``)."""
 
     function: str
-    args: tuple[int, ...] = ()
+    args: tuple[int | tuple[int, ...], ...] = ()
     version: str | None = None
 
 
@@ -101,6 +103,13 @@ class Source:
 # calls per GPU near 1.35 times the seed's.
 SAMPLED_EVERY = 5
 SLOW_EVERY = 10
+
+
+def _recovery_action(values: Any) -> int | None:
+    """The recovery action field's answer; None where the driver does not offer the field (older
+    drivers answer the call but not the field)."""
+    value = values[0]
+    return int(value.value.uiVal) if int(value.nvmlReturn) == 0 else None
 
 
 def _utilisation_percent(answer: Any) -> int:
@@ -168,6 +177,13 @@ SOURCES: dict[str, Source] = {
             int,
             every=SAMPLED_EVERY,
         ),
+        Source(
+            "recovery_action",
+            (Call("nvmlDeviceGetFieldValues", ((NVML_FI_DEV_GET_GPU_RECOVERY_ACTION,),)),),
+            _recovery_action,
+            every=SAMPLED_EVERY,
+            what="GPU recovery action",
+        ),
         Source("gpm", (), mig=True, via=Via.GPM_SAMPLES),  # {GPM metric id: percent}
         Source("xid", (), mig=True, via=Via.XID_EVENTS),  # {Xid: events counted}
     )
@@ -188,6 +204,24 @@ CLOCK_EVENT_REASONS = {
     "hw_thermal_slowdown": 0x40,
     "hw_power_brake_slowdown": 0x80,
 }
+
+
+# nvmlDeviceGpuRecoveryAction_t, named as the gpu_recovery_action{action} label.
+RECOVERY_ACTIONS = {
+    0: "none",
+    1: "gpu_reset",
+    2: "node_reboot",
+    3: "drain_p2p",
+    4: "drain_and_reset",
+    5: "recover_imex_domain",
+    6: "bus_reset",
+    7: "system_reboot",
+}
+
+
+def recovery_action_name(value: int) -> str:
+    """The action's label value; a value newer than this table is named by its number, never dropped."""
+    return RECOVERY_ACTIONS.get(value, f"action_{value}")
 
 
 @dataclass(frozen=True)
@@ -254,6 +288,16 @@ def _clock_events(reads: Mapping[str, Any]) -> Samples:
     return tuple(Sample((reason,), 1.0 if mask & bit else 0.0) for reason, bit in CLOCK_EVENT_REASONS.items())
 
 
+def _recovery_actions(reads: Mapping[str, Any]) -> Samples:
+    """One series per action, 1 for the one in force (a state set, as gpu_clock_event_active)."""
+    value = reads.get("recovery_action")
+    if value is None:
+        return ()
+    current = recovery_action_name(value)
+    names = dict.fromkeys((*RECOVERY_ACTIONS.values(), current))  # a newer driver's action too
+    return tuple(Sample((name,), 1.0 if name == current else 0.0) for name in names)
+
+
 def _xid(reads: Mapping[str, Any]) -> Samples:
     return tuple(Sample((str(xid),), float(count)) for xid, count in sorted((reads.get("xid") or {}).items()))
 
@@ -280,6 +324,30 @@ DRA_ALLOCATION_INFO = Family(
     SEED,
     "pod-resources `dynamic_resources`, resolved through the node's ResourceSlices",
     DRA_LABELS,
+)
+
+# Rendered from the health verdicts (exporter.attribution.health), read or not: a GPU that is lost
+# or whose reads stall is unhealthy, not absent.
+_HEALTH_READS = ("remapped_rows", "ecc_uncorrected", "clock_events", "recovery_action", "xid")
+GPU_HEALTH_STATUS = Family(
+    "gpu_health_status",
+    "One answer per GPU: 0 healthy, 1 degraded (serviceable), 2 unhealthy (needs action: drain, reset or "
+    "reboot). gpu_health_reason says why.",
+    "state",
+    "gauge",
+    "health",
+    "the health rules (README, GPU health) over the health group's reads, and whether the GPU answers",
+    reads=_HEALTH_READS,
+)
+GPU_HEALTH_REASON = Family(
+    "gpu_health_reason",
+    "1 for each health rule in force on a GPU, with its severity (degraded, unhealthy); none when healthy.",
+    "info",
+    "gauge",
+    "health",
+    "the health rules (README, GPU health)",
+    labels=(*DEVICE_LABELS, "reason", "severity"),
+    reads=_HEALTH_READS,
 )
 
 FAMILIES: tuple[Family, ...] = (
@@ -513,6 +581,20 @@ FAMILIES: tuple[Family, ...] = (
         reads=("clock_events",),
         samples=_clock_events,
     ),
+    Family(
+        "gpu_recovery_action",
+        "The recovery the driver asks for, by action (none, gpu_reset, node_reboot, drain_p2p, drain_and_reset, "
+        "...): 1 for the action in force, 0 for the others. Absent on drivers without the field. " + _WHOLE_DEVICE,
+        "boolean",
+        "gauge",
+        "health",
+        "`nvmlDeviceGetFieldValues(NVML_FI_DEV_GET_GPU_RECOVERY_ACTION)` (newer drivers)",
+        labels=(*DEVICE_LABELS, "action"),
+        reads=("recovery_action",),
+        samples=_recovery_actions,
+    ),
+    GPU_HEALTH_STATUS,
+    GPU_HEALTH_REASON,
     # --- profiling (GPM: Hopper and newer)
     Family(
         "gpu_sm_active_ratio",

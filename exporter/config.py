@@ -21,6 +21,10 @@ DEFAULT_SOCKET = "/var/lib/kubelet/pod-resources/kubelet.sock"
 # 5 minutes the data is older than any scrape interval or HPA sync cares for.
 INTERVAL_RANGE_S = (0.1, 300.0)
 STALENESS_MAX_S = 3600.0  # at least one interval: a reading cannot be fresher than the poll
+# How long an Xid that needs a reset or a reboot keeps a GPU unhealthy: shorter than a minute and a
+# scrape could miss it; longer than a week and a GPU fixed since stays flagged.
+XID_WINDOW_RANGE_S = (60.0, 7 * 86400.0)
+_DURATION_UNITS = {"s": 1.0, "m": 60.0, "h": 3600.0, "d": 86400.0}
 
 
 @dataclass(frozen=True)
@@ -38,6 +42,7 @@ class Config:
     web: WebConfig | None
     metric_groups: frozenset[str] = frozenset(GROUPS)
     max_connections_per_client: int = DEFAULT_MAX_CONNECTIONS_PER_CLIENT
+    health_xid_window_s: float = 3600.0
 
 
 class _Parser(ArgumentParser):
@@ -120,6 +125,13 @@ def build_parser(environ: Mapping[str, str]) -> _Parser:
         f"beyond it that client's least useful one is closed (default {DEFAULT_MAX_CONNECTIONS_PER_CLIENT})",
         default=str(DEFAULT_MAX_CONNECTIONS_PER_CLIENT),
     )
+    add(
+        "--health-xid-window",
+        _env("HEALTH_XID_WINDOW"),
+        "how long an Xid that needs a GPU reset or a node reboot keeps gpu_health_status at 2, from 1m to 7d "
+        "(e.g. 90s, 30m, 1h; default 1h)",
+        default="1h",
+    )
     return parser
 
 
@@ -177,6 +189,7 @@ def parse_config(argv: Sequence[str] | None = None, environ: Mapping[str, str] |
         web=web,
         metric_groups=metric_groups,
         max_connections_per_client=int(per_client),
+        health_xid_window_s=_duration(parser, "--health-xid-window", args.health_xid_window, *XID_WINDOW_RANGE_S),
     )
 
 
@@ -187,6 +200,19 @@ def _seconds(parser: _Parser, flag: str, text: object, low: float, high: float) 
         parser.bad(flag, f"want a number of seconds, got {text!r}")
     if not low <= value <= high:  # NaN fails both
         parser.bad(flag, f"want {low:g} to {high:g} seconds, got {text!r}")
+    return value
+
+
+def _duration(parser: _Parser, flag: str, text: object, low: float, high: float) -> float:
+    """Seconds, or a number with a unit s, m, h or d."""
+    raw = str(text).strip()
+    scale = _DURATION_UNITS.get(raw[-1:])
+    try:
+        value = float(raw[:-1] if scale else raw) * (scale or 1.0)
+    except ValueError:
+        parser.bad(flag, f"want a duration such as 90s, 30m, 1h or 7d, got {text!r}")
+    if not low <= value <= high:  # NaN fails both
+        parser.bad(flag, f"want 1m to 7d, got {text!r}")
     return value
 
 

@@ -8,7 +8,7 @@ from __future__ import annotations
 
 from collections.abc import Mapping
 from dataclasses import dataclass, field
-from typing import NamedTuple
+from typing import Any, NamedTuple
 
 
 class Sample(NamedTuple):
@@ -62,6 +62,34 @@ class DeviceReading:
     # The catalogue's per-device families (exporter.catalogue): family name -> its samples. A family
     # the device does not support is not in it.
     metrics: Mapping[str, Samples] = field(default_factory=dict)
+    # The plain value of each catalogue source read (exporter.catalogue.SOURCES key; None: absent),
+    # for the health rules. Empty on MIG devices.
+    reads: Mapping[str, Any] = field(default_factory=dict)
+    # Xid -> time.monotonic() of its latest event on this GPU or any of its GPU instances.
+    xid_seen: Mapping[int, float] = field(default_factory=dict)
+
+
+@dataclass(frozen=True)
+class LostGpu:
+    """A GPU that NVML lists but that cannot be read: lost (GPU_IS_LOST) or unable to say who it is.
+    ``uuid`` and ``model`` are what it last answered ("" if it never did)."""
+
+    index: int
+    uuid: str
+    model: str
+    why: str
+
+
+@dataclass(frozen=True)
+class GpuHealth:
+    """One GPU's health verdict: its status (0 healthy, 1 degraded, 2 unhealthy) and the reasons in
+    force, each with its severity."""
+
+    index: int
+    uuid: str
+    model: str
+    status: int
+    reasons: tuple[tuple[str, str], ...]  # (reason, severity)
 
 
 @dataclass(frozen=True)
@@ -178,6 +206,7 @@ class Snapshot:
     attribution: Attribution
     health: Health
     completed_at: float  # time.monotonic()
+    gpu_health: tuple[GpuHealth, ...] = ()  # with the health group on
 
 
 EMPTY_ATTRIBUTION = Attribution(series=(), sharing_pods={}, unknown_device_ids={}, processes_by_owner={})

@@ -21,6 +21,8 @@ from exporter.catalogue import (
     DEVICE_ERRORS,
     DEVICE_FAMILIES,
     DRA_ALLOCATION_INFO,
+    GPU_HEALTH_REASON,
+    GPU_HEALTH_STATUS,
     GPU_PROCESSES,
     GPU_SHARING_PODS,
     KUBERNETES_UP,
@@ -76,6 +78,7 @@ class SnapshotCollector(Collector):
             yield family
         yield from _device_families(snapshot.node, fresh)
         yield _dra_allocations(snapshot, {s.device.uuid for s in fresh})
+        yield from _gpu_health(snapshot)
         yield from _self_metrics(snapshot, stale=len(snapshot.attribution.series) - len(fresh))
 
 
@@ -131,6 +134,20 @@ def _dra_allocations(snapshot: Snapshot, fresh_uuids: set[str]) -> Metric:
             source = (claim.claim_namespace, claim.claim, claim.driver, claim.pool, claim.device)
             family.add_metric([snapshot.node, *holder, *source, resolved.uuid], 1)
     return family
+
+
+def _gpu_health(snapshot: Snapshot) -> Iterator[Metric]:
+    """Each GPU's verdict, stale or not: a GPU whose reads stall is unhealthy, not absent."""
+    if not snapshot.gpu_health:
+        return
+    status, reasons = declared_family(GPU_HEALTH_STATUS), declared_family(GPU_HEALTH_REASON)
+    for verdict in snapshot.gpu_health:
+        device = [snapshot.node, str(verdict.index), verdict.uuid, verdict.model]
+        status.add_metric(device, verdict.status)
+        for reason, severity in verdict.reasons:
+            reasons.add_metric([*device, reason, severity], 1)
+    yield status
+    yield reasons
 
 
 def _labels(node: str, series: GpuSeries) -> list[str]:

@@ -27,7 +27,7 @@ import pynvml
 
 from exporter.backoff import Backoff
 from exporter.catalogue import GROUPS, Family, Source, Via, device_samples, enabled_families, reads_for
-from exporter.model import DeviceError, DeviceReading, GpuProcess
+from exporter.model import DeviceError, DeviceReading, GpuProcess, LostGpu
 from exporter.sources.gpm import GpmSampler
 from exporter.sources.nvmlevents import XidCounts, XidWatcher
 from exporter.sources.nvmlquery import (
@@ -53,10 +53,12 @@ _NO_INSTANCE = 0xFFFFFFFF  # a process on no MIG GPU/compute instance
 
 @dataclass(frozen=True)
 class NvmlPoll:
-    """One poll: the devices read (fresh or carried over while their read is stuck) and errors."""
+    """One poll: the devices read (fresh or carried over while their read is stuck), errors, and
+    the GPUs NVML lists that cannot be read (lost)."""
 
     devices: tuple[DeviceReading, ...]
     errors: tuple[DeviceError, ...]
+    lost: tuple[LostGpu, ...] = ()
 
 
 class _PlannedRead(NamedTuple):
@@ -134,6 +136,15 @@ def with_xid_counts(
     return tuple(merged)
 
 
+def with_xid_seen(
+    devices: tuple[DeviceReading, ...], seen: Mapping[str, Mapping[int, float]]
+) -> tuple[DeviceReading, ...]:
+    """Each GPU's latest event time per Xid, for the health rules."""
+    if not seen:
+        return devices
+    return tuple(replace(d, xid_seen=seen[d.uuid]) if d.parent_uuid is None and d.uuid in seen else d for d in devices)
+
+
 class NvmlReader:
     """Initialises NVML (retrying with backoff) and reads every GPU each poll."""
 
@@ -149,6 +160,7 @@ class NvmlReader:
         self._closed = False
         self._pool: StallPool[int, _GpuResult] = StallPool(self._read_gpu, "nvml-read")
         self._last: dict[int, tuple[DeviceReading, ...]] = {}
+        self._lost: dict[int, LostGpu] = {}  # GPUs lost as of their last read, by index
         # The UUID each index last answered with: a lost GPU often cannot tell it any more.
         self._uuids: dict[int, str] = {}
         self._gpu_states: dict[int, StateLog] = {}
@@ -227,6 +239,7 @@ class NvmlReader:
         self._polls += 1
         for gone in [i for i in self._last if i >= count]:
             del self._last[gone]
+        self._lost = {i: gpu for i, gpu in self._lost.items() if i < count}
         errors: list[DeviceError] = []
         started: list[int] = []
         stall_s = deadline_s / 4
@@ -249,7 +262,9 @@ class NvmlReader:
         if self._xid is not None and self.initialised:
             self._xid.watch([(d.index, d.uuid) for d in devices if d.parent_uuid is None])
             devices = with_xid_counts(devices, self._xid.counts(), self._xid_key, self._xid_families)
-        return NvmlPoll(devices=devices, errors=tuple(errors))
+            devices = with_xid_seen(devices, self._xid.last_seen())
+        lost = tuple(self._lost[index] for index in sorted(self._lost))
+        return NvmlPoll(devices=devices, errors=tuple(errors), lost=lost)
 
     def _forget_gone(self, present: set[str]) -> None:
         """Drops what is kept by UUID for devices no longer here (MIG devices come and go with every
@@ -290,12 +305,16 @@ class NvmlReader:
         if result.uuid:
             self._uuids[index] = result.uuid
         if result.lost is not None:
-            self._last.pop(index, None)
+            last = self._last.pop(index, None)
+            known = self._lost.get(index)
+            model = last[0].model if last else known.model if known else ""
+            self._lost[index] = LostGpu(index, result.uuid, model, result.lost)
             state.failed(f"{result.uuid or '?'} is lost ({result.lost})", "its series are left out until it answers")
         elif result.failure is not None:
             state.failed(describe(result.failure), "its last reading ages out", exc_info=result.failure)
         elif result.devices is not None:
             self._last[index] = result.devices
+            self._lost.pop(index, None)
             state.recovered(f"{result.uuid} answering again")
         return result.errors
 
@@ -394,6 +413,7 @@ class NvmlReader:
             processes=own_processes,
             process_sm_percent=process_sm,
             metrics=device_samples(self._families, reads),
+            reads=reads,
         )
         return (gpu, *migs)
 

@@ -46,6 +46,7 @@ class XidWatcher:
         self._lock = threading.Lock()
         self._wanted: tuple[tuple[int, str], ...] = ()
         self._counts: Counter[tuple[str, int | None, int]] = Counter()
+        self._seen: dict[str, dict[int, float]] = {}  # GPU uuid -> Xid -> time.monotonic() of its latest
         self._changed = threading.Event()
         self._event_set: Any = None
         self._handles: dict[int, str] = {}  # handle address -> GPU uuid
@@ -78,6 +79,11 @@ class XidWatcher:
         for (uuid, instance, xid), count in items:
             out.setdefault((uuid, instance), {})[xid] = count
         return out
+
+    def last_seen(self) -> dict[str, dict[int, float]]:
+        """GPU uuid -> Xid -> time.monotonic() of its latest event (on the GPU or a GPU instance of it)."""
+        with self._lock:
+            return {uuid: dict(by_xid) for uuid, by_xid in self._seen.items()}
 
     def close(self, timeout_s: float = 0.1) -> None:
         """Stops the thread. A wait in progress cannot be interrupted: the thread (a daemon) ends
@@ -164,6 +170,7 @@ class XidWatcher:
         key = (uuid, None if instance == _NO_INSTANCE else instance, int(data.eventData))
         with self._lock:
             self._counts[key] += 1
+            self._seen.setdefault(uuid, {})[key[2]] = time.monotonic()
         log.warning("GPU %s: Xid %d%s", uuid, key[2], "" if key[1] is None else f" on GPU instance {key[1]}")
 
     @staticmethod
