@@ -42,7 +42,7 @@ def alerts(groups: list[dict[str, Any]]) -> dict[str, dict[str, Any]]:
 def test_promtool_checks_the_rules() -> None:
     done = subprocess.run([promtool(), "check", "rules", str(RULES)], capture_output=True, text=True)
     assert done.returncode == 0, done.stdout + done.stderr
-    assert "SUCCESS: 12 rules found" in done.stdout
+    assert "SUCCESS: 13 rules found" in done.stdout
 
 
 def test_promtool_unit_tests_pass() -> None:
@@ -86,6 +86,7 @@ def test_the_issues_alerts_are_there_with_their_severities() -> None:
         "GpuExporterDeviceStuck": "warning",
         "GpuExporterNvmlDown": "critical",
         "GpuExporterPodResourcesDown": "warning",
+        "GpuUnhealthy": "critical",
     }
     assert '"48|62|64|74|79|95|119|120"' in rules["GpuXidCritical"]["expr"]
     assert rules["GpuClocksSlowedDown"]["for"] == "5m"
