@@ -80,7 +80,7 @@ def prometheus_session(access: PrometheusAccess) -> requests.Session:
             raise SettingError("--prometheus-url: a user in the URL and credentials from another flag, choose one")
         basic = (unquote(url.username or ""), unquote(url.password or ""))
     if "authorization" in (name.lower() for name in headers) and (token or basic):
-        raise SettingError("--prometheus-header: Authorization is already set by the token or the auth config")
+        raise SettingError("--prometheus-header: Authorization comes from the other credentials given")
     tls = _tls(access, base.tls if base else None)
     session = requests.Session()
     session.max_redirects = 0
@@ -195,19 +195,21 @@ class _Authorization(requests.auth.AuthBase):
 
 
 class _TlsAdapter(HTTPAdapter):
-    """HTTPS on a ready ``ssl.SSLContext``: its CA alone is trusted (requests would otherwise add its
-    own bundle on some versions) and its client pair presented."""
+    """HTTPS on a ready ``ssl.SSLContext``, directly or through an ``HTTPS_PROXY``: its CA alone is
+    trusted (requests would otherwise add its own bundle on some versions) and its client pair
+    presented."""
 
     def __init__(self, context: ssl.SSLContext, server_hostname: str | None) -> None:
-        self._context = context
-        self._server_hostname = server_hostname
+        self._pool_settings: dict[str, Any] = {"ssl_context": context}
+        if server_hostname:
+            self._pool_settings["server_hostname"] = server_hostname
         super().__init__()
 
-    def init_poolmanager(self, *args: Any, **kwargs: Any) -> None:
-        kwargs["ssl_context"] = self._context
-        if self._server_hostname:
-            kwargs["server_hostname"] = self._server_hostname
-        super().init_poolmanager(*args, **kwargs)
+    def init_poolmanager(self, connections: int, maxsize: int, block: bool = False, **pool_kwargs: Any) -> None:
+        super().init_poolmanager(connections, maxsize, block, **pool_kwargs, **self._pool_settings)
+
+    def proxy_manager_for(self, proxy: str, **proxy_kwargs: Any) -> Any:
+        return super().proxy_manager_for(proxy, **proxy_kwargs, **self._pool_settings)
 
     def cert_verify(self, conn: Any, url: str, verify: bool | str, cert: Any) -> None:
         conn.cert_reqs = "CERT_REQUIRED" if verify else "CERT_NONE"

@@ -7,7 +7,9 @@ what the adapter logs or answers; bad settings stop it with one line naming the 
 
 from __future__ import annotations
 
+import contextlib
 import os
+import socket
 import threading
 from collections.abc import Iterator
 from dataclasses import dataclass, field
@@ -112,6 +114,54 @@ def test_client_certificate(secured: Secured) -> None:
     assert one(client(secured.url, ca_file=str(pki.ca), **pair)) == 1
     with pytest.raises(PrometheusUnavailableError):
         client(secured.url, ca_file=str(pki.ca)).query("vector(1)")
+
+
+class ConnectProxy:
+    """An egress proxy (``HTTPS_PROXY``): CONNECT, then bytes both ways; it records each target."""
+
+    def __init__(self) -> None:
+        self.listener = socket.create_server(("127.0.0.1", 0))
+        self.url = f"http://127.0.0.1:{self.listener.getsockname()[1]}"
+        self.targets: list[str] = []
+        threading.Thread(target=self._serve, daemon=True).start()
+
+    def _serve(self) -> None:
+        with contextlib.suppress(OSError):  # closed at the end of the test
+            while True:
+                downstream, _ = self.listener.accept()
+                head = b""
+                while b"\r\n\r\n" not in head:
+                    head += downstream.recv(4096)
+                target = head.split()[1].decode()
+                self.targets.append(target)
+                host, port = target.rsplit(":", 1)
+                upstream = socket.create_connection((host, int(port)))
+                downstream.sendall(b"HTTP/1.1 200 Connection established\r\n\r\n")
+                for source, sink in ((downstream, upstream), (upstream, downstream)):
+                    threading.Thread(target=_pipe, args=(source, sink), daemon=True).start()
+
+
+def _pipe(source: socket.socket, sink: socket.socket) -> None:
+    with contextlib.suppress(OSError), source, sink:
+        while data := source.recv(65536):
+            sink.sendall(data)
+
+
+def test_tls_and_client_certificate_through_an_egress_proxy(secured: Secured, monkeypatch: pytest.MonkeyPatch) -> None:
+    """The CA and client pair hold through a tunnel too (requests builds a proxy's pools apart)."""
+    pki = secured.pki
+    secured.serve(f"  client_auth_type: RequireAndVerifyClientCert\n  client_ca_file: {pki.ca}\n")
+    proxy = ConnectProxy()
+    for name in ("https_proxy", "HTTPS_PROXY"):
+        monkeypatch.setenv(name, proxy.url)
+    for name in ("no_proxy", "NO_PROXY"):
+        monkeypatch.delenv(name, raising=False)
+    pair = {"client_cert_file": str(pki.client_cert), "client_key_file": str(pki.client_key)}
+    try:
+        assert one(client(secured.url, ca_file=str(pki.ca), **pair)) == 1
+    finally:
+        proxy.listener.close()
+    assert proxy.targets == [secured.url.removeprefix("https://")]
 
 
 @pytest.fixture(scope="module")
