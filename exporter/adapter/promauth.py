@@ -5,8 +5,9 @@ Mimir's ``X-Scope-OrgID``, or a kubeconfig's TLS and credentials (``--prometheus
 the pod's service account (``--prometheus-auth-incluster``), read by the loader the adapter's own
 Kubernetes credentials use.
 
-Credentials go into each request through an auth hook, never into a URL, so no exception text or
-log line carries them; redirects are refused, so no header ever travels to another host.
+Credentials go into each request through an auth hook, never into a URL (a user and password written
+in ``--prometheus-url`` become basic auth, and ``redacted`` drops them wherever the URL is shown), so no
+exception text or log line carries them; redirects are refused, so no header travels to another host.
 """
 
 from __future__ import annotations
