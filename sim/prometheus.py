@@ -32,10 +32,13 @@ class Prometheus:
         port: int,
         kind: str = "prometheus",
         target_labels: dict[str, str] | None = None,
+        web_config: Path | None = None,
     ) -> None:
         """With ``target_labels`` (the agent's own namespace and pod, as Kubernetes service discovery
         attaches them) and no honor_labels, the agent's clashing labels come in renamed to
-        ``exported_namespace``/``exported_pod``, as in a scrape config that forgot honor_labels."""
+        ``exported_namespace``/``exported_pod``, as in a scrape config that forgot honor_labels.
+        ``web_config`` (Prometheus only) is its TLS and basic auth, re-read on every request; ``url``
+        stays http:// and ``query`` unauthenticated, so its user asks over its own session."""
         directory.mkdir(parents=True, exist_ok=True)
         config = directory / "prometheus.yml"
         honor = "" if target_labels else "  honor_labels: true  # keep the agent's namespace/pod labels\n"
@@ -53,6 +56,7 @@ class Prometheus:
                 f"--config.file={config}",
                 f"--storage.tsdb.path={directory / 'tsdb'}",
                 f"--web.listen-address=127.0.0.1:{port}",
+                *([f"--web.config.file={web_config}"] if web_config else []),
             ]
         else:
             # Samples become visible to queries at once (not after the default 30 s), as in Prometheus.

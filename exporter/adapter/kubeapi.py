@@ -13,7 +13,7 @@ import urllib3
 from kubernetes import client
 
 from exporter.adapter.auth import RequestHeaderConfig, User, frozen_extra, header_names
-from exporter.sources.kubeclient import Credentials
+from exporter.sources.kubeclient import Credentials, basic_authorization
 
 REQUEST_TIMEOUT_S = 10
 
@@ -30,6 +30,8 @@ def api_client(credentials: Credentials) -> client.ApiClient:
         # The package annotates this documented hook as None.
         configuration.refresh_api_key_hook = lambda c: c.api_key.update(authorization=token())  # type: ignore[assignment]
     api = client.ApiClient(configuration)
+    if token is None and credentials.basic_auth is not None:
+        api.set_default_header("Authorization", basic_authorization(*credentials.basic_auth))
     tls = credentials.tls
     # The package builds its TLS from file paths; the loaded context (CA, client pair, insecure) is
     # handed to its connection pool whole instead.

@@ -19,6 +19,7 @@ from exporter.adapter.auth import Authenticator, Authorizer, RequestHeaderConfig
 from exporter.adapter.frontproxy import FrontProxyTrust
 from exporter.adapter.kubeapi import KubeReviewer, api_client, read_requestheader_config
 from exporter.adapter.pods import PodIndex, pod_meta
+from exporter.adapter.promauth import VERBS, PrometheusAccess, SettingError, prometheus_session, redacted
 from exporter.adapter.prometheus import PrometheusClient, PrometheusProvider
 from exporter.adapter.rules import DEFAULT_RULES, Rules, RulesError, load_rules
 from exporter.adapter.server import SHARED_BODY_BYTES, AdapterServer, Services, tls_context
@@ -85,6 +86,28 @@ def build_parser() -> ArgumentParser:
         default=10.0,
         help="seconds a Prometheus query may take, as a whole (default 10)",
     )
+    # Named as prometheus-adapter names them; README "Reaching a secured or distributed Prometheus".
+    add("--prometheus-ca-file", help="CA that signed Prometheus's serving certificate (PEM; default: the system's)")
+    add("--prometheus-client-tls-cert-file", help="client certificate to present to Prometheus (PEM)")
+    add("--prometheus-client-tls-key-file", help="key of --prometheus-client-tls-cert-file (PEM)")
+    add("--prometheus-token-file", help="bearer token for Prometheus, re-read when the file changes")
+    add(
+        "--prometheus-header",
+        action="append",
+        default=[],
+        metavar="NAME=VALUE",
+        help="header sent with every query, e.g. X-Scope-OrgID=team-a (repeatable)",
+    )
+    add(
+        "--prometheus-auth-config",
+        help="kubeconfig whose TLS and credentials reach Prometheus (its server is ignored: --prometheus-url)",
+    )
+    add(
+        "--prometheus-auth-incluster",
+        action="store_true",
+        help="reach Prometheus with the pod's service-account token and CA",
+    )
+    add("--prometheus-verb", default="POST", choices=VERBS, help="HTTP method of queries (default POST)")
     add("--config", help="rules file (default: the built-in rules for the agent's metrics)")
     add(
         "--max-connections-per-client",
@@ -133,18 +156,23 @@ def _validate(args: argparse.Namespace, parser: ArgumentParser) -> None:
         parser.error(f"--bind-address: want an IP address, got {args.bind_address!r}")
     if not math.isfinite(args.prometheus_timeout) or args.prometheus_timeout <= 0:
         parser.error(f"--prometheus-timeout: want a positive number of seconds, got {args.prometheus_timeout}")
-    url = urlsplit(args.prometheus_url)
+    try:
+        url = urlsplit(args.prometheus_url)
+        url.port  # noqa: B018 (raises on a port that is no number, or out of range)
+    except ValueError:
+        url = urlsplit("")
     if url.scheme not in ("http", "https") or not url.hostname:
-        parser.error(f"--prometheus-url: want an http:// or https:// URL, got {args.prometheus_url!r}")
+        parser.error(f"--prometheus-url: want an http:// or https:// URL, got {redacted(args.prometheus_url)!r}")
     if bool(args.tls_cert_file) != bool(args.tls_private_key_file):
         parser.error("--tls-cert-file and --tls-private-key-file go together")
+    _entries("--requestheader-allowed-names", args.requestheader_allowed_names, parser)
     for flag, value, required in (
         ("--requestheader-username-headers", args.requestheader_username_headers, True),
         ("--requestheader-group-headers", args.requestheader_group_headers, True),
         ("--requestheader-uid-headers", args.requestheader_uid_headers, False),
         ("--requestheader-extra-headers-prefix", args.requestheader_extra_headers_prefix, False),
     ):
-        names = _listed(value)
+        names = _entries(flag, value, parser)
         if required and not names:
             parser.error(f"{flag}: want at least one header name")
         try:
@@ -161,6 +189,17 @@ def _validate(args: argparse.Namespace, parser: ArgumentParser) -> None:
 
 def _listed(value: str) -> tuple[str, ...]:
     return tuple(v.strip() for v in value.split(",") if v.strip())
+
+
+def _entries(flag: str, value: str, parser: ArgumentParser) -> tuple[str, ...]:
+    """A list flag's entries; an empty one ("a,,b", "a,") is refused, as k8s.io/apiserver refuses it,
+    rather than dropped. An empty value is an empty list."""
+    if not value:
+        return ()
+    entries = tuple(v.strip() for v in value.split(","))
+    if not all(entries):
+        parser.error(f"{flag}: empty value in {value!r}")
+    return entries
 
 
 def _serving_pair(args: argparse.Namespace, parser: ArgumentParser) -> tuple[str, str]:
@@ -218,6 +257,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     args = parser.parse_args(arguments)
     _validate(args, parser)
     rules = _rules(args.config, parser)
+    prometheus = _prometheus_client(args, parser)
     main_api = api_client(_credentials("--kubeconfig", args.kubeconfig, parser))
     reviewer = KubeReviewer(
         api_client(
@@ -234,12 +274,31 @@ def main(argv: Sequence[str] | None = None) -> int:
         parser.error(f"--tls-cert-file/--tls-private-key-file: cannot load: {error}")
     read_front_proxy = _front_proxy_source(args, parser, main_api, cert, key)
     configure_logging(args.log_level)
-    return _serve(args, rules, reviewer, cert, key, read_front_proxy)
+    return _serve(args, rules, prometheus, reviewer, cert, key, read_front_proxy)
+
+
+def _prometheus_client(args: argparse.Namespace, parser: ArgumentParser) -> PrometheusClient:
+    access = PrometheusAccess(
+        url=args.prometheus_url,
+        ca_file=args.prometheus_ca_file,
+        client_cert_file=args.prometheus_client_tls_cert_file,
+        client_key_file=args.prometheus_client_tls_key_file,
+        token_file=args.prometheus_token_file,
+        headers=tuple(args.prometheus_header),
+        auth_config=args.prometheus_auth_config,
+        auth_in_cluster=args.prometheus_auth_incluster,
+    )
+    try:
+        session = prometheus_session(access)
+    except SettingError as error:
+        parser.error(str(error))
+    return PrometheusClient(args.prometheus_url, args.prometheus_timeout, session, args.prometheus_verb)
 
 
 def _serve(
     args: argparse.Namespace,
     rules: Rules,
+    prometheus: PrometheusClient,
     reviewer: KubeReviewer,
     cert: str,
     key: str,
@@ -254,7 +313,7 @@ def _serve(
         metadata_only=True,
     )
     pods = PodIndex(reflector)
-    provider = PrometheusProvider(rules, PrometheusClient(args.prometheus_url, args.prometheus_timeout), pods.names)
+    provider = PrometheusProvider(rules, prometheus, pods.names)
     trust: FrontProxyTrust | None = None
 
     def not_ready() -> str:
@@ -287,7 +346,7 @@ def _serve(
         "gpu-metrics-adapter serving %d custom and %d external metrics from %s on https://%s:%d",
         len(rules.custom),
         len(rules.external),
-        args.prometheus_url,
+        prometheus.where,
         args.bind_address,
         args.secure_port,
     )

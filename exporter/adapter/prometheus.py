@@ -21,6 +21,7 @@ from dataclasses import dataclass
 
 import requests
 
+from exporter.adapter.promauth import CredentialsError, redacted
 from exporter.adapter.provider import (
     ExternalValue,
     MetricInfo,
@@ -58,28 +59,45 @@ class PrometheusClient:
     Until the answer's head is in, each read waits at most ``timeout_s``; from then on a timer cuts
     the connection when the whole time is up."""
 
-    def __init__(self, url: str, timeout_s: float = 10.0) -> None:
+    def __init__(
+        self, url: str, timeout_s: float = 10.0, session: requests.Session | None = None, verb: str = "POST"
+    ) -> None:
         self.url = url.rstrip("/")
+        self.where = redacted(self.url)  # what logs and errors may show
         self.timeout_s = timeout_s
-        self._session = requests.Session()
+        self.verb = verb  # POST keeps long queries out of URLs; some front ends take GET only
+        self._session = session or requests.Session()
 
     def query(self, promql: str) -> list[Sample]:
         """An instant query's vector, without NaN or infinite samples."""
         deadline = time.monotonic() + self.timeout_s
         try:
-            with self._session.post(
-                f"{self.url}/api/v1/query", data={"query": promql}, timeout=self.timeout_s, stream=True
+            query, post = {"query": promql}, self.verb == "POST"
+            with self._session.request(
+                self.verb,
+                f"{self.url}/api/v1/query",
+                data=query if post else None,
+                params=None if post else query,
+                timeout=self.timeout_s,
+                stream=True,
             ) as response:
                 _read_by(response, deadline)
             if time.monotonic() > deadline:
                 raise requests.Timeout(f"no whole answer within {self.timeout_s:g} s")
             body = response.json() if response.status_code in (200, 400, 422) else {}
         except (requests.RequestException, ValueError) as error:
-            raise PrometheusUnavailableError(f"querying {self.url}: {type(error).__name__}") from error
+            # Only the type: requests' texts can quote the request, a credentials error says which file.
+            reason = str(error) if isinstance(error, CredentialsError) else type(error).__name__
+            raise PrometheusUnavailableError(f"querying {self.where}: {reason}") from error
         if response.status_code in (400, 422):
             raise PrometheusQueryError(str(body.get("error") or response.text[:200]))
+        if response.status_code in (401, 403):
+            raise PrometheusUnavailableError(
+                f"{self.where} refused the adapter's credentials (HTTP {response.status_code}): see the "
+                "--prometheus-token-file, --prometheus-auth-config and --prometheus-header flags"
+            )
         if response.status_code != 200:
-            raise PrometheusUnavailableError(f"{self.url} answered {response.status_code}")
+            raise PrometheusUnavailableError(f"{self.where} answered {response.status_code}")
         data = body.get("data") or {}
         if body.get("status") != "success" or data.get("resultType") != "vector":
             raise PrometheusQueryError(f"unexpected answer: {body.get('error') or data.get('resultType')}")

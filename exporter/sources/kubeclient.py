@@ -16,7 +16,7 @@ Credentials, as client-go reads them: in a pod, the service account's token (re-
 kubelet rotates the file), its CA and ``KUBERNETES_SERVICE_HOST``/``_PORT``; for development, the
 current context of a kubeconfig, in the subset ``server``, ``certificate-authority(-data)``,
 ``insecure-skip-tls-verify``, ``tls-server-name``, ``client-certificate/key(-data)``, ``token``,
-``tokenFile`` (anything else, such as ``exec`` plugins, is refused by name).
+``tokenFile``, ``username``/``password`` (anything else, such as ``exec`` plugins, is refused by name).
 """
 
 from __future__ import annotations
@@ -93,6 +93,11 @@ class TokenFile:
         return self._token
 
 
+def basic_authorization(username: str, password: str) -> str:
+    """An ``Authorization`` header's value for HTTP basic auth (RFC 7617, UTF-8)."""
+    return "Basic " + base64.b64encode(f"{username}:{password}".encode()).decode("ascii")
+
+
 @dataclass(frozen=True)
 class Credentials:
     """Where the API is and how we prove who we are to it."""
@@ -104,6 +109,7 @@ class Credentials:
     tls: ssl.SSLContext | None
     server_hostname: str
     token: Callable[[], str] | None  # called per request, so a rotated token is used at once
+    basic_auth: tuple[str, str] | None = None  # (username, password), when there is no token
 
     @property
     def where(self) -> str:
@@ -132,17 +138,23 @@ def in_cluster_credentials(
         host=host,
         port=int(port),
         base_path="",
-        tls=_tls_context(ca_file=directory / "ca.crt"),
+        tls=client_tls_context(ca_file=directory / "ca.crt"),
         server_hostname=host,
         token=token.read,
     )
 
 
-def kubeconfig_credentials(path: Path) -> Credentials:
+def kubeconfig_credentials(path: Path, server: str | None = None) -> Credentials:
+    """``server`` replaces the cluster's (which may then be absent): a kubeconfig's TLS and identity
+    used for another server, as prometheus-adapter's ``--prometheus-auth-config`` is."""
     import yaml  # only for development runs: in a pod the agent never reads YAML
 
     try:
         config = yaml.safe_load(path.read_bytes())
+    except yaml.MarkedYAMLError as error:  # its text quotes the file, credentials and all: never shown
+        mark = error.problem_mark
+        where = f" at line {mark.line + 1}, column {mark.column + 1}" if mark else ""
+        raise ConfigError(f"cannot read kubeconfig {path}: not YAML ({error.problem}{where})") from error
     except (OSError, ValueError, yaml.YAMLError, RecursionError) as error:  # ValueError: a NUL byte in the path
         raise ConfigError(f"cannot read kubeconfig {path}: {error}") from error
     if not isinstance(config, dict):
@@ -151,20 +163,21 @@ def kubeconfig_credentials(path: Path) -> Credentials:
     context = _named(config, "contexts", "context", context_name, path)
     cluster = _named(config, "clusters", "cluster", context.get("cluster"), path)
     user = _named(config, "users", "user", context.get("user"), path) if context.get("user") else {}
-    unsupported = sorted(set(user) - {"token", "tokenFile", "client-certificate", "client-key"} - _DATA_KEYS)
+    unsupported = sorted(set(user) - _USER_KEYS - _DATA_KEYS)
     if unsupported:
         raise ConfigError(f"kubeconfig {path}: user field(s) {', '.join(unsupported)} not supported by this agent")
     base = path.parent
+    address = server or cluster.get("server")
     try:
-        server = urlsplit(str(cluster.get("server") or ""))
-        port = server.port  # raises on a port that is no number, or out of range
+        url = urlsplit(str(address or ""))
+        port = url.port  # raises on a port that is no number, or out of range
     except ValueError:
-        server, port = urlsplit(""), None
-    if server.scheme not in ("http", "https") or not server.hostname:
-        raise ConfigError(f"kubeconfig {path}: cluster server {cluster.get('server')!r} is not an http(s) URL")
+        url, port = urlsplit(""), None
+    if url.scheme not in ("http", "https") or not url.hostname:
+        raise ConfigError(f"kubeconfig {path}: cluster server {address!r} is not an http(s) URL")
     tls = None
-    if server.scheme == "https":
-        tls = _tls_context(
+    if url.scheme == "https":
+        tls = client_tls_context(
             ca_file=_path(cluster.get("certificate-authority"), base),
             ca_data=_b64(cluster.get("certificate-authority-data"), "certificate-authority-data", path),
             cert_file=_path(user.get("client-certificate"), base),
@@ -181,17 +194,22 @@ def kubeconfig_credentials(path: Path) -> Credentials:
         token_file = TokenFile(_path(user["tokenFile"], base) or Path())
         token_file.read()  # fail now, by name, if there is none
         token = token_file.read
+    basic_auth = (str(user.get("username") or ""), str(user.get("password") or ""))
+    if token is not None and any(basic_auth):
+        raise ConfigError(f"kubeconfig {path}: a user with a token and a username/password, choose one")
     return Credentials(
-        scheme=server.scheme,
-        host=server.hostname,
-        port=port or (443 if server.scheme == "https" else 80),
-        base_path=server.path.rstrip("/"),
+        scheme=url.scheme,
+        host=url.hostname,
+        port=port or (443 if url.scheme == "https" else 80),
+        base_path=url.path.rstrip("/"),
         tls=tls,
-        server_hostname=str(cluster.get("tls-server-name") or server.hostname),
+        server_hostname=str(cluster.get("tls-server-name") or url.hostname),
         token=token,
+        basic_auth=basic_auth if any(basic_auth) else None,
     )
 
 
+_USER_KEYS = {"token", "tokenFile", "client-certificate", "client-key", "username", "password"}
 _DATA_KEYS = {"client-certificate-data", "client-key-data"}
 
 
@@ -217,7 +235,7 @@ def _b64(value: object, field: str, path: Path) -> bytes | None:
         raise ConfigError(f"kubeconfig {path}: {field} is not base64") from error
 
 
-def _tls_context(
+def client_tls_context(
     ca_file: Path | None = None,
     ca_data: bytes | None = None,
     cert_file: Path | None = None,
@@ -395,6 +413,8 @@ class KubeClient:
         ]
         if creds.token is not None:
             headers.append(("Authorization", f"Bearer {creds.token()}"))
+        elif creds.basic_auth is not None:
+            headers.append(("Authorization", basic_authorization(*creds.basic_auth)))
         http = h11.Connection(h11.CLIENT, max_incomplete_event_size=MAX_HEAD_BYTES)
         try:
             target = creds.base_path + path + (f"?{query}" if query else "")

@@ -67,6 +67,11 @@ CASES = [
     (["--config", "RULES:rules: []\n"], "defines no metric"),
     (["--config", "RULES:\xff\xfe rules"], "is not UTF-8"),
     (["--config", "/nonexistent/rules.yaml"], "--config: cannot read"),
+    # Empty list entries are refused, as k8s.io/apiserver refuses them, never dropped.
+    (["--requestheader-group-headers", "X-Remote-Group,,X-Groups"], "--requestheader-group-headers: empty value"),
+    (["--requestheader-uid-headers", "X-Remote-Uid,"], "--requestheader-uid-headers: empty value"),
+    (["--requestheader-extra-headers-prefix", " "], "--requestheader-extra-headers-prefix: empty value"),
+    (["--requestheader-allowed-names", "front-proxy,,aggregator"], "--requestheader-allowed-names: empty value"),
 ]
 
 

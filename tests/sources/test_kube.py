@@ -489,3 +489,23 @@ def test_kubeconfig_auth_we_cannot_do_is_refused_by_name(tmp_path: Path) -> None
         kubeconfig_credentials(path)
     with pytest.raises(ConfigError, match="KUBERNETES_SERVICE_HOST"):
         in_cluster_credentials({}, tmp_path)
+
+
+def test_a_kubeconfig_username_and_password_are_basic_auth_to_both_clients(tmp_path: Path) -> None:
+    """The agent's client and the adapter's (the kubernetes package's) read one loader: a user it
+    accepts is the same user to both."""
+    from kubernetes import client as kubernetes
+
+    from exporter.adapter.kubeapi import api_client  # the adapter's client, on the same credentials
+
+    api = FakeApiServer().start()
+    try:
+        kubeconfig = api.write_kubeconfig(tmp_path / "kubeconfig")
+        user = '"user": {"username": "ops", "password": "p@ss:w"}'
+        kubeconfig.write_text(kubeconfig.read_text().replace('"user": {}', user))
+        credentials = kubeconfig_credentials(kubeconfig)
+        KubeClient(credentials).get_json("/api/v1/pods", {}, "application/json", 10)
+        kubernetes.CoreV1Api(api_client(credentials)).list_pod_for_all_namespaces(_request_timeout=10)
+        assert [call.authorization for call in api.calls] == ["Basic b3BzOnBAc3M6dw=="] * 2  # ops:p@ss:w
+    finally:
+        api.stop()
