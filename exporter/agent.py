@@ -21,6 +21,7 @@ from prometheus_client.process_collector import ProcessCollector
 
 from exporter.attribution.attribute import attribute
 from exporter.backoff import Backoff
+from exporter.catalogue import DCGM
 from exporter.config import Config, configure_logging, parse_config
 from exporter.exposition.collector import AgeCollector, SnapshotCollector
 from exporter.exposition.render import Exposition
@@ -87,7 +88,9 @@ class Agent:
             consequence="serving the last good rendering, which ages out; retrying",
         )
         self.registry = CollectorRegistry(auto_describe=False)
-        self.registry.register(SnapshotCollector(lambda: self._snapshot, config.max_staleness_s))
+        self.registry.register(
+            SnapshotCollector(lambda: self._snapshot, config.max_staleness_s, dcgm=DCGM in config.metric_groups)
+        )
         ProcessCollector(registry=self.registry)
         PlatformCollector(registry=self.registry)
         self.exposition = Exposition(
@@ -131,6 +134,7 @@ class Agent:
                 pod_resources_errors_total=dict(sources.pod_resources_errors),
             ),
             completed_at=finished,
+            driver_version=self.nvml.driver_version,
         )
         self._snapshot = snapshot
         self.exposition.invalidate()

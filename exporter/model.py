@@ -178,6 +178,7 @@ class Snapshot:
     attribution: Attribution
     health: Health
     completed_at: float  # time.monotonic()
+    driver_version: str = ""  # NVML's, for the dcgm group's DCGM_FI_DRIVER_VERSION label
 
 
 EMPTY_ATTRIBUTION = Attribution(series=(), sharing_pods={}, unknown_device_ids={}, processes_by_owner={})
