@@ -34,22 +34,21 @@ DASHBOARD_PANELS = {
     "GPU Power Usage": 'max(DCGM_FI_DEV_POWER_USAGE{Hostname=~"$Hostname", gpu=~"$gpu"}) by (Hostname, gpu, uuid)',
     "GPU Power Total": 'sum(max(DCGM_FI_DEV_POWER_USAGE{Hostname=~"$Hostname", gpu=~"$gpu"}) by (gpu))',
     "GPU SM Clocks": 'max(DCGM_FI_DEV_SM_CLOCK{Hostname=~"$Hostname", gpu=~"$gpu"} * 1000000) by (Hostname, UUID, gpu)',
-    "GPU Utilization": 'max(DCGM_FI_PROF_GR_ENGINE_ACTIVE{Hostname=~"$Hostname", gpu=~"$gpu"}) '
-    "by (Hostname, gpu, GPU_I_ID, GPU_I_PROFILE)",
-    "Tensor Core Utilization": 'max(DCGM_FI_PROF_PIPE_TENSOR_ACTIVE{Hostname=~"$Hostname", gpu=~"$gpu"}) '
-    "by (Hostname, gpu, GPU_I_ID, GPU_I_PROFILE)",
-    "GPU Framebuffer Mem Used": 'max(DCGM_FI_DEV_FB_USED{Hostname=~"$Hostname", gpu=~"$gpu"}) '
-    "by (Hostname, gpu, GPU_I_ID, GPU_I_PROFILE)",
+    "GPU Utilization": 'max(DCGM_FI_PROF_GR_ENGINE_ACTIVE{Hostname=~"$Hostname", gpu=~"$gpu"}) by (Hostname, gpu, GPU_I_ID, GPU_I_PROFILE)',  # noqa: E501
+    "Tensor Core Utilization": 'max(DCGM_FI_PROF_PIPE_TENSOR_ACTIVE{Hostname=~"$Hostname", gpu=~"$gpu"}) by (Hostname, gpu, GPU_I_ID, GPU_I_PROFILE)',  # noqa: E501
+    "GPU Framebuffer Mem Used": 'max(DCGM_FI_DEV_FB_USED{Hostname=~"$Hostname", gpu=~"$gpu"}) by (Hostname, gpu, GPU_I_ID, GPU_I_PROFILE)',  # noqa: E501
 }
 DASHBOARD_VARIABLES = {
     "Hostname": "label_values(DCGM_FI_DEV_FB_FREE, Hostname)",
     "gpu": 'label_values(DCGM_FI_DEV_FB_FREE{Hostname=~"$Hostname"}, gpu)',
 }
-# opencost/opencost, QueryGPUsUsageAvg (queryFmtGPUsUsageAvg), filled as OpenCost fills it: the
-# window, then its cluster label (PROM_CLUSTER_ID_LABEL, default cluster_id).
+# opencost/opencost modules/prometheus-source/pkg/prom/metricsquerier.go (commit 1ea64d02df68):
+# QueryGPUsUsageAvg's and QueryGPUInfo's queries, filled as OpenCost fills them: its cluster filter
+# (empty for one cluster), the window, then its cluster label (default cluster_id).
 OPENCOST_GPU_USAGE = (
-    'avg(avg_over_time(DCGM_FI_PROF_GR_ENGINE_ACTIVE{container!=""}[%s])) by (container, pod, namespace, %s)'
+    'avg(avg_over_time(DCGM_FI_PROF_GR_ENGINE_ACTIVE{container!=""}[%s])) by (container, pod, namespace, uid, %s)'
 )
+OPENCOST_GPU_INFO = 'avg(avg_over_time(DCGM_FI_DEV_DEC_UTIL{container!="",%s}[%s])) by (container, pod, namespace, device, modelName, UUID, uid, %s)'  # noqa: E501
 # DaoCloud/DaoCloud-docs docs/en/docs/kpanda/user-guide/gpu/gpu-metrics.md: the cluster's "GPU Avg
 # Utilization" panel, and the per-GPU "GPU Total Energy Consumption" one (their cluster label is
 # added by their scrape config: absent here, so $cluster is "").
@@ -188,8 +187,9 @@ def test_the_dcgm_exporter_dashboard_shows_each_gpu(scraped: Scraped) -> None:
     assert scraped.label_values(DASHBOARD_VARIABLES["gpu"]) == {"0", "1", "2", "3"}
 
 
-def test_opencost_reads_each_pods_gpu_usage(scraped: Scraped) -> None:
-    usage = scraped.by(OPENCOST_GPU_USAGE % ("1h", "cluster_id"), "namespace", "pod", "container")
+def test_opencost_reads_each_pods_gpu_usage_and_gpu(scraped: Scraped) -> None:
+    pod = ("namespace", "pod", "container")
+    usage = scraped.by(OPENCOST_GPU_USAGE % ("1h", "cluster_id"), *pod)
     assert usage == pytest.approx(
         {
             ("default", "trainer-0", "trainer"): 0.45,
@@ -198,6 +198,12 @@ def test_opencost_reads_each_pods_gpu_usage(scraped: Scraped) -> None:
             ("vision", "detector-0", "detector"): 0.60,
         }
     )
+    info = scraped.by(OPENCOST_GPU_INFO % ("", "1h", "cluster_id"), *pod, "device", "modelName", "UUID")
+    assert info == {
+        ("default", "trainer-0", "trainer", "nvidia0", H100, gpu_uuid(0)): 9,
+        ("speech", "asr-0", "asr", "nvidia2", H100, gpu_uuid(2)): 0,
+        ("speech", "asr-1", "asr", "nvidia2", H100, gpu_uuid(2)): 0,
+    }  # NVML reads no decoder utilisation on a MIG device: the detector has no series here
 
 
 def test_a_third_consumers_dashboard_and_energy_panels(scraped: Scraped) -> None:
