@@ -44,10 +44,11 @@ def _value(declared: Family, series: GpuSeries) -> float | None:
 
 def _labels(snapshot: Snapshot, series: GpuSeries, gpus: dict[str, DeviceReading]) -> Labels:
     device = series.device
-    gpu = gpus.get(device.parent_uuid or device.uuid, device)
+    gpu_uuid = device.parent_uuid or device.uuid
+    gpu = gpus.get(gpu_uuid, device)  # a MIG device whose GPU's reading aged out keeps its own name
     labels = {
         "gpu": str(device.index),
-        "UUID": gpu.uuid,
+        "UUID": gpu_uuid,
         "device": f"nvidia{device.index}",
         "modelName": gpu.model,
         "Hostname": snapshot.node,
