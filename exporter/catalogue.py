@@ -35,9 +35,8 @@ POD_INFO_LABELS = ("node", "gpu", "uuid", "namespace", "pod", "container")
 # The join from a DRA claim to its device: who holds it, then the claim and the device.
 DRA_LABELS = ("node", "namespace", "pod", "container", "claim_namespace", "claim", "driver", "pool", "device", "uuid")
 # dcgm-exporter's labels (internal/pkg/rendermetrics/render_metrics.go): every series has these, a MIG
-# device's adds DCGM_MIG_LABELS, and a device a pod holds DCGM_POD_LABELS (one series per pod).
+# device's adds GPU_I_PROFILE and GPU_I_ID, and a device a pod holds DCGM_POD_LABELS (a series per pod).
 DCGM_LABELS = ("gpu", "UUID", "device", "modelName", "Hostname", "DCGM_FI_DRIVER_VERSION")
-DCGM_MIG_LABELS = ("GPU_I_PROFILE", "GPU_I_ID")
 DCGM_POD_LABELS = ("namespace", "pod", "container")
 
 # NVML's enum values passed as call arguments (the catalogue imports no pynvml).

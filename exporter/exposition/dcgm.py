@@ -13,7 +13,7 @@ from collections.abc import Iterator, Sequence
 
 from prometheus_client.core import Metric
 
-from exporter.catalogue import DCGM_FAMILIES, Family
+from exporter.catalogue import DCGM_FAMILIES, DCGM_POD_LABELS, Family
 from exporter.model import DeviceReading, GpuSeries, Snapshot
 
 Labels = dict[str, str]
@@ -61,7 +61,7 @@ def _labels(snapshot: Snapshot, series: GpuSeries, gpus: dict[str, DeviceReading
         if device.gpu_instance_id is not None:
             labels["GPU_I_ID"] = str(device.gpu_instance_id)
     if series.pod:
-        labels.update(namespace=series.namespace, pod=series.pod, container=series.container)
+        labels.update(zip(DCGM_POD_LABELS, (series.namespace, series.pod, series.container), strict=True))
     return labels
 
 
