@@ -48,11 +48,13 @@ clean:
 	rm -rf build sim/fakenvml/libnvidia-ml.so.1 exporter/sources/podresources/api_pb2*.py exporter/sources/podresources/api_pb2*.pyi
 
 # Side-by-side with nvitop-exporter on the same fake NVML scenarios; not part of make test (about an
-# hour): one point in detail (bench.compare; `--quick`, 8 GPUs only, takes about 9 minutes), then the
-# cost curve from 1 GPU to 56 MIG devices and 512 processes (bench.curve, about 30 minutes).
+# hour): one point in detail (bench.compare; `--quick`, 8 GPUs only, takes about 9 minutes), what the
+# metric groups cost there (bench.groups: seed vs seed,dcgm, about 3 minutes), then the cost curve
+# from 1 GPU to 56 MIG devices and 512 processes (bench.curve, about 30 minutes).
 bench: install fake-nvml
 	$(PYTHON) -m pip install -q 'nvitop-exporter>=1.4' 'matplotlib>=3.7.3'
 	$(PYTHON) -m bench.compare --out bench/results
+	$(PYTHON) -m bench.groups --out bench/results
 	$(PYTHON) -m bench.curve --out bench/results
 
 # The adapter against a real Prometheus (~4 min): the HPA's request over a 500-pod selector at 10 clients,

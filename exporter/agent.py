@@ -22,6 +22,7 @@ from prometheus_client.process_collector import ProcessCollector
 from exporter.attribution.attribute import attribute
 from exporter.attribution.health import gpu_health
 from exporter.backoff import Backoff
+from exporter.catalogue import DCGM
 from exporter.config import Config, configure_logging, parse_config
 from exporter.exposition.collector import AgeCollector, SnapshotCollector
 from exporter.exposition.render import Exposition
@@ -88,7 +89,9 @@ class Agent:
             consequence="serving the last good rendering, which ages out; retrying",
         )
         self.registry = CollectorRegistry(auto_describe=False)
-        self.registry.register(SnapshotCollector(lambda: self._snapshot, config.max_staleness_s))
+        self.registry.register(
+            SnapshotCollector(lambda: self._snapshot, config.max_staleness_s, dcgm=DCGM in config.metric_groups)
+        )
         ProcessCollector(registry=self.registry)
         PlatformCollector(registry=self.registry)
         self.exposition = Exposition(
@@ -144,6 +147,7 @@ class Agent:
             ),
             completed_at=finished,
             gpu_health=verdicts,
+            driver_version=self.nvml.driver_version,
         )
         self._snapshot = snapshot
         self.exposition.invalidate()

@@ -21,8 +21,10 @@ from typing import Any, Literal, NamedTuple
 from exporter.model import GpuSeries, Sample, Samples
 
 SEED = "seed"
-# --metrics: seed is always on; the default is every group.
-GROUPS = (SEED, "health", "clocks", "power", "pcie", "media", "profiling")
+DCGM = "dcgm"
+# --metrics: seed is always on; the default (all) is every group but dcgm, which is asked for by name.
+GROUPS = (SEED, "health", "clocks", "power", "pcie", "media", "profiling", DCGM)
+DEFAULT_GROUPS = tuple(group for group in GROUPS if group != DCGM)
 
 # The labels of every per-device family; the extra ones of a family follow them.
 DEVICE_LABELS = ("node", "gpu", "uuid", "model")
@@ -32,6 +34,10 @@ POD_LABELS = ("node", "gpu", "uuid", "model", "namespace", "pod", "container")
 POD_INFO_LABELS = ("node", "gpu", "uuid", "namespace", "pod", "container")
 # The join from a DRA claim to its device: who holds it, then the claim and the device.
 DRA_LABELS = ("node", "namespace", "pod", "container", "claim_namespace", "claim", "driver", "pool", "device", "uuid")
+# dcgm-exporter's labels (internal/pkg/rendermetrics/render_metrics.go): every series has these, a MIG
+# device's adds GPU_I_PROFILE and GPU_I_ID, and a device a pod holds DCGM_POD_LABELS (a series per pod).
+DCGM_LABELS = ("gpu", "UUID", "device", "modelName", "Hostname", "DCGM_FI_DRIVER_VERSION")
+DCGM_POD_LABELS = ("namespace", "pod", "container")
 
 # NVML's enum values passed as call arguments (the catalogue imports no pynvml).
 NVML_TEMPERATURE_GPU = 0
@@ -50,6 +56,8 @@ class Utilisation(NamedTuple):
 class Memory(NamedTuple):
     used: int
     total: int
+    free: int
+    reserved: int | None  # v2 only: v1 counts it as used
 
 
 class RemappedRows(NamedTuple):
@@ -112,6 +120,11 @@ def _recovery_action(values: Any) -> int | None:
     return int(value.value.uiVal) if int(value.nvmlReturn) == 0 else None
 
 
+def _reserved(memory: Any) -> int | None:
+    reserved = getattr(memory, "reserved", None)
+    return None if reserved is None else int(reserved)
+
+
 def _utilisation_percent(answer: Any) -> int:
     """The encoder's or decoder's answer: (utilisation percent, sampling period in microseconds)."""
     percent, _period_us = answer
@@ -130,7 +143,7 @@ SOURCES: dict[str, Source] = {
             "memory",
             # v2 where the driver has it: v1 counts the driver's reserved memory as used.
             (Call("nvmlDeviceGetMemoryInfo", version="nvmlMemory_v2"), Call("nvmlDeviceGetMemoryInfo")),
-            lambda m: Memory(int(m.used), int(m.total)),
+            lambda m: Memory(int(m.used), int(m.total), int(m.free), _reserved(m)),
             mig=True,
             what="memory info",
         ),
@@ -303,6 +316,42 @@ def _xid(reads: Mapping[str, Any]) -> Samples:
 
 
 _WHOLE_DEVICE = "Absent on MIG devices."
+MIB = 1024**2
+
+
+def _dcgm(
+    name: str,
+    meaning: str,
+    unit: str,
+    key: str,
+    convert: Callable[[Any], float | None],
+    kind: Literal["gauge", "counter"] = "gauge",
+    nvml: str = "",
+) -> Family:
+    """A dcgm-exporter field with the device's value, from one source: the same in every pod's series."""
+
+    def samples(reads: Mapping[str, Any]) -> Samples:
+        plain = reads.get(key)
+        value = None if plain is None else convert(plain)
+        return () if value is None else (Sample((), value),)
+
+    nvml = nvml or f"`{SOURCES[key].calls[0].function}`"
+    return Family(name, meaning, unit, kind, DCGM, nvml, DCGM_LABELS, reads=(key,), samples=samples)
+
+
+def _dcgm_share(
+    name: str, meaning: str, unit: str, nvml: str, key: str, share: Callable[[GpuSeries], float | None]
+) -> Family:
+    """A dcgm-exporter field carrying, on a device several pods share, each pod's own share."""
+    meaning += ": on a GPU shared by several pods, each pod's own share."
+    return Family(name, meaning, unit, "gauge", DCGM, nvml, DCGM_LABELS, reads=(key,), pod_value=share)
+
+
+def _dcgm_gpm(name: str, meaning: str, metric: int, gpm_name: str) -> Family:
+    """A DCGM profiling field from GPM: absent without GPM, never estimated from another read."""
+    nvml = f"GPM `{gpm_name}` ÷ 100"
+    return Family(name, meaning, "ratio", "gauge", DCGM, nvml, DCGM_LABELS, reads=("gpm",), samples=_gpm(metric))
+
 
 POD_INFO = Family(
     "gpu_pod_info",
@@ -639,6 +688,123 @@ FAMILIES: tuple[Family, ...] = (
         reads=("gpm",),
         samples=_gpm(GPM_DRAM_BANDWIDTH),
     ),
+    # --- dcgm: dcgm-exporter's default counters (etc/default-counters.csv) under its names, types,
+    # units and labels, from the reads of the groups they mirror. Not every name ends in _total or is
+    # a ratio where it says "ratio": they are dcgm-exporter's, which its consumers query.
+    _dcgm("DCGM_FI_DEV_SM_CLOCK", "SM clock frequency (in MHz).", "MHz", "sm_clock", float),
+    _dcgm("DCGM_FI_DEV_MEM_CLOCK", "Memory clock frequency (in MHz).", "MHz", "memory_clock", float),
+    _dcgm("DCGM_FI_DEV_GPU_TEMP", "GPU temperature (in C).", "celsius", "temperature", float),
+    _dcgm("DCGM_FI_DEV_POWER_USAGE", "Power draw (in W).", "watts", "power", lambda mw: mw / 1000.0),
+    _dcgm(
+        "DCGM_FI_DEV_TOTAL_ENERGY_CONSUMPTION",
+        "Total energy consumption since boot (in mJ).",
+        "millijoules",
+        "energy",
+        float,
+        "counter",
+    ),
+    _dcgm(
+        "DCGM_FI_DEV_PCIE_REPLAY_COUNTER", "Total number of PCIe retries.", "retries", "pcie_replays", float, "counter"
+    ),
+    _dcgm_share(
+        "DCGM_FI_DEV_GPU_UTIL",
+        "GPU utilization (in %)",
+        "percent",
+        "as `duty_cycle_current`",
+        "utilisation",
+        lambda s: s.duty_cycle_percent,
+    ),
+    _dcgm(
+        "DCGM_FI_DEV_MEM_COPY_UTIL",
+        "Memory utilization (in %).",
+        "percent",
+        "utilisation",
+        lambda u: u.memory,
+        nvml="`nvmlDeviceGetUtilizationRates().memory`",
+    ),
+    _dcgm("DCGM_FI_DEV_ENC_UTIL", "Encoder utilization (in %).", "percent", "encoder", float),
+    _dcgm("DCGM_FI_DEV_DEC_UTIL", "Decoder utilization (in %).", "percent", "decoder", float),
+    _dcgm(
+        "DCGM_FI_DEV_FB_FREE",
+        "Framebuffer memory free (in MiB).",
+        "MiB",
+        "memory",
+        lambda m: m.free / MIB,
+        nvml="`nvmlDeviceGetMemoryInfo` v2 (v1 on older drivers): free ÷ 2²⁰",
+    ),
+    _dcgm_share(
+        "DCGM_FI_DEV_FB_USED",
+        "Framebuffer memory used (in MiB)",
+        "MiB",
+        "as `memory_used_bytes_current` ÷ 2²⁰",
+        "memory",
+        lambda s: None if s.memory_used_bytes is None else s.memory_used_bytes / MIB,
+    ),
+    _dcgm(
+        "DCGM_FI_DEV_FB_RESERVED",
+        "Framebuffer memory reserved (in MiB).",
+        "MiB",
+        "memory",
+        lambda m: None if m.reserved is None else m.reserved / MIB,
+        nvml="`nvmlDeviceGetMemoryInfo` v2: reserved ÷ 2²⁰ (absent with v1)",
+    ),
+    _dcgm(
+        "DCGM_FI_DEV_CORRECTABLE_REMAPPED_ROWS",
+        "Number of remapped rows for correctable errors.",
+        "rows",
+        "remapped_rows",
+        lambda rows: float(rows.correctable),
+        "counter",
+    ),
+    _dcgm(
+        "DCGM_FI_DEV_UNCORRECTABLE_REMAPPED_ROWS",
+        "Number of remapped rows for uncorrectable errors.",
+        "rows",
+        "remapped_rows",
+        lambda rows: float(rows.uncorrectable),
+        "counter",
+    ),
+    _dcgm(
+        "DCGM_FI_DEV_ROW_REMAP_FAILURE",
+        "Whether remapping of rows has failed.",
+        "boolean",
+        "remapped_rows",
+        lambda rows: float(rows.failed),
+    ),
+    _dcgm_gpm(
+        "DCGM_FI_PROF_GR_ENGINE_ACTIVE",
+        "Ratio of time the graphics engine is active.",
+        GPM_SM_ACTIVE,
+        "NVML_GPM_METRIC_SM_UTIL",
+    ),
+    _dcgm_gpm(
+        "DCGM_FI_PROF_PIPE_TENSOR_ACTIVE",
+        "Ratio of cycles the tensor (HMMA) pipe is active.",
+        GPM_TENSOR_ACTIVE,
+        "NVML_GPM_METRIC_ANY_TENSOR_UTIL",
+    ),
+    _dcgm_gpm(
+        "DCGM_FI_PROF_DRAM_ACTIVE",
+        "Ratio of cycles the device memory interface is active sending or receiving data.",
+        GPM_DRAM_BANDWIDTH,
+        "NVML_GPM_METRIC_DRAM_BW_UTIL",
+    ),
+    _dcgm(
+        "DCGM_FI_PROF_PCIE_TX_BYTES",
+        "The rate of data transmitted over the PCIe bus - including both protocol headers and data payloads - "
+        "in bytes per second.",
+        "bytes per second",
+        "pcie_tx",
+        lambda kb: kb * 1024.0,
+    ),
+    _dcgm(
+        "DCGM_FI_PROF_PCIE_RX_BYTES",
+        "The rate of data received over the PCIe bus - including both protocol headers and data payloads - "
+        "in bytes per second.",
+        "bytes per second",
+        "pcie_rx",
+        lambda kb: kb * 1024.0,
+    ),
 )
 
 # The seed's own reads: the *_current families and attribution use them whatever the groups.
@@ -646,26 +812,39 @@ SEED_READS = ("utilisation", "memory", "temperature", "power")
 POD_FAMILIES = tuple(f for f in FAMILIES if f.pod_value is not None)
 # The seed's *_current families: one series per (device, pod), with the pod's labels.
 CURRENT_FAMILIES = tuple(f for f in POD_FAMILIES if f.labels == POD_LABELS)
-DEVICE_FAMILIES = tuple(f for f in FAMILIES if f.samples is not None)
+DEVICE_FAMILIES = tuple(f for f in FAMILIES if f.samples is not None and f.group != DCGM)
+# dcgm-exporter's families: one series per (device, pod holding it), with its labels.
+DCGM_FAMILIES = tuple(f for f in FAMILIES if f.group == DCGM)
+# The groups whose reads the dcgm group's families take their values from: enabled with it, so that
+# it adds no NVML call of its own.
+DCGM_MIRRORS = tuple(
+    group
+    for group in GROUPS
+    if group not in (SEED, DCGM)
+    and any(f.group == group and set(f.reads) & set(d.reads) for f in FAMILIES for d in DCGM_FAMILIES)
+)
 
 
 def parse_groups(text: str) -> frozenset[str]:
     """``--metrics``: comma-separated groups, or ``all``; seed is always on. ValueError names an unknown one."""
     wanted = {part.strip() for part in text.split(",") if part.strip()}
     if "all" in wanted:
-        wanted = (wanted - {"all"}) | set(GROUPS)
+        wanted = (wanted - {"all"}) | set(DEFAULT_GROUPS)
     unknown = sorted(wanted - set(GROUPS))
     if unknown:
         known = ", ".join(GROUPS)
         raise ValueError(
             f"unknown group {', '.join(map(repr, unknown))}; want a comma-separated list of {known} or all"
         )
+    if DCGM in wanted:
+        wanted |= set(DCGM_MIRRORS)
     return frozenset(wanted | {SEED})
 
 
 def enabled_families(groups: Iterable[str]) -> tuple[Family, ...]:
+    """The families whose samples are taken from each device's reads (the dcgm group's among them)."""
     chosen = set(groups) | {SEED}
-    return tuple(f for f in DEVICE_FAMILIES if f.group in chosen)
+    return tuple(f for f in FAMILIES if f.samples is not None and f.group in chosen)
 
 
 def reads_for(families: Iterable[Family], mig: bool) -> tuple[Source, ...]:

@@ -10,7 +10,7 @@ from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from typing import NoReturn
 
-from exporter.catalogue import GROUPS, parse_groups
+from exporter.catalogue import DCGM, DCGM_MIRRORS, DEFAULT_GROUPS, GROUPS, parse_groups
 from exporter.cli import ArgumentParser
 from exporter.exposition.httpserver import DEFAULT_MAX_CONNECTIONS_PER_CLIENT, MAX_CONNECTIONS
 from exporter.exposition.webconfig import WebConfig, WebConfigError, load_web_config
@@ -40,7 +40,7 @@ class Config:
     kubernetes: bool
     log_level: str
     web: WebConfig | None
-    metric_groups: frozenset[str] = frozenset(GROUPS)
+    metric_groups: frozenset[str] = frozenset(DEFAULT_GROUPS)
     max_connections_per_client: int = DEFAULT_MAX_CONNECTIONS_PER_CLIENT
     health_xid_window_s: float = 3600.0
 
@@ -110,7 +110,9 @@ def build_parser(environ: Mapping[str, str]) -> _Parser:
     add(
         "--metrics",
         _env("METRICS"),
-        f"comma-separated metric groups to export, of {', '.join(GROUPS)}; seed is always on (default: all)",
+        f"comma-separated metric groups to export, of {', '.join(GROUPS)}; seed is always on; all is every "
+        f"group but {DCGM} (dcgm-exporter's series, which enables {', '.join(DCGM_MIRRORS)} for their reads) "
+        "(default: all)",
         default="all",
     )
     add(

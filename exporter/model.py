@@ -207,6 +207,7 @@ class Snapshot:
     health: Health
     completed_at: float  # time.monotonic()
     gpu_health: tuple[GpuHealth, ...] = ()  # with the health group on
+    driver_version: str = ""  # NVML's, for the dcgm group's DCGM_FI_DRIVER_VERSION label
 
 
 EMPTY_ATTRIBUTION = Attribution(series=(), sharing_pods={}, unknown_device_ids={}, processes_by_owner={})

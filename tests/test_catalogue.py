@@ -12,12 +12,28 @@ from pathlib import Path
 import requests
 from prometheus_client.parser import text_string_to_metric_families
 
-from exporter.catalogue import DEVICE_LABELS, EXPOSED, FAMILIES, GROUPS, SELF_METRICS, SOURCES, Family
+from exporter.catalogue import (
+    DCGM,
+    DCGM_FAMILIES,
+    DCGM_MIRRORS,
+    DEVICE_LABELS,
+    EXPOSED,
+    FAMILIES,
+    GROUPS,
+    SELF_METRICS,
+    SOURCES,
+    Family,
+    parse_groups,
+    reads_for,
+)
 from tests.conftest import Node, find
 
 README = Path(__file__).resolve().parent.parent / "README.md"
 HEADER = "| name | group | type | unit | devices | NVML source |"
 SELF_HEADER = "| name | type | unit | meaning |"
+DCGM_HEADER = "| DCGM field | type | unit | devices | NVML source |"
+# Our own families; dcgm-exporter's (the dcgm group) have a table of their own.
+OWN_FAMILIES = tuple(f for f in FAMILIES if f.group != DCGM)
 
 Row = tuple[tuple[str, ...], tuple[str, ...]]  # labels (beyond the device's), the table's other cells
 
@@ -33,8 +49,10 @@ def named(name: str, labels: tuple[str, ...]) -> str:
 
 def markdown_tables() -> str:
     lines = [HEADER, "| --- | --- | --- | --- | --- | --- |"]
-    for f in FAMILIES:
+    for f in OWN_FAMILIES:
         lines.append(f"| {named(f.name, extra_labels(f))} | {f.group} | {f.type} | {f.unit} | {f.devices} | {f.nvml} |")
+    lines += ["", DCGM_HEADER, "| --- | --- | --- | --- | --- |"]
+    lines += [f"| `{f.name}` | {f.type} | {f.unit} | {f.devices} | {f.nvml} |" for f in DCGM_FAMILIES]
     lines += ["", SELF_HEADER, "| --- | --- | --- | --- |"]
     lines += [f"| {named(m.name, m.labels)} | {m.type} | {m.unit} | {m.help} |" for m in SELF_METRICS]
     return "\n".join(lines) + "\n"
@@ -64,8 +82,13 @@ def assert_documented(declared: Mapping[str, Row], documented: Mapping[str, Row]
 
 
 def test_the_readme_metric_table_matches_the_catalogue() -> None:
-    declared = {f.name: (extra_labels(f), (f.group, f.type, f.unit, f.devices, f.nvml)) for f in FAMILIES}
+    declared = {f.name: (extra_labels(f), (f.group, f.type, f.unit, f.devices, f.nvml)) for f in OWN_FAMILIES}
     assert_documented(declared, readme_rows(HEADER, 5))
+
+
+def test_the_readme_dcgm_table_matches_the_catalogue() -> None:
+    declared: dict[str, Row] = {f.name: ((), (f.type, f.unit, f.devices, f.nvml)) for f in DCGM_FAMILIES}
+    assert_documented(declared, readme_rows(DCGM_HEADER, 4))
 
 
 def test_the_readme_self_metrics_table_matches_the_catalogue() -> None:
@@ -85,7 +108,9 @@ def test_names_follow_prometheus_conventions() -> None:
     for self_metric in SELF_METRICS:
         assert self_metric.name.startswith("gpu_exporter_"), self_metric.name
         assert (self_metric.type == "counter") == self_metric.name.endswith("_total"), self_metric.name
-    for family in FAMILIES:
+    for family in DCGM_FAMILIES:  # dcgm-exporter's names, which its consumers query
+        assert family.name.startswith("DCGM_FI_"), family.name
+    for family in OWN_FAMILIES:
         assert (family.type == "counter") == family.name.endswith("_total"), family.name
         if family.unit == "ratio":
             assert family.name.endswith("_ratio"), family.name
@@ -99,6 +124,16 @@ def test_every_group_has_families_and_every_read_is_declared() -> None:
     for family in FAMILIES:
         assert family.samples is None or family.pod_value is None, family.name  # neither: the collector's own
         assert set(family.reads) <= set(SOURCES), family.name
+
+
+def test_the_dcgm_group_enables_the_groups_it_mirrors_and_reads_nothing_more() -> None:
+    groups = parse_groups("seed,dcgm")
+    assert groups == {"seed", DCGM, *DCGM_MIRRORS}
+    with_dcgm = [f for f in FAMILIES if f.group in groups]
+    mirrored = [f for f in with_dcgm if f.group != DCGM]
+    for mig in (False, True):
+        assert reads_for(with_dcgm, mig) == reads_for(mirrored, mig)
+    assert DCGM not in parse_groups("all")  # asked for by name only
 
 
 def exposed_names(url: str) -> set[str]:

@@ -37,6 +37,7 @@ from exporter.catalogue import (
     Family,
     SelfMetric,
 )
+from exporter.exposition.dcgm import dcgm_families
 from exporter.model import DeviceReading, GpuSeries, Health, Snapshot
 
 
@@ -58,10 +59,12 @@ class SnapshotCollector(Collector):
         latest: Callable[[], Snapshot | None],
         max_staleness_s: float,
         clock: Callable[[], float] = time.monotonic,
+        dcgm: bool = False,
     ) -> None:
         self._latest = latest
         self._max_staleness_s = max_staleness_s
         self._clock = clock
+        self._dcgm = dcgm  # the dcgm group: dcgm-exporter's series too
 
     def collect(self) -> Iterator[Metric]:
         snapshot = self._latest()
@@ -77,6 +80,8 @@ class SnapshotCollector(Collector):
                     family.add_metric(_labels(snapshot.node, series), value)
             yield family
         yield from _device_families(snapshot.node, fresh)
+        if self._dcgm:
+            yield from dcgm_families(snapshot, fresh)
         yield _dra_allocations(snapshot, {s.device.uuid for s in fresh})
         yield from _gpu_health(snapshot)
         yield from _self_metrics(snapshot, stale=len(snapshot.attribution.series) - len(fresh))

@@ -11,6 +11,7 @@ import zlib
 from collections.abc import Callable
 
 from prometheus_client import CollectorRegistry
+from prometheus_client.core import Metric
 from prometheus_client.registry import Collector
 from prometheus_client.utils import floatToGoString
 
@@ -42,7 +43,7 @@ def render_text(registry: CollectorRegistry | Collector, label_texts: LabelTexts
     for family in registry.collect():
         if family.type not in ("gauge", "counter"):
             raise ValueError(f"render_text handles gauges and counters, not {family.type} ({family.name})")
-        name = family.name + "_total" if family.type == "counter" else family.name
+        name = family.name + "_total" if family.type == "counter" and not _named_as_exposed(family) else family.name
         help_text = family.documentation.replace("\\", r"\\").replace("\n", r"\n")
         out.append(f"# HELP {name} {help_text}\n# TYPE {name} {family.type}\n")
         for sample in family.samples:
@@ -55,6 +56,11 @@ def render_text(registry: CollectorRegistry | Collector, label_texts: LabelTexts
             else:
                 out.append(f"{sample.name} {floatToGoString(sample.value)}\n")
     return "".join(out).encode("utf-8", errors="replace")
+
+
+def _named_as_exposed(family: Metric) -> bool:
+    """A counter whose samples carry its name without _total (dcgm-exporter's): typed under that name."""
+    return bool(family.samples) and family.samples[0].name == family.name
 
 
 def _escape(value: str) -> str:

@@ -26,7 +26,7 @@ from typing import Any, NamedTuple
 import pynvml
 
 from exporter.backoff import Backoff
-from exporter.catalogue import GROUPS, Family, Source, Via, device_samples, enabled_families, reads_for
+from exporter.catalogue import DEFAULT_GROUPS, Family, Source, Via, device_samples, enabled_families, reads_for
 from exporter.model import DeviceError, DeviceReading, GpuProcess, LostGpu
 from exporter.sources.gpm import GpmSampler
 from exporter.sources.nvmlevents import XidCounts, XidWatcher
@@ -148,7 +148,9 @@ def with_xid_seen(
 class NvmlReader:
     """Initialises NVML (retrying with backoff) and reads every GPU each poll."""
 
-    def __init__(self, retry_min_s: float = 1.0, retry_max_s: float = 30.0, groups: Iterable[str] = GROUPS) -> None:
+    def __init__(
+        self, retry_min_s: float = 1.0, retry_max_s: float = 30.0, groups: Iterable[str] = DEFAULT_GROUPS
+    ) -> None:
         self.initialised = False
         self.status = "NVML not initialised yet"
         self.driver_version = ""

@@ -242,3 +242,21 @@ def test_the_per_scrape_part_is_a_gzip_member_of_any_size() -> None:
         data = bytes(i % 251 for i in range(size))
         assert gzip.decompress(gzip_stored(data)) == data
         assert gzip.decompress(gzip.compress(b"rendering", 1) + gzip_stored(data)) == b"rendering" + data
+
+
+def test_dcgm_series_name_a_mig_devices_gpu_even_when_the_gpus_reading_aged_out() -> None:
+    mig = DeviceReading(
+        index=0,
+        uuid="MIG-00000000-aaaa-bbbb-cccc-ddddeeeeffff",
+        model="NVIDIA H100 MIG 1g.10gb",
+        sampled_at=100.0,
+        parent_uuid=GPU0,
+        gpu_instance_id=7,
+    )
+    holder = [snapshot(GpuSeries(device=replace(DEVICE, sampled_at=90.0)), GpuSeries(mig, memory_used_bytes=2**21))]
+    mig_labels = {"gpu": "0", "UUID": GPU0, "device": "nvidia0", "modelName": "NVIDIA H100 MIG 1g.10gb"}
+    mig_labels |= {"Hostname": "n1", "DCGM_FI_DRIVER_VERSION": "", "GPU_I_PROFILE": "1g.10gb", "GPU_I_ID": "7"}
+    with_dcgm = CollectorRegistry()
+    with_dcgm.register(SnapshotCollector(lambda: holder[0], 3.0, clock=Clock(), dcgm=True))
+    assert with_dcgm.get_sample_value("DCGM_FI_DEV_FB_USED", mig_labels) == 2.0
+    assert registry_for(holder, Clock()).get_sample_value("DCGM_FI_DEV_FB_USED", mig_labels) is None  # off
