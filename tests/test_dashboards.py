@@ -43,6 +43,20 @@ KUBE_STATE_METRICS = (
     'owner_name="bert-intent-detection",owner_is_controller="true"} 1\n'
     'kube_replicaset_owner{namespace="default",replicaset="bert-intent-detection-canary-5c4b",owner_kind="Deployment",'
     'owner_name="bert-intent-detection-canary",owner_is_controller="true"} 1\n'
+    # What docs/install.md's verification compares the agent's attributions with.
+    + "".join(
+        f'kube_pod_container_resource_requests{{namespace="{ns}",pod="{pod}",container="{c}",node="gpu-node-1",'
+        f'resource="{resource}",unit="integer"}} 1\n'
+        f'kube_pod_status_phase{{namespace="{ns}",pod="{pod}",phase="Running"}} 1\n'
+        f'kube_pod_status_phase{{namespace="{ns}",pod="{pod}",phase="Pending"}} 0\n'
+        for ns, pod, c, resource in (
+            ("default", "bert-intent-detection-7d9f-aaaa", "server", "nvidia_com_gpu"),
+            ("default", "bert-intent-detection-7d9f-bbbb", "server", "nvidia_com_gpu"),
+            ("default", "bert-intent-detection-canary-5c4b-cccc", "server", "nvidia_com_gpu"),
+            ("speech", "asr-0", "asr", "nvidia_com_gpu_shared"),
+            ("speech", "asr-1", "asr", "nvidia_com_gpu_shared"),
+        )
+    )
 )
 KSM_NAMES = set(re.findall(r"^(\w+)\{", KUBE_STATE_METRICS, re.M))
 VALUES = {
@@ -230,3 +244,18 @@ def test_the_hpa_dashboard_picks_the_workloads_pods_by_ownership_not_by_name(scr
     (seen,) = [p for p in panels(dashboards()["gpu-hpa.json"]) if p["title"] == "What the HPA sees against its target"]
     (average,) = scraped[0].query(substitute(seen["targets"][0]["expr"], VALUES["gpu-hpa.json"]))
     assert float(average["value"][1]) == pytest.approx(15)
+
+
+def test_the_install_guides_verification_queries_answer_as_it_says(scraped: tuple[Prometheus, str]) -> None:
+    """docs/install.md's PromQL checks, in order, on this one-node install: NVML up on every node,
+    nothing down, and the GPUs held whole equal to the running pods' nvidia.com/gpu requests (three;
+    the two pods time-slicing a GPU request another resource)."""
+    text = (DASHBOARDS.parent / "docs" / "install.md").read_text()
+    blocks = re.findall(r"```promql\n(.*?)```", text, re.S)
+    lines = [line.split("  #")[0].strip() for block in blocks for line in block.splitlines()]
+    nodes, broken, attributed, requested = [line for line in lines if line]
+    prometheus = scraped[0]
+    assert [float(r["value"][1]) for r in prometheus.query(nodes)] == [1]
+    assert prometheus.query(broken) == []
+    held = [float(r["value"][1]) for r in prometheus.query(attributed)]
+    assert held == [float(r["value"][1]) for r in prometheus.query(requested)] == [3]
