@@ -536,7 +536,10 @@ def test_the_cert_manager_names_follow_the_adapters_namespace(tmp_path: Path) ->
 GPU_NODES = {
     # platform: (node labels, taints) of a GPU node as the platform makes it, without GPU/node feature discovery
     "eks": (
-        {"karpenter.k8s.aws/instance-gpu-manufacturer": "nvidia"},
+        {
+            "karpenter.k8s.aws/instance-gpu-manufacturer": "nvidia",
+            "eks.amazonaws.com/instance-gpu-manufacturer": "nvidia",
+        },
         [{"key": "nvidia.com/gpu", "value": "true", "effect": "NoSchedule"}],
     ),
     "gke": (
@@ -556,14 +559,15 @@ def test_each_platforms_component_puts_the_agent_on_its_gpu_nodes_and_the_adapte
     labels, taints = GPU_NODES[platform]
     objects = render(FULLEST, (platform,))
     agent, _ = agent_pod(objects)
-    assert schedulable(agent["spec"], labels, taints)
-    assert not schedulable(agent["spec"], {"kubernetes.io/os": "linux"}, [])
     adapter = one(objects, "Deployment")["spec"]["template"]["spec"]
-    assert not schedulable(adapter, labels, [])  # even untainted
+    base_agent, _ = agent_pod(render(FULLEST))
+    for label in labels.items():  # whichever of the platform's labels a node has
+        assert schedulable(agent["spec"], dict([label]), taints), label
+        assert not schedulable(adapter, dict([label]), []), label  # even untainted
+        if platform != "gpu-operator":  # GPU feature discovery's label is the base's own
+            assert not schedulable(base_agent["spec"], dict([label]), taints), label
+    assert not schedulable(agent["spec"], {"kubernetes.io/os": "linux"}, [])
     assert schedulable(adapter, {"kubernetes.io/os": "linux"}, [])
-    if platform != "gpu-operator":  # GPU feature discovery's label is the base's own
-        base_agent, _ = agent_pod(render(FULLEST))
-        assert not schedulable(base_agent["spec"], labels, taints)
 
 
 def test_nvml_is_reachable_as_each_platform_needs() -> None:
