@@ -61,3 +61,14 @@ bench: install fake-nvml
 # the same with 1000 stalled connections, and 10 000 / 50 000-pod clusters (time to ready, RSS).
 bench-adapter: install fake-nvml
 	$(PYTHON) -m bench.adapter
+
+# The image for amd64 and arm64 as one multi-arch manifest, pushed as IMAGE:VERSION (setup.cfg's
+# version, which the Dockerfile's label and the manifests' image tags repeat). Needs docker buildx
+# and a builder that can build both platforms: see docs/releasing.md.
+IMAGE ?= gpu-pod-exporter
+VERSION := $(shell sed -n 's/^version = //p' setup.cfg)
+PLATFORMS ?= linux/amd64,linux/arm64
+
+.PHONY: image-multiarch
+image-multiarch:
+	docker buildx build --platform $(PLATFORMS) --tag $(IMAGE):$(VERSION) --push .

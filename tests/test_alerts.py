@@ -1,11 +1,13 @@
 """The GPU alerts (daemonset/prometheus/gpu-alerts.yaml): promtool checks the rules and runs their
 unit tests (tests/alerts/gpu-alerts.test.yaml), where each alert fires on its series and stays
 quiet otherwise; the PrometheusRule of the operator overlay holds the same rules; every series the
-rules read is one the agent exports."""
+rules read is one the agent (or kube-state-metrics) exports; every alert links a runbook section
+that exists."""
 
 from __future__ import annotations
 
 import os
+import re
 import shutil
 import subprocess
 from pathlib import Path
@@ -24,6 +26,10 @@ ROOT = Path(__file__).resolve().parent.parent
 RULES = ROOT / "daemonset" / "prometheus" / "gpu-alerts.yaml"
 OPERATOR_RULES = ROOT / "daemonset" / "overlays" / "prometheus-operator" / "gpu-alerts.yaml"
 UNIT_TESTS = ROOT / "tests" / "alerts" / "gpu-alerts.test.yaml"
+RUNBOOKS = ROOT / "docs" / "runbooks.md"
+RUNBOOKS_URL = "https://github.com/gpu-pod-exporter/gpu-pod-exporter/blob/main/docs/runbooks.md"
+# kube-state-metrics' series (a named external exporter) that the DaemonSet coverage alert reads.
+KUBE_STATE_METRICS = {"kube_node_status_capacity", "kube_daemonset_status_number_available"}
 
 
 def promtool() -> str:
@@ -42,7 +48,7 @@ def alerts(groups: list[dict[str, Any]]) -> dict[str, dict[str, Any]]:
 def test_promtool_checks_the_rules() -> None:
     done = subprocess.run([promtool(), "check", "rules", str(RULES)], capture_output=True, text=True)
     assert done.returncode == 0, done.stdout + done.stderr
-    assert "SUCCESS: 13 rules found" in done.stdout
+    assert "SUCCESS: 14 rules found" in done.stdout
 
 
 def test_promtool_unit_tests_pass() -> None:
@@ -86,6 +92,7 @@ def test_the_issues_alerts_are_there_with_their_severities() -> None:
         "GpuExporterDeviceStuck": "warning",
         "GpuExporterNvmlDown": "critical",
         "GpuExporterPodResourcesDown": "warning",
+        "GpuExporterMissingOnGpuNodes": "warning",
         "GpuUnhealthy": "critical",
     }
     assert '"48|62|64|74|79|95|119|120"' in rules["GpuXidCritical"]["expr"]
@@ -99,6 +106,20 @@ def test_the_rules_read_only_series_the_agent_exports(node: Node, start_agent) -
     text = requests.get(agent.url + "/metrics", timeout=5).text
     exported = {line.split()[2] for line in text.splitlines() if line.startswith("# TYPE ")}
     exported |= {family.name for family in FAMILIES} | {"up"}  # Xid series appear on the first event
+    exported |= KUBE_STATE_METRICS
     for name, rule in alerts(yaml.safe_load(RULES.read_text())["groups"]).items():
         read = metric_names(promql_parser.parse(rule["expr"]))
         assert read and read <= exported, (name, read - exported)
+
+
+def github_anchor(heading: str) -> str:
+    """The anchor GitHub gives a Markdown heading: lower case, punctuation dropped, spaces to '-'."""
+    return re.sub(r"[^\w\- ]", "", heading.strip().lower()).replace(" ", "-")
+
+
+def test_every_alert_links_a_runbook_section_that_exists() -> None:
+    anchors = {github_anchor(line.lstrip("#")) for line in RUNBOOKS.read_text().splitlines() if line.startswith("#")}
+    for name, rule in alerts(yaml.safe_load(RULES.read_text())["groups"]).items():
+        url = rule["annotations"].get("runbook_url", "")
+        page, _, anchor = url.partition("#")
+        assert page == RUNBOOKS_URL and anchor in anchors, (name, url)

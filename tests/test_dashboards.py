@@ -32,6 +32,31 @@ KUBE_STATE_METRICS = (
     f"kube_horizontalpodautoscaler_status_current_replicas{{{_HPA}}} 2\n"
     f"kube_horizontalpodautoscaler_status_desired_replicas{{{_HPA}}} 2\n"
     'kube_deployment_status_replicas{namespace="default",deployment="bert-intent-detection"} 2\n'
+    # Pod -> ReplicaSet -> Deployment; the canary's pods share the name prefix but not the owner.
+    'kube_pod_owner{namespace="default",pod="bert-intent-detection-7d9f-aaaa",owner_kind="ReplicaSet",'
+    'owner_name="bert-intent-detection-7d9f",owner_is_controller="true"} 1\n'
+    'kube_pod_owner{namespace="default",pod="bert-intent-detection-7d9f-bbbb",owner_kind="ReplicaSet",'
+    'owner_name="bert-intent-detection-7d9f",owner_is_controller="true"} 1\n'
+    'kube_pod_owner{namespace="default",pod="bert-intent-detection-canary-5c4b-cccc",owner_kind="ReplicaSet",'
+    'owner_name="bert-intent-detection-canary-5c4b",owner_is_controller="true"} 1\n'
+    'kube_replicaset_owner{namespace="default",replicaset="bert-intent-detection-7d9f",owner_kind="Deployment",'
+    'owner_name="bert-intent-detection",owner_is_controller="true"} 1\n'
+    'kube_replicaset_owner{namespace="default",replicaset="bert-intent-detection-canary-5c4b",owner_kind="Deployment",'
+    'owner_name="bert-intent-detection-canary",owner_is_controller="true"} 1\n'
+    # What docs/install.md's verification compares the agent's attributions with.
+    + "".join(
+        f'kube_pod_container_resource_requests{{namespace="{ns}",pod="{pod}",container="{c}",node="gpu-node-1",'
+        f'resource="{resource}",unit="integer"}} 1\n'
+        f'kube_pod_status_phase{{namespace="{ns}",pod="{pod}",phase="Running"}} 1\n'
+        f'kube_pod_status_phase{{namespace="{ns}",pod="{pod}",phase="Pending"}} 0\n'
+        for ns, pod, c, resource in (
+            ("default", "bert-intent-detection-7d9f-aaaa", "server", "nvidia_com_gpu"),
+            ("default", "bert-intent-detection-7d9f-bbbb", "server", "nvidia_com_gpu"),
+            ("default", "bert-intent-detection-canary-5c4b-cccc", "server", "nvidia_com_gpu"),
+            ("speech", "asr-0", "asr", "nvidia_com_gpu_shared"),
+            ("speech", "asr-1", "asr", "nvidia_com_gpu_shared"),
+        )
+    )
 )
 KSM_NAMES = set(re.findall(r"^(\w+)\{", KUBE_STATE_METRICS, re.M))
 VALUES = {
@@ -124,7 +149,8 @@ class _KubeStateMetrics(Handler):
 
 @pytest.fixture(scope="module")
 def scraped(tmp_path_factory: pytest.TempPathFactory) -> Iterator[tuple[Prometheus, str]]:
-    """A simulated node: two BERT pods (one busy, one idle), two pods time-slicing a GPU, a free GPU."""
+    """A simulated node: two BERT pods (one busy, one idle), two pods time-slicing a GPU, a free GPU,
+    and a busy pod of another Deployment whose name starts like the BERT pods'."""
     from sim.fakelib import build_fake_nvml
     from tests.conftest import AgentProcess
 
@@ -137,6 +163,7 @@ def scraped(tmp_path_factory: pytest.TempPathFactory) -> Iterator[tuple[Promethe
             Gpu(gpu_uuid(1), util=0, clock_reasons=0x1),  # idle
             Gpu(gpu_uuid(2), util=55, clock_reasons=0x4, encoder=10, **busy),  # capped by software power limit
             Gpu(gpu_uuid(3), util=0, clock_reasons=0x1),
+            Gpu(gpu_uuid(4), util=80),
         ]
     )
     node.write(scenario)
@@ -147,6 +174,9 @@ def scraped(tmp_path_factory: pytest.TempPathFactory) -> Iterator[tuple[Promethe
             PodDevices("default", "bert-intent-detection-7d9f-bbbb", {"server": [("nvidia.com/gpu", [gpu_uuid(1)])]}),
             PodDevices("speech", "asr-0", {"asr": [("nvidia.com/gpu.shared", [gpu_uuid(2) + "::0"])]}),
             PodDevices("speech", "asr-1", {"asr": [("nvidia.com/gpu.shared", [gpu_uuid(2) + "::1"])]}),
+            PodDevices(
+                "default", "bert-intent-detection-canary-5c4b-cccc", {"server": [("nvidia.com/gpu", [gpu_uuid(4)])]}
+            ),
         ]
     )
     agent = AgentProcess(
@@ -163,7 +193,7 @@ def scraped(tmp_path_factory: pytest.TempPathFactory) -> Iterator[tuple[Promethe
     try:
         # An Xid on GPU 0 once the agent watches for them (events before that are not delivered).
         deadline = time.monotonic() + 30
-        while "Xid events: watching 4 of 4 GPUs" not in agent.log() and time.monotonic() < deadline:
+        while "Xid events: watching 5 of 5 GPUs" not in agent.log() and time.monotonic() < deadline:
             time.sleep(0.1)
         node.xids.append(Xid(gpu=0, code=79))
         node.write(scenario)
@@ -197,3 +227,35 @@ def test_every_panel_and_variable_returns_data(name: str, scraped: tuple[Prometh
         selector, label = label_values(variable["query"]["query"])
         result = prometheus.query(substitute(selector, VALUES[name]))
         assert any(label in r["metric"] for r in result), f"variable {variable['name']} would be empty"
+
+
+def test_the_hpa_dashboard_picks_the_workloads_pods_by_ownership_not_by_name(scraped: tuple[Prometheus, str]) -> None:
+    """The canary Deployment's busy pod (same name prefix) is neither in the per-pod panel nor in the
+    average the HPA sees: the BERT pods are at 30 and 0, their average 15."""
+    (panel,) = [
+        p for p in panels(dashboards()["gpu-hpa.json"]) if p["title"] == "GPU utilisation per pod of the workload"
+    ]
+    (target,) = panel["targets"]
+    result = scraped[0].query(substitute(target["expr"], VALUES["gpu-hpa.json"]))
+    assert sorted(r["metric"]["pod"] for r in result) == [
+        "bert-intent-detection-7d9f-aaaa",
+        "bert-intent-detection-7d9f-bbbb",
+    ]
+    (seen,) = [p for p in panels(dashboards()["gpu-hpa.json"]) if p["title"] == "What the HPA sees against its target"]
+    (average,) = scraped[0].query(substitute(seen["targets"][0]["expr"], VALUES["gpu-hpa.json"]))
+    assert float(average["value"][1]) == pytest.approx(15)
+
+
+def test_the_install_guides_verification_queries_answer_as_it_says(scraped: tuple[Prometheus, str]) -> None:
+    """docs/install.md's PromQL checks, in order, on this one-node install: NVML up on every node,
+    nothing down, and the GPUs held whole equal to the running pods' nvidia.com/gpu requests (three;
+    the two pods time-slicing a GPU request another resource)."""
+    text = (DASHBOARDS.parent / "docs" / "install.md").read_text()
+    blocks = re.findall(r"```promql\n(.*?)```", text, re.S)
+    lines = [line.split("  #")[0].strip() for block in blocks for line in block.splitlines()]
+    nodes, broken, attributed, requested = [line for line in lines if line]
+    prometheus = scraped[0]
+    assert [float(r["value"][1]) for r in prometheus.query(nodes)] == [1]
+    assert prometheus.query(broken) == []
+    held = [float(r["value"][1]) for r in prometheus.query(attributed)]
+    assert held == [float(r["value"][1]) for r in prometheus.query(requested)] == [3]

@@ -1,16 +1,21 @@
-"""Every kustomize overlay renders, every object validates against the Kubernetes OpenAPI schemas of a
-current release (kubernetes-validate), the ServiceMonitor against the fields we use; and the pieces fit
-together as users rely on: every route to the agent reaches the port it listens on, its probes and
-scrape path are ones it serves, its RBAC grants exactly the requests it makes, it lands on GPU nodes
-only, and it runs with the least it needs."""
+"""Every kustomize overlay, and every component on top of the fullest one, renders, and every object
+validates against the Kubernetes OpenAPI schemas of the oldest and newest release we claim
+(kubernetes-validate), the custom resources against the fields we use; and the pieces fit together as
+users rely on: every route to the agent reaches the port it listens on, its probes and scrape path
+are ones it serves, its RBAC grants exactly the requests it makes, it lands on GPU nodes only (on
+each platform with its component), each pod passes the Pod Security level its namespace enforces,
+everything follows a namespace set with kustomize, and it runs with the least it needs."""
 
 from __future__ import annotations
 
+import copy
+import functools
 import json
 import os
 import re
 import shutil
 import subprocess
+import tempfile
 import time
 from pathlib import Path
 from typing import Any
@@ -22,10 +27,12 @@ import requests
 import yaml
 from kubernetes.utils import parse_quantity
 
+from exporter.adapter.main import build_parser
 from exporter.config import Config, parse_config
 from sim.apiserver import Call, resource_slice_json
 from sim.kubelet import Claim, ClaimDevice, PodDevices
 from sim.scenario import gpu_uuid
+from tests import podsecurity
 from tests.conftest import NODE, Node
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -37,19 +44,66 @@ OVERLAYS = [
     "overlays/adapter-external",
     "adapter",
 ]
+# Platform and stack components (daemonset/components), each rendered on the overlay with everything.
+COMPONENTS = ["eks", "gke", "aks", "gpu-operator", "nvidia-runtimeclass", "kube-prometheus-stack", "cert-manager"]
+FULLEST = "overlays/adapter-external"
 KUBERNETES_VERSION = "1.34.0"
+KUBERNETES_VERSIONS = ["1.29.0", KUBERNETES_VERSION]  # the oldest and newest the README claims
+CUSTOM_RESOURCES = ("ServiceMonitor", "PrometheusRule", "Certificate", "Issuer")  # schemas in tests/schemas
+CLUSTER_SCOPED = {"Namespace", "ClusterRole", "ClusterRoleBinding", "APIService", "PriorityClass"}
 
 
-def render(overlay: str) -> list[dict[str, Any]]:
-    kubectl = shutil.which("kubectl")
-    if kubectl is None:
+def kubectl() -> str:
+    found = shutil.which("kubectl")
+    if found is None:
         if os.environ.get("CI"):
             pytest.fail("kubectl is needed to render the overlays")
         pytest.skip("kubectl is not installed")
-    out = subprocess.run(
-        [kubectl, "kustomize", str(ROOT / "daemonset" / overlay)], capture_output=True, text=True, check=True
-    ).stdout
-    return [d for d in yaml.safe_load_all(out) if d]
+    return found
+
+
+@functools.cache
+def _rendered(overlay: str, components: tuple[str, ...], namespace: str | None) -> str:
+    """`kubectl kustomize` of an overlay; with components or a namespace, of a kustomization that
+    lists the overlay and sets them, as a user's own kustomization does."""
+    if not components and namespace is None:
+        target = ROOT / "daemonset" / overlay
+        return subprocess.run([kubectl(), "kustomize", str(target)], capture_output=True, text=True, check=True).stdout
+    with tempfile.TemporaryDirectory() as directory:
+        relative = os.path.relpath(ROOT / "daemonset", directory)
+        kustomization: dict[str, Any] = {"resources": [f"{relative}/{overlay}"]}
+        if components:
+            kustomization["components"] = [f"{relative}/components/{c}" for c in components]
+        if namespace is not None:
+            kustomization["namespace"] = namespace
+        (Path(directory) / "kustomization.yaml").write_text(yaml.safe_dump(kustomization))
+        return subprocess.run([kubectl(), "kustomize", directory], capture_output=True, text=True, check=True).stdout
+
+
+def render(overlay: str, components: tuple[str, ...] = (), namespace: str | None = None) -> list[dict[str, Any]]:
+    return [d for d in yaml.safe_load_all(_rendered(overlay, components, namespace)) if d]
+
+
+def custom_resource_schema(kind: str) -> dict[str, Any]:
+    return json.loads((ROOT / "tests" / "schemas" / f"{kind.lower()}.json").read_text())  # type: ignore[no-any-return]
+
+
+@functools.cache
+def _validate_once(document: str, version: str) -> None:
+    """Objects shared by several renders are validated once per version."""
+    obj = json.loads(document)
+    if obj["kind"] in CUSTOM_RESOURCES:
+        jsonschema.validate(obj, custom_resource_schema(obj["kind"]))
+    else:
+        kubernetes_validate.validate(obj, version, strict=True)
+
+
+def namespace_of(objects: list[dict[str, Any]], obj: dict[str, Any]) -> dict[str, Any]:
+    """The Namespace object the render creates for a namespaced object."""
+    (found,) = [
+        n for n in objects if n["kind"] == "Namespace" and n["metadata"]["name"] == obj["metadata"]["namespace"]
+    ]
+    return found
 
 
 def one(objects: list[dict[str, Any]], kind: str) -> dict[str, Any]:
@@ -57,19 +111,16 @@ def one(objects: list[dict[str, Any]], kind: str) -> dict[str, Any]:
     return found
 
 
-@pytest.mark.parametrize("overlay", OVERLAYS)
-def test_every_object_validates(overlay: str) -> None:
-    schemas = {
-        kind: json.loads((ROOT / "tests" / "schemas" / f"{kind.lower()}.json").read_text())
-        for kind in ("ServiceMonitor", "PrometheusRule")  # prometheus-operator's, not Kubernetes'
-    }
-    objects = render(overlay)
+VARIANTS = [(overlay, ()) for overlay in OVERLAYS] + [(FULLEST, (component,)) for component in COMPONENTS]
+
+
+@pytest.mark.parametrize(("overlay", "components"), VARIANTS)
+def test_every_object_validates(overlay: str, components: tuple[str, ...]) -> None:
+    objects = render(overlay, components)
     assert objects
     for obj in objects:
-        if obj["kind"] in schemas:
-            jsonschema.validate(obj, schemas[obj["kind"]])
-        else:
-            kubernetes_validate.validate(obj, KUBERNETES_VERSION, strict=True)
+        for version in KUBERNETES_VERSIONS:
+            _validate_once(json.dumps(obj, sort_keys=True), version)
 
 
 def test_a_typo_would_be_caught() -> None:
@@ -114,12 +165,21 @@ def test_every_way_of_reaching_the_agent_reaches_the_port_it_listens_on() -> Non
     # The ServiceMonitor selects the Service, in its namespace, by one of its ports.
     monitor = one(objects, "ServiceMonitor")["spec"]
     assert all(service["metadata"]["labels"].get(k) == v for k, v in monitor["selector"]["matchLabels"].items())
-    assert service["metadata"]["namespace"] in monitor["namespaceSelector"]["matchNames"]
+    assert selects_services_in(one(objects, "ServiceMonitor")) == {service["metadata"]["namespace"]}
     assert {e["port"] for e in monitor["endpoints"]} <= {p["name"] for p in service["spec"]["ports"]}
     # The classic annotations name the same port.
     _, annotated = agent_pod(render("overlays/annotations"))
     annotations = one(render("overlays/annotations"), "DaemonSet")["spec"]["template"]["metadata"]["annotations"]
     assert int(annotations["prometheus.io/port"]) == agent_config(annotated).listen_port
+
+
+def selects_services_in(monitor: dict[str, Any]) -> set[str]:
+    """The namespaces a ServiceMonitor looks for Services in: its own unless it names others."""
+    selector = monitor["spec"].get("namespaceSelector")
+    if selector is None:
+        return {monitor["metadata"]["namespace"]}
+    assert set(selector) == {"matchNames"}, selector
+    return set(selector["matchNames"])
 
 
 def test_the_probes_and_the_scrape_path_are_served_by_the_agent(node: Node, start_agent) -> None:  # type: ignore[no-untyped-def]
@@ -221,14 +281,18 @@ def tolerated(tolerations: list[dict[str, Any]], taint: dict[str, str]) -> bool:
 
 
 def schedulable(pod: dict[str, Any], labels: dict[str, str], taints: list[dict[str, str]]) -> bool:
-    """Required node affinity (In/Exists terms: any term, all its expressions) and NoSchedule taints."""
+    """Required node affinity (In/NotIn/Exists/DoesNotExist terms: any term, all its expressions) and
+    NoSchedule taints."""
     terms = pod["affinity"]["nodeAffinity"]["requiredDuringSchedulingIgnoredDuringExecution"]["nodeSelectorTerms"]
 
     def holds(expression: dict[str, Any]) -> bool:
-        if expression["operator"] == "Exists":
-            return expression["key"] in labels
-        assert expression["operator"] == "In", expression
-        return labels.get(expression["key"]) in expression["values"]
+        key: str = expression["key"]
+        operator: str = expression["operator"]
+        if operator in ("Exists", "DoesNotExist"):
+            return (key in labels) is (operator == "Exists")
+        assert operator in ("In", "NotIn"), expression
+        values: list[str] = expression["values"]
+        return (labels.get(key) in values) is (operator == "In")
 
     fits = any(all(holds(e) for e in term["matchExpressions"]) for term in terms)
     return fits and all(tolerated(pod.get("tolerations", []), t) for t in taints if t["effect"] == "NoSchedule")
@@ -322,10 +386,214 @@ def test_the_scrape_job_keeps_the_agents_metrics_port_and_its_pod_labels() -> No
     ]
 
 
-def test_the_adapter_overlay_runs_agent_and_adapter_in_one_namespace() -> None:
+def test_the_adapter_overlay_runs_agent_and_adapter_each_in_its_own_namespace() -> None:
+    """The agent needs the `privileged` Pod Security level; the adapter, apart, runs under `restricted`."""
     objects = render("overlays/adapter")
-    assert {o["metadata"].get("namespace") for o in objects if o["kind"] in ("DaemonSet", "Deployment")} == {
-        "gpu-monitoring"
+    workloads = {o["kind"]: o for o in objects if o["kind"] in ("DaemonSet", "Deployment")}
+    levels = {
+        kind: namespace_of(objects, o)["metadata"]["labels"]["pod-security.kubernetes.io/enforce"]
+        for kind, o in workloads.items()
     }
-    assert len([o for o in objects if o["kind"] == "Namespace"]) == 1
+    assert levels == {"DaemonSet": "privileged", "Deployment": "restricted"}
     assert len([o for o in objects if o["kind"] == "APIService"]) == 2  # custom metrics only (see adapter-external)
+
+
+@pytest.mark.parametrize(("overlay", "components"), VARIANTS)
+def test_every_pod_passes_the_pod_security_level_its_namespace_enforces(
+    overlay: str, components: tuple[str, ...]
+) -> None:
+    objects = render(overlay, components)
+    workloads = [o for o in objects if o["kind"] in ("DaemonSet", "Deployment")]
+    assert workloads
+    for workload in workloads:
+        level = namespace_of(objects, workload)["metadata"]["labels"]["pod-security.kubernetes.io/enforce"]
+        pod = workload["spec"]["template"]["spec"]
+        assert podsecurity.violations(pod, level) == [], (workload["metadata"]["name"], level)
+        # The level is the least the pod needs: the agent's host PIDs and socket need `privileged`.
+        if level != "restricted":
+            stricter = podsecurity.LEVELS[podsecurity.LEVELS.index(level) + 1]
+            assert podsecurity.violations(pod, stricter), (workload["metadata"]["name"], stricter)
+
+
+def adapter_pod() -> dict[str, Any]:
+    return copy.deepcopy(one(render("adapter"), "Deployment")["spec"]["template"]["spec"])
+
+
+@pytest.mark.parametrize(
+    ("change", "level"),
+    [
+        (lambda pod: pod.update(hostPID=True), "baseline"),
+        (lambda pod: pod["volumes"].append({"name": "root", "hostPath": {"path": "/"}}), "baseline"),
+        (lambda pod: pod["containers"][0]["securityContext"].update(privileged=True), "baseline"),
+        (lambda pod: pod["containers"][0]["securityContext"]["capabilities"].update(add=["SYS_ADMIN"]), "baseline"),
+        (lambda pod: pod["containers"][0]["ports"][0].update(hostPort=6443), "baseline"),
+        (lambda pod: pod["securityContext"].update(seccompProfile={"type": "Unconfined"}), "baseline"),
+        (lambda pod: pod["securityContext"].pop("runAsNonRoot"), "restricted"),
+        (lambda pod: pod["securityContext"].pop("seccompProfile"), "restricted"),
+        (lambda pod: pod["containers"][0]["securityContext"].pop("allowPrivilegeEscalation"), "restricted"),
+        (lambda pod: pod["containers"][0]["securityContext"]["capabilities"].update(drop=["NET_RAW"]), "restricted"),
+        (lambda pod: pod["containers"][0]["securityContext"].update(runAsUser=0), "restricted"),
+        (lambda pod: pod["volumes"].append({"name": "nfs", "nfs": {"server": "x", "path": "/"}}), "restricted"),
+    ],
+)
+def test_the_pod_security_check_refuses_what_admission_refuses(change: Any, level: str) -> None:
+    """The adapter's pod passes `restricted`; each change admission would refuse is caught at its level."""
+    assert podsecurity.violations(adapter_pod(), "restricted") == []
+    pod = adapter_pod()
+    change(pod)
+    assert podsecurity.violations(pod, level)
+
+
+def test_a_namespace_set_with_kustomize_is_followed_or_refused() -> None:
+    """A user's kustomization with `namespace:` over one of ours moves every object, the RBAC
+    subjects and APIService routes that name our ServiceAccounts and Service, and what the
+    ServiceMonitor selects, while the HPA controller's subject stays in kube-system; over an overlay
+    holding both the agent's and the adapter's namespaces (two Pod Security levels) it fails."""
+    for overlay in OVERLAYS:
+        ours = render(overlay)
+        if len([o for o in ours if o["kind"] == "Namespace"]) > 1:
+            with pytest.raises(subprocess.CalledProcessError) as refused:
+                render(overlay, namespace="team-gpu")
+            assert "ID conflict" in refused.value.stderr, overlay
+            continue
+        objects = render(overlay, namespace="team-gpu")
+        (namespace,) = [o for o in objects if o["kind"] == "Namespace"]
+        assert namespace["metadata"]["name"] == "team-gpu"
+        assert namespace["metadata"]["labels"] == one(ours, "Namespace")["metadata"]["labels"], overlay
+        accounts = {o["metadata"]["name"] for o in objects if o["kind"] == "ServiceAccount"}
+        # What lived in our namespace moves; what lived elsewhere (kube-system) must not.
+        ours_namespace = one(ours, "Namespace")["metadata"]["name"]
+        was = {(o["kind"], o["metadata"]["name"]): o["metadata"].get("namespace") for o in ours}
+        for obj in objects:
+            if obj["kind"] not in CLUSTER_SCOPED:
+                before = was[obj["kind"], obj["metadata"]["name"]]
+                expected = "team-gpu" if before == ours_namespace else before
+                assert obj["metadata"]["namespace"] == expected, (overlay, obj["kind"], obj["metadata"]["name"])
+            for subject in obj.get("subjects", []):
+                expected = "team-gpu" if subject["name"] in accounts else "kube-system"
+                assert subject["namespace"] == expected, (overlay, obj["metadata"]["name"], subject)
+            if obj["kind"] == "APIService":
+                assert obj["spec"]["service"]["namespace"] == "team-gpu"
+            if obj["kind"] == "ServiceMonitor":
+                assert selects_services_in(obj) == {"team-gpu"}
+
+
+def test_the_cert_manager_names_follow_the_adapters_namespace(tmp_path: Path) -> None:
+    """With the namespace set below the kustomization that adds the component (docs/install.md),
+    the Certificate names the Service's DNS names there and cainjector reads that Certificate."""
+    inner = tmp_path / "adapter"
+    inner.mkdir()
+    relative = os.path.relpath(ROOT / "daemonset", inner)
+    (inner / "kustomization.yaml").write_text(
+        yaml.safe_dump({"namespace": "team-gpu", "resources": [f"{relative}/adapter"]})
+    )
+    outer = tmp_path / "install"
+    outer.mkdir()
+    (outer / "kustomization.yaml").write_text(
+        yaml.safe_dump(
+            {
+                "resources": ["../adapter"],
+                "components": [f"{os.path.relpath(ROOT / 'daemonset', outer)}/components/cert-manager"],
+            }
+        )
+    )
+    text = subprocess.run([kubectl(), "kustomize", str(outer)], capture_output=True, text=True, check=True).stdout
+    for objects, namespace in (
+        (render(FULLEST, ("cert-manager",)), "gpu-metrics-adapter"),
+        ([d for d in yaml.safe_load_all(text) if d], "team-gpu"),
+    ):
+        (service,) = [s for s in objects if s["kind"] == "Service" and s["metadata"]["name"] == "gpu-metrics-adapter"]
+        assert service["metadata"]["namespace"] == namespace
+        certificates = {c["metadata"]["name"]: c for c in objects if c["kind"] == "Certificate"}
+        assert {c["metadata"]["namespace"] for c in certificates.values()} == {namespace}
+        for api_service in (o for o in objects if o["kind"] == "APIService"):
+            assert api_service["spec"]["service"] == {
+                "name": "gpu-metrics-adapter",
+                "namespace": namespace,
+                "port": 443,
+            }
+            assert api_service["spec"]["insecureSkipTLSVerify"] is False and "caBundle" not in api_service["spec"]
+            cert_namespace, name = api_service["metadata"]["annotations"]["cert-manager.io/inject-ca-from"].split("/")
+            assert cert_namespace == namespace
+            # kube-apiserver dials <service>.<namespace>.svc and verifies that name.
+            assert f"gpu-metrics-adapter.{namespace}.svc" in certificates[name]["spec"]["dnsNames"]
+        # The adapter serves the Secret cert-manager writes, from the files its flags name.
+        deployment = one(objects, "Deployment")
+        (container,) = deployment["spec"]["template"]["spec"]["containers"]
+        args = build_parser().parse_args(container["args"])
+        (volume,) = [v for v in deployment["spec"]["template"]["spec"]["volumes"] if "secret" in v]
+        (mount,) = [m for m in container["volumeMounts"] if m["name"] == volume["name"]]
+        assert volume["secret"]["secretName"] == certificates[name]["spec"]["secretName"]
+        assert {args.tls_cert_file, args.tls_private_key_file} == {
+            f"{mount['mountPath']}/tls.crt",
+            f"{mount['mountPath']}/tls.key",
+        }
+        # Every flag of the plain Deployment other than where the pair comes from is kept.
+        (plain,) = one(render("adapter"), "Deployment")["spec"]["template"]["spec"]["containers"]
+        assert {a for a in plain["args"] if not a.startswith("--cert-dir")} <= set(container["args"])
+
+
+GPU_NODES = {
+    # platform: (node labels, taints) of a GPU node as the platform makes it, without GPU/node feature discovery
+    "eks": (
+        {
+            "karpenter.k8s.aws/instance-gpu-manufacturer": "nvidia",
+            "eks.amazonaws.com/instance-gpu-manufacturer": "nvidia",
+        },
+        [{"key": "nvidia.com/gpu", "value": "true", "effect": "NoSchedule"}],
+    ),
+    "gke": (
+        {"cloud.google.com/gke-accelerator": "nvidia-l4"},
+        [{"key": "nvidia.com/gpu", "value": "present", "effect": "NoSchedule"}],
+    ),
+    "aks": ({"kubernetes.azure.com/accelerator": "nvidia"}, [{"key": "sku", "value": "gpu", "effect": "NoSchedule"}]),
+    "gpu-operator": (
+        {"nvidia.com/gpu.present": "true"},
+        [{"key": "nvidia.com/gpu", "value": "present", "effect": "NoSchedule"}],
+    ),
+}
+
+
+@pytest.mark.parametrize("platform", sorted(GPU_NODES))
+def test_each_platforms_component_puts_the_agent_on_its_gpu_nodes_and_the_adapter_elsewhere(platform: str) -> None:
+    labels, taints = GPU_NODES[platform]
+    objects = render(FULLEST, (platform,))
+    agent, _ = agent_pod(objects)
+    adapter = one(objects, "Deployment")["spec"]["template"]["spec"]
+    base_agent, _ = agent_pod(render(FULLEST))
+    for label in labels.items():  # whichever of the platform's labels a node has
+        assert schedulable(agent["spec"], dict([label]), taints), label
+        assert not schedulable(adapter, dict([label]), []), label  # even untainted
+        if platform != "gpu-operator":  # GPU feature discovery's label is the base's own
+            assert not schedulable(base_agent["spec"], dict([label]), taints), label
+    assert not schedulable(agent["spec"], {"kubernetes.io/os": "linux"}, [])
+    assert schedulable(adapter, {"kubernetes.io/os": "linux"}, [])
+
+
+def test_nvml_is_reachable_as_each_platform_needs() -> None:
+    """The GPU Operator (and any non-default nvidia runtime) runs the agent under RuntimeClass nvidia;
+    GKE has no NVIDIA runtime: the driver's host directory is mounted and on the loader's path."""
+    for component in ("gpu-operator", "nvidia-runtimeclass"):
+        template, _ = agent_pod(render(FULLEST, (component,)))
+        assert template["spec"]["runtimeClassName"] == "nvidia"
+    template, container = agent_pod(render(FULLEST, ("gke",)))
+    host = {v["name"]: v["hostPath"]["path"] for v in template["spec"]["volumes"] if "hostPath" in v}
+    mounts = {m["mountPath"]: m for m in container["volumeMounts"]}
+    (driver,) = [path for path, m in mounts.items() if host[m["name"]] == "/home/kubernetes/bin/nvidia"]
+    assert mounts[driver]["readOnly"] is True
+    env = {e["name"]: e.get("value") for e in container["env"]}
+    assert env["LD_LIBRARY_PATH"] == f"{driver}/lib64"
+    assert "runtimeClassName" not in template["spec"]
+
+
+def test_kube_prometheus_stack_finds_the_monitor_and_rules_and_the_adapter_finds_its_prometheus() -> None:
+    objects = render(FULLEST, ("kube-prometheus-stack",))
+    for kind in ("ServiceMonitor", "PrometheusRule"):
+        assert one(objects, kind)["metadata"]["labels"]["release"] == "kube-prometheus-stack"
+    (container,) = one(objects, "Deployment")["spec"]["template"]["spec"]["containers"]
+    env = {e["name"]: e["value"] for e in container["env"] if "value" in e}
+    # The kubelet expands $(VAR) in args from the container's env.
+    args = [re.sub(r"\$\((\w+)\)", lambda m: env[m.group(1)], a) for a in container["args"]]
+    assert (
+        build_parser().parse_args(args).prometheus_url == "http://kube-prometheus-stack-prometheus.monitoring.svc:9090"
+    )
