@@ -45,7 +45,8 @@ lint: install
 	$(PYTHON) -c 'from importlinter.cli import lint_imports_command; lint_imports_command()'
 
 clean:
-	rm -rf build sim/fakenvml/libnvidia-ml.so.1 exporter/sources/podresources/api_pb2*.py exporter/sources/podresources/api_pb2*.pyi
+	rm -rf build sim/fakenvml/libnvidia-ml.so.1 exporter/sources/podresources/api_pb2*.py exporter/sources/podresources/api_pb2*.pyi \
+		exporter/adapter/keda/externalscaler_pb2*.py exporter/adapter/keda/externalscaler_pb2*.pyi
 
 # Side-by-side with nvitop-exporter on the same fake NVML scenarios; not part of make test (about an
 # hour): one point in detail (bench.compare; `--quick`, 8 GPUs only, takes about 9 minutes), then the
