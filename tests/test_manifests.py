@@ -36,6 +36,7 @@ OVERLAYS = [
     "overlays/adapter",
     "overlays/adapter-external",
     "adapter",
+    "overlays/adapter-keda-scaler",
 ]
 KUBERNETES_VERSION = "1.34.0"
 

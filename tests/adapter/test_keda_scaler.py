@@ -8,6 +8,7 @@ average 20) wants for the same pods: the arithmetic of both comes from the contr
 
 from __future__ import annotations
 
+import json
 import threading
 import time
 from collections.abc import Callable, Iterator
@@ -15,17 +16,23 @@ from concurrent.futures import ThreadPoolExecutor
 from contextlib import ExitStack
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 import grpc
+import jsonschema
 import pytest
 import requests
+import yaml
 
 from exporter.adapter.hpa import Pod, pods_metric_replicas
 from exporter.adapter.keda import externalscaler_pb2 as pb
 from exporter.adapter.keda import externalscaler_pb2_grpc as pb_grpc
 from exporter.adapter.keda.scaler import GpuScaler
 from exporter.adapter.keda.server import ScalerServer
+from exporter.adapter.keda.trigger import parse_trigger
+from exporter.adapter.main import build_parser
 from exporter.adapter.provider import MetricInfo, MetricValue
+from exporter.adapter.rules import DEFAULT_RULES
 from exporter.adapter.selector import Selector
 from sim.apiserver import FakeApiServer, pod_json
 from sim.autoscaler import external_average_value_replicas
@@ -34,6 +41,7 @@ from sim.kubelet import FakeKubelet, PodDevices
 from sim.processes import adapter_args, free_port, spawn_adapter, spawn_agent, start_adapter
 from sim.prometheus import Prometheus
 from sim.scenario import Gpu, Scenario, gpu_uuid
+from tests.adapter.test_manifests import DAEMONSET, by_kind, container_port
 from tests.adapter.test_settings import run_adapter
 
 PODS = {  # name -> (namespace, app label, GPU index or None)
@@ -325,3 +333,52 @@ def test_plain_text_only_when_asked_for_and_then_with_a_warning(node: Node, tmp_
         assert "serves plain text to any client" in adapter.log()
         stub = pb_grpc.ExternalScalerStub(grpc.insecure_channel(f"127.0.0.1:{port}"))
         assert total(stub, 40.0) == 40.0
+
+
+OVERLAY = DAEMONSET / "overlays" / "adapter-keda-scaler"
+EXAMPLE = DAEMONSET / "adapter" / "examples" / "keda-external-scaledobject.yaml"
+
+
+def adapter_service() -> list[dict[str, Any]]:
+    return [s for s in by_kind("Service", OVERLAY) if s["metadata"]["name"] == "gpu-metrics-adapter"]
+
+
+def test_the_scaler_is_off_unless_the_overlay_serves_it_on_the_services_port() -> None:
+    (plain,) = by_kind("Deployment")
+    (plain_container,) = plain["spec"]["template"]["spec"]["containers"]
+    assert build_parser().parse_args(plain_container["args"]).keda_scaler_port is None
+    (deployment,) = by_kind("Deployment", OVERLAY)
+    (service,) = adapter_service()
+    pod = deployment["spec"]["template"]["spec"]
+    (container,) = pod["containers"]
+    args = build_parser().parse_args(container["args"])
+    (port,) = [p for p in service["spec"]["ports"] if p["name"] == "keda-scaler"]
+    assert container_port(container, port["targetPort"]) == args.keda_scaler_port
+    # The serving pair KEDA checks and the CA of KEDA's client certificate, from one mounted Secret.
+    (mount,) = [m for m in container["volumeMounts"] if m["name"] == "keda-scaler-tls"]
+    (volume,) = [v for v in pod["volumes"] if v["name"] == "keda-scaler-tls"]
+    assert volume["secret"]["secretName"] == "gpu-metrics-adapter-keda-tls"
+    for path in (args.keda_scaler_client_ca_file, args.tls_cert_file, args.tls_private_key_file):
+        assert Path(path).parent == Path(mount["mountPath"]), path
+    assert not args.keda_scaler_insecure
+
+
+def test_the_example_reaches_the_overlays_scaler_with_a_client_certificate() -> None:
+    authentication, scaled = yaml.safe_load_all(EXAMPLE.read_text())
+    jsonschema.validate(scaled, json.loads((Path(__file__).parent / "schemas" / "scaledobject.json").read_text()))
+    assert (authentication["kind"], authentication["apiVersion"]) == ("TriggerAuthentication", "keda.sh/v1alpha1")
+    assert authentication["metadata"]["namespace"] == scaled["metadata"]["namespace"]
+    parameters = {ref["parameter"] for ref in authentication["spec"]["secretTargetRef"]}
+    assert parameters == {"caCert", "tlsClientCert", "tlsClientKey"}  # KEDA's names for the external scaler
+    (trigger,) = scaled["spec"]["triggers"]
+    assert trigger["authenticationRef"] == {"name": authentication["metadata"]["name"]}
+    assert (trigger["type"], trigger["metricType"]) == ("external", "AverageValue")
+    (service,) = adapter_service()
+    (port,) = [p["port"] for p in service["spec"]["ports"] if p["name"] == "keda-scaler"]
+    metadata = trigger["metadata"]
+    assert metadata["scalerAddress"] == f"{service['metadata']['name']}.{service['metadata']['namespace']}.svc:{port}"
+    pod_metrics = frozenset(rule.name for rule in DEFAULT_RULES.custom)
+    served = parse_trigger(scaled["metadata"]["namespace"], metadata, pod_metrics)
+    assert (served.metric, served.target) == ("duty_cycle_current", 20)
+    assert served.pod_selector.matches({"app": scaled["spec"]["scaleTargetRef"]["name"]})
+    assert scaled["spec"]["minReplicaCount"] >= 1  # no pods, no values: never woken from zero by them
