@@ -57,6 +57,9 @@ bench: install fake-nvml
 	$(PYTHON) -m bench.curve --out bench/results
 
 # The adapter against a real Prometheus (~4 min): the HPA's request over a 500-pod selector at 10 clients,
-# the same with 1000 stalled connections, and 10 000 / 50 000-pod clusters (time to ready, RSS).
+# the same with 1000 stalled connections, and 10 000 / 50 000-pod clusters (time to ready, RSS). Then a
+# 1000-node fleet's Prometheus built by promtool (bench.fleet: ~2.5 GB of temporary OpenMetrics text):
+# the HPA's request for 1000 pods and the KEDA scaler's GetMetrics at 10 clients, into bench/results/fleet.*.
 bench-adapter: install fake-nvml
 	$(PYTHON) -m bench.adapter
+	$(PYTHON) -m bench.fleet --out bench/results
