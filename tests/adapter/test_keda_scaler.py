@@ -9,6 +9,7 @@ average 20) wants for the same pods: the arithmetic of both comes from the contr
 from __future__ import annotations
 
 import json
+import socket
 import threading
 import time
 from collections.abc import Callable, Iterator
@@ -333,6 +334,28 @@ def test_plain_text_only_when_asked_for_and_then_with_a_warning(node: Node, tmp_
         assert "serves plain text to any client" in adapter.log()
         stub = pb_grpc.ExternalScalerStub(grpc.insecure_channel(f"127.0.0.1:{port}"))
         assert total(stub, 40.0) == 40.0
+        adapter.stop()
+        assert adapter.returncode == 0  # SIGTERM stops the scaler too: a clean exit, not a kill
+
+
+def test_a_scaler_port_in_use_is_one_line_and_exit_code_1(node: Node, tmp_path: Path) -> None:
+    with socket.socket() as taken:
+        taken.bind(("127.0.0.1", 0))
+        taken.listen()
+        port = taken.getsockname()[1]
+        adapter = spawn_adapter(
+            free_port(),
+            *adapter_args(node.pki, node.kubeconfig, node.prometheus.url),
+            "--keda-scaler-port",
+            str(port),
+            "--keda-scaler-client-ca-file",
+            str(node.pki.ca),
+            output=tmp_path / "adapter.log",
+        )
+        assert adapter.wait(30) == 1
+    adapter.stop()  # closes its log
+    assert f"cannot serve the KEDA scaler: cannot listen on 127.0.0.1:{port}" in adapter.log()
+    assert "Traceback" not in adapter.log()
 
 
 OVERLAY = DAEMONSET / "overlays" / "adapter-keda-scaler"
