@@ -315,6 +315,9 @@ def test_a_failing_call_is_a_status_and_a_stuck_one_a_deadline_and_the_server_se
         assert error.value.code() == grpc.StatusCode.RESOURCE_EXHAUSTED
         stream.cancel()
         assert stub.IsActive(ref(), timeout=5).result is True
+        with pytest.raises(grpc.RpcError) as error:  # optional in the protocol: KEDA polls GetMetricSpec instead
+            next(stub.StreamMetricSpec(ref(), timeout=5))
+        assert error.value.code() == grpc.StatusCode.UNIMPLEMENTED
     finally:
         server.stop()
 
