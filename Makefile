@@ -45,7 +45,8 @@ lint: install
 	$(PYTHON) -c 'from importlinter.cli import lint_imports_command; lint_imports_command()'
 
 clean:
-	rm -rf build sim/fakenvml/libnvidia-ml.so.1 exporter/sources/podresources/api_pb2*.py exporter/sources/podresources/api_pb2*.pyi
+	rm -rf build sim/fakenvml/libnvidia-ml.so.1 exporter/sources/podresources/api_pb2*.py exporter/sources/podresources/api_pb2*.pyi \
+		exporter/adapter/keda/externalscaler_pb2*.py exporter/adapter/keda/externalscaler_pb2*.pyi
 
 # Side-by-side with nvitop-exporter on the same fake NVML scenarios; not part of make test (about an
 # hour): one point in detail (bench.compare; `--quick`, 8 GPUs only, takes about 9 minutes), what the
@@ -58,9 +59,12 @@ bench: install fake-nvml
 	$(PYTHON) -m bench.curve --out bench/results
 
 # The adapter against a real Prometheus (~4 min): the HPA's request over a 500-pod selector at 10 clients,
-# the same with 1000 stalled connections, and 10 000 / 50 000-pod clusters (time to ready, RSS).
+# the same with 1000 stalled connections, and 10 000 / 50 000-pod clusters (time to ready, RSS). Then a
+# 1000-node fleet's Prometheus built by promtool (bench.fleet: ~2.5 GB of temporary OpenMetrics text):
+# the HPA's request for 1000 pods and the KEDA scaler's GetMetrics at 10 clients, into bench/results/fleet.*.
 bench-adapter: install fake-nvml
 	$(PYTHON) -m bench.adapter
+	$(PYTHON) -m bench.fleet --out bench/results
 
 # The image for amd64 and arm64 as one multi-arch manifest, pushed as IMAGE:VERSION (setup.cfg's
 # version, which the Dockerfile's label and the manifests' image tags repeat). Needs docker buildx

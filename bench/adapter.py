@@ -27,7 +27,7 @@ import sys
 import tempfile
 import threading
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator, Sequence
 from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
@@ -137,15 +137,23 @@ def cluster(pods: int) -> FakeApiServer:
 
 
 def adapter(
-    directory: Path, pki: Pki, api: FakeApiServer, prometheus_url: str, root: Path, ready_within_s: float = 300
+    directory: Path,
+    pki: Pki,
+    api: FakeApiServer,
+    prometheus_url: str,
+    root: Path,
+    ready_within_s: float = 300,
+    extra: Sequence[str] = (),
 ) -> tuple[Process, str, float]:
-    """The adapter of the checkout at ``root``; returns it, its URL and the seconds until /readyz."""
+    """The adapter of the checkout at ``root`` (with ``extra`` flags); returns it, its URL and the
+    seconds until /readyz."""
     port = free_port()
     started = time.monotonic()
     kubeconfig = api.write_kubeconfig(directory / f"kubeconfig-{port}")
     process = spawn_adapter(
         port,
         *adapter_args(pki, kubeconfig, prometheus_url),
+        *extra,
         what=f"the adapter of {root}",
         output=directory / f"adapter-{port}.log",
         cwd=root,
@@ -165,29 +173,44 @@ def percentiles(samples: list[float]) -> dict[str, float]:
     }
 
 
-def distinct_requests(url: str, ca: Path, seconds: float, clients: int = 10) -> dict[str, float]:
-    """``clients`` keep-alive clients, each request with its own selector (the same 500 pods)."""
+def concurrently(seconds: float, clients: int, make_client: Callable[[int], Callable[[int], bool]]) -> dict[str, Any]:
+    """``clients`` threads, each calling its own client (``make_client(number)``: request number ->
+    answered well) until time is up: latency percentiles, rate and failures."""
     latencies: list[float] = []
     errors = [0]
     deadline = time.monotonic() + seconds
 
-    def client(number: int) -> None:
-        session = requests.Session()
+    def run(number: int) -> None:
+        call = make_client(number)
         n = 0
         while time.monotonic() < deadline:
             n += 1
             started = time.perf_counter()
-            response = session.get(f"{url}{PATH},!bench-{number}-{n}", headers=HEADERS, verify=str(ca), timeout=30)
+            good = call(n)
             latencies.append((time.perf_counter() - started) * 1000)
-            if response.status_code != 200 or response.content.count(b'"describedObject"') != 500:
-                errors[0] += 1
+            errors[0] += not good
 
-    threads = [threading.Thread(target=client, args=(c,)) for c in range(clients)]
+    threads = [threading.Thread(target=run, args=(c,)) for c in range(clients)]
     for thread in threads:
         thread.start()
     for thread in threads:
         thread.join()
     return {**percentiles(latencies), "requests_per_second": round(len(latencies) / seconds, 1), "errors": errors[0]}
+
+
+def distinct_requests(url: str, ca: Path, seconds: float, clients: int = 10) -> dict[str, float]:
+    """``clients`` keep-alive clients, each request with its own selector (the same 500 pods)."""
+
+    def make(number: int) -> Callable[[int], bool]:
+        session = requests.Session()
+
+        def call(n: int) -> bool:
+            response = session.get(f"{url}{PATH},!bench-{number}-{n}", headers=HEADERS, verify=str(ca), timeout=30)
+            return response.status_code == 200 and response.content.count(b'"describedObject"') == 500
+
+        return call
+
+    return concurrently(seconds, clients, make)
 
 
 def cold_requests(url: str, ca: Path, count: int = 10) -> dict[str, float]:

@@ -11,6 +11,8 @@ import math
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 
+from exporter.adapter.hpa import Tolerances
+
 
 def largest_proposal(current_replicas: int, proposals: Sequence[int | None]) -> int | None:
     """computeReplicasForMetrics: the largest proposal across the HPA's metrics (None for a metric
@@ -23,6 +25,14 @@ def largest_proposal(current_replicas: int, proposals: Sequence[int | None]) -> 
     if len(valid) < len(proposals) and largest < current_replicas:
         return None
     return largest
+
+
+def external_average_value_replicas(current_replicas: int, total_milli: int, target_milli: int) -> int:
+    """GetExternalPerPodMetricReplicas (replica_calculator.go): one sync's proposal for an External
+    metric with an AverageValue target, the HPA KEDA makes for a trigger of ``metricType: AverageValue``."""
+    if Tolerances().within(total_milli / (target_milli * current_replicas)):
+        return current_replicas
+    return math.ceil(total_milli / target_milli)
 
 
 @dataclass(frozen=True)

@@ -153,7 +153,7 @@ def build_stage_context(directory: Path) -> Path:
             target = context / destination / (Path(source).name if destination.endswith("/") else "")
             target.parent.mkdir(parents=True, exist_ok=True)
             if (ROOT / source).is_dir():
-                shutil.copytree(ROOT / source, target, ignore=shutil.ignore_patterns("__pycache__", "api_pb2*"))
+                shutil.copytree(ROOT / source, target, ignore=shutil.ignore_patterns("__pycache__", "*_pb2*"))
             else:
                 shutil.copy(ROOT / source, target)
     return context
@@ -215,14 +215,15 @@ def test_the_wheel_carries_the_generated_stubs_and_both_scripts_start(fresh_venv
         [
             str(fresh_venv / "bin" / "python"),
             "-c",
-            "import exporter.sources.podresources.api_pb2_grpc as m; print(m.__file__)",
+            "import exporter.sources.podresources.api_pb2_grpc as p, "
+            "exporter.adapter.keda.externalscaler_pb2_grpc as k; print(p.__file__); print(k.__file__)",
         ],
         capture_output=True,
         text=True,
         cwd=fresh_venv,
         check=True,
     )
-    assert check.stdout.startswith(str(fresh_venv)), check.stdout
+    assert all(line.startswith(str(fresh_venv)) for line in check.stdout.splitlines()), check.stdout
 
 
 def test_the_wheel_carries_its_licence_description_and_type_marker(fresh_venv: Path) -> None:

@@ -43,6 +43,7 @@ OVERLAYS = [
     "overlays/adapter",
     "overlays/adapter-external",
     "adapter",
+    "overlays/adapter-keda-scaler",
 ]
 # Platform and stack components (daemonset/components), each rendered on the overlay with everything.
 COMPONENTS = ["eks", "gke", "aks", "gpu-operator", "nvidia-runtimeclass", "kube-prometheus-stack", "cert-manager"]

@@ -11,6 +11,7 @@ import sys
 from collections.abc import Callable, Sequence
 from dataclasses import replace
 from pathlib import Path
+from typing import TYPE_CHECKING
 from urllib.parse import urlsplit
 
 from kubernetes import client
@@ -30,6 +31,9 @@ from exporter.exposition.httpserver import DEFAULT_MAX_CONNECTIONS_PER_CLIENT, M
 from exporter.sources.kube import Reflector
 from exporter.sources.kubeclient import ConfigError, Credentials, KubeClient, load_credentials
 from exporter.supervise import wait_for_signal
+
+if TYPE_CHECKING:  # grpc is loaded only when the KEDA scaler is served
+    from exporter.adapter.keda.server import ScalerServer
 
 log = logging.getLogger("exporter.adapter")
 
@@ -117,6 +121,23 @@ def build_parser() -> ArgumentParser:
         f"served; beyond it that client's least useful one is closed (default {DEFAULT_MAX_CONNECTIONS_PER_CLIENT})",
     )
     add("--log-level", default="info", choices=["debug", "info", "warning", "error"])
+    add(
+        "--keda-scaler-port",
+        type=int,
+        help="also serve KEDA's external scaler (gRPC) on this port, over TLS with the serving certificate "
+        "(default: off)",
+    )
+    add(
+        "--keda-scaler-client-ca-file",
+        help="CA of the client certificates KEDA presents (its TriggerAuthentication's tlsClientCert); "
+        "required with --keda-scaler-port unless --keda-scaler-insecure",
+    )
+    add(
+        "--keda-scaler-insecure",
+        action="store_true",
+        help="serve the KEDA scaler in plain text, to any client (logs a warning); for a mesh that "
+        "encrypts and authenticates for it",
+    )
     return parser
 
 
@@ -247,6 +268,47 @@ def _front_proxy_source(
     return from_file
 
 
+def _check_keda_scaler(args: argparse.Namespace, parser: ArgumentParser, cert: str, key: str) -> None:
+    if args.keda_scaler_port is None:
+        if args.keda_scaler_client_ca_file or args.keda_scaler_insecure:
+            parser.error("--keda-scaler-client-ca-file and --keda-scaler-insecure want --keda-scaler-port")
+        return
+    if not 0 < args.keda_scaler_port < 65536 or args.keda_scaler_port == args.secure_port:
+        parser.error(f"--keda-scaler-port: want 1 to 65535, not --secure-port, got {args.keda_scaler_port}")
+    if args.keda_scaler_insecure == bool(args.keda_scaler_client_ca_file):
+        parser.error(
+            "--keda-scaler-port wants --keda-scaler-client-ca-file (client certificates verified) or, "
+            "to serve plain text on purpose, --keda-scaler-insecure; not both"
+        )
+    if args.keda_scaler_client_ca_file:
+        try:
+            tls_context(cert, key, Path(args.keda_scaler_client_ca_file).read_text())
+        except (OSError, ssl.SSLError, UnicodeDecodeError) as error:
+            parser.error(f"--keda-scaler-client-ca-file: cannot load: {error}")
+
+
+def _start_keda_scaler(
+    args: argparse.Namespace, provider: PrometheusProvider, pods: PodIndex, cert: str, key: str
+) -> ScalerServer | None:
+    """The KEDA external scaler's server, started, when --keda-scaler-port asks for it (grpc is loaded
+    only then). Raises OSError when it cannot listen."""
+    if args.keda_scaler_port is None:
+        return None
+    from exporter.adapter.keda.scaler import GpuScaler
+    from exporter.adapter.keda.server import MAX_STREAMS, ScalerServer, server_credentials
+
+    scaler = GpuScaler(provider, pods.names, deadline_s=args.prometheus_timeout + 2, max_streams=MAX_STREAMS)
+    if args.keda_scaler_insecure:
+        log.warning(
+            "the KEDA scaler on port %d serves plain text to any client (--keda-scaler-insecure)", args.keda_scaler_port
+        )
+    credentials = None if args.keda_scaler_insecure else server_credentials(cert, key, args.keda_scaler_client_ca_file)
+    server = ScalerServer((args.bind_address, args.keda_scaler_port), scaler, credentials)
+    server.start()
+    log.info("serving KEDA's external scaler on %s:%d", args.bind_address, server.port)
+    return server
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     arguments = list(sys.argv[1:] if argv is None else argv)
     if arguments[:1] == ["hpa-explain"]:
@@ -273,6 +335,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     except (OSError, ssl.SSLError) as error:
         parser.error(f"--tls-cert-file/--tls-private-key-file: cannot load: {error}")
     read_front_proxy = _front_proxy_source(args, parser, main_api, cert, key)
+    _check_keda_scaler(args, parser, cert, key)
     configure_logging(args.log_level)
     return _serve(args, rules, prometheus, reviewer, cert, key, read_front_proxy)
 
@@ -341,6 +404,12 @@ def _serve(
         log.error("cannot listen on %s:%d: %s", args.bind_address, args.secure_port, error)
         return 1
 
+    try:
+        keda_scaler = _start_keda_scaler(args, provider, pods, cert, key)
+    except OSError as error:
+        log.error("cannot serve the KEDA scaler: %s", error)
+        server.server_close()
+        return 1
     trust = FrontProxyTrust(read_front_proxy, server.trust)
     log.info(
         "gpu-metrics-adapter serving %d custom and %d external metrics from %s on https://%s:%d",
@@ -354,6 +423,8 @@ def _serve(
     reflector.start()
     server.start()
     wait_for_signal(log)
+    if keda_scaler is not None:
+        keda_scaler.stop()
     server.shutdown()
     server.server_close()
     reflector.stop()

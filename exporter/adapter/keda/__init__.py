@@ -1,0 +1,1 @@
+"""KEDA's external scaler protocol, served from the adapter's provider (trigger, scaler, server)."""
