@@ -180,6 +180,9 @@ def _validate(args: argparse.Namespace, parser: ArgumentParser) -> None:
         got = args.metrics_window
         parser.error(f"--metrics-window: want a duration from 1s to 1h in whole seconds (15s, 1m), got {got!r}")
     args.metrics_window_s = window_s
+    for flag, name in (("--service-namespace", args.service_namespace), ("--service-name", args.service_name)):
+        if name is not None and not api.DNS_LABEL.fullmatch(name):
+            parser.error(f"{flag}: want a DNS label (lower-case letters, digits and '-'), got {name!r}")
 
 
 MAX_WINDOW_S = 3600

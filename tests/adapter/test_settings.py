@@ -67,6 +67,9 @@ CASES = [
     (["--config", "RULES:rules: []\n"], "defines no metric"),
     (["--config", "RULES:\xff\xfe rules"], "is not UTF-8"),
     (["--config", "/nonexistent/rules.yaml"], "--config: cannot read"),
+    (["--metrics-window", "15"], "--metrics-window"),  # a duration has a unit
+    (["--metrics-window", "2h"], "--metrics-window"),
+    (["--service-name", "Gpu_Adapter"], "--service-name"),
 ]
 
 
