@@ -179,7 +179,8 @@ def external_query(rule: Rule, namespace: str, selector: Selector, window_s: int
 
 def _timed_values(samples: list[Sample]) -> dict[frozenset[tuple[str, str]], tuple[float, float]]:
     """Each group's value paired with its newest sample's time, keyed by the group's labels; groups
-    without a (finite) value are left out, whatever their time."""
+    without a (finite) value are left out, whatever their time, and so are groups without a current
+    sample: a series gone stale (its pod or agent gone) still has samples in the window, but is gone."""
     values: dict[frozenset[tuple[str, str]], float] = {}
     times: dict[frozenset[tuple[str, str]], float] = {}
     for sample in samples:
@@ -189,7 +190,7 @@ def _timed_values(samples: list[Sample]) -> dict[frozenset[tuple[str, str]], tup
             values.setdefault(group, sample.value)
         elif field == "timestamp":
             times[group] = max(times.get(group, sample.value), sample.value)
-    return {group: (value, times.get(group, 0.0)) for group, value in values.items()}
+    return {group: (value, times[group]) for group, value in values.items() if group in times}
 
 
 SHARED_GROUPS = 200_000  # Prometheus answers shared for a second, together at most this many groups (~30 MB)

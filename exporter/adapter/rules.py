@@ -39,9 +39,12 @@ DEFAULT_RESOURCES: Mapping[str, tuple[str, ...]] = {
     "namespace": ("namespace", "exported_namespace"),
     "pod": ("pod", "exported_pod"),
 }
-AVERAGE = "avg by (<<.GroupBy>>) (avg_over_time(<<.Series>>{<<.LabelMatchers>>}[<<.Window>>]))"
-TOTAL = "sum by (<<.GroupBy>>) (avg_over_time(<<.Series>>{<<.LabelMatchers>>}[<<.Window>>]))"
 WINDOW = "<<.Window>>"
+# Each series' average over the window, for the series still current: one gone stale (its pod or
+# agent gone) has samples in the window but is gone, as an instant selection would have it.
+WINDOWED = f"avg_over_time(<<.Series>>{{<<.LabelMatchers>>}}[{WINDOW}]) and <<.Series>>{{<<.LabelMatchers>>}}"
+AVERAGE = f"avg by (<<.GroupBy>>) ({WINDOWED})"
+TOTAL = f"sum by (<<.GroupBy>>) ({WINDOWED})"
 # As metrics-server's --metric-resolution in its upstream manifests: the window of the HPA's CPU metric.
 DEFAULT_WINDOW_S = 15
 _PLACEHOLDERS = {"<<.Series>>", "<<.LabelMatchers>>", "<<.GroupBy>>", WINDOW}
@@ -102,16 +105,8 @@ DEFAULT_RULES = Rules(
         ),
     ),
     external=(
-        Rule(
-            "gpu_duty_cycle",
-            "duty_cycle_current",
-            "avg(avg_over_time(<<.Series>>{<<.LabelMatchers>>}[<<.Window>>]))",
-        ),
-        Rule(
-            "gpu_memory_used_bytes",
-            "memory_used_bytes_current",
-            "sum(avg_over_time(<<.Series>>{<<.LabelMatchers>>}[<<.Window>>]))",
-        ),
+        Rule("gpu_duty_cycle", "duty_cycle_current", f"avg({WINDOWED})"),
+        Rule("gpu_memory_used_bytes", "memory_used_bytes_current", f"sum({WINDOWED})"),
     ),
 )
 

@@ -2,7 +2,8 @@
 latest sample, run by a real Prometheus over a series whose every sample is known.
 
 The series is served one sample per scrape, each with an explicit time a second after the one
-before (the last one again once all are in), so Prometheus holds exactly those samples.
+before (the last one again once all are in), so Prometheus holds exactly those samples. Another
+pod's series is in the first scrape only: within the window, but gone.
 """
 
 from __future__ import annotations
@@ -36,7 +37,10 @@ class _OneSampleAScrape(Handler):
         i = min(cls.served, len(VALUES) - 1)
         cls.served += 1
         at = cls.start_ms + 1000 * i
-        self.send(200, f'duty_cycle_current{{namespace="ml",pod="p-0"}} {VALUES[i]} {at}\n'.encode(), "text/plain")
+        series = f'duty_cycle_current{{namespace="ml",pod="p-0"}} {VALUES[i]} {at}\n'
+        if i == 0:  # p-1 in the first scrape only, at the scrape's time: then Prometheus marks it stale
+            series += 'duty_cycle_current{namespace="ml",pod="p-1"} 50\n'
+        self.send(200, series.encode(), "text/plain")
 
 
 @pytest.fixture(scope="module")
@@ -47,7 +51,7 @@ def prometheus(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Prometheus]
     server.start()
     store = Prometheus(tmp_path_factory.mktemp("window"), [f"127.0.0.1:{server.server_address[1]}"], free_port())
     try:
-        store.wait_for(f"count_over_time(duty_cycle_current[1h]) == {len(VALUES)}")
+        store.wait_for(f'count_over_time(duty_cycle_current{{pod="p-0"}}[1h]) == {len(VALUES)}')
         yield store
     finally:
         store.stop()
@@ -56,13 +60,14 @@ def prometheus(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Prometheus]
 
 def provider(prometheus: Prometheus, rules_text: str | None = None) -> PrometheusProvider:
     rules = load_rules(rules_text, "rules.yaml") if rules_text else DEFAULT_RULES
-    return PrometheusProvider(rules, PrometheusClient(prometheus.url), lambda ns, sel: ["p-0"], window_s=15)
+    return PrometheusProvider(rules, PrometheusClient(prometheus.url), lambda ns, sel: ["p-0", "p-1"], window_s=15)
 
 
 def test_a_pods_value_is_the_average_over_the_window_and_says_so(prometheus: Prometheus) -> None:
     found = provider(prometheus).get_metric_by_selector(
         "ml", parse_selector(""), MetricInfo("pods", "duty_cycle_current", True)
     )
+    # Not p-1, nor in the aggregates: its sample is in the window, but its series is gone (stale).
     assert [(v.name, v.value, v.window_seconds) for v in found] == [("p-0", 40.0, 15)]
     namespace = provider(prometheus).get_metric_by_name("", "ml", MetricInfo("namespaces", "duty_cycle_current", False))
     assert namespace is not None and (namespace.value, namespace.window_seconds) == (40.0, 15)
@@ -75,3 +80,14 @@ def test_a_rule_without_the_window_serves_the_latest_sample(prometheus: Promethe
         "ml", parse_selector(""), MetricInfo("pods", "duty_cycle_current", True)
     )
     assert [(v.value, v.window_seconds) for v in found] == [(100.0, 1)]
+
+
+def test_a_windowed_rule_of_ones_own_leaves_a_gone_series_out_rather_than_undated(prometheus: Prometheus) -> None:
+    """Without ``and <<.Series>>{...}``, p-1's window still averages its sample, but no current
+    sample dates it: left out, never served as measured in 1970."""
+    windowed = "(avg_over_time(<<.Series>>{<<.LabelMatchers>>}[<<.Window>>]))"
+    rules = INSTANT_RULES.replace("(<<.Series>>{<<.LabelMatchers>>})", windowed)
+    found = provider(prometheus, rules).get_metric_by_selector(
+        "ml", parse_selector(""), MetricInfo("pods", "duty_cycle_current", True)
+    )
+    assert [(v.name, v.value) for v in found] == [("p-0", 40.0)]
