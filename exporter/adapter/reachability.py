@@ -52,8 +52,11 @@ class PrometheusReachability:
 
     @property
     def reachable(self) -> bool | None:
-        """None until first probed; then whether the latest query or probe was answered."""
-        return self.state.failing is None if self._probed else None
+        """Whether the latest query or probe was answered; None before the first probe, unless a
+        query has failed meanwhile."""
+        if self.state.failing is not None:
+            return False
+        return True if self._probed else None
 
     def trouble(self) -> str:
         """What /readyz?verbose says of Prometheus: "" when it answers."""
