@@ -42,6 +42,9 @@ What `kubectl get --raw PATH` returns in a cluster, try here as:
   {raw} '{url}/apis/custom.metrics.k8s.io/v1beta2/namespaces/speech/metrics/duty_cycle_current'
   {raw} '{url}/apis/external.metrics.k8s.io/v1beta1/namespaces/speech/gpu_duty_cycle'
 (the last through kube-apiserver only with daemonset/overlays/adapter-external, where KEDA is absent)
+The adapter's own state and metrics:
+  curl -s --cacert {pki.ca} '{url}/readyz?verbose'
+  {raw} '{url}/metrics'
 Ctrl-C stops everything.""",
         flush=True,
     )

@@ -46,7 +46,8 @@ For the adapter it also answers ``POST`` TokenReviews (``status.user`` with ``us
 ``groups``, and ``uid`` and ``extra`` when ``tokens`` gives them) and SubjectAccessReviews (``allow``
 decides on the review's whole ``spec``: ``user``, ``uid``, ``groups``, ``extra`` and the attributes,
 each recorded in ``access_reviews``), and ``GET`` the ``kube-system/extension-apiserver-authentication``
-ConfigMap.
+ConfigMap, and the ``apiregistration.k8s.io/v1`` APIServices in ``api_services`` (by name; see
+``api_service_json``), as an ``APIServiceList`` or one ``APIService``.
 """
 
 from __future__ import annotations
@@ -95,6 +96,7 @@ RESOURCES: dict[str, tuple[str, frozenset[str]]] = {
     "resourceslices": ("ResourceSlice", frozenset({"metadata.name", "spec.nodeName", "spec.driver"})),
 }
 KIND_TO_RESOURCE = {kind: resource for resource, (kind, _) in RESOURCES.items()}
+API_SERVICES = "/apis/apiregistration.k8s.io/v1/apiservices"
 RESOURCE_GROUP = "resource.k8s.io"
 
 
@@ -120,6 +122,21 @@ def pod_json(
                 for n, cid in (containers or {}).items()
             ],
         },
+    }
+
+
+def api_service_json(group: str, version: str, service: tuple[str, str] | None) -> Obj:
+    """An APIService as kube-apiserver returns it: sending ``group``/``version`` to the Service
+    (namespace, name), or served by kube-apiserver itself (``service`` None)."""
+    spec: Obj = {"group": group, "version": version, "groupPriorityMinimum": 100, "versionPriority": 100}
+    if service is not None:
+        spec |= {"service": {"namespace": service[0], "name": service[1], "port": 443}, "insecureSkipTLSVerify": True}
+    return {
+        "apiVersion": "apiregistration.k8s.io/v1",
+        "kind": "APIService",
+        "metadata": {"name": f"{version}.{group}", "uid": f"uid-{version}.{group}", "resourceVersion": "1"},
+        "spec": spec,
+        "status": {"conditions": [{"type": "Available", "status": "True", "reason": "Passed"}]},
     }
 
 
@@ -204,6 +221,7 @@ class FakeApiServer:
         self.allow: Callable[[dict[str, Any]], bool] = lambda spec: True  # SubjectAccessReview spec -> allowed
         self.access_reviews: list[dict[str, Any]] = []
         self.config_maps: dict[tuple[str, str], dict[str, str]] = {}
+        self.api_services: dict[str, Obj] = {}  # APIService name -> the object
         self.pki = tls
         self._server = ThreadingHTTPServer(("127.0.0.1", 0), self._handler())
         self._server.daemon_threads = True
@@ -507,6 +525,9 @@ class FakeApiServer:
                         },
                     )
                     return
+                if url.path == API_SERVICES or url.path.startswith(API_SERVICES + "/"):
+                    self._api_services(url.path.removeprefix(API_SERVICES).strip("/"))
+                    return
                 if url.path == f"/apis/{RESOURCE_GROUP}":
                     self._json(200, _api_group(api.resource_versions))
                     return
@@ -570,6 +591,24 @@ class FakeApiServer:
                     self._json(404, _status(404, "NotFound", "not found"))
                     return
                 self._json(201, review)
+
+            def _api_services(self, name: str) -> None:
+                registered = dict(api.api_services)
+                if not name:
+                    self._json(
+                        200,
+                        {
+                            "kind": "APIServiceList",
+                            "apiVersion": "apiregistration.k8s.io/v1",
+                            "metadata": {"resourceVersion": str(api._version)},
+                            "items": list(registered.values()),
+                        },
+                    )
+                elif name in registered:
+                    self._json(200, registered[name])
+                else:
+                    message = f'apiservices.apiregistration.k8s.io "{name}" not found'
+                    self._json(404, _status(404, "NotFound", message))
 
             def _json(self, code: int, body: Obj) -> None:
                 data = _encode(body)

@@ -7,7 +7,8 @@ metrics API over TLS, hey for load, and one HTTP server process per replica. Sim
 pod-resources and the pods API (sim), a round-robin Service in front of the replicas, and
 the HPA controller, which runs exporter.adapter.hpa and sim/autoscaler.py (upstream's
 arithmetic) against the adapter exactly as kube-controller-manager reads it. Every HPA time (15 s
-sync, 15 s policy periods, 300 s scale-down window) is multiplied by one factor.
+sync, 15 s policy periods, 300 s scale-down window, the adapter's 15 s metrics window) is multiplied
+by one factor.
 ``python -m sim.hpademo`` (make demo).
 """
 
@@ -191,7 +192,10 @@ def run(
     )
     prometheus = Prometheus(directory / "prometheus", [f"127.0.0.1:{agent_port}"], free_port())
     pki = make_pki(directory / "pki")
-    adapter, adapter_url = start_adapter(directory, pki, api.write_kubeconfig(directory / "kubeconfig"), prometheus.url)
+    # The metrics window is an HPA time too: metrics-server's 15 s, scaled like the sync period.
+    window = f"--metrics-window={max(1, round(15 * factor))}s"
+    kubeconfig = api.write_kubeconfig(directory / "kubeconfig")
+    adapter, adapter_url = start_adapter(directory, pki, kubeconfig, prometheus.url, window)
     front = service(cluster)
     stop = threading.Event()
 

@@ -18,6 +18,7 @@ import pytest
 import requests
 import yaml
 
+from exporter.adapter.selfmetrics import SelfMetrics
 from exporter.catalogue import FAMILIES
 from tests.conftest import Node, find
 from tests.test_dashboards import metric_names
@@ -30,6 +31,7 @@ RUNBOOKS = ROOT / "docs" / "runbooks.md"
 RUNBOOKS_URL = "https://github.com/gpu-pod-exporter/gpu-pod-exporter/blob/main/docs/runbooks.md"
 # kube-state-metrics' series (a named external exporter) that the DaemonSet coverage alert reads.
 KUBE_STATE_METRICS = {"kube_node_status_capacity", "kube_daemonset_status_number_available"}
+ADAPTER_GROUP = "gpu-metrics-adapter"  # the adapter's alerts, on its own metrics
 
 
 def promtool() -> str:
@@ -48,7 +50,7 @@ def alerts(groups: list[dict[str, Any]]) -> dict[str, dict[str, Any]]:
 def test_promtool_checks_the_rules() -> None:
     done = subprocess.run([promtool(), "check", "rules", str(RULES)], capture_output=True, text=True)
     assert done.returncode == 0, done.stdout + done.stderr
-    assert "SUCCESS: 14 rules found" in done.stdout
+    assert "SUCCESS: 15 rules found" in done.stdout
 
 
 def test_promtool_unit_tests_pass() -> None:
@@ -94,6 +96,7 @@ def test_the_issues_alerts_are_there_with_their_severities() -> None:
         "GpuExporterPodResourcesDown": "warning",
         "GpuExporterMissingOnGpuNodes": "warning",
         "GpuUnhealthy": "critical",
+        "GpuMetricsAdapterPrometheusUnreachable": "warning",
     }
     assert '"48|62|64|74|79|95|119|120"' in rules["GpuXidCritical"]["expr"]
     assert rules["GpuClocksSlowedDown"]["for"] == "5m"
@@ -107,7 +110,19 @@ def test_the_rules_read_only_series_the_agent_exports(node: Node, start_agent) -
     exported = {line.split()[2] for line in text.splitlines() if line.startswith("# TYPE ")}
     exported |= {family.name for family in FAMILIES} | {"up"}  # Xid series appear on the first event
     exported |= KUBE_STATE_METRICS
-    for name, rule in alerts(yaml.safe_load(RULES.read_text())["groups"]).items():
+    groups = yaml.safe_load(RULES.read_text())["groups"]
+    for name, rule in alerts([g for g in groups if g["name"] != ADAPTER_GROUP]).items():
+        read = metric_names(promql_parser.parse(rule["expr"]))
+        assert read and read <= exported, (name, read - exported)
+
+
+def test_the_adapters_rules_read_only_series_the_adapter_exports() -> None:
+    metrics = SelfMetrics()
+    metrics.gauges.prometheus_up = lambda: False
+    text = metrics.exposition()[0].decode()
+    exported = {line.split()[2] for line in text.splitlines() if line.startswith("# TYPE ")}
+    (group,) = [g for g in yaml.safe_load(RULES.read_text())["groups"] if g["name"] == ADAPTER_GROUP]
+    for name, rule in alerts([group]).items():
         read = metric_names(promql_parser.parse(rule["expr"]))
         assert read and read <= exported, (name, read - exported)
 

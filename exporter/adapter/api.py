@@ -128,7 +128,7 @@ def status(code: int, reason: str, message: str) -> dict[str, Any]:
 
 
 # Object names as the API validates them: namespaces are DNS labels, most objects DNS subdomains.
-_DNS_LABEL = re.compile(r"[a-z0-9]([-a-z0-9]{0,61}[a-z0-9])?")
+DNS_LABEL = re.compile(r"[a-z0-9]([-a-z0-9]{0,61}[a-z0-9])?")
 _DNS_SUBDOMAIN = re.compile(r"(?=.{1,253}$)[a-z0-9]([-a-z0-9]*[a-z0-9])?(\.[a-z0-9]([-a-z0-9]*[a-z0-9])?)*")
 _RESOURCE = re.compile(r"[a-z0-9]([-a-z0-9.]{0,251}[a-z0-9])?")
 
@@ -175,10 +175,10 @@ def route(path: str) -> Route | None:
     if any(not part for part in rest):
         return None
     if group_name == EXTERNAL:
-        if len(rest) == 3 and rest[0] == "namespaces" and _DNS_LABEL.fullmatch(rest[1]):
+        if len(rest) == 3 and rest[0] == "namespaces" and DNS_LABEL.fullmatch(rest[1]):
             return Route("external", group_name, version, namespace=rest[1], metric=rest[2])
         return None
-    if rest[0] == "namespaces" and len(rest) in (4, 5) and not _DNS_LABEL.fullmatch(rest[1]):
+    if rest[0] == "namespaces" and len(rest) in (4, 5) and not DNS_LABEL.fullmatch(rest[1]):
         return None
     if len(rest) == 4 and rest[0] == "namespaces" and rest[2] == "metrics":
         return Route("custom", group_name, version, rest[1], "namespaces", rest[1], rest[3])
@@ -192,7 +192,7 @@ def route(path: str) -> Route | None:
         if resource == "namespaces":  # the Namespace object, root-scoped form
             return (
                 Route("custom", group_name, version, name, resource, name, rest[2])
-                if _DNS_LABEL.fullmatch(name)
+                if DNS_LABEL.fullmatch(name)
                 else None
             )
         if not _RESOURCE.fullmatch(resource) or not _object_name(name):

@@ -73,6 +73,9 @@ class _TtlCache:
         self._entries: OrderedDict[Any, tuple[float, Any]] = OrderedDict()  # least recently used first
         self._lock = threading.Lock()
 
+    def __len__(self) -> int:
+        return len(self._entries)
+
     def get(self, key: Any, compute: Callable[[], Any]) -> Any:
         now = self._clock()
         with self._lock:
@@ -147,7 +150,7 @@ class Authenticator:
     ) -> None:
         self._reviewer = reviewer
         self.front_proxy = front_proxy  # replaced whole when the published settings change
-        self._tokens = _TtlCache(ttl_s, clock)
+        self.tokens = _TtlCache(ttl_s, clock)
         self._failures = StateLog(log, "TokenReview", "bearer tokens answered 401 meanwhile")
 
     def authenticate(self, peer_cert: Mapping[str, Any] | None, headers: Any) -> User | None:
@@ -174,7 +177,7 @@ class Authenticator:
         if token is None:
             return None
         try:
-            user: User | None = self._tokens.get(token, lambda: self._reviewer.review_token(token))
+            user: User | None = self.tokens.get(token, lambda: self._reviewer.review_token(token))
         except Exception as error:  # the API edge: an unanswered review authenticates no one
             self._failures.failed(describe(error))
             return None
@@ -185,13 +188,13 @@ class Authenticator:
 class Authorizer:
     def __init__(self, reviewer: Reviewer, ttl_s: float = 10.0, clock: Callable[[], float] = time.monotonic) -> None:
         self._reviewer = reviewer
-        self._decisions = _TtlCache(ttl_s, clock)
+        self.decisions = _TtlCache(ttl_s, clock)
         self._failures = StateLog(log, "SubjectAccessReview", "requests answered 500 meanwhile")
 
     def allowed(self, user: User, attributes: Mapping[str, Any]) -> bool:
         key = (user, tuple(sorted((k, str(v)) for k, v in attributes.items())))
         try:
-            allowed: bool = self._decisions.get(key, lambda: self._reviewer.review_access(user, attributes))
+            allowed: bool = self.decisions.get(key, lambda: self._reviewer.review_access(user, attributes))
         except Exception as error:  # the API edge
             self._failures.failed(describe(error))
             raise ReviewUnavailableError() from error

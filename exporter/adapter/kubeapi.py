@@ -106,3 +106,16 @@ def read_requestheader_config(api: client.ApiClient) -> RequestHeaderConfig:
         uid_headers=headers("requestheader-uid-headers", ()),
         extra_header_prefixes=headers("requestheader-extra-headers-prefix", ()),
     )
+
+
+def read_api_services(api: client.ApiClient) -> dict[str, tuple[str, str] | None]:
+    """Every registered APIService's name and the Service (namespace, name) it sends requests to
+    (None for a group kube-apiserver serves itself)."""
+    found = client.ApiregistrationV1Api(api).list_api_service(_request_timeout=REQUEST_TIMEOUT_S)
+    services: dict[str, tuple[str, str] | None] = {}
+    for item in found.items:
+        name = item.metadata.name if item.metadata else None
+        service = item.spec.service if item.spec else None
+        if name:
+            services[name] = (service.namespace or "", service.name or "") if service else None
+    return services

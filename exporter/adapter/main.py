@@ -6,6 +6,7 @@ import argparse
 import ipaddress
 import logging
 import math
+import re
 import ssl
 import sys
 from collections.abc import Callable, Sequence
@@ -16,14 +17,19 @@ from urllib.parse import urlsplit
 
 from kubernetes import client
 
+from exporter.adapter import api
 from exporter.adapter.auth import Authenticator, Authorizer, RequestHeaderConfig, header_names
 from exporter.adapter.frontproxy import FrontProxyTrust
-from exporter.adapter.kubeapi import KubeReviewer, api_client, read_requestheader_config
+from exporter.adapter.kubeapi import KubeReviewer, api_client, read_api_services, read_requestheader_config
+from exporter.adapter.ownership import ApiServiceOwnership
 from exporter.adapter.pods import PodIndex, pod_meta
 from exporter.adapter.promauth import VERBS, PrometheusAccess, SettingError, prometheus_session, redacted
 from exporter.adapter.prometheus import PrometheusClient, PrometheusProvider
-from exporter.adapter.rules import DEFAULT_RULES, Rules, RulesError, load_rules
+from exporter.adapter.reachability import PrometheusReachability
+from exporter.adapter.rules import DEFAULT_RULES, DEFAULT_WINDOW_S, Rules, RulesError, load_rules
+from exporter.adapter.selfmetrics import SelfMetrics
 from exporter.adapter.server import SHARED_BODY_BYTES, AdapterServer, Services, tls_context
+from exporter.adapter.servingcert import ServingCertificate
 from exporter.adapter.sharing import SharedAnswers
 from exporter.cli import ArgumentParser
 from exporter.config import configure_logging
@@ -120,6 +126,18 @@ def build_parser() -> ArgumentParser:
         help=f"connections one client (an IPv4 address or an IPv6 /64) may hold open, of the {MAX_CONNECTIONS} "
         f"served; beyond it that client's least useful one is closed (default {DEFAULT_MAX_CONNECTIONS_PER_CLIENT})",
     )
+    add(
+        "--metrics-window",
+        default=f"{DEFAULT_WINDOW_S}s",
+        help="the built-in rules serve each gauge's average over this window (a duration: 15s, 1m; "
+        f"default {DEFAULT_WINDOW_S}s, metrics-server's resolution): longer is steadier, and slower to follow a change",
+    )
+    add(
+        "--service-namespace",
+        help="namespace of the Service the APIServices should point at, to check that they do "
+        "(default: the pod's own namespace; outside a pod, not checked)",
+    )
+    add("--service-name", default="gpu-metrics-adapter", help="name of that Service (default gpu-metrics-adapter)")
     add("--log-level", default="info", choices=["debug", "info", "warning", "error"])
     add(
         "--keda-scaler-port",
@@ -206,6 +224,27 @@ def _validate(args: argparse.Namespace, parser: ArgumentParser) -> None:
     paths = _listed(args.authorization_always_allow_paths)
     if any(not p.startswith("/") for p in paths):
         parser.error(f"--authorization-always-allow-paths: want paths starting with /, got {','.join(paths)}")
+    window_s = _duration_s(args.metrics_window)
+    if window_s is None or not 1 <= window_s <= MAX_WINDOW_S:
+        got = args.metrics_window
+        parser.error(f"--metrics-window: want a duration from 1s to 1h in whole seconds (15s, 1m), got {got!r}")
+    args.metrics_window_s = window_s
+    for flag, name in (("--service-namespace", args.service_namespace), ("--service-name", args.service_name)):
+        if name is not None and not api.DNS_LABEL.fullmatch(name):
+            parser.error(f"{flag}: want a DNS label (lower-case letters, digits and '-'), got {name!r}")
+
+
+MAX_WINDOW_S = 3600
+_UNIT_S = {"s": 1, "m": 60, "h": 3600}
+
+
+def _duration_s(text: str) -> int | None:
+    """A duration as Go's flags write the simple ones (``15s``, ``1m``, ``1m30s``), in seconds;
+    None if it is not one."""
+    parts = re.findall(r"(\d+)([smh])", text)
+    if not parts or "".join(n + u for n, u in parts) != text:
+        return None
+    return sum(int(n) * _UNIT_S[u] for n, u in parts)
 
 
 def _listed(value: str) -> tuple[str, ...]:
@@ -337,7 +376,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     read_front_proxy = _front_proxy_source(args, parser, main_api, cert, key)
     _check_keda_scaler(args, parser, cert, key)
     configure_logging(args.log_level)
-    return _serve(args, rules, prometheus, reviewer, cert, key, read_front_proxy)
+    return _serve(args, rules, prometheus, reviewer, cert, key, read_front_proxy, main_api)
 
 
 def _prometheus_client(args: argparse.Namespace, parser: ArgumentParser) -> PrometheusClient:
@@ -366,6 +405,7 @@ def _serve(
     cert: str,
     key: str,
     read_front_proxy: Callable[[], RequestHeaderConfig],
+    main_api: client.ApiClient,
 ) -> int:
     """Wires the pod index, the provider and the server, serves until SIGTERM, stops in order."""
     reflector = Reflector(
@@ -376,7 +416,16 @@ def _serve(
         metadata_only=True,
     )
     pods = PodIndex(reflector)
-    provider = PrometheusProvider(rules, prometheus, pods.names)
+    self_metrics = SelfMetrics()
+    reachability = PrometheusReachability(prometheus)
+    provider = PrometheusProvider(
+        rules,
+        prometheus,
+        pods.names,
+        window_s=args.metrics_window_s,
+        reachability=reachability.state,
+        count_error=self_metrics.count_prometheus_error,
+    )
     trust: FrontProxyTrust | None = None
 
     def not_ready() -> str:
@@ -386,6 +435,7 @@ def _serve(
             return "the front proxy's CA has not been read yet"
         return ""
 
+    ownership = _ownership(args, main_api)
     services = Services(
         custom=provider,
         external=provider,
@@ -395,7 +445,19 @@ def _serve(
         not_ready=not_ready,
         # A request waits for an identical one in flight no longer than that one's query may take.
         answers=SharedAnswers(SHARED_BODY_BYTES, len, wait_s=args.prometheus_timeout + 2),
+        conditions=lambda: [("prometheus", reachability.trouble()), *(ownership.conditions() if ownership else ())],
+        self_metrics=self_metrics,
     )
+    gauges = self_metrics.gauges
+    gauges.prometheus_up = lambda: reachability.reachable
+    gauges.apiservices_owned = lambda: ownership.owned if ownership else {}
+    gauges.cache_entries = {
+        "answers": lambda: len(services.answers),
+        "queries": lambda: len(provider.shared),
+        "pods": lambda: len(reflector.items or ()),
+        "tokens": lambda: len(services.authenticator.tokens),
+        "decisions": lambda: len(services.authorizer.decisions),
+    }
     try:
         server = AdapterServer(
             (args.bind_address, args.secure_port), cert, key, services, args.max_connections_per_client
@@ -411,6 +473,8 @@ def _serve(
         server.server_close()
         return 1
     trust = FrontProxyTrust(read_front_proxy, server.trust)
+    serving = ServingCertificate(cert, key, server.serve_certificate) if args.tls_cert_file else None
+    background = [loop for loop in (reachability, ownership, serving) if loop is not None]
     log.info(
         "gpu-metrics-adapter serving %d custom and %d external metrics from %s on https://%s:%d",
         len(rules.custom),
@@ -421,6 +485,8 @@ def _serve(
     )
     trust.start()
     reflector.start()
+    for loop in background:
+        loop.start()
     server.start()
     wait_for_signal(log)
     if keda_scaler is not None:
@@ -429,4 +495,25 @@ def _serve(
     server.server_close()
     reflector.stop()
     trust.stop()
+    for loop in background:
+        loop.stop()
     return 0
+
+
+SERVICE_ACCOUNT_NAMESPACE = Path("/var/run/secrets/kubernetes.io/serviceaccount/namespace")
+
+
+def _ownership(args: argparse.Namespace, main_api: client.ApiClient) -> ApiServiceOwnership | None:
+    """The APIService check, for the Service the flags (or the pod's namespace) name."""
+    namespace = args.service_namespace
+    if not namespace:
+        try:
+            namespace = SERVICE_ACCOUNT_NAMESPACE.read_text().strip()
+        except OSError:
+            log.info("not checking which Service the APIServices point at: not in a pod and no --service-namespace")
+            return None
+    custom = tuple(f"{version}.{api.CUSTOM}" for version in api.VERSIONS[api.CUSTOM])
+    external = tuple(f"{version}.{api.EXTERNAL}" for version in api.VERSIONS[api.EXTERNAL])
+    return ApiServiceOwnership(
+        lambda: read_api_services(main_api), (namespace, args.service_name), required=custom, optional=external
+    )

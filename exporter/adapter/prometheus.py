@@ -29,8 +29,9 @@ from exporter.adapter.provider import (
     MetricValue,
     ProviderError,
     UnavailableError,
+    window_seconds,
 )
-from exporter.adapter.rules import Rule, Rules, quote, selector_matchers
+from exporter.adapter.rules import DEFAULT_WINDOW_S, Rule, Rules, quote, selector_matchers
 from exporter.adapter.selector import Selector
 from exporter.adapter.sharing import SharedAnswers
 from exporter.supervise import StateLog
@@ -137,8 +138,8 @@ def _cut(sock: socket.socket) -> None:
 _FIELD = "gpu_adapter_field"
 
 
-def _timed(rule: Rule, matchers: str, group_by: str) -> str:
-    value = rule.render(matchers, group_by)
+def _timed(rule: Rule, matchers: str, group_by: str, window_s: int) -> str:
+    value = rule.render(matchers, group_by, window_s)
     grouping = f" by ({group_by})" if group_by else ""
     newest = f"max{grouping} (timestamp({rule.series_query}{{{matchers}}}))"
     return (
@@ -160,7 +161,7 @@ def _object_matchers(rule: Rule, naming: int, namespace: str, pods_only: bool = 
     return [f"{own[0]}={quote(namespace)}", *([f'{own[1]}!=""'] if pods_only else []), *absent]
 
 
-def pods_query(rule: Rule, namespace: str) -> str:
+def pods_query(rule: Rule, namespace: str, window_s: int = DEFAULT_WINDOW_S) -> str:
     """One query for every pod of a namespace, whatever the number a request selects: the caller
     keeps the pods it wants. Matching the namespace alone is cheaper for Prometheus than a regex of
     hundreds of pod names. Every naming of the
@@ -170,7 +171,8 @@ def pods_query(rule: Rule, namespace: str) -> str:
     for naming, (ns_label, pod_label) in enumerate(
         zip(rule.resources["namespace"], rule.resources["pod"], strict=True)
     ):
-        query = _timed(rule, ",".join(_object_matchers(rule, naming, namespace)), f"{ns_label},{pod_label}")
+        matchers = ",".join(_object_matchers(rule, naming, namespace))
+        query = _timed(rule, matchers, f"{ns_label},{pod_label}", window_s)
         if (ns_label, pod_label) != ("namespace", "pod"):
             query = (
                 f'label_replace(label_replace({query}, "namespace", "$1", "{ns_label}", "(.*)"), '
@@ -180,21 +182,23 @@ def pods_query(rule: Rule, namespace: str) -> str:
     return " or ".join(alternatives)
 
 
-def namespace_query(rule: Rule, namespace: str) -> str:
+def namespace_query(rule: Rule, namespace: str, window_s: int = DEFAULT_WINDOW_S) -> str:
     """The rule's aggregate over all the namespace's pods (the Namespace object's metric), by the
     first naming of the labels."""
-    return _timed(rule, ",".join(_object_matchers(rule, 0, namespace)), rule.resources["namespace"][0])
+    matchers = ",".join(_object_matchers(rule, 0, namespace))
+    return _timed(rule, matchers, rule.resources["namespace"][0], window_s)
 
 
-def external_query(rule: Rule, namespace: str, selector: Selector) -> str:
+def external_query(rule: Rule, namespace: str, selector: Selector, window_s: int = DEFAULT_WINDOW_S) -> str:
     """The rule over the namespace's series matching a metric label selector (first naming)."""
     matchers = [*_object_matchers(rule, 0, namespace, pods_only=False), *selector_matchers(selector.requirements)]
-    return _timed(rule, ",".join(matchers), "")
+    return _timed(rule, ",".join(matchers), "", window_s)
 
 
 def _timed_values(samples: list[Sample]) -> dict[frozenset[tuple[str, str]], tuple[float, float]]:
     """Each group's value paired with its newest sample's time, keyed by the group's labels; groups
-    without a (finite) value are left out, whatever their time."""
+    without a (finite) value are left out, whatever their time, and so are groups without a current
+    sample: a series gone stale (its pod or agent gone) still has samples in the window, but is gone."""
     values: dict[frozenset[tuple[str, str]], float] = {}
     times: dict[frozenset[tuple[str, str]], float] = {}
     for sample in samples:
@@ -204,7 +208,7 @@ def _timed_values(samples: list[Sample]) -> dict[frozenset[tuple[str, str]], tup
             values.setdefault(group, sample.value)
         elif field == "timestamp":
             times[group] = max(times.get(group, sample.value), sample.value)
-    return {group: (value, times.get(group, 0.0)) for group, value in values.items()}
+    return {group: (value, times[group]) for group, value in values.items() if group in times}
 
 
 SHARED_GROUPS = 200_000  # Prometheus answers shared for a second, together at most this many groups (~30 MB)
@@ -224,20 +228,39 @@ def _by_pod(
 PodNames = Callable[[str, Selector], list[str] | None]
 
 
+def unreachable_state(error: PrometheusUnavailableError) -> str:
+    """How Prometheus being out of reach is logged, by the queries and the probe alike, so that
+    both failing the same way is one state, logged once."""
+    return f"unavailable: {error}"
+
+
 class PrometheusProvider:
     """Serves the rules' metrics from Prometheus. The pods a selector picks come from ``pod_names``
     (namespace, selector -> sorted names, or None until the pod cache has synced), a watch-backed
-    index, never a list call per request."""
+    index, never a list call per request. Whether Prometheus answers goes to ``reachability`` (shared
+    with the adapter's probe); each failed query's kind (``unavailable``, ``refused``) to
+    ``count_error``. Windowed rules average over ``window_s`` seconds."""
 
     def __init__(
-        self, rules: Rules, prometheus: PrometheusClient, pod_names: PodNames, shared: SharedAnswers | None = None
+        self,
+        rules: Rules,
+        prometheus: PrometheusClient,
+        pod_names: PodNames,
+        shared: SharedAnswers | None = None,
+        *,
+        window_s: int = DEFAULT_WINDOW_S,
+        reachability: StateLog | None = None,
+        count_error: Callable[[str], None] = lambda kind: None,
     ) -> None:
         self._rules = rules
         self._prometheus = prometheus
         self._pod_names = pod_names
+        self._window_s = window_s
         # A query waits for an identical one in flight no longer than that one may take.
-        self._shared = shared or SharedAnswers(SHARED_GROUPS, len, wait_s=prometheus.timeout_s + 1)
-        self._backend = StateLog(log, "Prometheus")
+        self.shared = shared or SharedAnswers(SHARED_GROUPS, len, wait_s=prometheus.timeout_s + 1)
+        self._reachability = reachability or StateLog(log, "Prometheus")
+        self._rule_queries = StateLog(log, "Prometheus")
+        self._count_error = count_error
 
     def list_all_metrics(self) -> list[MetricInfo]:
         """Every configured metric, always: discovery never depends on data being there."""
@@ -259,8 +282,11 @@ class PrometheusProvider:
     def get_metric_by_name(self, namespace: str, name: str, info: MetricInfo) -> MetricValue | None:
         rule = self._rule(info)
         if info.resource == "namespaces":
-            timed = self._timed(namespace_query(rule, name))
-            return next((MetricValue("Namespace", "", name, info.metric, v, t) for v, t in timed.values()), None)
+            timed = self._timed(namespace_query(rule, name, self._window_s))
+            window = window_seconds(rule.windowed, self._window_s)
+            return next(
+                (MetricValue("Namespace", "", name, info.metric, v, t, window) for v, t in timed.values()), None
+            )
         values = self._pod_values(rule, namespace, [name])
         return values[0] if values else None
 
@@ -277,21 +303,23 @@ class PrometheusProvider:
         """One query for all the pods; pods without a (finite) value are left out, never 0."""
         if not names:
             return []
-        query = pods_query(rule, namespace)
-        found: dict[str, tuple[float, float]] = self._shared.get(
+        query = pods_query(rule, namespace, self._window_s)
+        found: dict[str, tuple[float, float]] = self.shared.get(
             query, lambda: _by_pod(_timed_values(self._query(query)), namespace)
         )
-        return [MetricValue("Pod", namespace, name, rule.name, *found[name]) for name in names if name in found]
+        window = window_seconds(rule.windowed, self._window_s)
+        return [MetricValue("Pod", namespace, name, rule.name, *found[name], window) for name in names if name in found]
 
     def get_external_metric(self, namespace: str, metric: str, selector: Selector) -> list[ExternalValue]:
         rule = self._rules.external_rule(metric)
         if rule is None:
             raise MetricNotFoundError(f"the server could not find the metric {metric} for external metrics")
-        timed = self._timed(external_query(rule, namespace, selector))
-        return [ExternalValue(metric, dict(group), value, when) for group, (value, when) in timed.items()]
+        timed = self._timed(external_query(rule, namespace, selector, self._window_s))
+        window = window_seconds(rule.windowed, self._window_s)
+        return [ExternalValue(metric, dict(group), value, when, window) for group, (value, when) in timed.items()]
 
     def _timed(self, promql: str) -> dict[frozenset[tuple[str, str]], tuple[float, float]]:
-        timed: dict[frozenset[tuple[str, str]], tuple[float, float]] = self._shared.get(
+        timed: dict[frozenset[tuple[str, str]], tuple[float, float]] = self.shared.get(
             promql, lambda: _timed_values(self._query(promql))
         )
         return timed
@@ -302,10 +330,14 @@ class PrometheusProvider:
         try:
             samples = self._prometheus.query(promql)
         except PrometheusUnavailableError as error:
-            self._backend.failed(f"unavailable: {error}")
+            self._count_error("unavailable")
+            self._reachability.failed(unreachable_state(error))
             raise UnavailableError("the metrics backend is unavailable") from error
         except PrometheusQueryError as error:
-            self._backend.failed(f"refused a rule's query ({error}): {promql}")
+            self._count_error("refused")
+            self._reachability.recovered()  # it answered
+            self._rule_queries.failed(f"refused a rule's query ({error}): {promql}")
             raise ProviderError("the metric's query failed; the adapter's log says why") from error
-        self._backend.recovered()
+        self._reachability.recovered()
+        self._rule_queries.recovered()
         return samples

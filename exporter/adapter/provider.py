@@ -14,6 +14,11 @@ from exporter.adapter.selector import Selector
 WINDOW_SECONDS = 1
 
 
+def window_seconds(windowed: bool, window_s: int) -> int:
+    """The window an answer covers: the metrics window for a rule averaging over it, else one sample's."""
+    return window_s if windowed else WINDOW_SECONDS
+
+
 class ProviderError(Exception):
     """A request the provider cannot answer. The message is for the client: short, and never a
     backend's own error text (providers log that)."""

@@ -16,7 +16,10 @@ In the spirit of prometheus-adapter's rules, but only what this project needs::
       metricsQuery: avg(<<.Series>>{<<.LabelMatchers>>})
 
 ``<<.Series>>`` is the series name, ``<<.LabelMatchers>>`` the matchers for the request's objects
-(and the external request's label selector), ``<<.GroupBy>>`` the object labels. Everything is
+(and the external request's label selector), ``<<.GroupBy>>`` the object labels, ``<<.Window>>`` the
+range ``--metrics-window`` sets (the built-in rules average each gauge over it with
+``avg_over_time``, as the HPA's CPU metric is an average over metrics-server's window; a rule
+without it serves an instant value, dated a one-second window). Everything is
 checked when the file is loaded, so a rule that would fail at request time stops the adapter at
 start instead. Pure functions.
 """
@@ -36,9 +39,15 @@ DEFAULT_RESOURCES: Mapping[str, tuple[str, ...]] = {
     "namespace": ("namespace", "exported_namespace"),
     "pod": ("pod", "exported_pod"),
 }
-AVERAGE = "avg by (<<.GroupBy>>) (<<.Series>>{<<.LabelMatchers>>})"
-TOTAL = "sum by (<<.GroupBy>>) (<<.Series>>{<<.LabelMatchers>>})"
-_PLACEHOLDERS = {"<<.Series>>", "<<.LabelMatchers>>", "<<.GroupBy>>"}
+WINDOW = "<<.Window>>"
+# Each series' average over the window, for the series still current: one gone stale (its pod or
+# agent gone) has samples in the window but is gone, as an instant selection would have it.
+WINDOWED = f"avg_over_time(<<.Series>>{{<<.LabelMatchers>>}}[{WINDOW}]) and <<.Series>>{{<<.LabelMatchers>>}}"
+AVERAGE = f"avg by (<<.GroupBy>>) ({WINDOWED})"
+TOTAL = f"sum by (<<.GroupBy>>) ({WINDOWED})"
+# As metrics-server's --metric-resolution in its upstream manifests: the window of the HPA's CPU metric.
+DEFAULT_WINDOW_S = 15
+_PLACEHOLDERS = {"<<.Series>>", "<<.LabelMatchers>>", "<<.GroupBy>>", WINDOW}
 
 
 class RulesError(ValueError):
@@ -52,11 +61,17 @@ class Rule:
     metrics_query: str
     resources: Mapping[str, tuple[str, ...]] = field(default_factory=lambda: dict(DEFAULT_RESOURCES))
 
-    def render(self, matchers: str, group_by: str) -> str:
+    @property
+    def windowed(self) -> bool:
+        """Whether the rule averages over ``--metrics-window`` (else it serves an instant value)."""
+        return WINDOW in self.metrics_query
+
+    def render(self, matchers: str, group_by: str, window_s: int) -> str:
         return (
             self.metrics_query.replace("<<.Series>>", self.series_query)
             .replace("<<.LabelMatchers>>", matchers)
             .replace("<<.GroupBy>>", group_by)
+            .replace(WINDOW, f"{window_s}s")
         )
 
 
@@ -85,12 +100,13 @@ DEFAULT_RULES = Rules(
             "sm_active_current",
             "gpu_pod_info",
             "100 * avg by (<<.GroupBy>>) ((<<.Series>>{<<.LabelMatchers>>} * on (node, gpu, uuid) group_left "
-            "gpu_sm_active_ratio) and on (node, gpu, uuid) (count by (node, gpu, uuid) (<<.Series>>) == 1))",
+            "avg_over_time(gpu_sm_active_ratio[<<.Window>>])) and on (node, gpu, uuid) "
+            "(count by (node, gpu, uuid) (<<.Series>>) == 1))",
         ),
     ),
     external=(
-        Rule("gpu_duty_cycle", "duty_cycle_current", "avg(<<.Series>>{<<.LabelMatchers>>})"),
-        Rule("gpu_memory_used_bytes", "memory_used_bytes_current", "sum(<<.Series>>{<<.LabelMatchers>>})"),
+        Rule("gpu_duty_cycle", "duty_cycle_current", f"avg({WINDOWED})"),
+        Rule("gpu_memory_used_bytes", "memory_used_bytes_current", f"sum({WINDOWED})"),
     ),
 )
 
@@ -155,7 +171,7 @@ def _check_template(query: str, where: str, needs_group_by: bool) -> None:
     if missing:
         why = " (a custom metric is grouped by namespace and pod)" if "<<.GroupBy>>" in missing else ""
         raise RulesError(f"{where}: must use {' and '.join(missing)}{why}")
-    rendered = Rule("x", "x", query).render('namespace="a"', "namespace,pod")
+    rendered = Rule("x", "x", query).render('namespace="a"', "namespace,pod", 1)
     if _unbalanced(rendered):
         raise RulesError(f"{where}: unbalanced brackets or quotes in {query!r}")
 

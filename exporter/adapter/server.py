@@ -9,6 +9,9 @@ from __future__ import annotations
 import json
 import logging
 import ssl
+import threading
+import time
+import weakref
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any
@@ -26,6 +29,7 @@ from exporter.adapter.provider import (
     UnavailableError,
 )
 from exporter.adapter.selector import SelectorError, parse_selector
+from exporter.adapter.selfmetrics import SelfMetrics
 from exporter.adapter.sharing import SharedAnswers, WaitTimeoutError
 from exporter.exposition.httpserver import Handler, Server
 
@@ -33,6 +37,7 @@ log = logging.getLogger(__name__)
 
 SHARED_BODY_BYTES = 32 * 2**20  # answers shared for a second, together at most this big
 PROBES = frozenset({"/livez", "/readyz", "/healthz"})  # answered by the server's loop, never behind workers
+METRICS_PATH = "/metrics"  # the adapter's own metrics, for whom a SubjectAccessReview allows `get /metrics`
 NAMESPACED_RESOURCES = frozenset({"pods"})  # of the resources the providers serve; "namespaces" is root-scoped
 
 
@@ -46,6 +51,9 @@ class Services:
     not_ready: Callable[[], str]  # why /readyz is not ok ("" when ready): caches not synced, no CA yet
     # Identical metric requests within a second share one answer (after each one's own authorization).
     answers: SharedAnswers = field(default_factory=lambda: SharedAnswers(SHARED_BODY_BYTES, len))
+    # Conditions reported in /readyz?verbose that never fail readiness: (name, "" when fine, else why).
+    conditions: Callable[[], list[tuple[str, str]]] = lambda: []
+    self_metrics: SelfMetrics = field(default_factory=SelfMetrics)
 
 
 class _ApiError(Exception):
@@ -61,15 +69,26 @@ class _Handler(Handler):
     server: AdapterServer
 
     def do_GET(self) -> None:  # noqa: N802 (http.server's naming)
+        started = time.monotonic()
         try:
             url = urlsplit(self.path)
         except ValueError:  # a target no URL parser takes (``http://[::1/apis``): the client's fault, no traceback
             self._send_status(400, "BadRequest", "the request target is not a valid URL")
             return
+        self._get(url.path, url.query)
+        if self.answer is not None:
+            verb, group, resource = _request_labels(url.path)
+            self.server.services.self_metrics.observe_request(
+                verb, group, resource, self.answer.code, time.monotonic() - started
+            )
+
+    def _get(self, path: str, query: str) -> None:
         services = self.server.services
-        if url.path in services.always_allow_paths:
-            why_not = services.not_ready() if url.path == "/readyz" else ""
-            if why_not:
+        if path in services.always_allow_paths:
+            why_not = services.not_ready() if path == "/readyz" else ""
+            if path == "/readyz" and "verbose" in parse_qs(query, keep_blank_values=True):
+                self.send(200 if not why_not else 503, _verbose(why_not, services.conditions()), "text/plain")
+            elif why_not:
                 self.send(503, why_not.encode(), "text/plain; charset=utf-8")
             else:
                 self.send(200, b"ok", "text/plain; charset=utf-8")
@@ -84,16 +103,21 @@ class _Handler(Handler):
             user = services.authenticator.authenticate(self._peer_cert(), self.headers)
             if user is None:
                 raise _ApiError(401, "Unauthorized", "Unauthorized")
-            route = api.route(url.path)
+            if path == METRICS_PATH:
+                self._authorize(user, None, path)
+                exposition, content_type = services.self_metrics.exposition()
+                self.send(200, exposition, content_type)
+                return
+            route = api.route(path)
             if route is None:
                 raise _NOT_FOUND
-            self._authorize(user, route, url.path)
+            self._authorize(user, route, path)
             if route.kind in ("custom", "external"):
                 data: bytes = services.answers.get(
-                    f"{url.path}?{url.query}", lambda: json.dumps(self._serve(route, parse_qs(url.query))).encode()
+                    f"{path}?{query}", lambda: json.dumps(self._serve(route, parse_qs(query))).encode()
                 )
             else:
-                data = json.dumps(self._serve(route, parse_qs(url.query))).encode()
+                data = json.dumps(self._serve(route, parse_qs(query))).encode()
         except WaitTimeoutError:  # an identical request's query outlasted its deadline
             self._send_status(503, "ServiceUnavailable", "the metrics backend did not answer in time")
             return
@@ -101,7 +125,7 @@ class _Handler(Handler):
             self._send_status(error.code, error.reason, error.message)
             return
         except Exception:  # a failed review or a bug: answer, log, keep serving
-            log.exception("%s failed", url.path)
+            log.exception("%s failed", path)
             self._send_status(500, "InternalError", "an error on the server prevented the request from succeeding")
             return
         self.send(200, data, "application/json")
@@ -123,13 +147,14 @@ class _Handler(Handler):
         connection = self.connection
         return (
             isinstance(connection, ssl.SSLSocket)
-            and connection.context is not self.server.tls
+            and not self.server.under_current_ca(connection.context)
             and bool(connection.getpeercert())
         )
 
-    def _authorize(self, user: User, route: api.Route, path: str) -> None:
-        """A SubjectAccessReview whose attributes name exactly the object whose data is returned."""
-        if route.kind in ("groups", "group", "resources"):
+    def _authorize(self, user: User, route: api.Route | None, path: str) -> None:
+        """A SubjectAccessReview whose attributes name exactly the object whose data is returned
+        (without a route, a non-resource path: discovery, the adapter's own metrics)."""
+        if route is None or route.kind in ("groups", "group", "resources"):
             attributes: dict[str, Any] = {"path": path, "verb": "get"}
             what = f'path "{path}"'
         elif route.kind == "custom":
@@ -157,7 +182,7 @@ class _Handler(Handler):
         except ReviewUnavailableError as error:
             raise _ApiError(500, "InternalError", "the authorization check could not be made") from error
         if not allowed:
-            scope = f' in the namespace "{route.namespace}"' if route.namespace else ""
+            scope = f' in the namespace "{route.namespace}"' if route and route.namespace else ""
             verb = attributes["verb"]
             raise _ApiError(403, "Forbidden", f'User "{user.name}" cannot {verb} {what}{scope}')
 
@@ -206,6 +231,32 @@ class _Handler(Handler):
             raise _ApiError(500, "InternalError", str(error)) from error
 
 
+def _request_labels(path: str) -> tuple[str, str, str]:
+    """A request's verb, API group and resource for the adapter's request metrics, from a bounded
+    set: resources other than those served, and external metrics' names (any a client sends), are
+    not label values."""
+    route = api.route(path)
+    if route is None:
+        return "get", "", path if path in PROBES or path == METRICS_PATH else ""
+    if route.kind == "custom":
+        return "get", route.group, route.resource if route.resource in ("pods", "namespaces") else "other"
+    if route.kind == "external":
+        return "list", route.group, "*"
+    return "get", route.group, ""
+
+
+def _verbose(why_not: str, conditions: list[tuple[str, str]]) -> bytes:
+    """/readyz?verbose as k8s.io/apiserver writes it, a line per check; conditions are reported
+    beside readiness and never fail it."""
+    lines = [f"[-]ready failed: {why_not}" if why_not else "[+]ready ok"]
+    lines += [
+        f"[-]{name} failed (not a readiness check): {trouble}" if trouble else f"[+]{name} ok"
+        for name, trouble in conditions
+    ]
+    lines.append(f"readyz check {'failed' if why_not else 'passed'}")
+    return "\n".join(lines).encode() + b"\n"
+
+
 def tls_context(cert: str, key: str, client_ca_pem: str | None) -> ssl.SSLContext:
     """The serving context; with the front proxy's CA, client certificates are asked for and verified."""
     tls = ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER)
@@ -218,9 +269,10 @@ def tls_context(cert: str, key: str, client_ca_pem: str | None) -> ssl.SSLContex
 
 
 class AdapterServer(Server):
-    """Serves over TLS with a context that is replaced when the front proxy's CA changes (each
-    accepted connection is wrapped with the context current at that moment). Until a CA is
-    installed no client certificate is asked for, so only bearer tokens authenticate."""
+    """Serves over TLS with a context that is replaced when the front proxy's CA or the serving
+    certificate changes (each accepted connection is wrapped with the context current at that
+    moment). Until a CA is installed no client certificate is asked for, so only bearer tokens
+    authenticate."""
 
     def __init__(
         self,
@@ -232,21 +284,41 @@ class AdapterServer(Server):
     ) -> None:
         self.services = services
         self._cert, self._key = cert, key
+        self._replacing = threading.Lock()
         # A probe that needs no authentication is a flag check, cheap enough for the loop thread.
         probes = PROBES & services.always_allow_paths
+        tls = tls_context(cert, key, None)
+        # The contexts made with the front proxy's current CA: a connection wrapped with one of them
+        # was verified as now, whichever serving certificate it was made for.
+        self._current_ca: weakref.WeakSet[ssl.SSLContext] = weakref.WeakSet([tls])
         super().__init__(
             address,
             _Handler,
-            tls_context(cert, key, None),
+            tls,
             probe_paths=probes,
             max_connections_per_client=max_connections_per_client,
         )
+
+    def under_current_ca(self, context: ssl.SSLContext) -> bool:
+        return context in self._current_ca
+
+    def serve_certificate(self, cert: str, key: str) -> None:
+        """Serves new connections with this pair (raises, keeping the current one, if it does not load)."""
+        with self._replacing:
+            front_proxy = self.services.authenticator.front_proxy
+            tls = tls_context(cert, key, front_proxy.client_ca_pem if front_proxy else None)
+            self._cert, self._key = cert, key
+            self._current_ca.add(tls)
+            self.tls = tls
 
     def trust(self, front_proxy: RequestHeaderConfig) -> None:
         """Installs the front proxy's settings (raises if its CA does not load). A new CA is a new
         context, and connections wrapped with the one before are trusted no more (see the handler);
         the same CA with other header names keeps the context and its connections."""
-        current = self.services.authenticator.front_proxy
-        if current is None or current.client_ca_pem != front_proxy.client_ca_pem:
-            self.tls = tls_context(self._cert, self._key, front_proxy.client_ca_pem)
-        self.services.authenticator.front_proxy = front_proxy
+        with self._replacing:
+            current = self.services.authenticator.front_proxy
+            if current is None or current.client_ca_pem != front_proxy.client_ca_pem:
+                tls = tls_context(self._cert, self._key, front_proxy.client_ca_pem)
+                self._current_ca = weakref.WeakSet([tls])
+                self.tls = tls
+            self.services.authenticator.front_proxy = front_proxy

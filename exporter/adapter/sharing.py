@@ -51,6 +51,10 @@ class SharedAnswers:
         self._weight = 0
         self._flights: dict[str, _Flight] = {}
 
+    def __len__(self) -> int:
+        """The answers kept now."""
+        return len(self._answers)
+
     def get(self, key: str, compute: Callable[[], Any]) -> Any:
         with self._lock:
             answer = self._answers.get(key)

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import configparser
+import json
 import shutil
 import subprocess
 import time
@@ -10,12 +11,14 @@ from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
+import jsonschema
 import pytest
 import requests
 import yaml
 
 from exporter.adapter import main as adapter_main
 from exporter.adapter.main import build_parser
+from exporter.adapter.server import METRICS_PATH
 from sim.apiserver import Call, FakeApiServer
 from sim.certs import Pki, make_pki
 from sim.processes import free_port, spawn_adapter
@@ -211,6 +214,8 @@ def deployed(tmp_path: Path) -> Iterator[tuple[str, FakeApiServer, Pki]]:
         *args,
         f"--cert-dir={tmp_path / 'serving-cert'}",
         f"--prometheus-url=http://127.0.0.1:{free_port()}",  # discovery needs no Prometheus
+        # In a pod the adapter reads its namespace from its service account's files.
+        f"--service-namespace={deployment['metadata']['namespace']}",
         "--kubeconfig",
         str(api.write_kubeconfig(tmp_path / "kubeconfig")),
         output=tmp_path / "adapter.log",
@@ -301,3 +306,17 @@ def test_example_hpas_target_an_average_duty_cycle_of_20(name: str) -> None:
     else:
         assert metric["pods"]["metric"]["name"] == "duty_cycle_current"
         assert metric["pods"]["target"] == {"type": "AverageValue", "averageValue": "20"}
+
+
+def test_the_servicemonitor_scrapes_the_adapters_own_metrics_over_https() -> None:
+    monitor = yaml.safe_load((DIRECTORY / "servicemonitor.yaml").read_text())
+    schema = DAEMONSET.parent / "tests" / "schemas" / "servicemonitor.json"
+    jsonschema.validate(monitor, json.loads(schema.read_text()))
+    (service,) = by_kind("Service")
+    assert matches(monitor["spec"]["selector"], service["metadata"]["labels"])
+    assert monitor["metadata"]["namespace"] == service["metadata"]["namespace"]
+    assert "namespaceSelector" not in monitor["spec"]  # its own namespace: it moves with the Service
+    (endpoint,) = monitor["spec"]["endpoints"]
+    assert endpoint["port"] in {port["name"] for port in service["spec"]["ports"]}
+    assert (endpoint["scheme"], endpoint["path"]) == ("https", METRICS_PATH)
+    assert endpoint["bearerTokenFile"]  # /metrics is authorized by a SubjectAccessReview, as kube-apiserver's

@@ -146,7 +146,9 @@ def every_pod(namespace: str, selector: Selector) -> list[str]:
 
 def provider(store: Store, rules_text: str | None = None) -> PrometheusProvider:
     rules = load_rules(rules_text, "rules.yaml") if rules_text else DEFAULT_RULES
-    return PrometheusProvider(rules, PrometheusClient(store.prometheus.url, timeout_s=10), every_pod)
+    # The samples are dated up to 20 s back and scraped again and again: a window as long as an
+    # instant query's lookback (5 min) averages each series' one sample, whenever the test runs.
+    return PrometheusProvider(rules, PrometheusClient(store.prometheus.url, timeout_s=10), every_pod, window_s=300)
 
 
 def pods(store: Store, metric: str, namespace: str, rules_text: str | None = None) -> dict[str, tuple[float, float]]:

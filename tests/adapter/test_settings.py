@@ -72,6 +72,9 @@ CASES = [
     (["--requestheader-uid-headers", "X-Remote-Uid,"], "--requestheader-uid-headers: empty value"),
     (["--requestheader-extra-headers-prefix", " "], "--requestheader-extra-headers-prefix: empty value"),
     (["--requestheader-allowed-names", "front-proxy,,aggregator"], "--requestheader-allowed-names: empty value"),
+    (["--metrics-window", "15"], "--metrics-window"),  # a duration has a unit
+    (["--metrics-window", "2h"], "--metrics-window"),
+    (["--service-name", "Gpu_Adapter"], "--service-name"),
 ]
 
 

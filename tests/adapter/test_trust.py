@@ -261,6 +261,22 @@ def test_one_kubeconfig_serves_the_reviews_the_configmap_and_the_pod_watch_alike
         api.stop()
 
 
+def status_line(connection: ssl.SSLSocket, request: bytes) -> bytes:
+    """The status line of the answer to one request (b"" when the connection is closed instead)."""
+    connection.sendall(request)
+    head = b""
+    while b"\r\n\r\n" not in head:
+        data = connection.recv(65536)
+        if not data:
+            return head
+        head += data
+    length = int(re.search(rb"(?i)content-length: *(\d+)", head)[1])  # type: ignore[index]
+    body = head.split(b"\r\n\r\n", 1)[1]
+    while len(body) < length:
+        body += connection.recv(65536)
+    return head.split(b"\r\n", 1)[0]
+
+
 class _Allow:
     def review_token(self, token: str) -> User | None:
         return None
@@ -366,19 +382,7 @@ def test_a_kept_alive_connection_is_not_trusted_past_a_ca_rotation(
     request = b"GET /apis HTTP/1.1\r\nHost: adapter\r\nX-Remote-User: bob\r\n\r\n"
 
     def answer(connection: ssl.SSLSocket) -> bytes:
-        """The status line of the answer to one request (b"" when the connection is closed instead)."""
-        connection.sendall(request)
-        head = b""
-        while b"\r\n\r\n" not in head:
-            data = connection.recv(65536)
-            if not data:
-                return head
-            head += data
-        length = int(re.search(rb"(?i)content-length: *(\d+)", head)[1])  # type: ignore[index]
-        body = head.split(b"\r\n\r\n", 1)[1]
-        while len(body) < length:
-            body += connection.recv(65536)
-        return head.split(b"\r\n", 1)[0]
+        return status_line(connection, request)
 
     raw = socket.create_connection(("127.0.0.1", server.server_address[1]), timeout=5)
     try:
