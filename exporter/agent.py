@@ -19,8 +19,10 @@ from prometheus_client import CollectorRegistry
 from prometheus_client.platform_collector import PlatformCollector
 from prometheus_client.process_collector import ProcessCollector
 
+from exporter.attribution import accounting
 from exporter.attribution.attribute import attribute
 from exporter.backoff import Backoff
+from exporter.catalogue import COST
 from exporter.config import Config, configure_logging, parse_config
 from exporter.exposition.collector import AgeCollector, SnapshotCollector
 from exporter.exposition.render import Exposition
@@ -70,6 +72,9 @@ class Agent:
         self._pods_seen: Mapping[str, PodInfo] | None = None
         self._device_errors: Counter[tuple[str, str, str]] = Counter()
         self._last_success: float | None = None
+        # Per-pod energy and GPU-time across polls (the cost group); None with the group off.
+        self._ledger = accounting.Ledger() if COST in config.metric_groups else None
+        self._accounting_gaps: Counter[str] = Counter()
 
         # Each survives any exception in one poll or render: the failure is logged once per change
         # of state, readiness and the age gauges show it, and the next attempt comes a poll interval
@@ -114,6 +119,9 @@ class Agent:
             else EMPTY_ATTRIBUTION
         )
         self._device_errors.update(nvml_poll.errors)
+        if self._ledger is not None:
+            self._ledger, gaps = accounting.step(self._ledger, attribution.series)
+            self._accounting_gaps.update(gaps)
         finished = time.monotonic()
         if self.nvml.initialised:
             self._last_success = time.time()
@@ -129,8 +137,10 @@ class Agent:
                 last_success_wall_time=self._last_success,
                 device_errors=dict(self._device_errors),
                 pod_resources_errors_total=dict(sources.pod_resources_errors),
+                accounting_gaps_total=dict(self._accounting_gaps),
             ),
             completed_at=finished,
+            costs=self._ledger.costs() if self._ledger is not None else None,
         )
         self._snapshot = snapshot
         self.exposition.invalidate()

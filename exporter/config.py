@@ -105,7 +105,8 @@ def build_parser(environ: Mapping[str, str]) -> _Parser:
     add(
         "--metrics",
         _env("METRICS"),
-        f"comma-separated metric groups to export, of {', '.join(GROUPS)}; seed is always on (default: all)",
+        f"comma-separated metric groups to export, of {', '.join(GROUPS)}; seed is always on, and cost turns "
+        "power on (it divides the energy power reads) (default: all)",
         default="all",
     )
     add(

@@ -143,6 +143,9 @@ class GpuSeries:
     container: str = ""
     duty_cycle_percent: float | None = None
     memory_used_bytes: int | None = None
+    # On a device several pods share: duty_cycle_percent is the pod's own processes' measured share
+    # (False: the device's, as the shares could not be measured).
+    share_measured: bool = False
 
 
 @dataclass(frozen=True)
@@ -168,6 +171,23 @@ class Health:
     last_success_wall_time: float | None
     device_errors: Mapping[tuple[str, str, str], int]  # DeviceError fields -> count
     pod_resources_errors_total: Mapping[str, int]
+    accounting_gaps_total: Mapping[str, int] = field(default_factory=dict)  # reason -> intervals skipped
+
+
+@dataclass(frozen=True)
+class CostSeries:
+    """One series of the cost families: a device (GPU or MIG) and the pod holding it (or none), with
+    what it was charged since the agent started. None: not measurable on this device."""
+
+    gpu: str  # NVML index of the (parent) GPU
+    uuid: str
+    model: str
+    namespace: str
+    pod: str
+    container: str
+    energy_joules: float
+    allocated_gpu_seconds: float | None
+    busy_gpu_seconds: float | None
 
 
 @dataclass(frozen=True)
@@ -178,6 +198,7 @@ class Snapshot:
     attribution: Attribution
     health: Health
     completed_at: float  # time.monotonic()
+    costs: tuple[CostSeries, ...] | None = None  # None: the cost group is off
 
 
 EMPTY_ATTRIBUTION = Attribution(series=(), sharing_pods={}, unknown_device_ids={}, processes_by_owner={})

@@ -15,12 +15,16 @@ from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, Metri
 from prometheus_client.registry import Collector
 
 from exporter.catalogue import (
+    ACCOUNTING_GAPS,
+    ALLOCATED_GPU_SECONDS,
+    BUSY_GPU_SECONDS,
     CURRENT_FAMILIES,
     DATA_AGE,
     DEVICE_DATA_AGE,
     DEVICE_ERRORS,
     DEVICE_FAMILIES,
     DRA_ALLOCATION_INFO,
+    ENERGY,
     GPU_PROCESSES,
     GPU_SHARING_PODS,
     KUBERNETES_UP,
@@ -35,7 +39,7 @@ from exporter.catalogue import (
     Family,
     SelfMetric,
 )
-from exporter.model import DeviceReading, GpuSeries, Health, Snapshot
+from exporter.model import CostSeries, DeviceReading, GpuSeries, Health, Snapshot
 
 
 def declared_family(declared: Family | SelfMetric) -> GaugeMetricFamily | CounterMetricFamily:
@@ -75,7 +79,10 @@ class SnapshotCollector(Collector):
                     family.add_metric(_labels(snapshot.node, series), value)
             yield family
         yield from _device_families(snapshot.node, fresh)
-        yield _dra_allocations(snapshot, {s.device.uuid for s in fresh})
+        fresh_uuids = {s.device.uuid for s in fresh}
+        yield _dra_allocations(snapshot, fresh_uuids)
+        if snapshot.costs is not None:
+            yield from _cost_families(snapshot.node, [c for c in snapshot.costs if c.uuid in fresh_uuids])
         yield from _self_metrics(snapshot, stale=len(snapshot.attribution.series) - len(fresh))
 
 
@@ -133,6 +140,24 @@ def _dra_allocations(snapshot: Snapshot, fresh_uuids: set[str]) -> Metric:
     return family
 
 
+def _cost_families(node: str, costs: list[CostSeries]) -> Iterator[Metric]:
+    """Each pod's energy, allocated and busy GPU-seconds on each device; a value not measured is left out."""
+    values: tuple[tuple[Family, Callable[[CostSeries], float | None]], ...] = (
+        (ENERGY, lambda c: c.energy_joules),
+        (ALLOCATED_GPU_SECONDS, lambda c: c.allocated_gpu_seconds),
+        (BUSY_GPU_SECONDS, lambda c: c.busy_gpu_seconds),
+    )
+    for declared, value_of in values:
+        family = declared_family(declared)
+        for cost in costs:
+            value = value_of(cost)
+            if value is not None:
+                family.add_metric(
+                    [node, cost.gpu, cost.uuid, cost.model, cost.namespace, cost.pod, cost.container], value
+                )
+        yield family
+
+
 def _labels(node: str, series: GpuSeries) -> list[str]:
     device = series.device
     return [node, str(device.index), device.uuid, device.model, series.namespace, series.pod, series.container]
@@ -164,6 +189,7 @@ def _counted_families(snapshot: Snapshot) -> Iterator[Metric]:
     yield _labelled(POD_RESOURCES_ERRORS, health.pod_resources_errors_total)
     yield _labelled(GPU_SHARING_PODS, attribution.sharing_pods)
     yield _labelled(GPU_PROCESSES, attribution.processes_by_owner)
+    yield _labelled(ACCOUNTING_GAPS, health.accounting_gaps_total)
 
 
 def _labelled(declared: SelfMetric, values: Mapping[Any, int]) -> Metric:
