@@ -65,7 +65,7 @@ def metric_names(node: Any) -> set[str]:
     names: set[str] = set()
     if type(node).__name__ == "VectorSelector" and node.name:
         names.add(node.name)
-    for attribute in ("lhs", "rhs", "expr", "args", "param"):
+    for attribute in ("lhs", "rhs", "expr", "args", "param", "vector_selector"):
         child = getattr(node, attribute, None)
         for item in child if isinstance(child, list) else [child]:
             if item is not None and not isinstance(item, (str, int, float)):
