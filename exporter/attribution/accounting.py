@@ -98,12 +98,11 @@ def step(ledger: Ledger, series: Sequence[GpuSeries]) -> tuple[Ledger, Counter[s
     meters: dict[str, Meter] = {}
     for gpu in gpus:
         meter, gap = _meter_gpu(gpu, ledger.meters.get(gpu.uuid), on_device, migs.get(gpu.uuid, []), accounts)
-        if gap is None and meter is not None and gpu.uuid not in ledger.meters and not ledger.started:
+        if gap is None and gpu.uuid not in ledger.meters and not ledger.started:
             gap = AGENT_START
         if gap is not None:
             gaps[gap] += 1
-        if meter is not None:
-            meters[gpu.uuid] = meter
+        meters[gpu.uuid] = meter
     return Ledger(accounts, meters, started=ledger.started or bool(gpus)), +gaps
 
 
@@ -121,7 +120,7 @@ def _meter_gpu(
     on_device: Mapping[str, list[GpuSeries]],
     migs: list[DeviceReading],
     accounts: dict[SeriesKey, Account],
-) -> tuple[Meter | None, str | None]:
+) -> tuple[Meter, str | None]:
     """One GPU's poll: charges the interval's time and shares to its series (in ``accounts``), then
     pays its energy increase; returns its new meter and the reason the interval was skipped, if it was."""
     interval_s = gpu.sampled_at - meter.sampled_at if meter is not None else 0.0
