@@ -174,10 +174,8 @@ class Health:
     accounting_gaps_total: Mapping[str, int] = field(default_factory=dict)  # reason -> intervals skipped
 
 
-@dataclass(frozen=True)
-class CostSeries:
-    """One series of the cost families: a device (GPU or MIG) and the pod holding it (or none), with
-    what it was charged since the agent started. None: not measurable on this device."""
+class CostLabels(NamedTuple):
+    """A series of the cost families: a device (GPU or MIG) and the pod holding it (or none)."""
 
     gpu: str  # NVML index of the (parent) GPU
     uuid: str
@@ -185,9 +183,21 @@ class CostSeries:
     namespace: str
     pod: str
     container: str
-    energy_joules: float
-    allocated_gpu_seconds: float | None
-    busy_gpu_seconds: float | None
+
+
+@dataclass(frozen=True)
+class CostSeries:
+    """What a series of the cost families was charged since the agent started; None: not measurable
+    on its device."""
+
+    labels: CostLabels
+    energy_millijoules: int = 0
+    allocated_gpu_seconds: float | None = None
+    busy_gpu_seconds: float | None = None
+
+    @property
+    def energy_joules(self) -> float:
+        return self.energy_millijoules / 1000.0
 
 
 @dataclass(frozen=True)

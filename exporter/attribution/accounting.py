@@ -13,11 +13,12 @@ from __future__ import annotations
 import math
 import re
 from collections import Counter, defaultdict
-from collections.abc import Iterable, Mapping, Sequence
-from dataclasses import dataclass, field, replace
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass, field
+from typing import NamedTuple
 
 from exporter.catalogue import DEVICE_ENERGY, DEVICE_SM_ACTIVE
-from exporter.model import CostSeries, DeviceReading, GpuSeries
+from exporter.model import CostLabels, CostSeries, DeviceReading, GpuSeries
 
 SeriesKey = tuple[str, str, str, str]  # device uuid, namespace, pod, container
 
@@ -30,26 +31,12 @@ _MIG_PROFILE = re.compile(r"\b(\d+)g\.\d+gb\b")
 
 
 @dataclass(frozen=True)
-class Account:
-    """One series' totals, and the share-seconds it earned that the GPU's counter has not paid yet."""
+class Account(CostSeries):
+    """A series' totals, and the share-seconds it earned that its GPU's counter has not paid yet."""
 
-    gpu: str
-    uuid: str
-    physical_uuid: str  # the GPU whose counter pays it (a MIG device's parent)
-    model: str
-    namespace: str
-    pod: str
-    container: str
-    energy_millijoules: int = 0
-    allocated_gpu_seconds: float | None = None
-    busy_gpu_seconds: float | None = None
+    physical_uuid: str = ""  # the GPU whose counter pays it (a MIG device's parent)
     unpaid_share_seconds: float = 0.0
     absent_polls: int = 0  # polls since attribution last listed it
-
-    def exposed(self) -> CostSeries:
-        holder = (self.namespace, self.pod, self.container)
-        totals = (self.energy_millijoules / 1000.0, self.allocated_gpu_seconds, self.busy_gpu_seconds)
-        return CostSeries(self.gpu, self.uuid, self.model, *holder, *totals)
 
 
 @dataclass(frozen=True)
@@ -69,7 +56,16 @@ class Ledger:
     started: bool = False  # a GPU has been read: one met later is new, not a restart
 
     def costs(self) -> tuple[CostSeries, ...]:
-        return tuple(account.exposed() for _, account in sorted(self.accounts.items()))
+        return tuple(self.accounts.values())
+
+
+class _Charge(NamedTuple):
+    """What one listed series earned over the poll's interval."""
+
+    labels: CostLabels
+    share_seconds: float  # to be paid in energy when the GPU's counter moves
+    allocated_gpu_seconds: float | None
+    busy_gpu_seconds: float | None
 
 
 def step(ledger: Ledger, series: Sequence[GpuSeries]) -> tuple[Ledger, Counter[str]]:
@@ -79,30 +75,39 @@ def step(ledger: Ledger, series: Sequence[GpuSeries]) -> tuple[Ledger, Counter[s
     on_device: dict[str, list[GpuSeries]] = defaultdict(list)
     for one in series:
         on_device[one.device.uuid].append(one)
-    readings = {uuid: listed[0].device for uuid, listed in on_device.items()}
     migs: dict[str, list[DeviceReading]] = defaultdict(list)
-    for device in readings.values():
-        if device.parent_uuid is not None:
+    gpus = []
+    for listed in on_device.values():
+        device = listed[0].device
+        if device.parent_uuid is None:
+            gpus.append(device)
+        else:
             migs[device.parent_uuid].append(device)
-    gpus = [d for d in readings.values() if d.parent_uuid is None]
     present = {gpu.uuid for gpu in gpus}
     gaps[MISSING_READING] += sum(
         1 for uuid, meter in ledger.meters.items() if uuid not in present and meter.millijoules is not None
     )
-    listed = {(one.device.uuid, one.namespace, one.pod, one.container) for one in series}
-    accounts = {
-        key: replace(account, absent_polls=account.absent_polls + 1)
-        for key, account in ledger.accounts.items()
-        if account.physical_uuid in present and (key in listed or _still_owed(account))
-    }
+    earlier: dict[str, dict[SeriesKey, Account]] = defaultdict(dict)  # by the GPU that pays them
+    for key, account in ledger.accounts.items():
+        earlier[account.physical_uuid][key] = account
+    accounts: dict[SeriesKey, Account] = {}
     meters: dict[str, Meter] = {}
     for gpu in gpus:
-        meter, gap = _meter_gpu(gpu, ledger.meters.get(gpu.uuid), on_device, migs.get(gpu.uuid, []), accounts)
-        if gap is None and gpu.uuid not in ledger.meters and not ledger.started:
+        meter = ledger.meters.get(gpu.uuid)
+        interval_s = gpu.sampled_at - meter.sampled_at if meter is not None else 0.0
+        charges = _charges(gpu, migs.get(gpu.uuid, []), on_device, interval_s)
+        kept = {key: a for key, a in earlier[gpu.uuid].items() if key in charges or _still_owed(a)}
+        owed = {key: a.unpaid_share_seconds for key, a in kept.items()}
+        for key, charge in charges.items():
+            owed[key] = owed.get(key, 0.0) + charge.share_seconds
+        meters[gpu.uuid], paid, gap = _settle(gpu, meter, interval_s, owed)
+        if gap is None and meter is None and not ledger.started:
             gap = AGENT_START
         if gap is not None:
             gaps[gap] += 1
-        meters[gpu.uuid] = meter
+        for key, still_owed in owed.items():
+            part = None if paid is None else paid.get(key, 0)
+            accounts[key] = _account(gpu.uuid, kept.get(key), charges.get(key), part, still_owed)
     return Ledger(accounts, meters, started=ledger.started or bool(gpus)), +gaps
 
 
@@ -114,44 +119,75 @@ def _still_owed(account: Account) -> bool:
     return account.unpaid_share_seconds > 0 and account.absent_polls < LINGER_POLLS
 
 
-def _meter_gpu(
-    gpu: DeviceReading,
-    meter: Meter | None,
-    on_device: Mapping[str, list[GpuSeries]],
-    migs: list[DeviceReading],
-    accounts: dict[SeriesKey, Account],
-) -> tuple[Meter, str | None]:
-    """One GPU's poll: charges the interval's time and shares to its series (in ``accounts``), then
-    pays its energy increase; returns its new meter and the reason the interval was skipped, if it was."""
-    interval_s = gpu.sampled_at - meter.sampled_at if meter is not None else 0.0
-    devices = migs or [gpu]
+def _charges(
+    gpu: DeviceReading, migs: list[DeviceReading], on_device: Mapping[str, list[GpuSeries]], interval_s: float
+) -> dict[SeriesKey, _Charge]:
+    """What each series on the GPU (on its MIG devices, in MIG mode) earned over the interval."""
+    charges: dict[SeriesKey, _Charge] = {}
     shares = _energy_shares(gpu, migs)
-    for device in devices:
+    for device in migs or [gpu]:
         listed = on_device[device.uuid]
         fraction = _gpu_fraction(gpu, device) if migs else 1.0
+        pods = len(listed)
         for one, share in zip(listed, _pod_shares(listed), strict=True):
-            key = (device.uuid, one.namespace, one.pod, one.container)
-            account = accounts.get(key) or Account(
-                str(gpu.index), device.uuid, gpu.uuid, device.model, one.namespace, one.pod, one.container
+            allocated = busy = None
+            if fraction is not None:
+                allocated = interval_s * fraction / pods
+                busy_ratio = _busy_ratio(one, pods)
+                busy = None if busy_ratio is None else interval_s * busy_ratio * fraction
+            labels = CostLabels(str(gpu.index), device.uuid, device.model, one.namespace, one.pod, one.container)
+            charges[(device.uuid, one.namespace, one.pod, one.container)] = _Charge(
+                labels, shares[device.uuid] * share * interval_s, allocated, busy
             )
-            accounts[key] = _charge(account, one, interval_s, shares[device.uuid] * share, fraction, len(listed))
-    owed = {key: a.unpaid_share_seconds for key, a in accounts.items() if a.physical_uuid == gpu.uuid}
+    return charges
+
+
+def _settle(
+    gpu: DeviceReading, meter: Meter | None, interval_s: float, owed: Mapping[SeriesKey, float]
+) -> tuple[Meter, Mapping[SeriesKey, int] | None, str | None]:
+    """The GPU's new meter; what its energy increase pays each series, None while the counter has
+    not moved (what is owed stays owed), empty when what was owed is dropped (the interval is
+    skipped); and the reason an interval was skipped."""
     counter, estimated = _counter(gpu, meter, interval_s)
     if counter is None:  # what was earned cannot be paid: the interval is skipped
-        _forgive(accounts, owed)
         lost = meter is not None and meter.millijoules is not None
-        return Meter(gpu.sampled_at, None, estimated=False), MISSING_READING if lost else None
+        return Meter(gpu.sampled_at, None, estimated=False), {}, MISSING_READING if lost else None
     fresh = Meter(gpu.sampled_at, counter, estimated)
     if meter is None or meter.millijoules is None or meter.estimated != estimated:
-        _forgive(accounts, owed)  # a fresh start: what was earned before it is not paid
-        return fresh, None
+        return fresh, {}, None  # a fresh start: what was earned before it is not paid
     increase = math.floor(counter) - math.floor(meter.millijoules)
     if increase < 0:
-        _forgive(accounts, owed)
-        return fresh, COUNTER_RESET
-    if increase > 0 and not _pay(accounts, owed, increase):
-        return fresh, MISSING_READING
-    return fresh, None
+        return fresh, {}, COUNTER_RESET
+    if increase == 0:
+        return fresh, None, None
+    paid = _split(increase, owed)
+    return fresh, paid, None if paid else MISSING_READING
+
+
+def _account(
+    gpu_uuid: str, earlier: Account | None, charge: _Charge | None, paid_millijoules: int | None, owed: float
+) -> Account:
+    """A series' account after this poll (it is listed now, or was earlier): what it earned added,
+    what it was paid (None: nothing yet, it is still owed)."""
+    if earlier is None:
+        assert charge is not None
+        earlier = Account(charge.labels, physical_uuid=gpu_uuid)
+    allocated, busy, absent = earlier.allocated_gpu_seconds, earlier.busy_gpu_seconds, earlier.absent_polls + 1
+    if charge is not None:
+        allocated = _add(allocated, charge.allocated_gpu_seconds)
+        busy = _add(busy, charge.busy_gpu_seconds)
+        absent = 0
+    energy = earlier.energy_millijoules
+    if paid_millijoules is not None:
+        energy, owed = energy + paid_millijoules, 0.0
+    return Account(earlier.labels, energy, allocated, busy, gpu_uuid, owed, absent)
+
+
+def _add(total: float | None, part: float | None) -> float | None:
+    """A total that stays unknown (None) until a part of it is known."""
+    if part is None:
+        return total
+    return (total or 0.0) + part
 
 
 def _counter(gpu: DeviceReading, meter: Meter | None, interval_s: float) -> tuple[float | None, bool]:
@@ -165,28 +201,6 @@ def _counter(gpu: DeviceReading, meter: Meter | None, interval_s: float) -> tupl
     if meter is None or not meter.estimated or meter.millijoules is None:
         return 0.0, True
     return meter.millijoules + gpu.power_milliwatts * interval_s, True
-
-
-def _charge(
-    account: Account, one: GpuSeries, interval_s: float, share: float, fraction: float | None, pods: int
-) -> Account:
-    """The interval's share-seconds (to be paid in energy), allocated and busy GPU-seconds."""
-    if interval_s <= 0:
-        return replace(account, absent_polls=0)
-    allocated = account.allocated_gpu_seconds
-    if fraction is not None:
-        allocated = (allocated or 0.0) + interval_s * fraction / pods
-    busy = account.busy_gpu_seconds
-    busy_ratio = _busy_ratio(one, pods)
-    if busy_ratio is not None and fraction is not None:
-        busy = (busy or 0.0) + interval_s * busy_ratio * fraction
-    return replace(
-        account,
-        allocated_gpu_seconds=allocated,
-        busy_gpu_seconds=busy,
-        unpaid_share_seconds=account.unpaid_share_seconds + share * interval_s,
-        absent_polls=0,
-    )
 
 
 def _busy_ratio(one: GpuSeries, pods: int) -> float | None:
@@ -248,25 +262,18 @@ def _sm_active(device: DeviceReading) -> float | None:
     return samples[0].value if samples else None
 
 
-def _pay(accounts: dict[SeriesKey, Account], owed: Mapping[SeriesKey, float], millijoules: int) -> bool:
+def _split(millijoules: int, owed: Mapping[SeriesKey, float]) -> dict[SeriesKey, int]:
     """Divides ``millijoules`` by the share-seconds owed, rounding the running total (the last one
-    gets what is left), so the parts sum to it exactly. False: nothing is owed to pay it to."""
+    gets what is left), so the parts sum to it exactly. Empty: nothing is owed to pay it to."""
     keys = sorted(owed)
     total = sum(owed[key] for key in keys)
     if total <= 0:
-        return False
+        return {}
+    parts: dict[SeriesKey, int] = {}
     running, paid = 0.0, 0
-    for position, key in enumerate(keys):
+    for key in keys[:-1]:
         running += owed[key]
-        due = millijoules if position == len(keys) - 1 else min(millijoules, round(millijoules * running / total))
-        account = accounts[key]
-        accounts[key] = replace(
-            account, energy_millijoules=account.energy_millijoules + due - paid, unpaid_share_seconds=0.0
-        )
-        paid = due
-    return True
-
-
-def _forgive(accounts: dict[SeriesKey, Account], owed: Iterable[SeriesKey]) -> None:
-    for key in owed:
-        accounts[key] = replace(accounts[key], unpaid_share_seconds=0.0)
+        due = min(millijoules, round(millijoules * running / total))
+        parts[key], paid = due - paid, due
+    parts[keys[-1]] = millijoules - paid
+    return parts

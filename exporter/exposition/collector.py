@@ -82,7 +82,7 @@ class SnapshotCollector(Collector):
         fresh_uuids = {s.device.uuid for s in fresh}
         yield _dra_allocations(snapshot, fresh_uuids)
         if snapshot.costs is not None:
-            yield from _cost_families(snapshot.node, [c for c in snapshot.costs if c.uuid in fresh_uuids])
+            yield from _cost_families(snapshot.node, [c for c in snapshot.costs if c.labels.uuid in fresh_uuids])
         yield from _self_metrics(snapshot, stale=len(snapshot.attribution.series) - len(fresh))
 
 
@@ -152,9 +152,7 @@ def _cost_families(node: str, costs: list[CostSeries]) -> Iterator[Metric]:
         for cost in costs:
             value = value_of(cost)
             if value is not None:
-                family.add_metric(
-                    [node, cost.gpu, cost.uuid, cost.model, cost.namespace, cost.pod, cost.container], value
-                )
+                family.add_metric([node, *cost.labels], value)
         yield family
 
 

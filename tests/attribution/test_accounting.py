@@ -56,13 +56,13 @@ def run(polls: Sequence[Sequence[GpuSeries]]) -> tuple[Ledger, Counter[str]]:
 
 
 def energy(ledger: Ledger) -> dict[tuple[str, str], float]:
-    return {(c.uuid, c.pod): c.energy_joules for c in ledger.costs()}
+    return {(c.labels.uuid, c.labels.pod): c.energy_joules for c in ledger.costs()}
 
 
 def test_a_gpu_one_pod_holds_charges_it_all_its_energy_and_time() -> None:
     ledger, gaps = run([held(gpu(0.0, 1000.0), "a"), held(gpu(1.0, 1300.5), "a"), held(gpu(3.0, 1600.25), "a")])
     (cost,) = ledger.costs()
-    assert (cost.namespace, cost.pod, cost.container, cost.energy_joules) == ("team", "a", "main", 600.25)
+    assert (*cost.labels[3:], cost.energy_joules) == ("team", "a", "main", 600.25)
     assert cost.allocated_gpu_seconds == 3.0
     assert cost.busy_gpu_seconds == 1.5  # 50 % duty cycle
     assert gaps == {"agent_start": 1}  # the interval before the first reading is not known
@@ -86,7 +86,7 @@ def test_shares_measured_at_30_and_10_percent_split_energy_3_to_1() -> None:
         for t in (0.0, 1.0, 2.0)
     ]
     ledger, _ = run([p.series for p in polls])
-    costs = {c.pod: c for c in ledger.costs()}
+    costs = {c.labels.pod: c for c in ledger.costs()}
     assert costs["a"].energy_joules == 600.0 and costs["b"].energy_joules == 200.0
     assert costs["a"].busy_gpu_seconds == 0.6 and costs["b"].busy_gpu_seconds == 0.2
     assert costs["a"].allocated_gpu_seconds == costs["b"].allocated_gpu_seconds == 1.0  # half a GPU each
@@ -177,7 +177,7 @@ def test_mig_devices_split_the_gpu_by_gpm_activity_else_by_compute_slices() -> N
 
     ledger, _ = run([poll(0.0, 0.6, 0.2), poll(1.0, 0.6, 0.2)])
     assert energy(ledger) == {(MIG_A, "a"): 525.0, (MIG_B, ""): 175.0}  # 3:1 by SM activity; none to the parent
-    costs = {c.uuid: c for c in ledger.costs()}
+    costs = {c.labels.uuid: c for c in ledger.costs()}
     assert costs[MIG_A].allocated_gpu_seconds == 3 / 7 and costs[MIG_B].allocated_gpu_seconds == 1 / 7
     assert costs[MIG_A].busy_gpu_seconds == 0.6 * 3 / 7
     ledger, _ = run([poll(0.0, None, None), poll(1.0, None, None)])  # no GPM (the profiling group off)
