@@ -9,6 +9,8 @@ from pathlib import Path
 
 import pytest
 
+from exporter.catalogue import enabled_families, reads_for
+from exporter.config import parse_config
 from sim.apiserver import pod_json
 from sim.kubelet import PodDevices
 from sim.procfs import systemd_v2
@@ -156,3 +158,10 @@ def test_dra_claims_and_mig_devices(dra_node: DraNode, start_agent) -> None:  # 
     assert not find(second, ENERGY, uuid=gpu_uuid(1))  # the GPU's energy is all its MIG devices'
     allocated = gained(by_pod(first, ALLOCATED, migs), by_pod(second, ALLOCATED, migs))
     assert allocated["mig-user"] / allocated[""] == pytest.approx(1 / 3)  # 1 of 7 compute slices, and 3 of 7
+
+
+def test_the_cost_group_turns_power_on_and_reads_nothing_of_its_own() -> None:
+    groups = parse_config(["--metrics", "cost"], environ={}).metric_groups
+    assert groups == {"seed", "power", "cost"}
+    for mig in (False, True):  # the NVML reader reads what the enabled families need, and no more
+        assert reads_for(enabled_families(groups), mig) == reads_for(enabled_families({"seed", "power"}), mig)
