@@ -27,12 +27,12 @@ from exporter.config import Config, configure_logging, parse_config
 from exporter.exposition.collector import AgeCollector, SnapshotCollector
 from exporter.exposition.render import Exposition
 from exporter.exposition.server import MetricsServer
-from exporter.model import EMPTY_ATTRIBUTION, Health, PodInfo, Snapshot
+from exporter.model import EMPTY_ATTRIBUTION, GpuSeries, Health, PodInfo, Snapshot
 from exporter.sources.nvml import NvmlReader
 from exporter.sources.podresources.client import PodResourcesClient
 from exporter.sources.podsources import PodSources
 from exporter.sources.procfs import ProcReader
-from exporter.supervise import Loop, StateLog, wait_for_signal
+from exporter.supervise import Loop, StateLog, describe, wait_for_signal
 
 if TYPE_CHECKING:
     from exporter.sources.kube import PodWatcher
@@ -75,6 +75,7 @@ class Agent:
         # Per-pod energy and GPU-time across polls (the cost group); None with the group off.
         self._ledger = accounting.Ledger() if COST in config.metric_groups else None
         self._accounting_gaps: Counter[str] = Counter()
+        self._accounting_state = StateLog(log, "cost accounting")
 
         # Each survives any exception in one poll or render: the failure is logged once per change
         # of state, readiness and the age gauges show it, and the next attempt comes a poll interval
@@ -120,8 +121,7 @@ class Agent:
         )
         self._device_errors.update(nvml_poll.errors)
         if self._ledger is not None:
-            self._ledger, gaps = accounting.step(self._ledger, attribution.series)
-            self._accounting_gaps.update(gaps)
+            self._account(attribution.series)
         finished = time.monotonic()
         if self.nvml.initialised:
             self._last_success = time.time()
@@ -145,6 +145,18 @@ class Agent:
         self._snapshot = snapshot
         self.exposition.invalidate()
         return snapshot
+
+    def _account(self, series: Sequence[GpuSeries]) -> None:
+        """Moves the cost ledger on by this poll. A fault in it costs the cost families their totals
+        (they start again from 0, a counter reset to Prometheus), never the poll."""
+        try:
+            self._ledger, gaps = accounting.step(self._ledger or accounting.Ledger(), series)
+        except Exception as error:
+            self._ledger = accounting.Ledger()
+            self._accounting_state.failed(describe(error), "the cost families start again from 0", exc_info=error)
+            return
+        self._accounting_gaps.update(gaps)
+        self._accounting_state.recovered()
 
     def readiness(self) -> tuple[bool, str]:
         """Computed from what is fresh now, not remembered from the last success."""

@@ -4,17 +4,21 @@ of gpu_pod_energy_joules_total gained is what its energy counter gained."""
 
 from __future__ import annotations
 
+import logging
+import time
 from collections.abc import Iterable, Iterator, Mapping
 from pathlib import Path
 
 import pytest
 
+from exporter.agent import Agent
+from exporter.attribution import accounting
 from exporter.catalogue import enabled_families, reads_for
 from exporter.config import parse_config
 from sim.apiserver import pod_json
 from sim.kubelet import PodDevices
 from sim.procfs import systemd_v2
-from sim.scenario import Mig, Proc, Scenario, gpu_uuid, mig_uuid
+from sim.scenario import Gpu, Mig, Proc, Scenario, gpu_uuid, mig_uuid
 from tests.conftest import BERT, NODE, Node, Samples, find
 from tests.test_dra import DraNode
 
@@ -165,3 +169,30 @@ def test_the_cost_group_turns_power_on_and_reads_nothing_of_its_own() -> None:
     assert groups == {"seed", "power", "cost"}
     for mig in (False, True):  # the NVML reader reads what the enabled families need, and no more
         assert reads_for(enabled_families(groups), mig) == reads_for(enabled_families({"seed", "power"}), mig)
+
+
+def test_a_fault_in_accounting_restarts_the_cost_families_not_the_poll(
+    scenario_file: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture
+) -> None:
+    Scenario(gpus=[Gpu(gpu_uuid(0), energy_rate=300_000, energy_since=time.time())]).write(scenario_file)
+    args = ["--no-kubernetes", "--pod-resources-socket", str(tmp_path / "none.sock"), "--proc-root", str(tmp_path)]
+    agent = Agent(parse_config(args, environ={}))
+    try:
+        assert agent.poll_once().costs
+        working = accounting.step
+
+        def broken(*args: object) -> None:
+            raise ValueError("a bug")
+
+        monkeypatch.setattr(accounting, "step", broken)
+        with caplog.at_level(logging.WARNING):
+            snapshots = [agent.poll_once() for _ in range(3)]
+        assert all(s.attribution.series for s in snapshots)  # the poll goes on
+        assert snapshots[-1].costs == ()  # the totals start again
+        assert [r.getMessage() for r in caplog.records if "cost accounting" in r.getMessage()] == [
+            "cost accounting failing (ValueError: a bug); the cost families start again from 0"
+        ]
+        monkeypatch.setattr(accounting, "step", working)
+        assert agent.poll_once().costs
+    finally:
+        agent.stop()
