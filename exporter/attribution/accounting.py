@@ -192,11 +192,12 @@ def _add(total: float | None, part: float | None) -> float | None:
 
 def _counter(gpu: DeviceReading, meter: Meter | None, interval_s: float) -> tuple[float | None, bool]:
     """The GPU's energy counter in millijoules; where it has none, the meter's running estimate moved
-    on by power × interval (estimated: True). None: neither can be read this poll."""
+    on by power × interval (estimated: True). None: neither can be read this poll, or the GPU has a
+    counter that did not answer (its interval is skipped, not estimated)."""
     samples = gpu.metrics.get(DEVICE_ENERGY)
     if samples:
         return float(round(samples[0].value * 1000.0)), False
-    if gpu.power_milliwatts is None:
+    if gpu.power_milliwatts is None or (meter is not None and not meter.estimated):
         return None, True
     if meter is None or not meter.estimated or meter.millijoules is None:
         return 0.0, True

@@ -154,11 +154,11 @@ def test_a_counter_reset_skips_the_interval_and_never_decreases_a_series() -> No
 
 
 def test_a_missing_reading_skips_the_interval() -> None:
-    no_energy = gpu(2.0, None, power_milliwatts=None)
-    polls = [held(gpu(0.0, 0.0), "a"), held(gpu(1.0, 10.0), "a"), held(no_energy, "a"), held(gpu(3.0, 70.0), "a")]
-    polls.append(held(gpu(4.0, 75.0), "a"))
+    polls = [held(gpu(0.0, 0.0), "a"), held(gpu(1.0, 10.0), "a"), held(gpu(2.0, None), "a")]
+    polls += [held(gpu(3.0, None), "a"), held(gpu(4.0, 70.0), "a"), held(gpu(5.0, 75.0), "a")]
     ledger, gaps = run(polls)
-    assert energy(ledger) == {(GPU0, "a"): 15.0}  # 10 J before, 5 J after; the 60 J across the gap are not guessed
+    # 10 J before, 5 J after; the 60 J across the gap are not guessed, nor estimated from the power draw.
+    assert energy(ledger) == {(GPU0, "a"): 15.0}
     assert gaps == {"agent_start": 1, "missing_reading": 1}
     ledger, gaps = step(ledger, [])  # the GPU is gone: its series go
     assert ledger.costs() == () and gaps == {"missing_reading": 1}
