@@ -26,7 +26,7 @@ AGENT_START, COUNTER_RESET, MISSING_READING = "agent_start", "counter_reset", "m
 # A series whose pod left waits this many polls at most for its GPU's counter to move; then what
 # it earned goes to the others (the counter is read every few polls, so this is a stuck counter).
 LINGER_POLLS = 12
-# Compute slices of a GPU in MIG mode: 7 on A100, H100 and newer; 4 on A30.
+# The profile in a MIG device's name: <compute slices>g.<memory>gb, of a GPU's 7 (an A30's 4).
 _MIG_PROFILE = re.compile(r"\b(\d+)g\.\d+gb\b")
 
 
