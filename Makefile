@@ -50,13 +50,15 @@ clean:
 
 # Side-by-side with nvitop-exporter on the same fake NVML scenarios; not part of make test (about an
 # hour): one point in detail (bench.compare; `--quick`, 8 GPUs only, takes about 9 minutes), what the
-# metric groups cost there (bench.groups: seed vs seed,dcgm, about 3 minutes), then the cost curve
-# from 1 GPU to 56 MIG devices and 512 processes (bench.curve, about 30 minutes).
+# metric groups cost there (bench.groups: seed vs seed,dcgm vs seed,cost, about 4 minutes), then the cost
+# curve from 1 GPU to 56 MIG devices and 512 processes (bench.curve, about 30 minutes), then the cost
+# group's energy conservation while pods come and go (bench.conservation, 10 minutes).
 bench: install fake-nvml
 	$(PYTHON) -m pip install -q 'nvitop-exporter>=1.4' 'matplotlib>=3.7.3'
 	$(PYTHON) -m bench.compare --out bench/results
 	$(PYTHON) -m bench.groups --out bench/results
 	$(PYTHON) -m bench.curve --out bench/results
+	$(PYTHON) -m bench.conservation --out bench/results
 
 # The adapter against a real Prometheus (~4 min): the HPA's request over a 500-pod selector at 10 clients,
 # the same with 1000 stalled connections, and 10 000 / 50 000-pod clusters (time to ready, RSS). Then a

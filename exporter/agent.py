@@ -19,20 +19,21 @@ from prometheus_client import CollectorRegistry
 from prometheus_client.platform_collector import PlatformCollector
 from prometheus_client.process_collector import ProcessCollector
 
+from exporter.attribution import accounting
 from exporter.attribution.attribute import attribute
 from exporter.attribution.health import gpu_health
 from exporter.backoff import Backoff
-from exporter.catalogue import DCGM
+from exporter.catalogue import COST, DCGM
 from exporter.config import Config, configure_logging, parse_config
 from exporter.exposition.collector import AgeCollector, SnapshotCollector
 from exporter.exposition.render import Exposition
 from exporter.exposition.server import MetricsServer
-from exporter.model import EMPTY_ATTRIBUTION, Health, PodInfo, Snapshot
+from exporter.model import EMPTY_ATTRIBUTION, GpuSeries, Health, PodInfo, Snapshot
 from exporter.sources.nvml import NvmlReader
 from exporter.sources.podresources.client import PodResourcesClient
 from exporter.sources.podsources import PodSources
 from exporter.sources.procfs import ProcReader
-from exporter.supervise import Loop, StateLog, wait_for_signal
+from exporter.supervise import Loop, StateLog, describe, wait_for_signal
 
 if TYPE_CHECKING:
     from exporter.sources.kube import PodWatcher
@@ -72,6 +73,10 @@ class Agent:
         self._pods_seen: Mapping[str, PodInfo] | None = None
         self._device_errors: Counter[tuple[str, str, str]] = Counter()
         self._last_success: float | None = None
+        # Per-pod energy and GPU-time across polls (the cost group); None with the group off.
+        self._ledger = accounting.Ledger() if COST in config.metric_groups else None
+        self._accounting_gaps: Counter[str] = Counter()
+        self._accounting_state = StateLog(log, "cost accounting")
 
         # Each survives any exception in one poll or render: the failure is logged once per change
         # of state, readiness and the age gauges show it, and the next attempt comes a poll interval
@@ -129,6 +134,8 @@ class Agent:
             if "health" in self.config.metric_groups
             else ()
         )
+        if self._ledger is not None:
+            self._account(attribution.series)
         finished = time.monotonic()
         if self.nvml.initialised:
             self._last_success = time.time()
@@ -144,14 +151,28 @@ class Agent:
                 last_success_wall_time=self._last_success,
                 device_errors=dict(self._device_errors),
                 pod_resources_errors_total=dict(sources.pod_resources_errors),
+                accounting_gaps_total=dict(self._accounting_gaps),
             ),
             completed_at=finished,
             gpu_health=verdicts,
             driver_version=self.nvml.driver_version,
+            costs=self._ledger.costs() if self._ledger is not None else None,
         )
         self._snapshot = snapshot
         self.exposition.invalidate()
         return snapshot
+
+    def _account(self, series: Sequence[GpuSeries]) -> None:
+        """Moves the cost ledger on by this poll. A fault in it costs the cost families their totals
+        (they start again from 0, a counter reset to Prometheus), never the poll."""
+        try:
+            self._ledger, gaps = accounting.step(self._ledger or accounting.Ledger(), series)
+        except Exception as error:
+            self._ledger = accounting.Ledger()
+            self._accounting_state.failed(describe(error), "the cost families start again from 0", exc_info=error)
+            return
+        self._accounting_gaps.update(gaps)
+        self._accounting_state.recovered()
 
     def readiness(self) -> tuple[bool, str]:
         """Computed from what is fresh now, not remembered from the last success."""

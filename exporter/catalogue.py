@@ -22,9 +22,12 @@ from exporter.model import GpuSeries, Sample, Samples
 
 SEED = "seed"
 DCGM = "dcgm"
+COST = "cost"
+GROUPS = (SEED, "health", "clocks", "power", "pcie", "media", "profiling", COST, DCGM)
 # --metrics: seed is always on; the default (all) is every group but dcgm, which is asked for by name.
-GROUPS = (SEED, "health", "clocks", "power", "pcie", "media", "profiling", DCGM)
 DEFAULT_GROUPS = tuple(group for group in GROUPS if group != DCGM)
+# Groups another one needs: cost divides the energy counter the power group reads.
+IMPLIED_GROUPS = {COST: "power"}
 
 # The labels of every per-device family; the extra ones of a family follow them.
 DEVICE_LABELS = ("node", "gpu", "uuid", "model")
@@ -398,6 +401,55 @@ GPU_HEALTH_REASON = Family(
     labels=(*DEVICE_LABELS, "reason", "severity"),
     reads=_HEALTH_READS,
 )
+
+
+# Cost: rendered from the agent's accounting ledger (exporter.attribution.accounting), which divides
+# each GPU's energy and time among the pods holding it; neither samples nor a pod value.
+_COST_SPLIT = (
+    "on a device several pods share, in proportion to their measured SM shares (those of duty_cycle_current), "
+    "equally where those cannot be measured or all are idle; on a GPU in MIG mode, among its MIG devices in "
+    "proportion to their GPM SM activity (with the profiling group on) or else their compute slices. "
+    "A device no pod holds counts with empty pod labels."
+)
+ENERGY = Family(
+    "gpu_pod_energy_joules_total",
+    "Energy of the GPU charged to each pod holding the device, in joules, since the agent started: each "
+    "increase of the GPU's energy counter is divided, in whole millijoules that sum to it exactly, "
+    + _COST_SPLIT
+    + " Where the GPU has no energy counter, its power draw × time stands in for it.",
+    "joules",
+    "counter",
+    COST,
+    "`nvmlDeviceGetTotalEnergyConsumption` deltas (the power group's read); where unsupported, "
+    "`nvmlDeviceGetPowerUsage` × time",
+    POD_LABELS,
+)
+ALLOCATED_GPU_SECONDS = Family(
+    "gpu_pod_allocated_gpu_seconds_total",
+    "Wall time each pod held the device × the fraction of a physical GPU it is (1 for a whole GPU, a MIG "
+    "device's compute slices ÷ the GPU's, ÷ the number of pods sharing a device), in GPU-seconds, since the "
+    "agent started.",
+    "seconds",
+    "counter",
+    COST,
+    "the attribution's pods on each device, between polls",
+    POD_LABELS,
+)
+BUSY_GPU_SECONDS = Family(
+    "gpu_pod_busy_gpu_seconds_total",
+    "Time each pod's work kept the device busy, in GPU-seconds (the pod's duty cycle × the interval, × the "
+    "MIG device's fraction of its GPU, measured by GPM there), since the agent started; busy ÷ allocated is "
+    "the pod's efficiency. Absent where the device's activity is not measured.",
+    "seconds",
+    "counter",
+    COST,
+    "`nvmlDeviceGetUtilizationRates().gpu` or the pod's processes' SM utilisation; GPM SM activity on MIG",
+    POD_LABELS,
+)
+COST_FAMILIES = (ENERGY, ALLOCATED_GPU_SECONDS, BUSY_GPU_SECONDS)
+# The device families accounting reads from a reading's metrics.
+DEVICE_ENERGY = "gpu_energy_joules_total"
+DEVICE_SM_ACTIVE = "gpu_sm_active_ratio"
 
 FAMILIES: tuple[Family, ...] = (
     # --- seed: the five *_current families with their pod labels, and the pod join
@@ -805,6 +857,8 @@ FAMILIES: tuple[Family, ...] = (
         "pcie_rx",
         lambda kb: kb * 1024.0,
     ),
+    # --- cost
+    *COST_FAMILIES,
 )
 
 # The seed's own reads: the *_current families and attribution use them whatever the groups.
@@ -838,6 +892,7 @@ def parse_groups(text: str) -> frozenset[str]:
         )
     if DCGM in wanted:
         wanted |= set(DCGM_MIRRORS)
+    wanted |= {IMPLIED_GROUPS[group] for group in wanted if group in IMPLIED_GROUPS}
     return frozenset(wanted | {SEED})
 
 
@@ -953,6 +1008,15 @@ GPU_PROCESSES = SelfMetric(
     "gauge",
     ("owner",),
 )
+ACCOUNTING_GAPS = SelfMetric(
+    "gpu_exporter_accounting_gaps_total",
+    "Poll intervals of a GPU left out of the cost families, by reason: agent_start (no earlier reading), "
+    "counter_reset (the energy counter went back), missing_reading (no energy or power reading, or the GPU "
+    "went missing).",
+    "intervals",
+    "counter",
+    ("reason",),
+)
 
 SELF_METRICS: tuple[SelfMetric, ...] = (
     NVML_UP,
@@ -968,6 +1032,7 @@ SELF_METRICS: tuple[SelfMetric, ...] = (
     POD_RESOURCES_ERRORS,
     GPU_SHARING_PODS,
     GPU_PROCESSES,
+    ACCOUNTING_GAPS,
 )
 
 # Every family the agent exposes, GPU families and self-metrics.

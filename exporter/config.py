@@ -111,8 +111,8 @@ def build_parser(environ: Mapping[str, str]) -> _Parser:
         "--metrics",
         _env("METRICS"),
         f"comma-separated metric groups to export, of {', '.join(GROUPS)}; seed is always on; all is every "
-        f"group but {DCGM} (dcgm-exporter's series, which enables {', '.join(DCGM_MIRRORS)} for their reads) "
-        "(default: all)",
+        f"group but {DCGM} (dcgm-exporter's series, which enables {', '.join(DCGM_MIRRORS)} for their reads); "
+        "cost turns power on (it divides the energy power reads) (default: all)",
         default="all",
     )
     add(

@@ -171,6 +171,9 @@ class GpuSeries:
     container: str = ""
     duty_cycle_percent: float | None = None
     memory_used_bytes: int | None = None
+    # On a device several pods share: duty_cycle_percent is the pod's own processes' measured share
+    # (False: the device's, as the shares could not be measured).
+    share_measured: bool = False
 
 
 @dataclass(frozen=True)
@@ -196,6 +199,33 @@ class Health:
     last_success_wall_time: float | None
     device_errors: Mapping[tuple[str, str, str], int]  # DeviceError fields -> count
     pod_resources_errors_total: Mapping[str, int]
+    accounting_gaps_total: Mapping[str, int] = field(default_factory=dict)  # reason -> intervals skipped
+
+
+class CostLabels(NamedTuple):
+    """A series of the cost families: a device (GPU or MIG) and the pod holding it (or none)."""
+
+    gpu: str  # NVML index of the (parent) GPU
+    uuid: str
+    model: str
+    namespace: str
+    pod: str
+    container: str
+
+
+@dataclass(frozen=True)
+class CostSeries:
+    """What a series of the cost families was charged since the agent started; None: not measurable
+    on its device."""
+
+    labels: CostLabels
+    energy_millijoules: int = 0
+    allocated_gpu_seconds: float | None = None
+    busy_gpu_seconds: float | None = None
+
+    @property
+    def energy_joules(self) -> float:
+        return self.energy_millijoules / 1000.0
 
 
 @dataclass(frozen=True)
@@ -208,6 +238,7 @@ class Snapshot:
     completed_at: float  # time.monotonic()
     gpu_health: tuple[GpuHealth, ...] = ()  # with the health group on
     driver_version: str = ""  # NVML's, for the dcgm group's DCGM_FI_DRIVER_VERSION label
+    costs: tuple[CostSeries, ...] | None = None  # None: the cost group is off
 
 
 EMPTY_ATTRIBUTION = Attribution(series=(), sharing_pods={}, unknown_device_ids={}, processes_by_owner={})

@@ -65,6 +65,15 @@ def scenario_at(t: float) -> Scenario:
     return Scenario(gpus=gpus, procs=procs, driver_version="550.54.15 (simulated)")
 
 
+def with_energy(before: Scenario, now: Scenario) -> Scenario:
+    """``now`` with each GPU's energy counter going on from where ``before`` left it, at its new power."""
+    when = time.time()
+    for old, new in zip(before.gpus, now.gpus, strict=True):
+        new.energy = old.energy_at(when)
+        new.draw(new.power, when)
+    return now
+
+
 def main(argv: list[str]) -> int:
     state = Path(tempfile.mkdtemp(prefix="gpu-sim-node-"))
     library = build_fake_nvml()
@@ -120,10 +129,12 @@ def main(argv: list[str]) -> int:
 
     signal.signal(signal.SIGTERM, stop)
     signal.signal(signal.SIGINT, stop)
+    scenario = scenario_at(0)
     try:
         while not stopping and agent.poll() is None:
             time.sleep(1)
-            scenario_at(time.monotonic() - started).write(scenario_path)
+            scenario = with_energy(scenario, scenario_at(time.monotonic() - started))
+            scenario.write(scenario_path)
     finally:
         agent.stop()
         kubelet.stop()

@@ -5,6 +5,7 @@ whenever it changes, never sees half of one."""
 from __future__ import annotations
 
 import os
+import time
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -36,6 +37,8 @@ class Gpu:
     sm_clock: int = 1980  # MHz
     mem_clock: int = 2619  # MHz
     energy: int = 0  # mJ since the driver loaded
+    energy_rate: int = 0  # mW: the counter grows at this rate from energy_since (0: it stays at energy)
+    energy_since: float = 0.0  # Unix time at which the counter read energy
     power_limit: int = 700_000  # mW
     encoder: int = 0  # percent
     decoder: int = 0
@@ -59,6 +62,19 @@ class Gpu:
     unsupported: tuple[str, ...] = ()
     fail: dict[str, int] = field(default_factory=dict)
     block: dict[str, float] = field(default_factory=dict)  # call -> seconds
+
+    def energy_at(self, when: float) -> int:
+        """The energy counter, in mJ, at Unix time ``when``, as the fake library computes it."""
+        return self.energy + int(self.energy_rate * max(0.0, when - self.energy_since))
+
+    def draw(self, milliwatts: int, when: float | None = None) -> None:
+        """From ``when`` (now by default), the counter grows at ``milliwatts``, continuing from where it is."""
+        when = time.time() if when is None else when
+        self.energy, self.energy_since, self.energy_rate = self.energy_at(when), when, milliwatts
+
+    def reset_energy(self) -> None:
+        """The counter starts again from 0 now, as after a driver reload."""
+        self.energy, self.energy_since = 0, time.time()
 
 
 @dataclass
@@ -130,6 +146,8 @@ class Scenario:
                 "smclock": gpu.sm_clock,
                 "memclock": gpu.mem_clock,
                 "energy": gpu.energy,
+                "energyrate": gpu.energy_rate,
+                "energysince": repr(gpu.energy_since),
                 "plimit": gpu.power_limit,
                 "enc": gpu.encoder,
                 "dec": gpu.decoder,

@@ -32,6 +32,9 @@ RUNBOOKS_URL = "https://github.com/gpu-pod-exporter/gpu-pod-exporter/blob/main/d
 # kube-state-metrics' series (a named external exporter) that the DaemonSet coverage alert reads.
 KUBE_STATE_METRICS = {"kube_node_status_capacity", "kube_daemonset_status_number_available"}
 ADAPTER_GROUP = "gpu-metrics-adapter"  # the adapter's alerts, on its own metrics
+COST_RULES = ROOT / "daemonset" / "prometheus" / "gpu-cost-rules.yaml"
+OPERATOR_COST_RULES = ROOT / "daemonset" / "overlays" / "prometheus-operator" / "gpu-cost-rules.yaml"
+COST_UNIT_TESTS = ROOT / "tests" / "alerts" / "gpu-cost-rules.test.yaml"
 
 
 def promtool() -> str:
@@ -53,9 +56,10 @@ def test_promtool_checks_the_rules() -> None:
     assert "SUCCESS: 15 rules found" in done.stdout
 
 
-def test_promtool_unit_tests_pass() -> None:
+@pytest.mark.parametrize("unit_tests", [UNIT_TESTS, COST_UNIT_TESTS], ids=["alerts", "cost"])
+def test_promtool_unit_tests_pass(unit_tests: Path) -> None:
     done = subprocess.run(
-        [promtool(), "test", "rules", UNIT_TESTS.name], cwd=UNIT_TESTS.parent, capture_output=True, text=True
+        [promtool(), "test", "rules", unit_tests.name], cwd=unit_tests.parent, capture_output=True, text=True
     )
     assert done.returncode == 0, done.stdout + done.stderr
     assert "SUCCESS" in done.stdout
@@ -72,10 +76,27 @@ def test_every_alert_is_tested_firing_and_quiet() -> None:
     assert quiet == names
 
 
-def test_the_operator_overlay_ships_the_same_rules() -> None:
-    rule = yaml.safe_load(OPERATOR_RULES.read_text())
+@pytest.mark.parametrize(("rules", "shipped"), [(RULES, OPERATOR_RULES), (COST_RULES, OPERATOR_COST_RULES)])
+def test_the_operator_overlay_ships_the_same_rules(rules: Path, shipped: Path) -> None:
+    rule = yaml.safe_load(shipped.read_text())
     assert rule["kind"] == "PrometheusRule"
-    assert rule["spec"]["groups"] == yaml.safe_load(RULES.read_text())["groups"]
+    assert rule["spec"]["groups"] == yaml.safe_load(rules.read_text())["groups"]
+
+
+def test_promtool_checks_the_cost_rules_and_each_is_tested() -> None:
+    done = subprocess.run([promtool(), "check", "rules", str(COST_RULES)], capture_output=True, text=True)
+    assert done.returncode == 0, done.stdout + done.stderr
+    recorded = {rule["record"] for group in yaml.safe_load(COST_RULES.read_text())["groups"] for rule in group["rules"]}
+    tested = {
+        name
+        for case in yaml.safe_load(COST_UNIT_TESTS.read_text())["tests"]
+        for check in case["promql_expr_test"]
+        for name in metric_names(promql_parser.parse(check["expr"]))
+    }
+    assert tested == recorded - {
+        "namespace_workload_pod:gpu_allocated_gpu_seconds:increase1h",
+        "namespace_workload_pod:gpu_busy_gpu_seconds:increase1h",
+    }  # those two are read by the per-namespace and per-workload rules, tested through them
 
 
 def test_the_issues_alerts_are_there_with_their_severities() -> None:
@@ -114,6 +135,11 @@ def test_the_rules_read_only_series_the_agent_exports(node: Node, start_agent) -
     for name, rule in alerts([g for g in groups if g["name"] != ADAPTER_GROUP]).items():
         read = metric_names(promql_parser.parse(rule["expr"]))
         assert read and read <= exported, (name, read - exported)
+    cost = [rule for group in yaml.safe_load(COST_RULES.read_text())["groups"] for rule in group["rules"]]
+    exported |= {rule["record"] for rule in cost}
+    for rule in cost:
+        read = metric_names(promql_parser.parse(rule["expr"]))
+        assert read and read <= exported, (rule["record"], read - exported)
 
 
 def test_the_adapters_rules_read_only_series_the_adapter_exports() -> None:

@@ -90,7 +90,7 @@ def metric_names(node: Any) -> set[str]:
     names: set[str] = set()
     if type(node).__name__ == "VectorSelector" and node.name:
         names.add(node.name)
-    for attribute in ("lhs", "rhs", "expr", "args", "param"):
+    for attribute in ("lhs", "rhs", "expr", "args", "param", "vector_selector"):
         child = getattr(node, attribute, None)
         for item in child if isinstance(child, list) else [child]:
             if item is not None and not isinstance(item, (str, int, float)):
@@ -159,7 +159,15 @@ def scraped(tmp_path_factory: pytest.TempPathFactory) -> Iterator[tuple[Promethe
     busy: dict[str, Any] = {"sm_active": 45.0, "sm_occupancy": 30.0, "tensor_active": 20.0, "dram_bandwidth": 35.0}
     node = Scenario(
         gpus=[
-            Gpu(gpu_uuid(0), util=30, energy=9_000_000, pcie_tx=1000, **busy),
+            Gpu(
+                gpu_uuid(0),
+                util=30,
+                energy=9_000_000,
+                energy_rate=250_000,
+                energy_since=time.time(),
+                pcie_tx=1000,
+                **busy,
+            ),
             Gpu(gpu_uuid(1), util=0, clock_reasons=0x1),  # idle
             Gpu(gpu_uuid(2), util=55, clock_reasons=0x4, encoder=10, **busy),  # capped by software power limit
             Gpu(gpu_uuid(3), util=0, clock_reasons=0x1),
@@ -259,3 +267,13 @@ def test_the_install_guides_verification_queries_answer_as_it_says(scraped: tupl
     assert prometheus.query(broken) == []
     held = [float(r["value"][1]) for r in prometheus.query(attributed)]
     assert held == [float(r["value"][1]) for r in prometheus.query(requested)] == [3]
+
+
+def test_the_least_efficient_pods_table_puts_the_idle_pod_first(scraped: tuple[Prometheus, str]) -> None:
+    """BERT's idle replica held its GPU and used none of it; the busy one used 30 %."""
+    (expr,) = [e for title, e in expressions(dashboards()["gpu-pods.json"]) if title.startswith("Least efficient")]
+    result = scraped[0].query(substitute(expr, VALUES["gpu-pods.json"]))
+    efficiency = {r["metric"]["pod"]: float(r["value"][1]) for r in result}
+    assert min(efficiency, key=efficiency.__getitem__) == "bert-intent-detection-7d9f-bbbb"
+    assert efficiency["bert-intent-detection-7d9f-bbbb"] == 0
+    assert efficiency["bert-intent-detection-7d9f-aaaa"] == pytest.approx(0.30, rel=0.05)

@@ -180,7 +180,7 @@ class DraNode(Node):  # Node's args() and stop(), its own devices
 
     def __init__(self, tmp_path: Path) -> None:
         self.scenario_path = tmp_path / "scenario.txt"
-        Scenario(
+        self.scenario = Scenario(
             gpus=[
                 # Minor numbers that are not the driver's device names: only the uuid can tie them.
                 Gpu(gpu_uuid(0), minor=4, util=37),
@@ -190,7 +190,8 @@ class DraNode(Node):  # Node's args() and stop(), its own devices
             ],
             migs=[Mig(parent=1, uuid=mig_uuid(0), gi=1, name="NVIDIA H100 MIG 1g.10gb", used=2 * 1024**3)],
             procs=[Proc(gpu=2, pid=5001, mem=1000, sm=45), Proc(gpu=2, pid=5002, mem=3000, sm=15)],
-        ).write(self.scenario_path)
+        )
+        self.scenario.write(self.scenario_path)
         self.kubelet = FakeKubelet(str(tmp_path / "kubelet.sock")).start()
         shared = claim("ml", "shared-gpu", "gpu-2")
         self.kubelet.set_pods(

@@ -284,6 +284,7 @@ def _device_series(device: DeviceReading, pods_here: Mapping[PodKey, _Holder], m
                 container=",".join(sorted(holder.containers)),
                 duty_cycle_percent=duty,
                 memory_used_bytes=memory,
+                share_measured=figures is not None and figures.sm_percent is not None,
             )
         )
     return series

@@ -15,12 +15,16 @@ from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, Metri
 from prometheus_client.registry import Collector
 
 from exporter.catalogue import (
+    ACCOUNTING_GAPS,
+    ALLOCATED_GPU_SECONDS,
+    BUSY_GPU_SECONDS,
     CURRENT_FAMILIES,
     DATA_AGE,
     DEVICE_DATA_AGE,
     DEVICE_ERRORS,
     DEVICE_FAMILIES,
     DRA_ALLOCATION_INFO,
+    ENERGY,
     GPU_HEALTH_REASON,
     GPU_HEALTH_STATUS,
     GPU_PROCESSES,
@@ -38,7 +42,7 @@ from exporter.catalogue import (
     SelfMetric,
 )
 from exporter.exposition.dcgm import dcgm_families
-from exporter.model import DeviceReading, GpuSeries, Health, Snapshot
+from exporter.model import CostSeries, DeviceReading, GpuSeries, Health, Snapshot
 
 
 def declared_family(declared: Family | SelfMetric) -> GaugeMetricFamily | CounterMetricFamily:
@@ -80,10 +84,13 @@ class SnapshotCollector(Collector):
                     family.add_metric(_labels(snapshot.node, series), value)
             yield family
         yield from _device_families(snapshot.node, fresh)
+        fresh_uuids = {s.device.uuid for s in fresh}
         if self._dcgm:
             yield from dcgm_families(snapshot, fresh)
-        yield _dra_allocations(snapshot, {s.device.uuid for s in fresh})
+        yield _dra_allocations(snapshot, fresh_uuids)
         yield from _gpu_health(snapshot)
+        if snapshot.costs is not None:
+            yield from _cost_families(snapshot.node, [c for c in snapshot.costs if c.labels.uuid in fresh_uuids])
         yield from _self_metrics(snapshot, stale=len(snapshot.attribution.series) - len(fresh))
 
 
@@ -155,6 +162,22 @@ def _gpu_health(snapshot: Snapshot) -> Iterator[Metric]:
     yield reasons
 
 
+def _cost_families(node: str, costs: list[CostSeries]) -> Iterator[Metric]:
+    """Each pod's energy, allocated and busy GPU-seconds on each device; a value not measured is left out."""
+    values: tuple[tuple[Family, Callable[[CostSeries], float | None]], ...] = (
+        (ENERGY, lambda c: c.energy_joules),
+        (ALLOCATED_GPU_SECONDS, lambda c: c.allocated_gpu_seconds),
+        (BUSY_GPU_SECONDS, lambda c: c.busy_gpu_seconds),
+    )
+    for declared, value_of in values:
+        family = declared_family(declared)
+        for cost in costs:
+            value = value_of(cost)
+            if value is not None:
+                family.add_metric([node, *cost.labels], value)
+        yield family
+
+
 def _labels(node: str, series: GpuSeries) -> list[str]:
     device = series.device
     return [node, str(device.index), device.uuid, device.model, series.namespace, series.pod, series.container]
@@ -186,6 +209,7 @@ def _counted_families(snapshot: Snapshot) -> Iterator[Metric]:
     yield _labelled(POD_RESOURCES_ERRORS, health.pod_resources_errors_total)
     yield _labelled(GPU_SHARING_PODS, attribution.sharing_pods)
     yield _labelled(GPU_PROCESSES, attribution.processes_by_owner)
+    yield _labelled(ACCOUNTING_GAPS, health.accounting_gaps_total)
 
 
 def _labelled(declared: SelfMetric, values: Mapping[Any, int]) -> Metric:

@@ -13,6 +13,7 @@
  *           instanttimeout=0|1 (nvmlEventSetWait returns TIMEOUT at once when no event is pending: a broken driver)
  *   gpu     uuid= name= minor= util= memutil= total= used= reserved= temp= power= mig=0|1
  *           smclock= memclock= (MHz)  energy= (mJ)  plimit= (mW)  enc= dec= (%)  pcietx= pcierx= (KB/s)
+ *           energyrate= (mW: the energy counter grows at this rate from energysince=, Unix seconds)
  *           replay=  ecccorr= eccunc=  remapcorr= remapunc= remappending=0|1 remapfailed=0|1
  *           reasons=<clocks event reasons bitmask>  gpm=0|1  smactive= smocc= tensor= dram= (GPM, %)
  *           lost=0|1  unsupported=<call>,<call>  fail=<call>:<rc>,...  block=<call>:<milliseconds>
@@ -152,7 +153,8 @@ struct device {
     unsigned power;
     unsigned smclock, memclock, plimit, enc, dec, pcietx, pcierx, replay;
     unsigned remapcorr, remapunc, remappending, remapfailed, gpm, recovery;
-    unsigned long long energy, ecccorr, eccunc, reasons;
+    unsigned long long energy, energyrate, ecccorr, eccunc, reasons;
+    double energysince;
     double smactive, smocc, tensor, dram;
     int lost;
     int fail_rc[MAX_CALLS];     /* 0: no injected failure */
@@ -251,6 +253,8 @@ static void parse_device(struct device *d, char *fields) {
         else if (!strcmp(k, "smclock")) d->smclock = strtoul(v, NULL, 10);
         else if (!strcmp(k, "memclock")) d->memclock = strtoul(v, NULL, 10);
         else if (!strcmp(k, "energy")) d->energy = strtoull(v, NULL, 10);
+        else if (!strcmp(k, "energyrate")) d->energyrate = strtoull(v, NULL, 10);
+        else if (!strcmp(k, "energysince")) d->energysince = strtod(v, NULL);
         else if (!strcmp(k, "plimit")) d->plimit = strtoul(v, NULL, 10);
         else if (!strcmp(k, "enc")) d->enc = strtoul(v, NULL, 10);
         else if (!strcmp(k, "dec")) d->dec = strtoul(v, NULL, 10);
@@ -717,6 +721,8 @@ int nvmlDeviceGetTotalEnergyConsumption(void *device, unsigned long long *millij
     if (rc != NVML_SUCCESS) return rc;
     if (d.is_mig) return NVML_ERROR_NOT_SUPPORTED;
     *millijoules = d.energy;
+    double elapsed_s = (double)now_us() / 1e6 - d.energysince;
+    if (d.energyrate && elapsed_s > 0) *millijoules += (unsigned long long)((double)d.energyrate * elapsed_s);
     return NVML_SUCCESS;
 }
 
