@@ -47,6 +47,7 @@ class DeviceReading:
     uuid: str
     model: str
     sampled_at: float  # time.monotonic() when the read finished
+    pci_bus_id: str | None = None  # NVML's busId (a MIG device's is its GPU's); read once
     minor_number: int | None = None
     parent_uuid: str | None = None  # set on MIG devices
     gpu_instance_id: int | None = None

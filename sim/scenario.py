@@ -50,6 +50,7 @@ class Gpu:
     remap_failed: bool = False
     clock_reasons: int = 0  # nvmlClocksEventReason bitmask
     recovery_action: int = 0  # nvmlDeviceGpuRecoveryAction_t, where the driver offers the field
+    pci_bus_id: str | None = None  # None: a bus id of its own from its index (pci_bus_id())
     gpm: bool | None = None  # None: as the model (GPM_MODELS)
     sm_active: float = 0.0  # GPM percentages
     sm_occupancy: float = 0.0
@@ -118,6 +119,7 @@ class Scenario:
             fields = {
                 "uuid": _text(gpu.uuid),
                 "name": _text(gpu.name),
+                "pcibus": gpu.pci_bus_id or pci_bus_id(index),
                 "minor": gpu.minor if gpu.minor is not None else index,
                 "util": gpu.util,
                 "memutil": gpu.memutil,
@@ -181,6 +183,11 @@ class Scenario:
         temporary = target.with_name(target.name + ".tmp")
         temporary.write_text(self.render())
         os.replace(temporary, target)
+
+
+def pci_bus_id(index: int) -> str:
+    """A GPU's PCI bus id as NVML writes it (an 8-digit domain), a bus of its own per index."""
+    return f"00000000:{(0x18 + 0x13 * index) % 0x100:02X}:00.0"
 
 
 def gpu_uuid(n: int) -> str:

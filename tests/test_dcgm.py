@@ -8,6 +8,7 @@ import re
 from collections import Counter
 from collections.abc import Iterator
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Any
 
 import pytest
@@ -19,8 +20,9 @@ from sim.kubelet import FakeKubelet, PodDevices
 from sim.processes import free_port
 from sim.procfs import FakeProc, systemd_v2
 from sim.prometheus import Prometheus
-from sim.scenario import GIB, Gpu, Mig, Proc, Scenario, gpu_uuid, mig_uuid
+from sim.scenario import GIB, Gpu, Mig, Proc, Scenario, gpu_uuid, mig_uuid, pci_bus_id
 from tests.conftest import AgentProcess
+from tests.sources.test_nvml import MakeReader, calls_made
 
 MIB = 1024**2
 NODE = "gpu-node-1"
@@ -222,17 +224,18 @@ def test_series_carry_dcgm_exporters_labels(scraped: Scraped) -> None:
               for r in scraped.query('DCGM_FI_DEV_GPU_TEMP or DCGM_FI_DEV_FB_USED{GPU_I_ID="7"}')}  # fmt: skip
     without_instance = {name: {k: v for k, v in labels.items() if k != "instance"} for name, labels in series.items()}
     assert without_instance["1"] == {
-        "__name__": "DCGM_FI_DEV_GPU_TEMP", "gpu": "1", "UUID": gpu_uuid(1), "device": "nvidia1", "modelName": A100,
-        **common,
+        "__name__": "DCGM_FI_DEV_GPU_TEMP", "gpu": "1", "UUID": gpu_uuid(1), "pci_bus_id": pci_bus_id(1),
+        "device": "nvidia1", "modelName": A100, **common,
     }  # fmt: skip  # no pod holds it: no namespace, pod or container label
     assert without_instance["trainer-0"] == {
-        "__name__": "DCGM_FI_DEV_GPU_TEMP", "gpu": "0", "UUID": gpu_uuid(0), "device": "nvidia0", "modelName": H100,
-        "namespace": "default", "pod": "trainer-0", "container": "trainer", **common,
+        "__name__": "DCGM_FI_DEV_GPU_TEMP", "gpu": "0", "UUID": gpu_uuid(0), "pci_bus_id": pci_bus_id(0),
+        "device": "nvidia0", "modelName": H100, "namespace": "default", "pod": "trainer-0", "container": "trainer",
+        **common,
     }  # fmt: skip
     assert without_instance["detector-0"] == {
-        "__name__": "DCGM_FI_DEV_FB_USED", "gpu": "3", "UUID": gpu_uuid(3), "device": "nvidia3", "modelName": H100,
-        "GPU_I_PROFILE": "1g.10gb", "GPU_I_ID": "7", "namespace": "vision", "pod": "detector-0",
-        "container": "detector", **common,
+        "__name__": "DCGM_FI_DEV_FB_USED", "gpu": "3", "UUID": gpu_uuid(3), "pci_bus_id": pci_bus_id(3),
+        "device": "nvidia3", "modelName": H100, "GPU_I_PROFILE": "1g.10gb", "GPU_I_ID": "7", "namespace": "vision",
+        "pod": "detector-0", "container": "detector", **common,
     }  # fmt: skip
     # Each field in its dcgm-exporter unit, from the value the library was set to (GPU 0).
     gpu0 = {r["metric"]["__name__"]: float(r["value"][1]) for r in scraped.query(f'{{UUID="{gpu_uuid(0)}"}}')}
@@ -267,3 +270,17 @@ def test_the_exposition_has_no_duplicate_series_and_types_every_dcgm_family(scra
         assert exposed.get(family.name) == family.type, family.name
         assert family.name in helped, family.name
         assert re.search(rf"^{family.name}{{", text, re.M), family.name  # named as dcgm-exporter names it
+    dcgm_samples = [s for s in samples if s.startswith("DCGM_")]
+    assert dcgm_samples and all(re.search(r'[{,]pci_bus_id="00000000:[0-9A-F]{2}:00\.0"', s) for s in dcgm_samples)
+
+
+def test_the_pci_bus_id_is_read_once_per_gpu_and_mig_devices_carry_their_gpus(
+    scenario_file: Path, nvml_reader: MakeReader, fake_nvml: Path
+) -> None:
+    Scenario(gpus=[Gpu(gpu_uuid(0)), Gpu(gpu_uuid(1), mig=True)], migs=[Mig(1, mig_uuid(0), 7)]).write(scenario_file)
+    reader = nvml_reader(groups={"seed", "dcgm"})
+    before = calls_made(fake_nvml, "pci")
+    for _ in range(3):
+        devices = {d.uuid: d.pci_bus_id for d in reader.poll(interval_s=1.0, deadline_s=5.0).devices}
+    assert devices == {gpu_uuid(0): pci_bus_id(0), gpu_uuid(1): pci_bus_id(1), mig_uuid(0): pci_bus_id(1)}
+    assert calls_made(fake_nvml, "pci") - before == 2  # a static value: once per GPU, not every poll

@@ -46,9 +46,10 @@ def _labels(snapshot: Snapshot, series: GpuSeries, gpus: dict[str, DeviceReading
     device = series.device
     gpu_uuid = device.parent_uuid or device.uuid
     gpu = gpus.get(gpu_uuid, device)  # a MIG device whose GPU's reading aged out keeps its own name
-    labels = {
-        "gpu": str(device.index),
-        "UUID": gpu_uuid,
+    labels = {"gpu": str(device.index), "UUID": gpu_uuid}
+    if gpu.pci_bus_id is not None:  # left out when NVML could not say it, never made up
+        labels["pci_bus_id"] = gpu.pci_bus_id
+    labels |= {
         "device": f"nvidia{device.index}",
         "modelName": gpu.model,
         "Hostname": snapshot.node,

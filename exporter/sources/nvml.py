@@ -359,21 +359,22 @@ class NvmlReader:
             result.failure = error
         return result
 
-    def _fixed_value(self, query: DeviceQuery, described: str, handle: Any, variant: Variant) -> Any | None:
+    def _fixed_value(self, query: DeviceQuery, described: str, handle: Any, *variants: Variant) -> Any | None:
         """A value that never changes for a device, read until it is known, then kept by UUID."""
         key = (query.uuid, described)
         value = self._fixed.get(key)
         if value is None:
-            value = query.value(described, handle, variant)
+            value = query.value(described, handle, *variants)
             if value is not None:
                 self._fixed[key] = value
         return value
 
     def _read_device(self, handle: Any, query: DeviceQuery) -> tuple[DeviceReading, ...]:
         model = self._fixed_value(query, "name", handle, text(binding("nvmlDeviceGetName"))) or ""
+        bus_id = self._fixed_value(query, "PCI bus id", handle, *_PCI_BUS_ID)
         mig_mode = query.value("MIG mode", handle, binding("nvmlDeviceGetMigMode"))
         migs = (
-            [self._read_mig(handle, query, mig, model) for mig in mig_devices(query, handle)]
+            [self._read_mig(handle, query, mig, model, bus_id) for mig in mig_devices(query, handle)]
             if mig_mode and mig_mode[0]
             else []
         )
@@ -406,6 +407,7 @@ class NvmlReader:
             uuid=query.uuid,
             model=model,
             sampled_at=time.monotonic(),
+            pci_bus_id=bus_id,
             minor_number=int(minor) if minor is not None else None,
             duty_cycle_percent=utilisation.gpu if utilisation is not None else None,
             memory_used_bytes=memory.used if memory is not None else None,
@@ -419,7 +421,7 @@ class NvmlReader:
         )
         return (gpu, *migs)
 
-    def _read_mig(self, gpu: Any, query: DeviceQuery, mig: MigDevice, model: str) -> DeviceReading:
+    def _read_mig(self, gpu: Any, query: DeviceQuery, mig: MigDevice, model: str, bus_id: str | None) -> DeviceReading:
         mig_query = query.for_device(mig.uuid)
         reads = self._read_sources(mig.handle, mig_query, self._mig_plan, gpu=gpu, instance=mig.gpu_instance_id)
         memory = reads.get("memory")
@@ -428,6 +430,7 @@ class NvmlReader:
             uuid=mig.uuid,
             model=self._fixed_value(mig_query, "name", mig.handle, text(binding("nvmlDeviceGetName"))) or model,
             sampled_at=time.monotonic(),
+            pci_bus_id=bus_id,  # its GPU's, as dcgm-exporter labels a MIG device
             parent_uuid=query.uuid,
             gpu_instance_id=mig.gpu_instance_id,
             memory_used_bytes=memory.used if memory is not None else None,
@@ -471,6 +474,20 @@ class NvmlReader:
         if latest:
             self._last_seen_us[uuid] = max(ts for ts, _ in latest.values())
         return {pid: util for pid, (_, util) in latest.items()}
+
+
+def _bus_id(function: str) -> Variant:
+    """The PCI bus id (``00000000:18:00.0``) from a pynvml PCI-info function."""
+
+    def read(handle: Any) -> str:
+        bus_id = getattr(pynvml, function)(handle).busId
+        return bus_id.decode() if isinstance(bus_id, bytes) else str(bus_id)
+
+    return Variant(function, read)
+
+
+# v3 where the driver has it, else whichever version the bindings' nvmlDeviceGetPciInfo calls.
+_PCI_BUS_ID = (_bus_id("nvmlDeviceGetPciInfo_v3"), _bus_id("nvmlDeviceGetPciInfo"))
 
 
 def _mig_slot(slot: int) -> Callable[[Any], Any]:
