@@ -48,6 +48,10 @@ NVML_VOLATILE_ECC = 0
 NVML_FI_DEV_GET_GPU_RECOVERY_ACTION = 230  # a field value of newer drivers
 
 
+# The sources the events watcher feeds (Via.XID_EVENTS), by key.
+XID_COUNTS, XID_SEEN = "xid", "xid_seen"
+
+
 class Utilisation(NamedTuple):
     gpu: float  # percent of the sample period a kernel ran
     memory: float  # percent of it memory was read or written
@@ -198,7 +202,9 @@ SOURCES: dict[str, Source] = {
             what="GPU recovery action",
         ),
         Source("gpm", (), mig=True, via=Via.GPM_SAMPLES),  # {GPM metric id: percent}
-        Source("xid", (), mig=True, via=Via.XID_EVENTS),  # {Xid: events counted}
+        Source(XID_COUNTS, (), mig=True, via=Via.XID_EVENTS),  # {Xid: events counted}
+        # {Xid: time.monotonic() of its latest event} on a GPU the watcher watches or saw an event on.
+        Source(XID_SEEN, (), via=Via.XID_EVENTS),
     )
 }
 
@@ -312,7 +318,17 @@ def _recovery_actions(reads: Mapping[str, Any]) -> Samples:
 
 
 def _xid(reads: Mapping[str, Any]) -> Samples:
-    return tuple(Sample((str(xid),), float(count)) for xid, count in sorted((reads.get("xid") or {}).items()))
+    return tuple(Sample((str(xid),), float(count)) for xid, count in sorted((reads.get(XID_COUNTS) or {}).items()))
+
+
+def _last_xid(reads: Mapping[str, Any]) -> Samples:
+    """dcgm-exporter's last Xid: the latest event's code as value and as its err_code label; 0 on a
+    GPU watched that had none (dcgm-exporter's "No Error")."""
+    seen = reads.get(XID_SEEN)
+    if seen is None:
+        return ()
+    code = max(seen, key=seen.__getitem__) if seen else 0
+    return (Sample((str(code),), float(code)),)
 
 
 _WHOLE_DEVICE = "Absent on MIG devices."
@@ -377,7 +393,7 @@ DRA_ALLOCATION_INFO = Family(
 
 # Rendered from the health verdicts (exporter.attribution.health), read or not: a GPU that is lost
 # or whose reads stall is unhealthy, not absent.
-_HEALTH_READS = ("remapped_rows", "ecc_uncorrected", "clock_events", "recovery_action", "xid")
+_HEALTH_READS = ("remapped_rows", "ecc_uncorrected", "clock_events", "recovery_action", XID_COUNTS, XID_SEEN)
 GPU_HEALTH_STATUS = Family(
     "gpu_health_status",
     "One answer per GPU: 0 healthy, 1 degraded (serviceable), 2 unhealthy (needs action: drain, reset or "
@@ -804,6 +820,18 @@ FAMILIES: tuple[Family, ...] = (
         "bytes per second",
         "pcie_rx",
         lambda kb: kb * 1024.0,
+    ),
+    Family(
+        "DCGM_FI_DEV_XID_ERRORS",
+        "Value of the last XID error encountered.",
+        "Xid",
+        "gauge",
+        DCGM,
+        "the code of the GPU's latest Xid event (NVML events, as `gpu_xid_errors_total`), 0 before its first; "
+        "absent where the GPU cannot register for Xid events",
+        (*DCGM_LABELS, "err_code"),
+        reads=(XID_SEEN,),
+        samples=_last_xid,
     ),
 )
 

@@ -20,7 +20,7 @@ from sim.kubelet import FakeKubelet, PodDevices
 from sim.processes import free_port
 from sim.procfs import FakeProc, systemd_v2
 from sim.prometheus import Prometheus
-from sim.scenario import GIB, Gpu, Mig, Proc, Scenario, gpu_uuid, mig_uuid, pci_bus_id
+from sim.scenario import GIB, Gpu, Mig, Proc, Scenario, Xid, gpu_uuid, mig_uuid, pci_bus_id
 from tests.conftest import AgentProcess
 from tests.sources.test_nvml import MakeReader, calls_made
 
@@ -79,11 +79,11 @@ ASR1 = Pod("speech", "asr-1", "asr", "00000000-0000-0000-0000-00000000000c")
 DETECTOR = Pod("vision", "detector-0", "detector", "00000000-0000-0000-0000-00000000000d")
 H100, A100 = "NVIDIA H100 80GB HBM3", "NVIDIA A100-SXM4-80GB"
 GPUS = [
-    # 0: a trainer's own GPU; 1: no pod's, without GPM; 2: time-sliced by two pods; 3: in MIG mode.
+    # 0: a trainer's own GPU; 1: no pod's, without GPM or Xid events; 2: time-sliced by two pods; 3: in MIG mode.
     Gpu(gpu_uuid(0), H100, util=30, memutil=12, used=10 * GIB, reserved=512 * MIB, temp=61, power=250_000,
         sm_clock=1755, energy=9_000_000, encoder=7, decoder=9, pcie_tx=1000, pcie_rx=2000, pcie_replays=3,
         remapped_correctable=2, remapped_uncorrectable=1, sm_active=45, tensor_active=20, dram_bandwidth=35),
-    Gpu(gpu_uuid(1), A100, util=5, used=1 * GIB, temp=40, power=90_000, sm_clock=1410),
+    Gpu(gpu_uuid(1), A100, util=5, used=1 * GIB, temp=40, power=90_000, sm_clock=1410, unsupported=("events",)),
     Gpu(gpu_uuid(2), H100, util=55, used=5 * GIB, temp=70, power=400_000, sm_clock=1980, sm_active=50,
         tensor_active=30, dram_bandwidth=40),
     Gpu(gpu_uuid(3), H100, mig=True, temp=50, power=150_000, sm_clock=1600),
@@ -122,7 +122,8 @@ def scraped(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Scraped]:
 
     directory = tmp_path_factory.mktemp("dcgm")
     scenario = directory / "scenario.txt"
-    Scenario(gpus=GPUS, migs=[MIG], procs=PROCS, driver_version=DRIVER).write(scenario)
+    nvml = Scenario(gpus=GPUS, migs=[MIG], procs=PROCS, driver_version=DRIVER)
+    nvml.write(scenario)
     kubelet = FakeKubelet(str(directory / "kubelet.sock")).start()
     kubelet.set_pods(
         [
@@ -148,7 +149,11 @@ def scraped(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Scraped]:
         prometheus.wait_for(
             'count(DCGM_FI_DEV_GPU_UTIL{pod=~"asr-.*"} != 55) == 2 and count(DCGM_FI_PROF_PCIE_TX_BYTES) > 0'
             ' and count(DCGM_FI_PROF_GR_ENGINE_ACTIVE{GPU_I_ID="7"}) > 0'
+            ' and count(DCGM_FI_DEV_XID_ERRORS{gpu="0"}) > 0'  # GPU 0 watched for Xid events
         )
+        nvml.xids.append(Xid(gpu=0, code=79))
+        nvml.write(scenario)
+        prometheus.wait_for('DCGM_FI_DEV_XID_ERRORS{gpu="0"} == 79')
         yield Scraped(prometheus, agent)
     finally:
         prometheus.stop()
@@ -249,6 +254,7 @@ def test_series_carry_dcgm_exporters_labels(scraped: Scraped) -> None:
         "DCGM_FI_DEV_ROW_REMAP_FAILURE": 0, "DCGM_FI_PROF_GR_ENGINE_ACTIVE": 0.45,
         "DCGM_FI_PROF_PIPE_TENSOR_ACTIVE": 0.20, "DCGM_FI_PROF_DRAM_ACTIVE": 0.35,
         "DCGM_FI_PROF_PCIE_TX_BYTES": 1000 * 1024, "DCGM_FI_PROF_PCIE_RX_BYTES": 2000 * 1024,
+        "DCGM_FI_DEV_XID_ERRORS": 79,
     }  # fmt: skip
     # Every field but the two pod shares is the device's in each pod's series.
     shared = scraped.by(f'{{UUID="{gpu_uuid(2)}",__name__=~"DCGM_FI_DEV_(GPU_UTIL|FB_USED|POWER_USAGE)"}}',
@@ -272,6 +278,16 @@ def test_the_exposition_has_no_duplicate_series_and_types_every_dcgm_family(scra
         assert re.search(rf"^{family.name}{{", text, re.M), family.name  # named as dcgm-exporter names it
     dcgm_samples = [s for s in samples if s.startswith("DCGM_")]
     assert dcgm_samples and all(re.search(r'[{,]pci_bus_id="00000000:[0-9A-F]{2}:00\.0"', s) for s in dcgm_samples)
+
+
+def test_the_last_xid_code_per_gpu_as_dcgm_exporter_shows_it(scraped: Scraped) -> None:
+    # 0 on a watched GPU before its first Xid, as dcgm-exporter's err_code="0"; none from GPU 1, which
+    # cannot register for Xid events (never a made-up 0), nor from the MIG device (a GPU field).
+    assert scraped.by("DCGM_FI_DEV_XID_ERRORS", "gpu", "GPU_I_ID", "pod", "err_code") == {
+        ("0", "", "trainer-0", "79"): 79, ("2", "", "asr-0", "0"): 0, ("2", "", "asr-1", "0"): 0, ("3", "", "", "0"): 0
+    }  # fmt: skip
+    # An alert keyed on err_code, as dcgm-exporter users write them, for Xids needing a reset or a reboot.
+    assert scraped.by('max(DCGM_FI_DEV_XID_ERRORS{err_code=~"48|79|95"}) by (Hostname, gpu)', "gpu") == {("0",): 79}
 
 
 def test_the_pci_bus_id_is_read_once_per_gpu_and_mig_devices_carry_their_gpus(

@@ -26,7 +26,17 @@ from typing import Any, NamedTuple
 import pynvml
 
 from exporter.backoff import Backoff
-from exporter.catalogue import DEFAULT_GROUPS, Family, Source, Via, device_samples, enabled_families, reads_for
+from exporter.catalogue import (
+    DEFAULT_GROUPS,
+    XID_COUNTS,
+    XID_SEEN,
+    Family,
+    Source,
+    Via,
+    device_samples,
+    enabled_families,
+    reads_for,
+)
 from exporter.model import DeviceError, DeviceReading, GpuProcess, LostGpu
 from exporter.sources.gpm import GpmSampler
 from exporter.sources.nvmlevents import XidCounts, XidWatcher
@@ -117,11 +127,17 @@ def mig_devices(query: DeviceQuery, gpu: Any) -> list[MigDevice]:
     return found
 
 
-def with_xid_counts(
-    devices: tuple[DeviceReading, ...], counts: XidCounts, xid_key: str, families: tuple[Family, ...]
+def with_xid_events(
+    devices: tuple[DeviceReading, ...],
+    counts: XidCounts,
+    seen: Mapping[str, Mapping[int, float]],
+    watched: frozenset[str],
+    families: tuple[Family, ...],
 ) -> tuple[DeviceReading, ...]:
-    """Each device's Xid counts as its ``families``' samples (read as source ``xid_key``): an event
-    naming a GPU instance counts on that MIG device (on its GPU while no such MIG device is known)."""
+    """Each device's Xid events as its ``families``' samples: the events counted per code (an event
+    naming a GPU instance counts on that MIG device, on its GPU while no such MIG device is known);
+    and on a GPU watched or with an event seen, the latest event time per code (for the health rules
+    and the last code)."""
     migs = {(d.parent_uuid, d.gpu_instance_id): d.uuid for d in devices if d.parent_uuid is not None}
     per_device: dict[str, Counter[int]] = {}
     for (gpu_uuid, instance), by_xid in counts.items():
@@ -129,20 +145,17 @@ def with_xid_counts(
         per_device.setdefault(target, Counter()).update(by_xid)
     merged = []
     for device in devices:
-        xids: Mapping[int, int] | None = per_device.get(device.uuid)
-        if xids:
-            device = replace(device, metrics={**device.metrics, **device_samples(families, {xid_key: xids})})
+        reads: dict[str, Any] = {}
+        if device.uuid in per_device:
+            reads[XID_COUNTS] = per_device[device.uuid]
+        gpu_seen = seen.get(device.uuid, {}) if device.parent_uuid is None else {}
+        if gpu_seen or (device.parent_uuid is None and device.uuid in watched):
+            reads[XID_SEEN] = gpu_seen
+            device = replace(device, xid_seen=gpu_seen)
+        if reads:
+            device = replace(device, metrics={**device.metrics, **device_samples(families, reads)})
         merged.append(device)
     return tuple(merged)
-
-
-def with_xid_seen(
-    devices: tuple[DeviceReading, ...], seen: Mapping[str, Mapping[int, float]]
-) -> tuple[DeviceReading, ...]:
-    """Each GPU's latest event time per Xid, for the health rules."""
-    if not seen:
-        return devices
-    return tuple(replace(d, xid_seen=seen[d.uuid]) if d.parent_uuid is None and d.uuid in seen else d for d in devices)
 
 
 class NvmlReader:
@@ -172,9 +185,8 @@ class NvmlReader:
         self._families = enabled_families(groups)
         self._gpu_plan = _plan(reads_for(self._families, mig=False))
         self._mig_plan = _plan(reads_for(self._families, mig=True))
-        xid_source = next((s for s in reads_for(self._families, mig=False) if s.via is Via.XID_EVENTS), None)
-        self._xid_key = xid_source.key if xid_source is not None else ""
-        self._xid_families = tuple(f for f in self._families if self._xid_key in f.reads)
+        xid_keys = {s.key for s in reads_for(self._families, mig=False) if s.via is Via.XID_EVENTS}
+        self._xid_families = tuple(f for f in self._families if xid_keys & set(f.reads))
         self._xid = XidWatcher() if self._xid_families else None
         self._polls = 0
         # Values read every few polls: (uuid, source) -> (poll read at, plain value).
@@ -263,8 +275,8 @@ class NvmlReader:
         self._forget_gone({d.uuid for d in devices})
         if self._xid is not None and self.initialised:
             self._xid.watch([(d.index, d.uuid) for d in devices if d.parent_uuid is None])
-            devices = with_xid_counts(devices, self._xid.counts(), self._xid_key, self._xid_families)
-            devices = with_xid_seen(devices, self._xid.last_seen())
+            xid = self._xid
+            devices = with_xid_events(devices, xid.counts(), xid.last_seen(), xid.watched(), self._xid_families)
         lost = tuple(self._lost[index] for index in sorted(self._lost))
         return NvmlPoll(devices=devices, errors=tuple(errors), lost=lost)
 
