@@ -51,6 +51,7 @@ class Gpu:
     clock_reasons: int = 0  # nvmlClocksEventReason bitmask
     recovery_action: int = 0  # nvmlDeviceGpuRecoveryAction_t, where the driver offers the field
     pci_bus_id: str | None = None  # None: a bus id of its own from its index (pci_bus_id())
+    memory_temp: int | None = None  # HBM temperature, C; None: no HBM (the field is not supported)
     gpm: bool | None = None  # None: as the model (GPM_MODELS)
     sm_active: float = 0.0  # GPM percentages
     sm_occupancy: float = 0.0
@@ -146,6 +147,7 @@ class Scenario:
                 "remapfailed": int(gpu.remap_failed),
                 "reasons": gpu.clock_reasons,
                 "recovery": gpu.recovery_action,
+                "memtemp": -1 if gpu.memory_temp is None else gpu.memory_temp,
                 "gpm": int(gpm),
                 "smactive": gpu.sm_active,
                 "smocc": gpu.sm_occupancy,

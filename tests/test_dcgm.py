@@ -14,7 +14,7 @@ from typing import Any
 import pytest
 import requests
 
-from exporter.catalogue import DCGM_FAMILIES
+from exporter.catalogue import DCGM_FAMILIES, parse_groups
 from sim.apiserver import FakeApiServer, pod_json
 from sim.kubelet import FakeKubelet, PodDevices
 from sim.processes import free_port
@@ -82,7 +82,8 @@ GPUS = [
     # 0: a trainer's own GPU; 1: no pod's, without GPM or Xid events; 2: time-sliced by two pods; 3: in MIG mode.
     Gpu(gpu_uuid(0), H100, util=30, memutil=12, used=10 * GIB, reserved=512 * MIB, temp=61, power=250_000,
         sm_clock=1755, energy=9_000_000, encoder=7, decoder=9, pcie_tx=1000, pcie_rx=2000, pcie_replays=3,
-        remapped_correctable=2, remapped_uncorrectable=1, sm_active=45, tensor_active=20, dram_bandwidth=35),
+        remapped_correctable=2, remapped_uncorrectable=1, sm_active=45, tensor_active=20, dram_bandwidth=35,
+        memory_temp=72),
     Gpu(gpu_uuid(1), A100, util=5, used=1 * GIB, temp=40, power=90_000, sm_clock=1410, unsupported=("events",)),
     Gpu(gpu_uuid(2), H100, util=55, used=5 * GIB, temp=70, power=400_000, sm_clock=1980, sm_active=50,
         tensor_active=30, dram_bandwidth=40),
@@ -254,7 +255,7 @@ def test_series_carry_dcgm_exporters_labels(scraped: Scraped) -> None:
         "DCGM_FI_DEV_ROW_REMAP_FAILURE": 0, "DCGM_FI_PROF_GR_ENGINE_ACTIVE": 0.45,
         "DCGM_FI_PROF_PIPE_TENSOR_ACTIVE": 0.20, "DCGM_FI_PROF_DRAM_ACTIVE": 0.35,
         "DCGM_FI_PROF_PCIE_TX_BYTES": 1000 * 1024, "DCGM_FI_PROF_PCIE_RX_BYTES": 2000 * 1024,
-        "DCGM_FI_DEV_XID_ERRORS": 79,
+        "DCGM_FI_DEV_XID_ERRORS": 79, "DCGM_FI_DEV_MEMORY_TEMP": 72,
     }  # fmt: skip
     # Every field but the two pod shares is the device's in each pod's series.
     shared = scraped.by(f'{{UUID="{gpu_uuid(2)}",__name__=~"DCGM_FI_DEV_(GPU_UTIL|FB_USED|POWER_USAGE)"}}',
@@ -294,9 +295,31 @@ def test_the_pci_bus_id_is_read_once_per_gpu_and_mig_devices_carry_their_gpus(
     scenario_file: Path, nvml_reader: MakeReader, fake_nvml: Path
 ) -> None:
     Scenario(gpus=[Gpu(gpu_uuid(0)), Gpu(gpu_uuid(1), mig=True)], migs=[Mig(1, mig_uuid(0), 7)]).write(scenario_file)
-    reader = nvml_reader(groups={"seed", "dcgm"})
+    reader = nvml_reader(groups=parse_groups("seed,dcgm"))
     before = calls_made(fake_nvml, "pci")
     for _ in range(3):
         devices = {d.uuid: d.pci_bus_id for d in reader.poll(interval_s=1.0, deadline_s=5.0).devices}
     assert devices == {gpu_uuid(0): pci_bus_id(0), gpu_uuid(1): pci_bus_id(1), mig_uuid(0): pci_bus_id(1)}
     assert calls_made(fake_nvml, "pci") - before == 2  # a static value: once per GPU, not every poll
+
+
+def test_the_memory_temperature_where_the_gpu_has_it(scraped: Scraped) -> None:
+    # GPU 0 answers the field (HBM); the others answer NOT_SUPPORTED: absent, never 0. This driver
+    # lacks the recovery action field, read in the same call: each field has its own answer.
+    assert scraped.by("DCGM_FI_DEV_MEMORY_TEMP", "gpu") == {("0",): 72}
+    assert scraped.query("gpu_recovery_action") == []
+
+
+def test_the_memory_temperature_comes_in_the_recovery_actions_call(
+    scenario_file: Path, nvml_reader: MakeReader, fake_nvml: Path
+) -> None:
+    gpus = [Gpu(gpu_uuid(0), memory_temp=72, recovery_action=1), Gpu(gpu_uuid(1))]
+    Scenario(gpus=gpus, recovery_field=True).write(scenario_file)
+    reader = nvml_reader(groups=parse_groups("seed,dcgm"))
+    before = calls_made(fake_nvml, "fields")
+    devices = {d.uuid: d.metrics for d in reader.poll(interval_s=1.0, deadline_s=5.0).devices}
+    assert calls_made(fake_nvml, "fields") - before == 2  # one call per GPU for both fields
+    assert dict(devices[gpu_uuid(0)]["DCGM_FI_DEV_MEMORY_TEMP"]) == {(): 72.0}
+    assert "DCGM_FI_DEV_MEMORY_TEMP" not in devices[gpu_uuid(1)]
+    in_force = {uuid: [a for (a,), v in metrics["gpu_recovery_action"] if v] for uuid, metrics in devices.items()}
+    assert in_force == {gpu_uuid(0): ["gpu_reset"], gpu_uuid(1): ["none"]}

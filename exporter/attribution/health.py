@@ -63,7 +63,7 @@ def _recovery_rule(value: int, name: str) -> Rule:
         f"recovery_{name}",
         severity,
         f"the driver's recovery action field (`NVML_FI_DEV_GET_GPU_RECOVERY_ACTION`) says {name}",
-        lambda e: e.read("recovery_action") == value,
+        lambda e: (fields := e.read("field_values")) is not None and fields.recovery_action == value,
     )
 
 

@@ -18,6 +18,7 @@
  *           lost=0|1  unsupported=<call>,<call>  fail=<call>:<rc>,...  block=<call>:<milliseconds>
  *           recovery=<nvmlDeviceGpuRecoveryAction_t> (the field's value where the driver offers it)
  *           pcibus=<bus id, "00000000:18:00.0"> (nvmlDeviceGetPciInfo_v3; MIG devices answer their GPU's)
+ *           memtemp=<C> (NVML_FI_DEV_MEMORY_TEMP; -1: no HBM, the field answers NOT_SUPPORTED)
  *   mig     parent=<gpu index> uuid= name= gi= ci= total= used= smactive= smocc= tensor= dram=
  *   proc    gpu=<gpu index> pid= mem=<bytes|na> sm=<percent> gi= ci=
  *   xid     gpu=<gpu index> code=<xid> gi= ci= seq=<n>   (an event; seq numbers grow, each is delivered once)
@@ -153,6 +154,7 @@ struct device {
     unsigned power;
     unsigned smclock, memclock, plimit, enc, dec, pcietx, pcierx, replay;
     unsigned remapcorr, remapunc, remappending, remapfailed, gpm, recovery;
+    int memtemp; /* -1: no HBM, the field is not supported */
     unsigned long long energy, ecccorr, eccunc, reasons;
     double smactive, smocc, tensor, dram;
     int lost;
@@ -233,6 +235,7 @@ static void parse_device(struct device *d, char *fields) {
     memset(d, 0, sizeof *d);
     d->present = 1;
     d->gi = d->ci = NO_INSTANCE;
+    d->memtemp = -1;
     for (char *save = NULL, *kv = strtok_r(fields, "\t\n", &save); kv; kv = strtok_r(NULL, "\t\n", &save)) {
         char *eq = strchr(kv, '=');
         if (!eq) continue;
@@ -268,6 +271,7 @@ static void parse_device(struct device *d, char *fields) {
         else if (!strcmp(k, "reasons")) d->reasons = strtoull(v, NULL, 0);
         else if (!strcmp(k, "gpm")) d->gpm = strtoul(v, NULL, 10);
         else if (!strcmp(k, "recovery")) d->recovery = strtoul(v, NULL, 10);
+        else if (!strcmp(k, "memtemp")) d->memtemp = (int)strtol(v, NULL, 10);
         else if (!strcmp(k, "smactive")) d->smactive = strtod(v, NULL);
         else if (!strcmp(k, "smocc")) d->smocc = strtod(v, NULL);
         else if (!strcmp(k, "tensor")) d->tensor = strtod(v, NULL);
@@ -1040,9 +1044,11 @@ int nvmlDeviceGetFanSpeed(void *device, unsigned int *speed) {
     return rc == NVML_SUCCESS ? NVML_ERROR_NOT_SUPPORTED : rc; /* passively cooled */
 }
 
-/* ---- Field values: only the GPU recovery action, on a driver that offers it; other fields are
- * not supported, each in its own entry as NVML reports them. */
+/* ---- Field values: the GPU recovery action, on a driver that offers it, and the memory (HBM)
+ * temperature, on a GPU that has it; other fields are not supported, each in its own entry as NVML
+ * reports them. */
 
+#define NVML_FI_DEV_MEMORY_TEMP 82
 #define NVML_FI_DEV_GET_GPU_RECOVERY_ACTION 230
 #define NVML_VALUE_TYPE_UNSIGNED_INT 1
 
@@ -1074,6 +1080,11 @@ int nvmlDeviceGetFieldValues(void *device, int count, nvmlFieldValue_t *values) 
             v->nvmlReturn = NVML_SUCCESS;
             v->value.ullVal = 0;
             v->value.uiVal = d.recovery;
+        } else if (v->fieldId == NVML_FI_DEV_MEMORY_TEMP && d.memtemp >= 0 && !d.is_mig) {
+            v->valueType = NVML_VALUE_TYPE_UNSIGNED_INT;
+            v->nvmlReturn = NVML_SUCCESS;
+            v->value.ullVal = 0;
+            v->value.uiVal = (unsigned)d.memtemp;
         } else {
             v->nvmlReturn = NVML_ERROR_NOT_SUPPORTED;
         }
