@@ -415,7 +415,15 @@ DRA_ALLOCATION_INFO = Family(
 
 # Rendered from the health verdicts (exporter.attribution.health), read or not: a GPU that is lost
 # or whose reads stall is unhealthy, not absent.
-_HEALTH_READS = ("remapped_rows", "ecc_uncorrected", "clock_events", "field_values", XID_COUNTS, XID_SEEN)
+_HEALTH_READS = (
+    "remapped_rows",
+    "ecc_uncorrected",
+    "ecc_corrected",
+    "clock_events",
+    "field_values",
+    XID_COUNTS,
+    XID_SEEN,
+)
 GPU_HEALTH_STATUS = Family(
     "gpu_health_status",
     "One answer per GPU: 0 healthy, 1 degraded (serviceable), 2 unhealthy (needs action: drain, reset or "

@@ -68,6 +68,9 @@ class DeviceReading:
     reads: Mapping[str, Any] = field(default_factory=dict)
     # Xid -> time.monotonic() of its latest event on this GPU or any of its GPU instances.
     xid_seen: Mapping[int, float] = field(default_factory=dict)
+    # Corrected (volatile) ECC errors per minute over the last minute or more of reads
+    # (exporter.sources.errorrate); None before two reads of the count.
+    corrected_ecc_per_minute: float | None = None
 
 
 @dataclass(frozen=True)

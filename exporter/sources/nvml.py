@@ -2,7 +2,8 @@
 
 It wires the NVML parts, each in a module of its own: every value is read through the
 fault-contained query (exporter.sources.nvmlquery), GPM metrics come from exporter.sources.gpm,
-and Xid counts from the events watcher (exporter.sources.nvmlevents), merged in at each poll.
+Xid counts from the events watcher (exporter.sources.nvmlevents), merged in at each poll, and the
+corrected-ECC rate across polls from exporter.sources.errorrate.
 What is read is driven by the metric catalogue (exporter.catalogue): the sources the enabled
 groups need, each at its cadence.
 
@@ -38,6 +39,7 @@ from exporter.catalogue import (
     reads_for,
 )
 from exporter.model import DeviceError, DeviceReading, GpuProcess, LostGpu
+from exporter.sources.errorrate import PerMinute
 from exporter.sources.gpm import GpmSampler
 from exporter.sources.nvmlevents import XidCounts, XidWatcher
 from exporter.sources.nvmlquery import (
@@ -194,6 +196,7 @@ class NvmlReader:
         # What never changes for a device (its name, its minor number): (uuid, what) -> value.
         self._fixed: dict[tuple[str, str], Any] = {}
         self._present: set[str] = set()  # the UUIDs of the last poll's devices
+        self._corrected_ecc = PerMinute()  # for the health rules' correctable-error storm
         self._gpm = GpmSampler()
 
     @property
@@ -288,6 +291,7 @@ class NvmlReader:
         self._present = present
         self._kept = {key: value for key, value in self._kept.items() if key[0] in present}
         self._fixed = {key: value for key, value in self._fixed.items() if key[0] in present}
+        self._corrected_ecc.keep_only(present)
 
     def _gpu_state(self, index: int) -> StateLog:
         state = self._gpu_states.get(index)
@@ -414,6 +418,8 @@ class NvmlReader:
             )
         memory = reads.get("memory")
         minor = self._fixed_value(query, "minor number", handle, binding("nvmlDeviceGetMinorNumber"))
+        if "ecc_corrected" in reads and self._read_this_poll(query.uuid, "ecc_corrected"):
+            self._corrected_ecc.read(query.uuid, time.monotonic(), reads["ecc_corrected"])
         gpu = DeviceReading(
             index=query.index,
             uuid=query.uuid,
@@ -430,8 +436,14 @@ class NvmlReader:
             process_sm_percent=process_sm,
             metrics=device_samples(self._families, reads),
             reads=reads,
+            corrected_ecc_per_minute=self._corrected_ecc.rate(query.uuid),
         )
         return (gpu, *migs)
+
+    def _read_this_poll(self, uuid: str, key: str) -> bool:
+        """Whether the source was read in this poll rather than served from an earlier one."""
+        kept = self._kept.get((uuid, key))
+        return kept is None or kept[0] == self._polls
 
     def _read_mig(self, gpu: Any, query: DeviceQuery, mig: MigDevice, model: str, bus_id: str | None) -> DeviceReading:
         mig_query = query.for_device(mig.uuid)
