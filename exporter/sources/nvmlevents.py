@@ -155,7 +155,7 @@ class XidWatcher:
                 except pynvml.NVMLError as error:
                     if error.value != pynvml.NVML_ERROR_NOT_SUPPORTED:
                         raise
-                    log.info("GPU %d (%s): Xid events not supported; gpu_xid_errors_total is left out", index, uuid)
+                    log.info("GPU %d (%s): Xid events not supported; its Xid series are left out", index, uuid)
                     continue
                 address = _address(handle)
                 if address is not None:
