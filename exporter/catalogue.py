@@ -39,7 +39,7 @@ POD_INFO_LABELS = ("node", "gpu", "uuid", "namespace", "pod", "container")
 DRA_LABELS = ("node", "namespace", "pod", "container", "claim_namespace", "claim", "driver", "pool", "device", "uuid")
 # dcgm-exporter's labels (internal/pkg/rendermetrics/render_metrics.go): every series has these, a MIG
 # device's adds GPU_I_PROFILE and GPU_I_ID, and a device a pod holds DCGM_POD_LABELS (a series per pod).
-DCGM_LABELS = ("gpu", "UUID", "device", "modelName", "Hostname", "DCGM_FI_DRIVER_VERSION")
+DCGM_LABELS = ("gpu", "UUID", "pci_bus_id", "device", "modelName", "Hostname", "DCGM_FI_DRIVER_VERSION")
 DCGM_POD_LABELS = ("namespace", "pod", "container")
 
 # NVML's enum values passed as call arguments (the catalogue imports no pynvml).
@@ -49,6 +49,11 @@ NVML_PCIE_UTIL_TX_BYTES, NVML_PCIE_UTIL_RX_BYTES = 0, 1
 NVML_MEMORY_ERROR_TYPE_CORRECTED, NVML_MEMORY_ERROR_TYPE_UNCORRECTED = 0, 1
 NVML_VOLATILE_ECC = 0
 NVML_FI_DEV_GET_GPU_RECOVERY_ACTION = 230  # a field value of newer drivers
+NVML_FI_DEV_MEMORY_TEMP = 82  # HBM parts only: NOT_SUPPORTED elsewhere
+
+
+# The sources the events watcher feeds (Via.XID_EVENTS), by key.
+XID_COUNTS, XID_SEEN = "xid", "xid_seen"
 
 
 class Utilisation(NamedTuple):
@@ -61,6 +66,13 @@ class Memory(NamedTuple):
     total: int
     free: int
     reserved: int | None  # v2 only: v1 counts it as used
+
+
+class FieldValues(NamedTuple):
+    """The fields read in one nvmlDeviceGetFieldValues call; None where that field does not answer."""
+
+    recovery_action: int | None
+    memory_temperature: float | None
 
 
 class RemappedRows(NamedTuple):
@@ -116,11 +128,23 @@ SAMPLED_EVERY = 5
 SLOW_EVERY = 10
 
 
-def _recovery_action(values: Any) -> int | None:
-    """The recovery action field's answer; None where the driver does not offer the field (older
-    drivers answer the call but not the field)."""
-    value = values[0]
-    return int(value.value.uiVal) if int(value.nvmlReturn) == 0 else None
+# nvmlValueType_t -> the member of nvmlValue_t holding it.
+_VALUE_MEMBERS = {0: "dVal", 1: "uiVal", 2: "ulVal", 3: "ullVal", 4: "sllVal", 5: "siVal", 6: "usVal"}
+
+
+def _field(value: Any) -> float | None:
+    """One field's answer as a number; None where it does not answer (each field has its own return:
+    an older driver answers the call but not the recovery action, a GPU without HBM not the memory
+    temperature)."""
+    if int(value.nvmlReturn) != 0:
+        return None
+    member = _VALUE_MEMBERS.get(int(value.valueType))
+    return None if member is None else float(getattr(value.value, member))
+
+
+def _field_values(values: Any) -> FieldValues:
+    recovery, memory_temperature = (_field(value) for value in values)
+    return FieldValues(None if recovery is None else int(recovery), memory_temperature)
 
 
 def _reserved(memory: Any) -> int | None:
@@ -194,14 +218,17 @@ SOURCES: dict[str, Source] = {
             every=SAMPLED_EVERY,
         ),
         Source(
-            "recovery_action",
-            (Call("nvmlDeviceGetFieldValues", ((NVML_FI_DEV_GET_GPU_RECOVERY_ACTION,),)),),
-            _recovery_action,
+            "field_values",
+            # One call for every field read, in FieldValues' order.
+            (Call("nvmlDeviceGetFieldValues", ((NVML_FI_DEV_GET_GPU_RECOVERY_ACTION, NVML_FI_DEV_MEMORY_TEMP),)),),
+            _field_values,
             every=SAMPLED_EVERY,
-            what="GPU recovery action",
+            what="field values (GPU recovery action, memory temperature)",
         ),
         Source("gpm", (), mig=True, via=Via.GPM_SAMPLES),  # {GPM metric id: percent}
-        Source("xid", (), mig=True, via=Via.XID_EVENTS),  # {Xid: events counted}
+        Source(XID_COUNTS, (), mig=True, via=Via.XID_EVENTS),  # {Xid: events counted}
+        # {Xid: time.monotonic() of its latest event} on a GPU the watcher watches or saw an event on.
+        Source(XID_SEEN, (), via=Via.XID_EVENTS),
     )
 }
 
@@ -306,7 +333,8 @@ def _clock_events(reads: Mapping[str, Any]) -> Samples:
 
 def _recovery_actions(reads: Mapping[str, Any]) -> Samples:
     """One series per action, 1 for the one in force (a state set, as gpu_clock_event_active)."""
-    value = reads.get("recovery_action")
+    fields = reads.get("field_values")
+    value = None if fields is None else fields.recovery_action
     if value is None:
         return ()
     current = recovery_action_name(value)
@@ -315,7 +343,17 @@ def _recovery_actions(reads: Mapping[str, Any]) -> Samples:
 
 
 def _xid(reads: Mapping[str, Any]) -> Samples:
-    return tuple(Sample((str(xid),), float(count)) for xid, count in sorted((reads.get("xid") or {}).items()))
+    return tuple(Sample((str(xid),), float(count)) for xid, count in sorted((reads.get(XID_COUNTS) or {}).items()))
+
+
+def _last_xid(reads: Mapping[str, Any]) -> Samples:
+    """dcgm-exporter's last Xid: the latest event's code as value and as its err_code label; 0 on a
+    GPU watched that had none (dcgm-exporter's "No Error")."""
+    seen = reads.get(XID_SEEN)
+    if seen is None:
+        return ()
+    code = max(seen, key=seen.__getitem__) if seen else 0
+    return (Sample((str(code),), float(code)),)
 
 
 _WHOLE_DEVICE = "Absent on MIG devices."
@@ -380,7 +418,15 @@ DRA_ALLOCATION_INFO = Family(
 
 # Rendered from the health verdicts (exporter.attribution.health), read or not: a GPU that is lost
 # or whose reads stall is unhealthy, not absent.
-_HEALTH_READS = ("remapped_rows", "ecc_uncorrected", "clock_events", "recovery_action", "xid")
+_HEALTH_READS = (
+    "remapped_rows",
+    "ecc_uncorrected",
+    "ecc_corrected",
+    "clock_events",
+    "field_values",
+    XID_COUNTS,
+    XID_SEEN,
+)
 GPU_HEALTH_STATUS = Family(
     "gpu_health_status",
     "One answer per GPU: 0 healthy, 1 degraded (serviceable), 2 unhealthy (needs action: drain, reset or "
@@ -691,7 +737,7 @@ FAMILIES: tuple[Family, ...] = (
         "health",
         "`nvmlDeviceGetFieldValues(NVML_FI_DEV_GET_GPU_RECOVERY_ACTION)` (newer drivers)",
         labels=(*DEVICE_LABELS, "action"),
-        reads=("recovery_action",),
+        reads=("field_values",),
         samples=_recovery_actions,
     ),
     GPU_HEALTH_STATUS,
@@ -856,6 +902,27 @@ FAMILIES: tuple[Family, ...] = (
         "bytes per second",
         "pcie_rx",
         lambda kb: kb * 1024.0,
+    ),
+    _dcgm(
+        "DCGM_FI_DEV_MEMORY_TEMP",
+        "Memory temperature (in C).",
+        "celsius",
+        "field_values",
+        lambda fields: fields.memory_temperature,
+        nvml="`nvmlDeviceGetFieldValues(NVML_FI_DEV_MEMORY_TEMP)`, in the health group's call for the recovery "
+        "action (absent without HBM)",
+    ),
+    Family(
+        "DCGM_FI_DEV_XID_ERRORS",
+        "Value of the last XID error encountered.",
+        "Xid",
+        "gauge",
+        DCGM,
+        "the code of the GPU's latest Xid event (NVML events, as `gpu_xid_errors_total`), 0 before its first; "
+        "absent where the GPU cannot register for Xid events",
+        (*DCGM_LABELS, "err_code"),
+        reads=(XID_SEEN,),
+        samples=_last_xid,
     ),
     # --- cost
     *COST_FAMILIES,

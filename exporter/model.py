@@ -47,6 +47,7 @@ class DeviceReading:
     uuid: str
     model: str
     sampled_at: float  # time.monotonic() when the read finished
+    pci_bus_id: str | None = None  # NVML's busId (a MIG device's is its GPU's); read once
     minor_number: int | None = None
     parent_uuid: str | None = None  # set on MIG devices
     gpu_instance_id: int | None = None
@@ -67,6 +68,9 @@ class DeviceReading:
     reads: Mapping[str, Any] = field(default_factory=dict)
     # Xid -> time.monotonic() of its latest event on this GPU or any of its GPU instances.
     xid_seen: Mapping[int, float] = field(default_factory=dict)
+    # Corrected (volatile) ECC errors per minute over the last minute or more of reads
+    # (exporter.sources.errorrate); None before two reads of the count.
+    corrected_ecc_per_minute: float | None = None
 
 
 @dataclass(frozen=True)

@@ -53,6 +53,8 @@ class Gpu:
     remap_failed: bool = False
     clock_reasons: int = 0  # nvmlClocksEventReason bitmask
     recovery_action: int = 0  # nvmlDeviceGpuRecoveryAction_t, where the driver offers the field
+    pci_bus_id: str | None = None  # None: a bus id of its own from its index (pci_bus_id())
+    memory_temp: int | None = None  # HBM temperature, C; None: no HBM (the field is not supported)
     gpm: bool | None = None  # None: as the model (GPM_MODELS)
     sm_active: float = 0.0  # GPM percentages
     sm_occupancy: float = 0.0
@@ -134,6 +136,7 @@ class Scenario:
             fields = {
                 "uuid": _text(gpu.uuid),
                 "name": _text(gpu.name),
+                "pcibus": gpu.pci_bus_id or pci_bus_id(index),
                 "minor": gpu.minor if gpu.minor is not None else index,
                 "util": gpu.util,
                 "memutil": gpu.memutil,
@@ -162,6 +165,7 @@ class Scenario:
                 "remapfailed": int(gpu.remap_failed),
                 "reasons": gpu.clock_reasons,
                 "recovery": gpu.recovery_action,
+                "memtemp": -1 if gpu.memory_temp is None else gpu.memory_temp,
                 "gpm": int(gpm),
                 "smactive": gpu.sm_active,
                 "smocc": gpu.sm_occupancy,
@@ -199,6 +203,11 @@ class Scenario:
         temporary = target.with_name(target.name + ".tmp")
         temporary.write_text(self.render())
         os.replace(temporary, target)
+
+
+def pci_bus_id(index: int) -> str:
+    """A GPU's PCI bus id as NVML writes it (an 8-digit domain), a bus of its own per index."""
+    return f"00000000:{(0x18 + 0x13 * index) % 0x100:02X}:00.0"
 
 
 def gpu_uuid(n: int) -> str:

@@ -8,19 +8,21 @@ import re
 from collections import Counter
 from collections.abc import Iterator
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Any
 
 import pytest
 import requests
 
-from exporter.catalogue import DCGM_FAMILIES
+from exporter.catalogue import DCGM_FAMILIES, parse_groups
 from sim.apiserver import FakeApiServer, pod_json
 from sim.kubelet import FakeKubelet, PodDevices
 from sim.processes import free_port
 from sim.procfs import FakeProc, systemd_v2
 from sim.prometheus import Prometheus
-from sim.scenario import GIB, Gpu, Mig, Proc, Scenario, gpu_uuid, mig_uuid
+from sim.scenario import GIB, Gpu, Mig, Proc, Scenario, Xid, gpu_uuid, mig_uuid, pci_bus_id
 from tests.conftest import AgentProcess
+from tests.sources.test_nvml import MakeReader, calls_made
 
 MIB = 1024**2
 NODE = "gpu-node-1"
@@ -77,11 +79,12 @@ ASR1 = Pod("speech", "asr-1", "asr", "00000000-0000-0000-0000-00000000000c")
 DETECTOR = Pod("vision", "detector-0", "detector", "00000000-0000-0000-0000-00000000000d")
 H100, A100 = "NVIDIA H100 80GB HBM3", "NVIDIA A100-SXM4-80GB"
 GPUS = [
-    # 0: a trainer's own GPU; 1: no pod's, without GPM; 2: time-sliced by two pods; 3: in MIG mode.
+    # 0: a trainer's own GPU; 1: no pod's, without GPM or Xid events; 2: time-sliced by two pods; 3: in MIG mode.
     Gpu(gpu_uuid(0), H100, util=30, memutil=12, used=10 * GIB, reserved=512 * MIB, temp=61, power=250_000,
         sm_clock=1755, energy=9_000_000, encoder=7, decoder=9, pcie_tx=1000, pcie_rx=2000, pcie_replays=3,
-        remapped_correctable=2, remapped_uncorrectable=1, sm_active=45, tensor_active=20, dram_bandwidth=35),
-    Gpu(gpu_uuid(1), A100, util=5, used=1 * GIB, temp=40, power=90_000, sm_clock=1410),
+        remapped_correctable=2, remapped_uncorrectable=1, sm_active=45, tensor_active=20, dram_bandwidth=35,
+        memory_temp=72),
+    Gpu(gpu_uuid(1), A100, util=5, used=1 * GIB, temp=40, power=90_000, sm_clock=1410, unsupported=("events",)),
     Gpu(gpu_uuid(2), H100, util=55, used=5 * GIB, temp=70, power=400_000, sm_clock=1980, sm_active=50,
         tensor_active=30, dram_bandwidth=40),
     Gpu(gpu_uuid(3), H100, mig=True, temp=50, power=150_000, sm_clock=1600),
@@ -120,7 +123,8 @@ def scraped(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Scraped]:
 
     directory = tmp_path_factory.mktemp("dcgm")
     scenario = directory / "scenario.txt"
-    Scenario(gpus=GPUS, migs=[MIG], procs=PROCS, driver_version=DRIVER).write(scenario)
+    nvml = Scenario(gpus=GPUS, migs=[MIG], procs=PROCS, driver_version=DRIVER)
+    nvml.write(scenario)
     kubelet = FakeKubelet(str(directory / "kubelet.sock")).start()
     kubelet.set_pods(
         [
@@ -146,7 +150,11 @@ def scraped(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Scraped]:
         prometheus.wait_for(
             'count(DCGM_FI_DEV_GPU_UTIL{pod=~"asr-.*"} != 55) == 2 and count(DCGM_FI_PROF_PCIE_TX_BYTES) > 0'
             ' and count(DCGM_FI_PROF_GR_ENGINE_ACTIVE{GPU_I_ID="7"}) > 0'
+            ' and count(DCGM_FI_DEV_XID_ERRORS{gpu="0"}) > 0'  # GPU 0 watched for Xid events
         )
+        nvml.xids.append(Xid(gpu=0, code=79))
+        nvml.write(scenario)
+        prometheus.wait_for('DCGM_FI_DEV_XID_ERRORS{gpu="0"} == 79')
         yield Scraped(prometheus, agent)
     finally:
         prometheus.stop()
@@ -222,17 +230,18 @@ def test_series_carry_dcgm_exporters_labels(scraped: Scraped) -> None:
               for r in scraped.query('DCGM_FI_DEV_GPU_TEMP or DCGM_FI_DEV_FB_USED{GPU_I_ID="7"}')}  # fmt: skip
     without_instance = {name: {k: v for k, v in labels.items() if k != "instance"} for name, labels in series.items()}
     assert without_instance["1"] == {
-        "__name__": "DCGM_FI_DEV_GPU_TEMP", "gpu": "1", "UUID": gpu_uuid(1), "device": "nvidia1", "modelName": A100,
-        **common,
+        "__name__": "DCGM_FI_DEV_GPU_TEMP", "gpu": "1", "UUID": gpu_uuid(1), "pci_bus_id": pci_bus_id(1),
+        "device": "nvidia1", "modelName": A100, **common,
     }  # fmt: skip  # no pod holds it: no namespace, pod or container label
     assert without_instance["trainer-0"] == {
-        "__name__": "DCGM_FI_DEV_GPU_TEMP", "gpu": "0", "UUID": gpu_uuid(0), "device": "nvidia0", "modelName": H100,
-        "namespace": "default", "pod": "trainer-0", "container": "trainer", **common,
+        "__name__": "DCGM_FI_DEV_GPU_TEMP", "gpu": "0", "UUID": gpu_uuid(0), "pci_bus_id": pci_bus_id(0),
+        "device": "nvidia0", "modelName": H100, "namespace": "default", "pod": "trainer-0", "container": "trainer",
+        **common,
     }  # fmt: skip
     assert without_instance["detector-0"] == {
-        "__name__": "DCGM_FI_DEV_FB_USED", "gpu": "3", "UUID": gpu_uuid(3), "device": "nvidia3", "modelName": H100,
-        "GPU_I_PROFILE": "1g.10gb", "GPU_I_ID": "7", "namespace": "vision", "pod": "detector-0",
-        "container": "detector", **common,
+        "__name__": "DCGM_FI_DEV_FB_USED", "gpu": "3", "UUID": gpu_uuid(3), "pci_bus_id": pci_bus_id(3),
+        "device": "nvidia3", "modelName": H100, "GPU_I_PROFILE": "1g.10gb", "GPU_I_ID": "7", "namespace": "vision",
+        "pod": "detector-0", "container": "detector", **common,
     }  # fmt: skip
     # Each field in its dcgm-exporter unit, from the value the library was set to (GPU 0).
     gpu0 = {r["metric"]["__name__"]: float(r["value"][1]) for r in scraped.query(f'{{UUID="{gpu_uuid(0)}"}}')}
@@ -246,6 +255,7 @@ def test_series_carry_dcgm_exporters_labels(scraped: Scraped) -> None:
         "DCGM_FI_DEV_ROW_REMAP_FAILURE": 0, "DCGM_FI_PROF_GR_ENGINE_ACTIVE": 0.45,
         "DCGM_FI_PROF_PIPE_TENSOR_ACTIVE": 0.20, "DCGM_FI_PROF_DRAM_ACTIVE": 0.35,
         "DCGM_FI_PROF_PCIE_TX_BYTES": 1000 * 1024, "DCGM_FI_PROF_PCIE_RX_BYTES": 2000 * 1024,
+        "DCGM_FI_DEV_XID_ERRORS": 79, "DCGM_FI_DEV_MEMORY_TEMP": 72,
     }  # fmt: skip
     # Every field but the two pod shares is the device's in each pod's series.
     shared = scraped.by(f'{{UUID="{gpu_uuid(2)}",__name__=~"DCGM_FI_DEV_(GPU_UTIL|FB_USED|POWER_USAGE)"}}',
@@ -267,3 +277,49 @@ def test_the_exposition_has_no_duplicate_series_and_types_every_dcgm_family(scra
         assert exposed.get(family.name) == family.type, family.name
         assert family.name in helped, family.name
         assert re.search(rf"^{family.name}{{", text, re.M), family.name  # named as dcgm-exporter names it
+    dcgm_samples = [s for s in samples if s.startswith("DCGM_")]
+    assert dcgm_samples and all(re.search(r'[{,]pci_bus_id="00000000:[0-9A-F]{2}:00\.0"', s) for s in dcgm_samples)
+
+
+def test_the_last_xid_code_per_gpu_as_dcgm_exporter_shows_it(scraped: Scraped) -> None:
+    # 0 on a watched GPU before its first Xid, as dcgm-exporter's err_code="0"; none from GPU 1, which
+    # cannot register for Xid events (never a made-up 0), nor from the MIG device (a GPU field).
+    assert scraped.by("DCGM_FI_DEV_XID_ERRORS", "gpu", "GPU_I_ID", "pod", "err_code") == {
+        ("0", "", "trainer-0", "79"): 79, ("2", "", "asr-0", "0"): 0, ("2", "", "asr-1", "0"): 0, ("3", "", "", "0"): 0
+    }  # fmt: skip
+    # An alert keyed on err_code, as dcgm-exporter users write them, for Xids needing a reset or a reboot.
+    assert scraped.by('max(DCGM_FI_DEV_XID_ERRORS{err_code=~"48|79|95"}) by (Hostname, gpu)', "gpu") == {("0",): 79}
+
+
+def test_the_pci_bus_id_is_read_once_per_gpu_and_mig_devices_carry_their_gpus(
+    scenario_file: Path, nvml_reader: MakeReader, fake_nvml: Path
+) -> None:
+    Scenario(gpus=[Gpu(gpu_uuid(0)), Gpu(gpu_uuid(1), mig=True)], migs=[Mig(1, mig_uuid(0), 7)]).write(scenario_file)
+    reader = nvml_reader(groups=parse_groups("seed,dcgm"))
+    before = calls_made(fake_nvml, "pci")
+    for _ in range(3):
+        devices = {d.uuid: d.pci_bus_id for d in reader.poll(interval_s=1.0, deadline_s=5.0).devices}
+    assert devices == {gpu_uuid(0): pci_bus_id(0), gpu_uuid(1): pci_bus_id(1), mig_uuid(0): pci_bus_id(1)}
+    assert calls_made(fake_nvml, "pci") - before == 2  # a static value: once per GPU, not every poll
+
+
+def test_the_memory_temperature_where_the_gpu_has_it(scraped: Scraped) -> None:
+    # GPU 0 answers the field (HBM); the others answer NOT_SUPPORTED: absent, never 0. This driver
+    # lacks the recovery action field, read in the same call: each field has its own answer.
+    assert scraped.by("DCGM_FI_DEV_MEMORY_TEMP", "gpu") == {("0",): 72}
+    assert scraped.query("gpu_recovery_action") == []
+
+
+def test_the_memory_temperature_comes_in_the_recovery_actions_call(
+    scenario_file: Path, nvml_reader: MakeReader, fake_nvml: Path
+) -> None:
+    gpus = [Gpu(gpu_uuid(0), memory_temp=72, recovery_action=1), Gpu(gpu_uuid(1))]
+    Scenario(gpus=gpus, recovery_field=True).write(scenario_file)
+    reader = nvml_reader(groups=parse_groups("seed,dcgm"))
+    before = calls_made(fake_nvml, "fields")
+    devices = {d.uuid: d.metrics for d in reader.poll(interval_s=1.0, deadline_s=5.0).devices}
+    assert calls_made(fake_nvml, "fields") - before == 2  # one call per GPU for both fields
+    assert dict(devices[gpu_uuid(0)]["DCGM_FI_DEV_MEMORY_TEMP"]) == {(): 72.0}
+    assert "DCGM_FI_DEV_MEMORY_TEMP" not in devices[gpu_uuid(1)]
+    in_force = {uuid: [a for (a,), v in metrics["gpu_recovery_action"] if v] for uuid, metrics in devices.items()}
+    assert in_force == {gpu_uuid(0): ["gpu_reset"], gpu_uuid(1): ["none"]}

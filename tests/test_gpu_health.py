@@ -12,6 +12,7 @@ from pathlib import Path
 import pytest
 
 from exporter.attribution.health import RULES, SEVERITIES, gpu_health
+from exporter.catalogue import SLOW_EVERY
 from exporter.config import parse_config
 from exporter.model import GpuHealth
 from exporter.sources.nvml import NvmlPoll, NvmlReader
@@ -122,6 +123,30 @@ def test_xids_needing_a_reset_or_a_reboot_count_within_the_window_only(
     }
     later = verdicts(polls[-1], now + 61, window_s=60, staleness_s=HOUR)  # the window has passed
     assert [answer(v) for v in later.values()] == [(0, {})] * 3
+
+
+def test_a_corrected_ecc_storm_is_degraded_and_a_trickle_a_first_count_or_a_reset_is_not(
+    scenario_file: Path, nvml_reader: MakeReader
+) -> None:
+    scenario = Scenario(gpus=[Gpu(gpu_uuid(i), ecc_corrected=500) for i in range(3)])
+    scenario.write(scenario_file)
+    reader = nvml_reader()
+    # 500 since the driver loaded is a count, not a rate.
+    assert [answer(v) for v in verdicts(reader.poll(interval_s=1.0, deadline_s=5.0)).values()] == [(0, {})] * 3
+
+    def next_read(*counts: int) -> dict[str, tuple[int, dict[str, str]]]:
+        for gpu, count in zip(scenario.gpus, counts, strict=True):
+            gpu.ecc_corrected = count
+        scenario.write(scenario_file)
+        for _ in range(SLOW_EVERY):  # the counts are read every SLOW_EVERY polls
+            poll = reader.poll(interval_s=1.0, deadline_s=5.0)
+        return {uuid: answer(v) for uuid, v in verdicts(poll).items()}
+
+    storm = (1, {"corrected_ecc_storm": "degraded"})
+    # Within the same minute: 50 more is a storm, 5 more a trickle; a count that went down was reset.
+    assert next_read(550, 505, 0) == {gpu_uuid(0): storm, gpu_uuid(1): (0, {}), gpu_uuid(2): (0, {})}
+    # The storm holds over the minute; after the reset the GPU is judged from its new count.
+    assert next_read(550, 509, 50) == {gpu_uuid(0): storm, gpu_uuid(1): (0, {}), gpu_uuid(2): storm}
 
 
 def test_a_lost_gpu_and_a_stalled_one_are_unhealthy(scenario_file: Path, nvml_reader: MakeReader) -> None:

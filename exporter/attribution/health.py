@@ -24,6 +24,9 @@ SEVERITIES = {DEGRADED: "degraded", UNHEALTHY: "unhealthy"}
 # GpuXidCritical alert.
 RESET_XIDS = (48, 62, 64, 74, 95, 119, 120)
 REBOOT_XIDS = (79,)
+# DCGM's memory health watch warned at this many volatile corrected (single-bit) ECC errors within a
+# minute (DCGM_LIMIT_MAX_SBE_RATE, DcgmHealthWatch::MonitorMem).
+CORRECTED_ECC_STORM_PER_MINUTE = 10
 # The reads that say whether a GPU is failing; with none of them answering its health is unknown.
 CONDITION_READS = ("remapped_rows", "ecc_uncorrected", "clock_events")
 
@@ -36,6 +39,7 @@ class Evidence:
     xid_ages_s: Mapping[int, float]  # Xid -> seconds since its latest event
     xid_window_s: float
     stale: bool  # its last reading is older than the staleness bound
+    corrected_ecc_per_minute: float | None = None  # over the last minute or more of reads
 
     def read(self, key: str) -> Any | None:
         return None if self.reads is None else self.reads.get(key)
@@ -63,7 +67,7 @@ def _recovery_rule(value: int, name: str) -> Rule:
         f"recovery_{name}",
         severity,
         f"the driver's recovery action field (`NVML_FI_DEV_GET_GPU_RECOVERY_ACTION`) says {name}",
-        lambda e: e.read("recovery_action") == value,
+        lambda e: (fields := e.read("field_values")) is not None and fields.recovery_action == value,
     )
 
 
@@ -133,6 +137,15 @@ RULES: tuple[Rule, ...] = (
         "clock event reason hw_power_brake_slowdown",
         lambda e: e.clock_event("hw_power_brake_slowdown"),
     ),
+    Rule(
+        "corrected_ecc_storm",
+        DEGRADED,
+        "`nvmlDeviceGetTotalEccErrors(CORRECTED, VOLATILE)` rising by "
+        f"{CORRECTED_ECC_STORM_PER_MINUTE} or more a minute, over the last minute or more of reads",
+        lambda e: (
+            e.corrected_ecc_per_minute is not None and e.corrected_ecc_per_minute >= CORRECTED_ECC_STORM_PER_MINUTE
+        ),
+    ),
 )
 
 
@@ -160,6 +173,7 @@ def gpu_health(
             {xid: now - seen for xid, seen in device.xid_seen.items()},
             xid_window_s,
             stale=now - device.sampled_at > max_staleness_s,
+            corrected_ecc_per_minute=device.corrected_ecc_per_minute,
         )
         verdicts.append(GpuHealth(device.index, device.uuid, device.model, *judge(evidence)))
     for gpu in lost:

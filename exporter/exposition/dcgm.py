@@ -13,8 +13,8 @@ from collections.abc import Iterator, Sequence
 
 from prometheus_client.core import Metric
 
-from exporter.catalogue import DCGM_FAMILIES, DCGM_POD_LABELS, Family
-from exporter.model import DeviceReading, GpuSeries, Snapshot
+from exporter.catalogue import DCGM_FAMILIES, DCGM_LABELS, DCGM_POD_LABELS, Family
+from exporter.model import DeviceReading, GpuSeries, Sample, Samples, Snapshot
 
 Labels = dict[str, str]
 
@@ -27,28 +27,29 @@ def dcgm_families(snapshot: Snapshot, fresh: Sequence[GpuSeries]) -> Iterator[Me
     for declared in DCGM_FAMILIES:
         # A Metric named as exposed: dcgm-exporter's counters have no _total suffix.
         family = Metric(declared.name, declared.help, declared.type)
+        extra = declared.labels[len(DCGM_LABELS) :]  # beyond dcgm-exporter's common ones (err_code)
         for series, labels in rows:
-            value = _value(declared, series)
-            if value is not None:
-                family.add_sample(declared.name, labels, value)
+            for sample in _samples(declared, series):
+                family.add_sample(declared.name, labels | dict(zip(extra, sample.labels, strict=True)), sample.value)
         if family.samples:
             yield family
 
 
-def _value(declared: Family, series: GpuSeries) -> float | None:
+def _samples(declared: Family, series: GpuSeries) -> Samples:
     if declared.pod_value is not None:
-        return declared.pod_value(series)
-    samples = series.device.metrics.get(declared.name)
-    return samples[0].value if samples else None
+        value = declared.pod_value(series)
+        return () if value is None else (Sample((), value),)
+    return series.device.metrics.get(declared.name, ())
 
 
 def _labels(snapshot: Snapshot, series: GpuSeries, gpus: dict[str, DeviceReading]) -> Labels:
     device = series.device
     gpu_uuid = device.parent_uuid or device.uuid
     gpu = gpus.get(gpu_uuid, device)  # a MIG device whose GPU's reading aged out keeps its own name
-    labels = {
-        "gpu": str(device.index),
-        "UUID": gpu_uuid,
+    labels = {"gpu": str(device.index), "UUID": gpu_uuid}
+    if gpu.pci_bus_id is not None:  # left out when NVML could not say it, never made up
+        labels["pci_bus_id"] = gpu.pci_bus_id
+    labels |= {
         "device": f"nvidia{device.index}",
         "modelName": gpu.model,
         "Hostname": snapshot.node,

@@ -2,7 +2,8 @@
 
 It wires the NVML parts, each in a module of its own: every value is read through the
 fault-contained query (exporter.sources.nvmlquery), GPM metrics come from exporter.sources.gpm,
-and Xid counts from the events watcher (exporter.sources.nvmlevents), merged in at each poll.
+Xid counts from the events watcher (exporter.sources.nvmlevents), merged in at each poll, and the
+corrected-ECC rate across polls from exporter.sources.errorrate.
 What is read is driven by the metric catalogue (exporter.catalogue): the sources the enabled
 groups need, each at its cadence.
 
@@ -26,8 +27,19 @@ from typing import Any, NamedTuple
 import pynvml
 
 from exporter.backoff import Backoff
-from exporter.catalogue import DEFAULT_GROUPS, Family, Source, Via, device_samples, enabled_families, reads_for
+from exporter.catalogue import (
+    DEFAULT_GROUPS,
+    XID_COUNTS,
+    XID_SEEN,
+    Family,
+    Source,
+    Via,
+    device_samples,
+    enabled_families,
+    reads_for,
+)
 from exporter.model import DeviceError, DeviceReading, GpuProcess, LostGpu
+from exporter.sources.errorrate import PerMinute
 from exporter.sources.gpm import GpmSampler
 from exporter.sources.nvmlevents import XidCounts, XidWatcher
 from exporter.sources.nvmlquery import (
@@ -117,11 +129,17 @@ def mig_devices(query: DeviceQuery, gpu: Any) -> list[MigDevice]:
     return found
 
 
-def with_xid_counts(
-    devices: tuple[DeviceReading, ...], counts: XidCounts, xid_key: str, families: tuple[Family, ...]
+def with_xid_events(
+    devices: tuple[DeviceReading, ...],
+    counts: XidCounts,
+    seen: Mapping[str, Mapping[int, float]],
+    watched: frozenset[str],
+    families: tuple[Family, ...],
 ) -> tuple[DeviceReading, ...]:
-    """Each device's Xid counts as its ``families``' samples (read as source ``xid_key``): an event
-    naming a GPU instance counts on that MIG device (on its GPU while no such MIG device is known)."""
+    """Each device's Xid events as its ``families``' samples: the events counted per code (an event
+    naming a GPU instance counts on that MIG device, on its GPU while no such MIG device is known);
+    and on a GPU watched or with an event seen, the latest event time per code (for the health rules
+    and the last code)."""
     migs = {(d.parent_uuid, d.gpu_instance_id): d.uuid for d in devices if d.parent_uuid is not None}
     per_device: dict[str, Counter[int]] = {}
     for (gpu_uuid, instance), by_xid in counts.items():
@@ -129,20 +147,17 @@ def with_xid_counts(
         per_device.setdefault(target, Counter()).update(by_xid)
     merged = []
     for device in devices:
-        xids: Mapping[int, int] | None = per_device.get(device.uuid)
-        if xids:
-            device = replace(device, metrics={**device.metrics, **device_samples(families, {xid_key: xids})})
+        reads: dict[str, Any] = {}
+        if device.uuid in per_device:
+            reads[XID_COUNTS] = per_device[device.uuid]
+        gpu_seen = seen.get(device.uuid, {}) if device.parent_uuid is None else {}
+        if gpu_seen or (device.parent_uuid is None and device.uuid in watched):
+            reads[XID_SEEN] = gpu_seen
+            device = replace(device, xid_seen=gpu_seen)
+        if reads:
+            device = replace(device, metrics={**device.metrics, **device_samples(families, reads)})
         merged.append(device)
     return tuple(merged)
-
-
-def with_xid_seen(
-    devices: tuple[DeviceReading, ...], seen: Mapping[str, Mapping[int, float]]
-) -> tuple[DeviceReading, ...]:
-    """Each GPU's latest event time per Xid, for the health rules."""
-    if not seen:
-        return devices
-    return tuple(replace(d, xid_seen=seen[d.uuid]) if d.parent_uuid is None and d.uuid in seen else d for d in devices)
 
 
 class NvmlReader:
@@ -172,9 +187,8 @@ class NvmlReader:
         self._families = enabled_families(groups)
         self._gpu_plan = _plan(reads_for(self._families, mig=False))
         self._mig_plan = _plan(reads_for(self._families, mig=True))
-        xid_source = next((s for s in reads_for(self._families, mig=False) if s.via is Via.XID_EVENTS), None)
-        self._xid_key = xid_source.key if xid_source is not None else ""
-        self._xid_families = tuple(f for f in self._families if self._xid_key in f.reads)
+        xid_keys = {s.key for s in reads_for(self._families, mig=False) if s.via is Via.XID_EVENTS}
+        self._xid_families = tuple(f for f in self._families if xid_keys & set(f.reads))
         self._xid = XidWatcher() if self._xid_families else None
         self._polls = 0
         # Values read every few polls: (uuid, source) -> (poll read at, plain value).
@@ -182,6 +196,7 @@ class NvmlReader:
         # What never changes for a device (its name, its minor number): (uuid, what) -> value.
         self._fixed: dict[tuple[str, str], Any] = {}
         self._present: set[str] = set()  # the UUIDs of the last poll's devices
+        self._corrected_ecc = PerMinute()  # for the health rules' correctable-error storm
         self._gpm = GpmSampler()
 
     @property
@@ -263,8 +278,8 @@ class NvmlReader:
         self._forget_gone({d.uuid for d in devices})
         if self._xid is not None and self.initialised:
             self._xid.watch([(d.index, d.uuid) for d in devices if d.parent_uuid is None])
-            devices = with_xid_counts(devices, self._xid.counts(), self._xid_key, self._xid_families)
-            devices = with_xid_seen(devices, self._xid.last_seen())
+            xid = self._xid
+            devices = with_xid_events(devices, xid.counts(), xid.last_seen(), xid.watched(), self._xid_families)
         lost = tuple(self._lost[index] for index in sorted(self._lost))
         return NvmlPoll(devices=devices, errors=tuple(errors), lost=lost)
 
@@ -276,6 +291,7 @@ class NvmlReader:
         self._present = present
         self._kept = {key: value for key, value in self._kept.items() if key[0] in present}
         self._fixed = {key: value for key, value in self._fixed.items() if key[0] in present}
+        self._corrected_ecc.keep_only(present)
 
     def _gpu_state(self, index: int) -> StateLog:
         state = self._gpu_states.get(index)
@@ -359,21 +375,22 @@ class NvmlReader:
             result.failure = error
         return result
 
-    def _fixed_value(self, query: DeviceQuery, described: str, handle: Any, variant: Variant) -> Any | None:
+    def _fixed_value(self, query: DeviceQuery, described: str, handle: Any, *variants: Variant) -> Any | None:
         """A value that never changes for a device, read until it is known, then kept by UUID."""
         key = (query.uuid, described)
         value = self._fixed.get(key)
         if value is None:
-            value = query.value(described, handle, variant)
+            value = query.value(described, handle, *variants)
             if value is not None:
                 self._fixed[key] = value
         return value
 
     def _read_device(self, handle: Any, query: DeviceQuery) -> tuple[DeviceReading, ...]:
         model = self._fixed_value(query, "name", handle, text(binding("nvmlDeviceGetName"))) or ""
+        bus_id = self._fixed_value(query, "PCI bus id", handle, *_PCI_BUS_ID)
         mig_mode = query.value("MIG mode", handle, binding("nvmlDeviceGetMigMode"))
         migs = (
-            [self._read_mig(handle, query, mig, model) for mig in mig_devices(query, handle)]
+            [self._read_mig(handle, query, mig, model, bus_id) for mig in mig_devices(query, handle)]
             if mig_mode and mig_mode[0]
             else []
         )
@@ -401,11 +418,14 @@ class NvmlReader:
             )
         memory = reads.get("memory")
         minor = self._fixed_value(query, "minor number", handle, binding("nvmlDeviceGetMinorNumber"))
+        if "ecc_corrected" in reads and self._read_this_poll(query.uuid, "ecc_corrected"):
+            self._corrected_ecc.read(query.uuid, time.monotonic(), reads["ecc_corrected"])
         gpu = DeviceReading(
             index=query.index,
             uuid=query.uuid,
             model=model,
             sampled_at=time.monotonic(),
+            pci_bus_id=bus_id,
             minor_number=int(minor) if minor is not None else None,
             duty_cycle_percent=utilisation.gpu if utilisation is not None else None,
             memory_used_bytes=memory.used if memory is not None else None,
@@ -416,10 +436,16 @@ class NvmlReader:
             process_sm_percent=process_sm,
             metrics=device_samples(self._families, reads),
             reads=reads,
+            corrected_ecc_per_minute=self._corrected_ecc.rate(query.uuid),
         )
         return (gpu, *migs)
 
-    def _read_mig(self, gpu: Any, query: DeviceQuery, mig: MigDevice, model: str) -> DeviceReading:
+    def _read_this_poll(self, uuid: str, key: str) -> bool:
+        """Whether the source was read in this poll rather than served from an earlier one."""
+        kept = self._kept.get((uuid, key))
+        return kept is None or kept[0] == self._polls
+
+    def _read_mig(self, gpu: Any, query: DeviceQuery, mig: MigDevice, model: str, bus_id: str | None) -> DeviceReading:
         mig_query = query.for_device(mig.uuid)
         reads = self._read_sources(mig.handle, mig_query, self._mig_plan, gpu=gpu, instance=mig.gpu_instance_id)
         memory = reads.get("memory")
@@ -428,6 +454,7 @@ class NvmlReader:
             uuid=mig.uuid,
             model=self._fixed_value(mig_query, "name", mig.handle, text(binding("nvmlDeviceGetName"))) or model,
             sampled_at=time.monotonic(),
+            pci_bus_id=bus_id,  # its GPU's, as dcgm-exporter labels a MIG device
             parent_uuid=query.uuid,
             gpu_instance_id=mig.gpu_instance_id,
             memory_used_bytes=memory.used if memory is not None else None,
@@ -471,6 +498,20 @@ class NvmlReader:
         if latest:
             self._last_seen_us[uuid] = max(ts for ts, _ in latest.values())
         return {pid: util for pid, (_, util) in latest.items()}
+
+
+def _bus_id(function: str) -> Variant:
+    """The PCI bus id (``00000000:18:00.0``) from a pynvml PCI-info function."""
+
+    def read(handle: Any) -> str:
+        bus_id = getattr(pynvml, function)(handle).busId
+        return bus_id.decode() if isinstance(bus_id, bytes) else str(bus_id)
+
+    return Variant(function, read)
+
+
+# v3 where the driver has it, else whichever version the bindings' nvmlDeviceGetPciInfo calls.
+_PCI_BUS_ID = (_bus_id("nvmlDeviceGetPciInfo_v3"), _bus_id("nvmlDeviceGetPciInfo"))
 
 
 def _mig_slot(slot: int) -> Callable[[Any], Any]:

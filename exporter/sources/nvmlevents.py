@@ -58,7 +58,7 @@ class XidWatcher:
             expected=(pynvml.NVMLError,),
         )
         self._started = False
-        self.registered = 0  # GPUs registered for Xid events right now
+        self._watched: frozenset[str] = frozenset()  # the GPUs (uuid) registered for Xid events right now
 
     def watch(self, gpus: Sequence[tuple[int, str]]) -> None:
         """The GPUs (index, uuid) to watch; the thread starts on the first call. Never blocks."""
@@ -79,6 +79,16 @@ class XidWatcher:
         for (uuid, instance, xid), count in items:
             out.setdefault((uuid, instance), {})[xid] = count
         return out
+
+    @property
+    def registered(self) -> int:
+        """GPUs registered for Xid events right now."""
+        return len(self._watched)
+
+    def watched(self) -> frozenset[str]:
+        """The GPUs (uuid) registered for Xid events right now: on the others an Xid goes unseen."""
+        with self._lock:
+            return self._watched
 
     def last_seen(self) -> dict[str, dict[int, float]]:
         """GPU uuid -> Xid -> time.monotonic() of its latest event (on the GPU or a GPU instance of it)."""
@@ -121,7 +131,7 @@ class XidWatcher:
             raise  # the set stays registered: events meanwhile wait in it
         except BaseException:
             self._event_set = self._free(self._event_set)
-            self.registered = 0
+            self._set_watched({})
             self._changed.set()  # register again after the pause
             raise
         finally:
@@ -133,7 +143,7 @@ class XidWatcher:
         with self._lock:
             wanted = self._wanted
         if not wanted:
-            self.registered = 0
+            self._set_watched({})
             return None, {}
         event_set = pynvml.nvmlEventSetCreate()
         handles: dict[int, str] = {}
@@ -145,7 +155,7 @@ class XidWatcher:
                 except pynvml.NVMLError as error:
                     if error.value != pynvml.NVML_ERROR_NOT_SUPPORTED:
                         raise
-                    log.info("GPU %d (%s): Xid events not supported; gpu_xid_errors_total is left out", index, uuid)
+                    log.info("GPU %d (%s): Xid events not supported; its Xid series are left out", index, uuid)
                     continue
                 address = _address(handle)
                 if address is not None:
@@ -155,10 +165,14 @@ class XidWatcher:
             raise
         if len(handles) != self.registered:
             log.info("Xid events: watching %d of %d GPUs", len(handles), len(wanted))
-        self.registered = len(handles)
+        self._set_watched(handles)
         if not handles:
             return self._free(event_set), {}
         return event_set, handles
+
+    def _set_watched(self, handles: dict[int, str]) -> None:
+        with self._lock:
+            self._watched = frozenset(handles.values())
 
     def _count(self, data: Any, handles: dict[int, str]) -> None:
         if not int(data.eventType) & pynvml.nvmlEventTypeXidCriticalError:

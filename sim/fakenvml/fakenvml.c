@@ -18,6 +18,8 @@
  *           reasons=<clocks event reasons bitmask>  gpm=0|1  smactive= smocc= tensor= dram= (GPM, %)
  *           lost=0|1  unsupported=<call>,<call>  fail=<call>:<rc>,...  block=<call>:<milliseconds>
  *           recovery=<nvmlDeviceGpuRecoveryAction_t> (the field's value where the driver offers it)
+ *           pcibus=<bus id, "00000000:18:00.0"> (nvmlDeviceGetPciInfo_v3; MIG devices answer their GPU's)
+ *           memtemp=<C> (NVML_FI_DEV_MEMORY_TEMP; -1: no HBM, the field answers NOT_SUPPORTED)
  *   mig     parent=<gpu index> uuid= name= gi= ci= total= used= smactive= smocc= tensor= dram=
  *   proc    gpu=<gpu index> pid= mem=<bytes|na> sm=<percent> gi= ci=
  *   xid     gpu=<gpu index> code=<xid> gi= ci= seq=<n>   (an event; seq numbers grow, each is delivered once)
@@ -26,7 +28,7 @@
  * Text values (uuid, name) may hold %XX escapes for bytes that are no UTF-8 (e.g. name=A%FFB).
  * Call names for unsupported/fail/block: name uuid minor util mem memv2 temp tempv power procs
  * procutil mig clock energy plimit enc dec pcie replay ecc remap reasons gpm events fields (the field
- * values), and eventwait (counted only: each nvmlEventSetWait_v2).
+ * values) pci, and eventwait (counted only: each nvmlEventSetWait_v2).
  * A symbol is dropped (an older driver) by building the library with a linker version script that
  * makes it local: see sim/fakelib.py.
  */
@@ -100,10 +102,10 @@ typedef struct {
 static const char *CALLS[MAX_CALLS] = {"name",   "uuid",   "minor", "util", "mem",    "memv2",   "temp",
                                        "tempv",  "power",  "procs", "procutil", "mig", "clock", "energy",
                                        "plimit", "enc",    "dec",   "pcie", "replay", "ecc",   "remap",
-                                       "reasons", "gpm",   "events", "fields", "eventwait"};
+                                       "reasons", "gpm",   "events", "fields", "eventwait", "pci"};
 enum { C_NAME, C_UUID, C_MINOR, C_UTIL, C_MEM, C_MEMV2, C_TEMP, C_TEMPV, C_POWER, C_PROCS,
        C_PROCUTIL, C_MIG, C_CLOCK, C_ENERGY, C_PLIMIT, C_ENC, C_DEC, C_PCIE, C_REPLAY, C_ECC, C_REMAP,
-       C_REASONS, C_GPM, C_EVENTS, C_FIELDS, C_EVENTWAIT };
+       C_REASONS, C_GPM, C_EVENTS, C_FIELDS, C_EVENTWAIT, C_PCI };
 
 typedef struct {
     unsigned int version;
@@ -146,13 +148,14 @@ typedef struct {
 
 struct device {
     int present, is_mig, parent, index;
-    char uuid[96], name[96];
+    char uuid[96], name[96], busid[32];
     unsigned minor, util, memutil, gi, ci, mig_enabled;
     unsigned long long total, used, reserved;
     int temp;
     unsigned power;
     unsigned smclock, memclock, plimit, enc, dec, pcietx, pcierx, replay;
     unsigned remapcorr, remapunc, remappending, remapfailed, gpm, recovery;
+    int memtemp; /* -1: no HBM, the field is not supported */
     unsigned long long energy, energyrate, ecccorr, eccunc, reasons;
     double energysince;
     double smactive, smocc, tensor, dram;
@@ -234,6 +237,7 @@ static void parse_device(struct device *d, char *fields) {
     memset(d, 0, sizeof *d);
     d->present = 1;
     d->gi = d->ci = NO_INSTANCE;
+    d->memtemp = -1;
     for (char *save = NULL, *kv = strtok_r(fields, "\t\n", &save); kv; kv = strtok_r(NULL, "\t\n", &save)) {
         char *eq = strchr(kv, '=');
         if (!eq) continue;
@@ -241,6 +245,7 @@ static void parse_device(struct device *d, char *fields) {
         char *k = kv, *v = eq + 1;
         if (!strcmp(k, "uuid")) unescape(d->uuid, sizeof d->uuid, v);
         else if (!strcmp(k, "name")) unescape(d->name, sizeof d->name, v);
+        else if (!strcmp(k, "pcibus")) snprintf(d->busid, sizeof d->busid, "%s", v);
         else if (!strcmp(k, "minor")) d->minor = strtoul(v, NULL, 10);
         else if (!strcmp(k, "util")) d->util = strtoul(v, NULL, 10);
         else if (!strcmp(k, "memutil")) d->memutil = strtoul(v, NULL, 10);
@@ -270,6 +275,7 @@ static void parse_device(struct device *d, char *fields) {
         else if (!strcmp(k, "reasons")) d->reasons = strtoull(v, NULL, 0);
         else if (!strcmp(k, "gpm")) d->gpm = strtoul(v, NULL, 10);
         else if (!strcmp(k, "recovery")) d->recovery = strtoul(v, NULL, 10);
+        else if (!strcmp(k, "memtemp")) d->memtemp = (int)strtol(v, NULL, 10);
         else if (!strcmp(k, "smactive")) d->smactive = strtod(v, NULL);
         else if (!strcmp(k, "smocc")) d->smocc = strtod(v, NULL);
         else if (!strcmp(k, "tensor")) d->tensor = strtod(v, NULL);
@@ -505,6 +511,31 @@ int nvmlDeviceGetUUID(void *device, char *uuid, unsigned int length) {
     int rc = enter(device, C_UUID, &d);
     if (rc == NVML_SUCCESS) snprintf(uuid, length, "%s", d.uuid);
     return rc;
+}
+
+/* nvml.h's nvmlPciInfo_t as of v3: busId is the 8-digit-domain form, busIdLegacy the 4-digit one. */
+typedef struct {
+    char busIdLegacy[16];
+    unsigned int domain, bus, device, pciDeviceId, pciSubSystemId;
+    char busId[32];
+} nvmlPciInfo_t;
+
+int nvmlDeviceGetPciInfo_v3(void *device, nvmlPciInfo_t *pci) {
+    struct device d;
+    int rc = enter(device, C_PCI, &d);
+    if (rc != NVML_SUCCESS) return rc;
+    if (d.is_mig) {
+        pthread_mutex_lock(&lock);
+        snprintf(d.busid, sizeof d.busid, "%s", gpus[d.parent].busid);
+        pthread_mutex_unlock(&lock);
+    }
+    memset(pci, 0, sizeof *pci);
+    if (sscanf(d.busid, "%x:%x:%x", &pci->domain, &pci->bus, &pci->device) != 3) return NVML_ERROR_UNKNOWN;
+    snprintf(pci->busId, sizeof pci->busId, "%s", d.busid);
+    snprintf(pci->busIdLegacy, sizeof pci->busIdLegacy, "%04X:%02X:%02X.0", pci->domain & 0xFFFF, pci->bus,
+             pci->device);
+    pci->pciDeviceId = 0x233010DE; /* H100 SXM5 */
+    return NVML_SUCCESS;
 }
 
 int nvmlDeviceGetUtilizationRates(void *device, nvmlUtilization_t *util) {
@@ -1019,9 +1050,11 @@ int nvmlDeviceGetFanSpeed(void *device, unsigned int *speed) {
     return rc == NVML_SUCCESS ? NVML_ERROR_NOT_SUPPORTED : rc; /* passively cooled */
 }
 
-/* ---- Field values: only the GPU recovery action, on a driver that offers it; other fields are
- * not supported, each in its own entry as NVML reports them. */
+/* ---- Field values: the GPU recovery action, on a driver that offers it, and the memory (HBM)
+ * temperature, on a GPU that has it; other fields are not supported, each in its own entry as NVML
+ * reports them. */
 
+#define NVML_FI_DEV_MEMORY_TEMP 82
 #define NVML_FI_DEV_GET_GPU_RECOVERY_ACTION 230
 #define NVML_VALUE_TYPE_UNSIGNED_INT 1
 
@@ -1053,6 +1086,11 @@ int nvmlDeviceGetFieldValues(void *device, int count, nvmlFieldValue_t *values) 
             v->nvmlReturn = NVML_SUCCESS;
             v->value.ullVal = 0;
             v->value.uiVal = d.recovery;
+        } else if (v->fieldId == NVML_FI_DEV_MEMORY_TEMP && d.memtemp >= 0 && !d.is_mig) {
+            v->valueType = NVML_VALUE_TYPE_UNSIGNED_INT;
+            v->nvmlReturn = NVML_SUCCESS;
+            v->value.ullVal = 0;
+            v->value.uiVal = (unsigned)d.memtemp;
         } else {
             v->nvmlReturn = NVML_ERROR_NOT_SUPPORTED;
         }
