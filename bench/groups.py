@@ -4,7 +4,7 @@ window without scrapes), scrape p99 at 10 concurrent scrapers, and bytes and ser
 variants are the command's arguments, each a --metrics value; the first is the baseline the others
 are compared with. Writes groups.json and groups.md.
 
-    python -m bench.groups [VARIANT ...] [--quick] [--out bench/results]   (default: seed seed,dcgm)
+    python -m bench.groups [VARIANT ...] [--quick] [--out bench/results]   (default: seed, seed,dcgm, seed,power, seed,power,cost)
 """
 
 from __future__ import annotations
@@ -19,7 +19,7 @@ from bench.curve import scrape_size
 from bench.measure import run_hey
 
 GPUS, PROCESSES, PODS = 8, 64, 32
-DEFAULT_VARIANTS = ("seed", "seed,dcgm")
+DEFAULT_VARIANTS = ("seed", "seed,dcgm", "seed,power", "seed,power,cost")
 POLLS_PER_MINUTE = 60  # SimulatedNode polls every second
 
 
