@@ -4,7 +4,9 @@ window without scrapes), scrape p99 at 10 concurrent scrapers, and bytes and ser
 variants are the command's arguments, each a --metrics value; the first is the baseline the others
 are compared with. Writes groups.json and groups.md.
 
-    python -m bench.groups [VARIANT ...] [--quick] [--out bench/results]   (default: seed, seed,dcgm, seed,power, seed,power,cost)
+    python -m bench.groups [VARIANT ...] [--quick] [--out bench/results]
+
+The default variants: seed, seed,dcgm, seed,power and seed,power,cost.
 """
 
 from __future__ import annotations
