@@ -330,19 +330,19 @@ def _start_keda_scaler(
     args: argparse.Namespace, provider: PrometheusProvider, pods: PodIndex, cert: str, key: str
 ) -> ScalerServer | None:
     """The KEDA external scaler's server, started, when --keda-scaler-port asks for it (grpc is loaded
-    only then). Raises OSError when it cannot listen."""
+    only then). Raises OSError when it cannot listen or read its files, ValueError when they no longer load."""
     if args.keda_scaler_port is None:
         return None
     from exporter.adapter.keda.scaler import GpuScaler
-    from exporter.adapter.keda.server import MAX_STREAMS, ScalerServer, server_credentials
+    from exporter.adapter.keda.server import MAX_STREAMS, ScalerServer, ScalerTls
 
     scaler = GpuScaler(provider, pods.names, deadline_s=args.prometheus_timeout + 2, max_streams=MAX_STREAMS)
     if args.keda_scaler_insecure:
         log.warning(
             "the KEDA scaler on port %d serves plain text to any client (--keda-scaler-insecure)", args.keda_scaler_port
         )
-    credentials = None if args.keda_scaler_insecure else server_credentials(cert, key, args.keda_scaler_client_ca_file)
-    server = ScalerServer((args.bind_address, args.keda_scaler_port), scaler, credentials)
+    tls = None if args.keda_scaler_insecure else ScalerTls(cert, key, args.keda_scaler_client_ca_file)
+    server = ScalerServer((args.bind_address, args.keda_scaler_port), scaler, tls)
     server.start()
     log.info("serving KEDA's external scaler on %s:%d", args.bind_address, server.port)
     return server
@@ -468,7 +468,7 @@ def _serve(
 
     try:
         keda_scaler = _start_keda_scaler(args, provider, pods, cert, key)
-    except OSError as error:
+    except (OSError, ValueError) as error:
         log.error("cannot serve the KEDA scaler: %s", error)
         server.server_close()
         return 1

@@ -9,6 +9,8 @@ average 20) wants for the same pods: the arithmetic of both comes from the contr
 from __future__ import annotations
 
 import json
+import logging
+import shutil
 import socket
 import threading
 import time
@@ -29,12 +31,13 @@ from exporter.adapter.hpa import Pod, pods_metric_replicas
 from exporter.adapter.keda import externalscaler_pb2 as pb
 from exporter.adapter.keda import externalscaler_pb2_grpc as pb_grpc
 from exporter.adapter.keda.scaler import GpuScaler
-from exporter.adapter.keda.server import ScalerServer
+from exporter.adapter.keda.server import ScalerServer, ScalerTls
 from exporter.adapter.keda.trigger import parse_trigger
 from exporter.adapter.main import build_parser
 from exporter.adapter.provider import MetricInfo, MetricValue
 from exporter.adapter.rules import DEFAULT_RULES
 from exporter.adapter.selector import Selector
+from exporter.backoff import Backoff
 from sim.apiserver import FakeApiServer, pod_json
 from sim.autoscaler import external_average_value_replicas
 from sim.certs import Pki, make_pki
@@ -44,6 +47,7 @@ from sim.prometheus import Prometheus
 from sim.scenario import Gpu, Scenario, gpu_uuid
 from tests.adapter.test_manifests import DAEMONSET, by_kind, container_port
 from tests.adapter.test_settings import run_adapter
+from tests.adapter.test_trust import until
 
 PODS = {  # name -> (namespace, app label, GPU index or None)
     "bert-a": ("default", "bert", 0),
@@ -318,6 +322,71 @@ def test_a_failing_call_is_a_status_and_a_stuck_one_a_deadline_and_the_server_se
         with pytest.raises(grpc.RpcError) as error:  # optional in the protocol: KEDA polls GetMetricSpec instead
             next(stub.StreamMetricSpec(ref(), timeout=5))
         assert error.value.code() == grpc.StatusCode.UNIMPLEMENTED
+    finally:
+        server.stop()
+
+
+def publish(volume: Path, files: dict[str, Path]) -> None:
+    """Writes ``files`` as kubelet updates a Secret volume: a new directory, then ``..data`` swapped to it."""
+    version = volume / f"..{time.monotonic_ns()}"
+    version.mkdir(parents=True)
+    for name, source in files.items():
+        shutil.copy(source, version / name)
+        if not (volume / name).is_symlink():
+            (volume / name).symlink_to(Path("..data") / name)
+    (volume / "..data_tmp").symlink_to(version.name)
+    (volume / "..data_tmp").replace(volume / "..data")
+
+
+def test_the_scaler_reloads_its_pair_and_client_ca_and_a_bad_pair_keeps_the_old(
+    tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    caplog.set_level(logging.INFO)
+    old, new = make_pki(tmp_path / "old"), make_pki(tmp_path / "new")
+    volume = tmp_path / "secret"
+    publish(volume, {"tls.crt": old.server_cert, "tls.key": old.server_key, "ca.crt": old.ca})
+    tls = ScalerTls(
+        str(volume / "tls.crt"),
+        str(volume / "tls.key"),
+        str(volume / "ca.crt"),
+        refresh_s=0.05,
+        backoff=Backoff(initial_s=0.05, cap_s=0.1),
+    )
+    scaler = GpuScaler(_Provider(), lambda namespace, selector: ["bert-a"], deadline_s=5, max_streams=1)
+    server = ScalerServer(("127.0.0.1", 0), scaler, tls)
+    server.start()
+
+    def admitted(trusting: Pki, client: Pki) -> bool:
+        """Whether a new connection, trusting ``trusting``'s CA, with ``client``'s certificate, is answered."""
+        credentials = grpc.ssl_channel_credentials(
+            trusting.ca.read_bytes(), client.client_key.read_bytes(), client.client_cert.read_bytes()
+        )
+        options = [("grpc.use_local_subchannel_pool", 1)]  # a connection of its own, never one before
+        with grpc.secure_channel(f"127.0.0.1:{server.port}", credentials, options) as channel:
+            try:
+                pb_grpc.ExternalScalerStub(channel).GetMetricSpec(ref(), timeout=5)
+            except grpc.RpcError as error:
+                assert error.code() == grpc.StatusCode.UNAVAILABLE, error
+                return False
+            return True
+
+    try:
+        assert admitted(old, old)
+        # A bad pair (a new certificate with the old key): the old one serves on, logged once.
+        publish(volume, {"tls.crt": new.server_cert, "tls.key": old.server_key, "ca.crt": old.ca})
+        assert until(lambda: tls.files.loop.state.failures >= 3, 10)
+        assert admitted(old, old) and not admitted(new, old)
+        # The pair rotated: new connections get the new certificate.
+        publish(volume, {"tls.crt": new.server_cert, "tls.key": new.server_key, "ca.crt": old.ca})
+        assert until(lambda: admitted(new, old), 10)
+        assert not admitted(old, old)
+        # The client CA rotated: a client of the new CA is admitted, one of the old CA only is refused.
+        publish(volume, {"tls.crt": new.server_cert, "tls.key": new.server_key, "ca.crt": new.ca})
+        assert until(lambda: admitted(new, new), 10)
+        assert not admitted(new, old)
+        messages = [r.getMessage() for r in caplog.records if "reloading the KEDA scaler" in r.getMessage()]
+        assert [m for m in messages if "failing" in m] == [messages[0]]
+        assert "different pairs" in messages[0] and any("recovered" in m for m in messages)
     finally:
         server.stop()
 
