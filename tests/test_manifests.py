@@ -540,6 +540,7 @@ GPU_NODES = {
         {
             "karpenter.k8s.aws/instance-gpu-manufacturer": "nvidia",
             "eks.amazonaws.com/instance-gpu-manufacturer": "nvidia",
+            "node.kubernetes.io/instance-type": "g5.xlarge",  # a managed node group: no GPU label of EKS's
         },
         [{"key": "nvidia.com/gpu", "value": "true", "effect": "NoSchedule"}],
     ),
@@ -569,6 +570,13 @@ def test_each_platforms_component_puts_the_agent_on_its_gpu_nodes_and_the_adapte
             assert not schedulable(base_agent["spec"], dict([label]), taints), label
     assert not schedulable(agent["spec"], {"kubernetes.io/os": "linux"}, [])
     assert schedulable(adapter, {"kubernetes.io/os": "linux"}, [])
+
+
+@pytest.mark.parametrize("instance_type", ["m5.large", "g4ad.xlarge", "inf2.xlarge"])
+def test_on_eks_nodes_without_an_nvidia_gpu_get_no_agent(instance_type: str) -> None:
+    """The instance-type term names NVIDIA types only: CPU, AMD GPU and Inferentia nodes stay free."""
+    agent, _ = agent_pod(render(FULLEST, ("eks",)))
+    assert not schedulable(agent["spec"], {"node.kubernetes.io/instance-type": instance_type}, [])
 
 
 def test_nvml_is_reachable_as_each_platform_needs() -> None:
