@@ -314,14 +314,46 @@ def test_every_example_uses_an_api_the_claimed_kubernetes_versions_serve() -> No
 
 
 def test_the_servicemonitor_scrapes_the_adapters_own_metrics_over_https() -> None:
-    monitor = yaml.safe_load((DIRECTORY / "servicemonitor.yaml").read_text())
+    """The adapter with its Prometheus Operator objects: the ServiceMonitor reaches the adapter's
+    Service and presents a token the adapter's SubjectAccessReview allows `get /metrics` for."""
+    overlay = DAEMONSET / "overlays" / "adapter-prometheus-operator"
+    objects = rendered(overlay)
+    assert not [d for d in rendered() if d["apiVersion"].startswith("monitoring.coreos.com/")]  # no operator CRDs
+    (monitor,) = [d for d in objects if d["kind"] == "ServiceMonitor"]
     schema = DAEMONSET.parent / "tests" / "schemas" / "servicemonitor.json"
     jsonschema.validate(monitor, json.loads(schema.read_text()))
-    (service,) = by_kind("Service")
+    (service,) = [d for d in objects if d["kind"] == "Service"]
     assert matches(monitor["spec"]["selector"], service["metadata"]["labels"])
     assert monitor["metadata"]["namespace"] == service["metadata"]["namespace"]
     assert "namespaceSelector" not in monitor["spec"]  # its own namespace: it moves with the Service
     (endpoint,) = monitor["spec"]["endpoints"]
     assert endpoint["port"] in {port["name"] for port in service["spec"]["ports"]}
     assert (endpoint["scheme"], endpoint["path"]) == ("https", METRICS_PATH)
-    assert endpoint["bearerTokenFile"]  # /metrics is authorized by a SubjectAccessReview, as kube-apiserver's
+    # /metrics is authorized by a SubjectAccessReview, as kube-apiserver's: the bearer token is a
+    # ServiceAccount's, from a Secret in the monitor's namespace, bound to `get` on that path.
+    assert endpoint["authorization"].get("type", "Bearer") == "Bearer"
+    credentials = endpoint["authorization"]["credentials"]
+    (secret,) = [
+        d
+        for d in objects
+        if d["kind"] == "Secret"
+        and d["metadata"]["name"] == credentials["name"]
+        and d["metadata"]["namespace"] == monitor["metadata"]["namespace"]
+    ]
+    assert secret["type"] == "kubernetes.io/service-account-token" and credentials["key"] == "token"
+    subject = {
+        "kind": "ServiceAccount",
+        "name": secret["metadata"]["annotations"]["kubernetes.io/service-account.name"],
+        "namespace": secret["metadata"]["namespace"],
+    }
+    assert subject["name"] in {d["metadata"]["name"] for d in objects if d["kind"] == "ServiceAccount"}
+    roles = {d["metadata"]["name"]: d for d in objects if d["kind"] == "ClusterRole"}
+    allowed = {
+        (url, verb)
+        for binding in objects
+        if binding["kind"] == "ClusterRoleBinding" and subject in binding["subjects"]
+        for rule in roles[binding["roleRef"]["name"]]["rules"]
+        for url in rule.get("nonResourceURLs", [])
+        for verb in rule["verbs"]
+    }
+    assert allowed == {(METRICS_PATH, "get")}
