@@ -29,8 +29,14 @@ OPERATOR_RULES = ROOT / "daemonset" / "overlays" / "prometheus-operator" / "gpu-
 UNIT_TESTS = ROOT / "tests" / "alerts" / "gpu-alerts.test.yaml"
 RUNBOOKS = ROOT / "docs" / "runbooks.md"
 RUNBOOKS_URL = "https://github.com/gpu-pod-exporter/gpu-pod-exporter/blob/main/docs/runbooks.md"
-# kube-state-metrics' series (a named external exporter) that the DaemonSet coverage alert reads.
-KUBE_STATE_METRICS = {"kube_node_status_capacity", "kube_daemonset_status_number_available"}
+# kube-state-metrics' series (a named external exporter) that the DaemonSet coverage alert and the
+# cost rules' pod ownership read.
+KUBE_STATE_METRICS = {
+    "kube_node_status_capacity",
+    "kube_daemonset_status_number_available",
+    "kube_pod_owner",
+    "kube_replicaset_owner",
+}
 ADAPTER_GROUP = "gpu-metrics-adapter"  # the adapter's alerts, on its own metrics
 COST_RULES = ROOT / "daemonset" / "prometheus" / "gpu-cost-rules.yaml"
 OPERATOR_COST_RULES = ROOT / "daemonset" / "overlays" / "prometheus-operator" / "gpu-cost-rules.yaml"

@@ -44,6 +44,7 @@ OVERLAYS = [
     "overlays/adapter-external",
     "adapter",
     "overlays/adapter-keda-scaler",
+    "overlays/adapter-prometheus-operator",
 ]
 # Platform and stack components (daemonset/components), each rendered on the overlay with everything.
 COMPONENTS = ["eks", "gke", "aks", "gpu-operator", "nvidia-runtimeclass", "kube-prometheus-stack", "cert-manager"]
@@ -122,6 +123,19 @@ def test_every_object_validates(overlay: str, components: tuple[str, ...]) -> No
     for obj in objects:
         for version in KUBERNETES_VERSIONS:
             _validate_once(json.dumps(obj, sort_keys=True), version)
+
+
+def test_every_prometheus_operator_object_in_the_tree_is_rendered_and_validated() -> None:
+    """A ServiceMonitor or PrometheusRule file no kustomization lists is never validated, never
+    labelled by the kube-prometheus-stack component and never moved by `namespace:`."""
+    shipped = {
+        (document["kind"], document["metadata"]["name"])
+        for path in (ROOT / "daemonset").rglob("*.yaml")
+        for document in yaml.safe_load_all(path.read_text())
+        if document and document.get("apiVersion", "").startswith("monitoring.coreos.com/")
+    }
+    assert shipped
+    assert shipped <= {(o["kind"], o["metadata"]["name"]) for o in render(FULLEST)}
 
 
 def test_a_typo_would_be_caught() -> None:
@@ -477,6 +491,11 @@ def test_a_namespace_set_with_kustomize_is_followed_or_refused() -> None:
                 assert obj["spec"]["service"]["namespace"] == "team-gpu"
             if obj["kind"] == "ServiceMonitor":
                 assert selects_services_in(obj) == {"team-gpu"}
+                # The operator reads an endpoint's credentials from the monitor's own namespace.
+                secrets = {o["metadata"]["name"] for o in objects if o["kind"] == "Secret"}
+                for endpoint in obj["spec"]["endpoints"]:
+                    if "authorization" in endpoint:
+                        assert endpoint["authorization"]["credentials"]["name"] in secrets, overlay
 
 
 def test_the_cert_manager_names_follow_the_adapters_namespace(tmp_path: Path) -> None:
@@ -486,7 +505,7 @@ def test_the_cert_manager_names_follow_the_adapters_namespace(tmp_path: Path) ->
     inner.mkdir()
     relative = os.path.relpath(ROOT / "daemonset", inner)
     (inner / "kustomization.yaml").write_text(
-        yaml.safe_dump({"namespace": "team-gpu", "resources": [f"{relative}/adapter"]})
+        yaml.safe_dump({"namespace": "team-gpu", "resources": [f"{relative}/overlays/adapter-prometheus-operator"]})
     )
     outer = tmp_path / "install"
     outer.mkdir()
@@ -518,6 +537,17 @@ def test_the_cert_manager_names_follow_the_adapters_namespace(tmp_path: Path) ->
             assert cert_namespace == namespace
             # kube-apiserver dials <service>.<namespace>.svc and verifies that name.
             assert f"gpu-metrics-adapter.{namespace}.svc" in certificates[name]["spec"]["dnsNames"]
+        # Prometheus verifies the adapter against the CA that issued its certificate, by the
+        # Service's name (it dials pod IPs), instead of skipping verification.
+        (monitor,) = [
+            m for m in objects if m["kind"] == "ServiceMonitor" and m["metadata"]["name"] == service["metadata"]["name"]
+        ]
+        (endpoint,) = monitor["spec"]["endpoints"]
+        assert endpoint["tlsConfig"] == {
+            "ca": {"secret": {"name": certificates[name]["spec"]["secretName"], "key": "ca.crt"}},
+            "serverName": f"gpu-metrics-adapter.{namespace}.svc",
+        }
+        assert endpoint["tlsConfig"]["serverName"] in certificates[name]["spec"]["dnsNames"]
         # The adapter serves the Secret cert-manager writes, from the files its flags name.
         deployment = one(objects, "Deployment")
         (container,) = deployment["spec"]["template"]["spec"]["containers"]
@@ -540,6 +570,7 @@ GPU_NODES = {
         {
             "karpenter.k8s.aws/instance-gpu-manufacturer": "nvidia",
             "eks.amazonaws.com/instance-gpu-manufacturer": "nvidia",
+            "node.kubernetes.io/instance-type": "g5.xlarge",  # a managed node group: no GPU label of EKS's
         },
         [{"key": "nvidia.com/gpu", "value": "true", "effect": "NoSchedule"}],
     ),
@@ -571,6 +602,13 @@ def test_each_platforms_component_puts_the_agent_on_its_gpu_nodes_and_the_adapte
     assert schedulable(adapter, {"kubernetes.io/os": "linux"}, [])
 
 
+@pytest.mark.parametrize("instance_type", ["m5.large", "g4ad.xlarge", "inf2.xlarge"])
+def test_on_eks_nodes_without_an_nvidia_gpu_get_no_agent(instance_type: str) -> None:
+    """The instance-type term names NVIDIA types only: CPU, AMD GPU and Inferentia nodes stay free."""
+    agent, _ = agent_pod(render(FULLEST, ("eks",)))
+    assert not schedulable(agent["spec"], {"node.kubernetes.io/instance-type": instance_type}, [])
+
+
 def test_nvml_is_reachable_as_each_platform_needs() -> None:
     """The GPU Operator (and any non-default nvidia runtime) runs the agent under RuntimeClass nvidia;
     GKE has no NVIDIA runtime: the driver's host directory is mounted and on the loader's path."""
@@ -589,8 +627,13 @@ def test_nvml_is_reachable_as_each_platform_needs() -> None:
 
 def test_kube_prometheus_stack_finds_the_monitor_and_rules_and_the_adapter_finds_its_prometheus() -> None:
     objects = render(FULLEST, ("kube-prometheus-stack",))
-    for kind in ("ServiceMonitor", "PrometheusRule"):
-        assert one(objects, kind)["metadata"]["labels"]["release"] == "kube-prometheus-stack"
+    selected = [o for o in objects if o["kind"] in ("ServiceMonitor", "PrometheusRule")]
+    assert {o["metadata"]["name"] for o in selected if o["kind"] == "ServiceMonitor"} == {
+        "gpu-pod-exporter",
+        "gpu-metrics-adapter",
+    }
+    for obj in selected:
+        assert obj["metadata"]["labels"]["release"] == "kube-prometheus-stack", obj["metadata"]["name"]
     (container,) = one(objects, "Deployment")["spec"]["template"]["spec"]["containers"]
     env = {e["name"]: e["value"] for e in container["env"] if "value" in e}
     # The kubelet expands $(VAR) in args from the container's env.

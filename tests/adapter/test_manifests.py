@@ -296,27 +296,64 @@ def test_the_hpa_may_read_exactly_the_metrics_apis_routed_to_the_adapter(directo
         pytest.fail("no role binds the HPA controller to the metrics APIs")
 
 
-@pytest.mark.parametrize("name", ["hpa-v2beta1.yaml", "hpa-v2.yaml"])
-def test_example_hpas_target_an_average_duty_cycle_of_20(name: str) -> None:
-    hpa = yaml.safe_load((DIRECTORY / "examples" / name).read_text())
+def test_the_example_hpa_targets_an_average_duty_cycle_of_20() -> None:
+    hpa = yaml.safe_load((DIRECTORY / "examples" / "hpa-v2.yaml").read_text())
     (metric,) = hpa["spec"]["metrics"]
     assert metric["type"] == "Pods"
-    if hpa["apiVersion"] == "autoscaling/v2beta1":
-        assert metric["pods"] == {"metricName": "duty_cycle_current", "targetAverageValue": 20}
-    else:
-        assert metric["pods"]["metric"]["name"] == "duty_cycle_current"
-        assert metric["pods"]["target"] == {"type": "AverageValue", "averageValue": "20"}
+    assert metric["pods"]["metric"]["name"] == "duty_cycle_current"
+    assert metric["pods"]["target"] == {"type": "AverageValue", "averageValue": "20"}
+
+
+def test_every_example_uses_an_api_the_claimed_kubernetes_versions_serve() -> None:
+    """The README requires Kubernetes 1.29+: no example in an API version removed before it
+    (autoscaling/v2beta1 and v2beta2 were gone by 1.26)."""
+    removed = {"autoscaling/v2beta1", "autoscaling/v2beta2"}
+    for path in sorted((DIRECTORY / "examples").glob("*.yaml")):
+        for document in yaml.safe_load_all(path.read_text()):
+            assert document["apiVersion"] not in removed, path.name
 
 
 def test_the_servicemonitor_scrapes_the_adapters_own_metrics_over_https() -> None:
-    monitor = yaml.safe_load((DIRECTORY / "servicemonitor.yaml").read_text())
+    """The adapter with its Prometheus Operator objects: the ServiceMonitor reaches the adapter's
+    Service and presents a token the adapter's SubjectAccessReview allows `get /metrics` for."""
+    overlay = DAEMONSET / "overlays" / "adapter-prometheus-operator"
+    objects = rendered(overlay)
+    assert not [d for d in rendered() if d["apiVersion"].startswith("monitoring.coreos.com/")]  # no operator CRDs
+    (monitor,) = [d for d in objects if d["kind"] == "ServiceMonitor"]
     schema = DAEMONSET.parent / "tests" / "schemas" / "servicemonitor.json"
     jsonschema.validate(monitor, json.loads(schema.read_text()))
-    (service,) = by_kind("Service")
+    (service,) = [d for d in objects if d["kind"] == "Service"]
     assert matches(monitor["spec"]["selector"], service["metadata"]["labels"])
     assert monitor["metadata"]["namespace"] == service["metadata"]["namespace"]
     assert "namespaceSelector" not in monitor["spec"]  # its own namespace: it moves with the Service
     (endpoint,) = monitor["spec"]["endpoints"]
     assert endpoint["port"] in {port["name"] for port in service["spec"]["ports"]}
     assert (endpoint["scheme"], endpoint["path"]) == ("https", METRICS_PATH)
-    assert endpoint["bearerTokenFile"]  # /metrics is authorized by a SubjectAccessReview, as kube-apiserver's
+    # /metrics is authorized by a SubjectAccessReview, as kube-apiserver's: the bearer token is a
+    # ServiceAccount's, from a Secret in the monitor's namespace, bound to `get` on that path.
+    assert endpoint["authorization"].get("type", "Bearer") == "Bearer"
+    credentials = endpoint["authorization"]["credentials"]
+    (secret,) = [
+        d
+        for d in objects
+        if d["kind"] == "Secret"
+        and d["metadata"]["name"] == credentials["name"]
+        and d["metadata"]["namespace"] == monitor["metadata"]["namespace"]
+    ]
+    assert secret["type"] == "kubernetes.io/service-account-token" and credentials["key"] == "token"
+    subject = {
+        "kind": "ServiceAccount",
+        "name": secret["metadata"]["annotations"]["kubernetes.io/service-account.name"],
+        "namespace": secret["metadata"]["namespace"],
+    }
+    assert subject["name"] in {d["metadata"]["name"] for d in objects if d["kind"] == "ServiceAccount"}
+    roles = {d["metadata"]["name"]: d for d in objects if d["kind"] == "ClusterRole"}
+    allowed = {
+        (url, verb)
+        for binding in objects
+        if binding["kind"] == "ClusterRoleBinding" and subject in binding["subjects"]
+        for rule in roles[binding["roleRef"]["name"]]["rules"]
+        for url in rule.get("nonResourceURLs", [])
+        for verb in rule["verbs"]
+    }
+    assert allowed == {(METRICS_PATH, "get")}
