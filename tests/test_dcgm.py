@@ -192,6 +192,12 @@ def test_the_dcgm_exporter_dashboard_shows_each_gpu(scraped: Scraped) -> None:
         ("0", "", ""): 10 * 1024, ("1", "", ""): 1024, ("2", "", ""): 3 * 1024, ("3", "7", "1g.10gb"): 1024
     }  # fmt: skip
     assert scraped.label_values(DASHBOARD_VARIABLES["Hostname"]) == {NODE}
+    # dcgm-exporter 4.6+ names the node "hostname" (NVIDIA/dcgm-exporter#655), as its dashboard's legends
+    # now do ("{{hostname}} - GPU {{gpu}}", #709): both names carry it.
+    assert scraped.label_values("label_values(DCGM_FI_DEV_FB_FREE, hostname)") == {NODE}
+    assert scraped.by('max(DCGM_FI_DEV_GPU_TEMP{hostname=~".*"}) by (hostname, gpu)', "hostname", "gpu") == {
+        (NODE, "0"): 61, (NODE, "1"): 40, (NODE, "2"): 70, (NODE, "3"): 50
+    }  # fmt: skip
     assert scraped.label_values(DASHBOARD_VARIABLES["gpu"]) == {"0", "1", "2", "3"}
 
 
@@ -225,7 +231,7 @@ def test_a_third_consumers_dashboard_and_energy_panels(scraped: Scraped) -> None
 
 
 def test_series_carry_dcgm_exporters_labels(scraped: Scraped) -> None:
-    common = {"Hostname": NODE, "DCGM_FI_DRIVER_VERSION": DRIVER, "job": "gpu-pod-exporter"}
+    common = {"Hostname": NODE, "hostname": NODE, "DCGM_FI_DRIVER_VERSION": DRIVER, "job": "gpu-pod-exporter"}
     series = {r["metric"]["pod"] if "pod" in r["metric"] else r["metric"]["gpu"]: r["metric"]
               for r in scraped.query('DCGM_FI_DEV_GPU_TEMP or DCGM_FI_DEV_FB_USED{GPU_I_ID="7"}')}  # fmt: skip
     without_instance = {name: {k: v for k, v in labels.items() if k != "instance"} for name, labels in series.items()}
