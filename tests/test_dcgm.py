@@ -64,6 +64,21 @@ DAOCLOUD_GPU_POWER = 'sum(DCGM_FI_DEV_POWER_USAGE{cluster="$cluster", UUID="${gp
 ENERGY_DRAW_TOTAL = "sum(increase(DCGM_FI_DEV_TOTAL_ENERGY_CONSUMPTION[1h]) / 3600000)"
 
 
+# NVIDIA/dcgm-exporter etc/default-counters.csv (4.8): every field it enables, and the PCIe totals older
+# files enabled.
+DEFAULT_COUNTERS = (
+    *("DCGM_FI_DEV_SM_CLOCK", "DCGM_FI_DEV_MEM_CLOCK", "DCGM_FI_DEV_MEMORY_TEMP", "DCGM_FI_DEV_GPU_TEMP"),
+    *("DCGM_FI_DEV_POWER_USAGE", "DCGM_FI_DEV_TOTAL_ENERGY_CONSUMPTION", "DCGM_FI_DEV_PCIE_REPLAY_COUNTER"),
+    *("DCGM_FI_DEV_GPU_UTIL", "DCGM_FI_DEV_MEM_COPY_UTIL", "DCGM_FI_DEV_ENC_UTIL", "DCGM_FI_DEV_DEC_UTIL"),
+    *("DCGM_FI_DEV_XID_ERRORS", "DCGM_FI_DEV_FB_FREE", "DCGM_FI_DEV_FB_USED", "DCGM_FI_DEV_FB_RESERVED"),
+    *("DCGM_FI_DEV_NVLINK_BANDWIDTH_TOTAL", "DCGM_FI_DEV_VGPU_LICENSE_STATUS"),
+    *("DCGM_FI_DEV_UNCORRECTABLE_REMAPPED_ROWS", "DCGM_FI_DEV_CORRECTABLE_REMAPPED_ROWS"),
+    *("DCGM_FI_DEV_ROW_REMAP_FAILURE", "DCGM_FI_PROF_GR_ENGINE_ACTIVE", "DCGM_FI_PROF_PIPE_TENSOR_ACTIVE"),
+    *("DCGM_FI_PROF_DRAM_ACTIVE", "DCGM_FI_PROF_PCIE_TX_BYTES", "DCGM_FI_PROF_PCIE_RX_BYTES"),
+    *("DCGM_FI_DEV_PCIE_TX_THROUGHPUT", "DCGM_FI_DEV_PCIE_RX_THROUGHPUT"),
+)
+
+
 def grafana(expr: str, **values: str) -> str:
     """``$name`` and ``${name}`` replaced as Grafana does: by the value given, else by "All" (``.*``)."""
     return re.sub(r"\$\{?(\w+)\}?", lambda m: values.get(m.group(1), ".*"), expr)
@@ -367,3 +382,12 @@ def test_the_memory_temperature_comes_in_the_recovery_actions_call(
     assert "DCGM_FI_DEV_MEMORY_TEMP" not in devices[gpu_uuid(1)]
     in_force = {uuid: [a for (a,), v in metrics["gpu_recovery_action"] if v] for uuid, metrics in devices.items()}
     assert in_force == {gpu_uuid(0): ["gpu_reset"], gpu_uuid(1): ["none"]}
+
+
+def test_every_default_counter_is_emitted_or_named_in_the_readme_with_its_reason() -> None:
+    readme = (Path(__file__).resolve().parent.parent / "README.md").read_text()
+    never = readme[readme.index("Never emitted, of dcgm-exporter's default counters") :].split("\n\n")[0]
+    explained = {f for f in DEFAULT_COUNTERS if re.search(rf"^- [^:]*`{f}`[^:]*: \S", never, re.M)}
+    emitted = {f.name for f in DCGM_FAMILIES}
+    assert set(DEFAULT_COUNTERS) - emitted == explained
+    assert not explained & emitted
