@@ -39,7 +39,8 @@ POD_INFO_LABELS = ("node", "gpu", "uuid", "namespace", "pod", "container")
 DRA_LABELS = ("node", "namespace", "pod", "container", "claim_namespace", "claim", "driver", "pool", "device", "uuid")
 # dcgm-exporter's labels (internal/pkg/rendermetrics/render_metrics.go): every series has these, a MIG
 # device's adds GPU_I_PROFILE and GPU_I_ID, and a device a pod holds DCGM_POD_LABELS (a series per pod).
-DCGM_LABELS = ("gpu", "UUID", "pci_bus_id", "device", "modelName", "Hostname", "DCGM_FI_DRIVER_VERSION")
+# The node name twice: "hostname" since dcgm-exporter#655 (4.6+), "Hostname" for older consumers.
+DCGM_LABELS = ("gpu", "UUID", "pci_bus_id", "device", "modelName", "Hostname", "hostname", "DCGM_FI_DRIVER_VERSION")
 DCGM_POD_LABELS = ("namespace", "pod", "container")
 
 # NVML's enum values passed as call arguments (the catalogue imports no pynvml).

@@ -39,6 +39,7 @@ class Gpu:
     energy: int = 0  # mJ since the driver loaded
     energy_rate: int = 0  # mW: the counter grows at this rate from energy_since (0: it stays at energy)
     energy_since: float = 0.0  # Unix time at which the counter read energy
+    energy_until: float = 0.0  # Unix time at which it stops growing (0: never)
     power_limit: int = 700_000  # mW
     encoder: int = 0  # percent
     decoder: int = 0
@@ -67,12 +68,15 @@ class Gpu:
 
     def energy_at(self, when: float) -> int:
         """The energy counter, in mJ, at Unix time ``when``, as the fake library computes it."""
+        if self.energy_until:
+            when = min(when, self.energy_until)
         return self.energy + int(self.energy_rate * max(0.0, when - self.energy_since))
 
     def draw(self, milliwatts: int, when: float | None = None) -> None:
         """From ``when`` (now by default), the counter grows at ``milliwatts``, continuing from where it is."""
         when = time.time() if when is None else when
         self.energy, self.energy_since, self.energy_rate = self.energy_at(when), when, milliwatts
+        self.energy_until = 0.0
 
     def reset_energy(self) -> None:
         """The counter starts again from 0 now, as after a driver reload."""
@@ -151,6 +155,7 @@ class Scenario:
                 "energy": gpu.energy,
                 "energyrate": gpu.energy_rate,
                 "energysince": repr(gpu.energy_since),
+                "energyuntil": repr(gpu.energy_until),
                 "plimit": gpu.power_limit,
                 "enc": gpu.encoder,
                 "dec": gpu.decoder,

@@ -170,8 +170,8 @@ def scraped(tmp_path_factory: pytest.TempPathFactory) -> Iterator[tuple[Promethe
             ),
             Gpu(gpu_uuid(1), util=0, clock_reasons=0x1),  # idle
             Gpu(gpu_uuid(2), util=55, clock_reasons=0x4, encoder=10, **busy),  # capped by software power limit
-            Gpu(gpu_uuid(3), util=0, clock_reasons=0x1),
-            Gpu(gpu_uuid(4), util=80),
+            Gpu(gpu_uuid(3), util=0, clock_reasons=0x1, remap_failed=True),  # unhealthy: a row remap failed
+            Gpu(gpu_uuid(4), util=80, clock_reasons=0x40),  # degraded: a hardware thermal slowdown
         ]
     )
     node.write(scenario)
@@ -277,3 +277,27 @@ def test_the_least_efficient_pods_table_puts_the_idle_pod_first(scraped: tuple[P
     assert min(efficiency, key=efficiency.__getitem__) == "bert-intent-detection-7d9f-bbbb"
     assert efficiency["bert-intent-detection-7d9f-bbbb"] == 0
     assert efficiency["bert-intent-detection-7d9f-aaaa"] == pytest.approx(0.30, rel=0.05)
+
+
+def test_the_health_verdict_panels_show_each_gpus_status_and_its_reasons(scraped: tuple[Prometheus, str]) -> None:
+    """GPU 0 had Xid 79 (a node reboot), GPU 3 a row remap failure, GPU 4 slows down for heat; GPU 2's
+    software power cap is no health rule."""
+    dashboard = dashboards()["gpu-pods.json"]
+    (status,) = [p for p in panels(dashboard) if p["title"] == "GPU health" and p["type"] == "stat"]
+    (reasons,) = [p for p in panels(dashboard) if p["title"] == "Health reasons in force"]
+    prometheus = scraped[0]
+    reasons_expr = substitute(reasons["targets"][0]["expr"], VALUES["gpu-pods.json"])
+    prometheus.wait_for(f"count({reasons_expr}) == 3")
+    shown = {
+        r["metric"]["gpu"]: status["fieldConfig"]["defaults"]["mappings"][0]["options"][r["value"][1]]["text"]
+        for r in prometheus.query(substitute(status["targets"][0]["expr"], VALUES["gpu-pods.json"]))
+    }
+    assert shown == {"0": "unhealthy", "1": "healthy", "2": "healthy", "3": "unhealthy", "4": "degraded"}
+    in_force = {
+        (r["metric"]["gpu"], r["metric"]["reason"], r["metric"]["severity"]) for r in prometheus.query(reasons_expr)
+    }
+    assert in_force == {
+        ("0", "xid_node_reboot", "unhealthy"),
+        ("3", "row_remap_failure", "unhealthy"),
+        ("4", "thermal_slowdown", "degraded"),
+    }

@@ -5,6 +5,7 @@ sources (only Grafana's variables are replaced, by regexes matching everything a
 from __future__ import annotations
 
 import re
+import time
 from collections import Counter
 from collections.abc import Iterator
 from dataclasses import dataclass
@@ -58,6 +59,24 @@ DAOCLOUD_AVG_UTILIZATION = (
     'avg(max_over_time(DCGM_FI_DEV_GPU_UTIL{cluster="$cluster",node=~"${node}", gpu=~"${gpu}"}[29s]))'
 )
 DAOCLOUD_GPU_POWER = 'sum(DCGM_FI_DEV_POWER_USAGE{cluster="$cluster", UUID="${gpu}",GPU_I_ID=~"${gpu_i_id}"})'
+# Yandex Cloud's managed Grafana "NVIDIA DCGM Dashboard w/o MIG metrics" (uid gpu-wo-mig), as its docs
+# list it: the "GPU Energy Draw Total" panel, watt-hours drawn over the last hour (mJ ÷ 3 600 000).
+ENERGY_DRAW_TOTAL = "sum(increase(DCGM_FI_DEV_TOTAL_ENERGY_CONSUMPTION[1h]) / 3600000)"
+
+
+# NVIDIA/dcgm-exporter etc/default-counters.csv (4.8): every field it enables, and the PCIe totals older
+# files enabled.
+DEFAULT_COUNTERS = (
+    *("DCGM_FI_DEV_SM_CLOCK", "DCGM_FI_DEV_MEM_CLOCK", "DCGM_FI_DEV_MEMORY_TEMP", "DCGM_FI_DEV_GPU_TEMP"),
+    *("DCGM_FI_DEV_POWER_USAGE", "DCGM_FI_DEV_TOTAL_ENERGY_CONSUMPTION", "DCGM_FI_DEV_PCIE_REPLAY_COUNTER"),
+    *("DCGM_FI_DEV_GPU_UTIL", "DCGM_FI_DEV_MEM_COPY_UTIL", "DCGM_FI_DEV_ENC_UTIL", "DCGM_FI_DEV_DEC_UTIL"),
+    *("DCGM_FI_DEV_XID_ERRORS", "DCGM_FI_DEV_FB_FREE", "DCGM_FI_DEV_FB_USED", "DCGM_FI_DEV_FB_RESERVED"),
+    *("DCGM_FI_DEV_NVLINK_BANDWIDTH_TOTAL", "DCGM_FI_DEV_VGPU_LICENSE_STATUS"),
+    *("DCGM_FI_DEV_UNCORRECTABLE_REMAPPED_ROWS", "DCGM_FI_DEV_CORRECTABLE_REMAPPED_ROWS"),
+    *("DCGM_FI_DEV_ROW_REMAP_FAILURE", "DCGM_FI_PROF_GR_ENGINE_ACTIVE", "DCGM_FI_PROF_PIPE_TENSOR_ACTIVE"),
+    *("DCGM_FI_PROF_DRAM_ACTIVE", "DCGM_FI_PROF_PCIE_TX_BYTES", "DCGM_FI_PROF_PCIE_RX_BYTES"),
+    *("DCGM_FI_DEV_PCIE_TX_THROUGHPUT", "DCGM_FI_DEV_PCIE_RX_THROUGHPUT"),
+)
 
 
 def grafana(expr: str, **values: str) -> str:
@@ -97,6 +116,15 @@ PROCS = [Proc(gpu=2, pid=201, mem=2 * GIB, sm=20), Proc(gpu=2, pid=202, mem=3 * 
 class Scraped:
     prometheus: Prometheus
     agent: AgentProcess
+    nvml: Scenario
+    scenario_file: Path
+
+    def query_at(self, promql: str, when: float) -> list[dict[str, Any]]:
+        response = requests.get(
+            f"{self.prometheus.url}/api/v1/query", params={"query": promql, "time": str(when)}, timeout=5
+        )
+        result: list[dict[str, Any]] = response.json()["data"]["result"]
+        return result
 
     def query(self, promql: str) -> list[dict[str, Any]]:
         return self.prometheus.query(promql)
@@ -155,7 +183,7 @@ def scraped(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Scraped]:
         nvml.xids.append(Xid(gpu=0, code=79))
         nvml.write(scenario)
         prometheus.wait_for('DCGM_FI_DEV_XID_ERRORS{gpu="0"} == 79')
-        yield Scraped(prometheus, agent)
+        yield Scraped(prometheus, agent, nvml, scenario)
     finally:
         prometheus.stop()
         agent.stop()
@@ -192,6 +220,12 @@ def test_the_dcgm_exporter_dashboard_shows_each_gpu(scraped: Scraped) -> None:
         ("0", "", ""): 10 * 1024, ("1", "", ""): 1024, ("2", "", ""): 3 * 1024, ("3", "7", "1g.10gb"): 1024
     }  # fmt: skip
     assert scraped.label_values(DASHBOARD_VARIABLES["Hostname"]) == {NODE}
+    # dcgm-exporter 4.6+ names the node "hostname" (NVIDIA/dcgm-exporter#655), as its dashboard's legends
+    # now do ("{{hostname}} - GPU {{gpu}}", #709): both names carry it.
+    assert scraped.label_values("label_values(DCGM_FI_DEV_FB_FREE, hostname)") == {NODE}
+    assert scraped.by('max(DCGM_FI_DEV_GPU_TEMP{hostname=~".*"}) by (hostname, gpu)', "hostname", "gpu") == {
+        (NODE, "0"): 61, (NODE, "1"): 40, (NODE, "2"): 70, (NODE, "3"): 50
+    }  # fmt: skip
     assert scraped.label_values(DASHBOARD_VARIABLES["gpu"]) == {"0", "1", "2", "3"}
 
 
@@ -224,8 +258,33 @@ def test_a_third_consumers_dashboard_and_energy_panels(scraped: Scraped) -> None
     assert scraped.by("sum(max by (UUID) (DCGM_FI_DEV_POWER_USAGE))") == {(): 250 + 90 + 400 + 150}
 
 
+def test_a_third_consumers_energy_panel_shows_the_watt_hours_a_gpu_drew(scraped: Scraped) -> None:
+    # GPU 2 (two pods) draws 400 W for 3 s, both ends ahead, so every read sees the counter's one path.
+    shared = scraped.nvml.gpus[2]
+    start = time.time() + 1.0
+    shared.energy_rate, shared.energy_since, shared.energy_until = 400_000, start, start + 3.0
+    scraped.nvml.write(scraped.scenario_file)
+    drawn_mj = shared.energy_at(start + 3.0) - shared.energy_at(start)
+    assert drawn_mj == 1_200_000
+    series = f'DCGM_FI_DEV_TOTAL_ENERGY_CONSUMPTION{{UUID="{gpu_uuid(2)}"}}'
+    scraped.prometheus.wait_for(f"count({series} == {shared.energy_at(start + 3.0)}) == 2")
+    time.sleep(2.0)  # a few scrapes of the stopped counter
+    # Evaluated at the last scrape, increase() extrapolates nothing: not forward (no time after it), nor
+    # back (the counter started at 0, and Prometheus extrapolates no further back than zero).
+    last = max(float(r["value"][1]) for r in scraped.query(f"timestamp({series})"))
+    raw = scraped.query_at(f"{series}[1h]", last)
+    assert {r["metric"]["pod"]: float(r["values"][-1][1]) - float(r["values"][0][1]) for r in raw} == {
+        "asr-0": drawn_mj, "asr-1": drawn_mj  # each pod's series carries the device's counter
+    }  # fmt: skip
+    # Every other device's counter stood still; the shared GPU counts once per pod (the README's caveat) ...
+    assert float(scraped.query_at(ENERGY_DRAW_TOTAL, last)[0]["value"][1]) == pytest.approx(2 * drawn_mj / 3_600_000)
+    # ... and max by (UUID), as the README says, counts it once: 1 200 J is a third of a watt-hour.
+    once = "sum(max by (UUID) (increase(DCGM_FI_DEV_TOTAL_ENERGY_CONSUMPTION[1h]))) / 3600000"
+    assert float(scraped.query_at(once, last)[0]["value"][1]) == pytest.approx(1 / 3)
+
+
 def test_series_carry_dcgm_exporters_labels(scraped: Scraped) -> None:
-    common = {"Hostname": NODE, "DCGM_FI_DRIVER_VERSION": DRIVER, "job": "gpu-pod-exporter"}
+    common = {"Hostname": NODE, "hostname": NODE, "DCGM_FI_DRIVER_VERSION": DRIVER, "job": "gpu-pod-exporter"}
     series = {r["metric"]["pod"] if "pod" in r["metric"] else r["metric"]["gpu"]: r["metric"]
               for r in scraped.query('DCGM_FI_DEV_GPU_TEMP or DCGM_FI_DEV_FB_USED{GPU_I_ID="7"}')}  # fmt: skip
     without_instance = {name: {k: v for k, v in labels.items() if k != "instance"} for name, labels in series.items()}
@@ -323,3 +382,12 @@ def test_the_memory_temperature_comes_in_the_recovery_actions_call(
     assert "DCGM_FI_DEV_MEMORY_TEMP" not in devices[gpu_uuid(1)]
     in_force = {uuid: [a for (a,), v in metrics["gpu_recovery_action"] if v] for uuid, metrics in devices.items()}
     assert in_force == {gpu_uuid(0): ["gpu_reset"], gpu_uuid(1): ["none"]}
+
+
+def test_every_default_counter_is_emitted_or_named_in_the_readme_with_its_reason() -> None:
+    readme = (Path(__file__).resolve().parent.parent / "README.md").read_text()
+    never = readme[readme.index("Never emitted, of dcgm-exporter's default counters") :].split("\n\n")[0]
+    explained = {f for f in DEFAULT_COUNTERS if re.search(rf"^- [^:]*`{f}`[^:]*: \S", never, re.M)}
+    emitted = {f.name for f in DCGM_FAMILIES}
+    assert set(DEFAULT_COUNTERS) - emitted == explained
+    assert not explained & emitted

@@ -26,8 +26,15 @@ AGENT_START, COUNTER_RESET, MISSING_READING = "agent_start", "counter_reset", "m
 # A series whose pod left waits this many polls at most for its GPU's counter to move; then what
 # it earned goes to the others (the counter is read every few polls, so this is a stuck counter).
 LINGER_POLLS = 12
-# The profile in a MIG device's name: <compute slices>g.<memory>gb, of a GPU's 7 (an A30's 4).
+# The profile in a MIG device's name: <compute slices>g.<memory>gb.
 _MIG_PROFILE = re.compile(r"\b(\d+)g\.\d+gb\b")
+# A GPU's compute slices in MIG mode, by the model in its NVML name (NVIDIA's MIG user guide,
+# "Supported GPUs": max instances). A model not listed has no slice count: no fraction is guessed.
+MIG_COMPUTE_SLICES = (
+    (re.compile(r"\b(A100|H100|H200|H20|GH200|B200|GB200)\b"), 7),
+    (re.compile(r"\bA30\b"), 4),
+    (re.compile(r"\bRTX PRO 6000 Blackwell\b"), 4),
+)
 
 
 @dataclass(frozen=True)
@@ -242,11 +249,13 @@ def _energy_shares(gpu: DeviceReading, migs: Sequence[DeviceReading]) -> dict[st
 
 
 def _gpu_fraction(gpu: DeviceReading, mig: DeviceReading) -> float | None:
-    """The fraction of its GPU a MIG device is: its compute slices ÷ the GPU's, else its memory ÷
-    the GPU's; None when neither is known."""
+    """The fraction of its GPU a MIG device is: its compute slices ÷ the GPU's, else (a name without
+    a profile) its memory ÷ the GPU's; None when neither is known, or the GPU's model is not in
+    MIG_COMPUTE_SLICES."""
     slices = _slices(mig)
     if slices is not None:
-        return slices / (4 if "A30" in gpu.model else 7)
+        gpu_slices = next((n for model, n in MIG_COMPUTE_SLICES if model.search(gpu.model)), None)
+        return None if gpu_slices is None else slices / gpu_slices
     if mig.memory_total_bytes and gpu.memory_total_bytes:
         return mig.memory_total_bytes / gpu.memory_total_bytes
     return None

@@ -53,6 +53,7 @@ def _labels(snapshot: Snapshot, series: GpuSeries, gpus: dict[str, DeviceReading
         "device": f"nvidia{device.index}",
         "modelName": gpu.model,
         "Hostname": snapshot.node,
+        "hostname": snapshot.node,
         "DCGM_FI_DRIVER_VERSION": snapshot.driver_version,
     }
     if device.parent_uuid is not None:

@@ -14,6 +14,7 @@
  *   gpu     uuid= name= minor= util= memutil= total= used= reserved= temp= power= mig=0|1
  *           smclock= memclock= (MHz)  energy= (mJ)  plimit= (mW)  enc= dec= (%)  pcietx= pcierx= (KB/s)
  *           energyrate= (mW: the energy counter grows at this rate from energysince=, Unix seconds)
+ *           energyuntil= (Unix seconds: the counter stops growing then; 0, it never stops)
  *           replay=  ecccorr= eccunc=  remapcorr= remapunc= remappending=0|1 remapfailed=0|1
  *           reasons=<clocks event reasons bitmask>  gpm=0|1  smactive= smocc= tensor= dram= (GPM, %)
  *           lost=0|1  unsupported=<call>,<call>  fail=<call>:<rc>,...  block=<call>:<milliseconds>
@@ -157,7 +158,7 @@ struct device {
     unsigned remapcorr, remapunc, remappending, remapfailed, gpm, recovery;
     int memtemp; /* -1: no HBM, the field is not supported */
     unsigned long long energy, energyrate, ecccorr, eccunc, reasons;
-    double energysince;
+    double energysince, energyuntil;
     double smactive, smocc, tensor, dram;
     int lost;
     int fail_rc[MAX_CALLS];     /* 0: no injected failure */
@@ -260,6 +261,7 @@ static void parse_device(struct device *d, char *fields) {
         else if (!strcmp(k, "energy")) d->energy = strtoull(v, NULL, 10);
         else if (!strcmp(k, "energyrate")) d->energyrate = strtoull(v, NULL, 10);
         else if (!strcmp(k, "energysince")) d->energysince = strtod(v, NULL);
+        else if (!strcmp(k, "energyuntil")) d->energyuntil = strtod(v, NULL);
         else if (!strcmp(k, "plimit")) d->plimit = strtoul(v, NULL, 10);
         else if (!strcmp(k, "enc")) d->enc = strtoul(v, NULL, 10);
         else if (!strcmp(k, "dec")) d->dec = strtoul(v, NULL, 10);
@@ -752,7 +754,9 @@ int nvmlDeviceGetTotalEnergyConsumption(void *device, unsigned long long *millij
     if (rc != NVML_SUCCESS) return rc;
     if (d.is_mig) return NVML_ERROR_NOT_SUPPORTED;
     *millijoules = d.energy;
-    double elapsed_s = (double)now_us() / 1e6 - d.energysince;
+    double now_s = (double)now_us() / 1e6;
+    if (d.energyuntil > 0 && now_s > d.energyuntil) now_s = d.energyuntil;
+    double elapsed_s = now_s - d.energysince;
     if (d.energyrate && elapsed_s > 0) *millijoules += (unsigned long long)((double)d.energyrate * elapsed_s);
     return NVML_SUCCESS;
 }

@@ -183,3 +183,26 @@ def test_mig_devices_split_the_gpu_by_gpm_activity_else_by_compute_slices() -> N
     ledger, _ = run([poll(0.0, None, None), poll(1.0, None, None)])  # no GPM (the profiling group off)
     assert energy(ledger) == {(MIG_A, "a"): 525.0, (MIG_B, ""): 175.0}  # 3:1 by compute slices
     assert all(c.busy_gpu_seconds is None for c in ledger.costs())  # not measured is not 0
+
+
+def test_a_mig_devices_fraction_is_its_slices_of_its_gpu_models_and_absent_for_an_unknown_model() -> None:
+    def allocated(model: str, profile: str) -> float | None:
+        polls = [
+            [*held(replace(gpu(t, 700.0 * t), model=model)), *held(mig(MIG_A, 1, profile, t), "a")] for t in (0.0, 1.0)
+        ]
+        return {c.labels.uuid: c for c in run(polls)[0].costs()}[MIG_A].allocated_gpu_seconds
+
+    sevens = ("NVIDIA A100-SXM4-80GB", "NVIDIA H100 80GB HBM3", "NVIDIA H200", "NVIDIA H20", "NVIDIA GH200 480GB")
+    for model in (*sevens, "NVIDIA B200", "NVIDIA GB200"):
+        assert allocated(model, "1g.10gb") == 1 / 7, model
+    assert allocated("NVIDIA A30", "1g.6gb") == 1 / 4
+    assert allocated("NVIDIA RTX PRO 6000 Blackwell Server Edition", "2g.48gb") == 2 / 4
+    # A model whose slice count is not known: no fraction guessed, the series still earns energy.
+    assert allocated("NVIDIA Future GPU", "1g.10gb") is None
+
+
+def test_on_mig_without_gpm_busy_gpu_seconds_are_absent_never_0() -> None:
+    polls = [[*held(gpu(t, 700.0 * t)), *held(mig(MIG_A, 1, "3g.40gb", t), "a")] for t in (0.0, 1.0, 2.0)]
+    (cost,) = [c for c in run(polls)[0].costs() if c.labels.uuid == MIG_A]
+    assert cost.allocated_gpu_seconds == 2 * 3 / 7 and cost.busy_gpu_seconds is None
+    assert cost.energy_joules == 1400.0  # the MIG device's energy is still counted

@@ -255,7 +255,13 @@ def test_dcgm_series_name_a_mig_devices_gpu_even_when_the_gpus_reading_aged_out(
     )
     holder = [snapshot(GpuSeries(device=replace(DEVICE, sampled_at=90.0)), GpuSeries(mig, memory_used_bytes=2**21))]
     mig_labels = {"gpu": "0", "UUID": GPU0, "device": "nvidia0", "modelName": "NVIDIA H100 MIG 1g.10gb"}
-    mig_labels |= {"Hostname": "n1", "DCGM_FI_DRIVER_VERSION": "", "GPU_I_PROFILE": "1g.10gb", "GPU_I_ID": "7"}
+    mig_labels |= {
+        "Hostname": "n1",
+        "hostname": "n1",
+        "DCGM_FI_DRIVER_VERSION": "",
+        "GPU_I_PROFILE": "1g.10gb",
+        "GPU_I_ID": "7",
+    }
     with_dcgm = CollectorRegistry()
     with_dcgm.register(SnapshotCollector(lambda: holder[0], 3.0, clock=Clock(), dcgm=True))
     assert with_dcgm.get_sample_value("DCGM_FI_DEV_FB_USED", mig_labels) == 2.0
