@@ -13,7 +13,6 @@ from collections.abc import Callable, Sequence
 from dataclasses import replace
 from pathlib import Path
 from typing import TYPE_CHECKING
-from urllib.parse import urlsplit
 
 from kubernetes import client
 
@@ -23,7 +22,7 @@ from exporter.adapter.frontproxy import FrontProxyTrust
 from exporter.adapter.kubeapi import KubeReviewer, api_client, read_api_services, read_requestheader_config
 from exporter.adapter.ownership import ApiServiceOwnership
 from exporter.adapter.pods import PodIndex, pod_meta
-from exporter.adapter.promauth import VERBS, PrometheusAccess, SettingError, prometheus_session, redacted
+from exporter.adapter.promauth import VERBS, PrometheusAccess, SettingError, checked_url, prometheus_session
 from exporter.adapter.prometheus import PrometheusClient, PrometheusProvider
 from exporter.adapter.reachability import PrometheusReachability
 from exporter.adapter.rules import DEFAULT_RULES, DEFAULT_WINDOW_S, Rules, RulesError, load_rules
@@ -156,6 +155,18 @@ def build_parser() -> ArgumentParser:
         help="serve the KEDA scaler in plain text, to any client (logs a warning); for a mesh that "
         "encrypts and authenticates for it",
     )
+    add(
+        "--keda-scaler-allowed-names",
+        default="",
+        help="comma-separated names (CN or subject alternative name) a KEDA client certificate must carry "
+        "(default: any certificate --keda-scaler-client-ca-file admits)",
+    )
+    add(
+        "--prometheus-allow-insecure-credentials",
+        action="store_true",
+        help="send the Prometheus credentials to an http:// --prometheus-url (default: refused at start); for a "
+        "mesh that encrypts the way",
+    )
     return parser
 
 
@@ -196,12 +207,9 @@ def _validate(args: argparse.Namespace, parser: ArgumentParser) -> None:
     if not math.isfinite(args.prometheus_timeout) or args.prometheus_timeout <= 0:
         parser.error(f"--prometheus-timeout: want a positive number of seconds, got {args.prometheus_timeout}")
     try:
-        url = urlsplit(args.prometheus_url)
-        url.port  # noqa: B018 (raises on a port that is no number, or out of range)
-    except ValueError:
-        url = urlsplit("")
-    if url.scheme not in ("http", "https") or not url.hostname:
-        parser.error(f"--prometheus-url: want an http:// or https:// URL, got {redacted(args.prometheus_url)!r}")
+        checked_url(args.prometheus_url)
+    except SettingError as error:
+        parser.error(str(error))
     if bool(args.tls_cert_file) != bool(args.tls_private_key_file):
         parser.error("--tls-cert-file and --tls-private-key-file go together")
     _entries("--requestheader-allowed-names", args.requestheader_allowed_names, parser)
@@ -308,10 +316,16 @@ def _front_proxy_source(
 
 
 def _check_keda_scaler(args: argparse.Namespace, parser: ArgumentParser, cert: str, key: str) -> None:
+    allowed_names = _entries("--keda-scaler-allowed-names", args.keda_scaler_allowed_names, parser)
     if args.keda_scaler_port is None:
-        if args.keda_scaler_client_ca_file or args.keda_scaler_insecure:
-            parser.error("--keda-scaler-client-ca-file and --keda-scaler-insecure want --keda-scaler-port")
+        if args.keda_scaler_client_ca_file or args.keda_scaler_insecure or allowed_names:
+            parser.error(
+                "--keda-scaler-client-ca-file, --keda-scaler-insecure and --keda-scaler-allowed-names want "
+                "--keda-scaler-port"
+            )
         return
+    if allowed_names and args.keda_scaler_insecure:
+        parser.error("--keda-scaler-allowed-names: a plain-text client has no certificate to name it")
     if not 0 < args.keda_scaler_port < 65536 or args.keda_scaler_port == args.secure_port:
         parser.error(f"--keda-scaler-port: want 1 to 65535, not --secure-port, got {args.keda_scaler_port}")
     if args.keda_scaler_insecure == bool(args.keda_scaler_client_ca_file):
@@ -336,7 +350,8 @@ def _start_keda_scaler(
     from exporter.adapter.keda.scaler import GpuScaler
     from exporter.adapter.keda.server import MAX_STREAMS, ScalerServer, ScalerTls
 
-    scaler = GpuScaler(provider, pods.names, deadline_s=args.prometheus_timeout + 2, max_streams=MAX_STREAMS)
+    names = frozenset(_listed(args.keda_scaler_allowed_names))
+    scaler = GpuScaler(provider, pods.names, args.prometheus_timeout + 2, MAX_STREAMS, allowed_names=names)
     if args.keda_scaler_insecure:
         log.warning(
             "the KEDA scaler on port %d serves plain text to any client (--keda-scaler-insecure)", args.keda_scaler_port
@@ -389,6 +404,7 @@ def _prometheus_client(args: argparse.Namespace, parser: ArgumentParser) -> Prom
         headers=tuple(args.prometheus_header),
         auth_config=args.prometheus_auth_config,
         auth_in_cluster=args.prometheus_auth_incluster,
+        allow_insecure_credentials=args.prometheus_allow_insecure_credentials,
     )
     try:
         session = prometheus_session(access)

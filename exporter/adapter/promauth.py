@@ -17,13 +17,14 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
-from urllib.parse import unquote, urlsplit
+from urllib.parse import SplitResult, unquote, urlsplit
 
 import requests
 from requests.adapters import HTTPAdapter
 
 from exporter.adapter.auth import HEADER_NAME
 from exporter.sources.kubeclient import (
+    SERVICE_ACCOUNT_DIR,
     ConfigError,
     Credentials,
     TokenFile,
@@ -57,31 +58,67 @@ class PrometheusAccess:
     headers: tuple[str, ...] = ()
     auth_config: str | None = None
     auth_in_cluster: bool = False
+    allow_insecure_credentials: bool = False
+    service_account_dir: Path = SERVICE_ACCOUNT_DIR  # where --prometheus-auth-incluster reads the pod's token and CA
+
+
+_URL_WANTED = (
+    "--prometheus-url: want an http:// or https:// URL with a host and, if any, a port from 1 to 65535 "
+    "(the value is not shown: it may hold a password)"
+)
 
 
 def redacted(url: str) -> str:
-    """``url`` without its user and password, for logs and errors; by plain string work, so that even
-    a URL no parser takes is shown without them."""
+    """``url`` without its user and password, for logs and errors: everything up to the last ``@``
+    after the scheme goes, since a password may hold ``/``, ``?`` or ``#`` (an accepted URL has an
+    ``@`` only there: see ``checked_url``)."""
     scheme, separator, rest = url.partition("://")
-    end = min((i for i in map(rest.find, "/?#") if i >= 0), default=len(rest))
-    _, at, host = rest[:end].rpartition("@")
-    return f"{scheme}{separator}{host}{rest[end:]}" if at else url
+    if not separator:
+        scheme, rest = "", url
+    _, at, host = rest.rpartition("@")
+    return f"{scheme}{separator}{host}" if at else url
+
+
+def checked_url(url: str) -> SplitResult:
+    """``--prometheus-url`` parsed, or SettingError in words that never quote it. An ``@`` outside
+    the user part is refused: ``https://user:12/34@prom`` is host ``user``, port 12 to the parser, and
+    would send the password's owner's requests to ``user``."""
+    try:
+        parts = urlsplit(url)
+        parts.port  # noqa: B018 (raises on a port that is no number, or out of range)
+    except ValueError:
+        raise SettingError(_URL_WANTED) from None
+    if parts.scheme not in ("http", "https") or not parts.hostname:
+        raise SettingError(_URL_WANTED)
+    if "@" in parts.path + parts.query + parts.fragment:
+        raise SettingError(
+            "--prometheus-url: an '@' outside the user:password part (a password with '/', '?' or '#' "
+            "must write them %-encoded); the value is not shown"
+        )
+    return parts
 
 
 def prometheus_session(access: PrometheusAccess) -> requests.Session:
     """A session that reaches the Prometheus at ``access.url`` as the flags say; SettingError naming
     the flag for anything unreadable or malformed, checked now rather than at the first query."""
+    url = checked_url(access.url)
     headers = _headers(access.headers)
     base = _base_credentials(access)
     token = _token(access.token_file) if access.token_file else (base.token if base else None)
     basic = base.basic_auth if base and token is None else None
-    url = urlsplit(access.url)
     if url.username is not None or url.password is not None:
         if token or basic:
             raise SettingError("--prometheus-url: a user in the URL and credentials from another flag, choose one")
         basic = (unquote(url.username or ""), unquote(url.password or ""))
-    if "authorization" in (name.lower() for name in headers) and (token or basic):
+    in_header = "authorization" in (name.lower() for name in headers)
+    if in_header and (token or basic):
         raise SettingError("--prometheus-header: Authorization comes from the other credentials given")
+    if url.scheme == "http" and (token or basic or in_header) and not access.allow_insecure_credentials:
+        raise SettingError(
+            f"{_credentials_flag(access, url, in_header)}: credentials would cross the network in plain text to an "
+            "http:// --prometheus-url; use https://, or --prometheus-allow-insecure-credentials if a mesh "
+            "encrypts the way"
+        )
     tls = _tls(access, base.tls if base else None)
     session = requests.Session()
     session.max_redirects = 0
@@ -93,6 +130,17 @@ def prometheus_session(access: PrometheusAccess) -> requests.Session:
         session.mount("https://", _TlsAdapter(tls, base.server_hostname if base and named else None))
         session.verify = tls.verify_mode != ssl.CERT_NONE
     return session
+
+
+def _credentials_flag(access: PrometheusAccess, url: SplitResult, in_header: bool) -> str:
+    """The flag the credentials came from, for the error that refuses them."""
+    if access.token_file:
+        return "--prometheus-token-file"
+    if access.auth_config:
+        return "--prometheus-auth-config"
+    if access.auth_in_cluster:
+        return "--prometheus-auth-incluster"
+    return "--prometheus-header" if in_header else "--prometheus-url"
 
 
 def _headers(pairs: tuple[str, ...]) -> dict[str, str]:
@@ -123,7 +171,7 @@ def _base_credentials(access: PrometheusAccess) -> Credentials | None:
         if access.auth_config:
             return kubeconfig_credentials(Path(access.auth_config), server=access.url)
         if access.auth_in_cluster:
-            return in_cluster_credentials()
+            return in_cluster_credentials(directory=access.service_account_dir)
     except ConfigError as error:
         flag = "--prometheus-auth-config" if access.auth_config else "--prometheus-auth-incluster"
         raise SettingError(f"{flag}: {error}") from error

@@ -18,6 +18,7 @@ import threading
 import time
 from collections.abc import Callable
 from dataclasses import dataclass
+from typing import Any
 
 import requests
 
@@ -41,6 +42,11 @@ log = logging.getLogger(__name__)
 
 class PrometheusUnavailableError(Exception):
     """Prometheus could not answer (down, timing out, or failing)."""
+
+
+class PrometheusMalformedAnswerError(PrometheusUnavailableError):
+    """Prometheus (or what stands in its place) answered 200 with a body not shaped as its API's:
+    as good as no answer, and counted apart."""
 
 
 class PrometheusQueryError(Exception):
@@ -85,13 +91,13 @@ class PrometheusClient:
                 _read_by(response, deadline)
             if time.monotonic() > deadline:
                 raise requests.Timeout(f"no whole answer within {self.timeout_s:g} s")
-            body = response.json() if response.status_code in (200, 400, 422) else {}
-        except (requests.RequestException, ValueError) as error:
+        except requests.RequestException as error:
             # Only the type: requests' texts can quote the request, a credentials error says which file.
             reason = str(error) if isinstance(error, CredentialsError) else type(error).__name__
             raise PrometheusUnavailableError(f"querying {self.where}: {reason}") from error
         if response.status_code in (400, 422):
-            raise PrometheusQueryError(str(body.get("error") or response.text[:200]))
+            refusal = _json(response, self.where)
+            raise PrometheusQueryError(str(refusal.get("error") or response.text[:200]))
         if response.status_code in (401, 403):
             raise PrometheusUnavailableError(
                 f"{self.where} refused the adapter's credentials (HTTP {response.status_code}): see the "
@@ -99,16 +105,56 @@ class PrometheusClient:
             )
         if response.status_code != 200:
             raise PrometheusUnavailableError(f"{self.where} answered {response.status_code}")
-        data = body.get("data") or {}
-        if body.get("status") != "success" or data.get("resultType") != "vector":
-            raise PrometheusQueryError(f"unexpected answer: {body.get('error') or data.get('resultType')}")
+        body = _json(response, self.where)
+        if body.get("status") == "error":
+            raise PrometheusQueryError(f"unexpected answer: {body.get('error')}")
+        data = body.get("data")
+        result = data.get("result") if isinstance(data, dict) else None
+        if body.get("status") != "success" or not isinstance(data, dict) or not isinstance(result, list | None):
+            raise PrometheusMalformedAnswerError(f"{self.where} answered a malformed body: no {{data: {{result}}}}")
+        if data.get("resultType") != "vector":
+            raise PrometheusQueryError(f"unexpected answer: {data.get('resultType')}")
         samples = []
-        for item in data.get("result") or ():
-            timestamp, text = item["value"]
-            value = float(text)
-            if math.isfinite(value):
-                samples.append(Sample(labels=item.get("metric", {}), value=value, timestamp=float(timestamp)))
+        for item in result or ():
+            sample = _sample(item)
+            if sample is None:
+                raise PrometheusMalformedAnswerError(
+                    f"{self.where} answered a malformed body: a sample is not {{metric: {{name: string}}, "
+                    "value: [time, string]}"
+                )
+            if math.isfinite(sample.value):
+                samples.append(sample)
         return samples
+
+
+def _json(response: requests.Response, where: str) -> dict[str, Any]:
+    """The answer's JSON object; a body that is not one is a malformed answer (its text never
+    quoted: an error page may be long, and says nothing the status does not)."""
+    try:
+        body = response.json()
+    except ValueError:
+        raise PrometheusMalformedAnswerError(f"{where} answered a body that is not JSON") from None
+    if not isinstance(body, dict):
+        raise PrometheusMalformedAnswerError(f"{where} answered JSON that is not an object")
+    return body
+
+
+def _sample(item: object) -> Sample | None:
+    """One element of a vector as Prometheus's API writes it, or None if it is not shaped so."""
+    if not isinstance(item, dict):
+        return None
+    labels, pair = item.get("metric", {}), item.get("value")
+    if not isinstance(labels, dict) or not all(isinstance(v, str) for v in labels.values()):
+        return None
+    if not isinstance(pair, list) or len(pair) != 2 or not isinstance(pair[1], str):
+        return None
+    timestamp, text = pair
+    if isinstance(timestamp, bool) or not isinstance(timestamp, int | float):
+        return None
+    try:
+        return Sample(labels=labels, value=float(text), timestamp=float(timestamp))
+    except ValueError:  # a value that is no number
+        return None
 
 
 def _read_by(response: requests.Response, deadline: float) -> None:
@@ -238,8 +284,8 @@ class PrometheusProvider:
     """Serves the rules' metrics from Prometheus. The pods a selector picks come from ``pod_names``
     (namespace, selector -> sorted names, or None until the pod cache has synced), a watch-backed
     index, never a list call per request. Whether Prometheus answers goes to ``reachability`` (shared
-    with the adapter's probe); each failed query's kind (``unavailable``, ``refused``) to
-    ``count_error``. Windowed rules average over ``window_s`` seconds."""
+    with the adapter's probe); each failed query's kind (``unavailable``, ``refused``, ``malformed``)
+    to ``count_error``. Windowed rules average over ``window_s`` seconds."""
 
     def __init__(
         self,
@@ -330,7 +376,7 @@ class PrometheusProvider:
         try:
             samples = self._prometheus.query(promql)
         except PrometheusUnavailableError as error:
-            self._count_error("unavailable")
+            self._count_error("malformed" if isinstance(error, PrometheusMalformedAnswerError) else "unavailable")
             self._reachability.failed(unreachable_state(error))
             raise UnavailableError("the metrics backend is unavailable") from error
         except PrometheusQueryError as error:

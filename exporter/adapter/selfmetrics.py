@@ -68,11 +68,12 @@ class SelfMetrics:
         )
         self._prometheus_errors = Counter(
             "gpu_adapter_prometheus_errors",
-            "Queries Prometheus failed, by kind: unavailable (no answer in time) or refused (a rule's PromQL)",
+            "Queries Prometheus failed, by kind: unavailable (no answer in time), refused (a rule's PromQL) "
+            "or malformed (an answer not shaped as Prometheus's API)",
             ["kind"],
             registry=self.registry,
         )
-        for kind in ("unavailable", "refused"):  # counted from 0, so rate() sees the first failure
+        for kind in ("unavailable", "refused", "malformed"):  # counted from 0, so rate() sees the first failure
             self._prometheus_errors.labels(kind)
 
     def observe_request(self, verb: str, group: str, resource: str, code: int, seconds: float) -> None:

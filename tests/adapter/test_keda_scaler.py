@@ -26,13 +26,14 @@ import jsonschema
 import pytest
 import requests
 import yaml
+from cryptography import x509
 
 from exporter.adapter.hpa import Pod, pods_metric_replicas
 from exporter.adapter.keda import externalscaler_pb2 as pb
 from exporter.adapter.keda import externalscaler_pb2_grpc as pb_grpc
 from exporter.adapter.keda.scaler import GpuScaler
 from exporter.adapter.keda.server import ScalerServer, ScalerTls
-from exporter.adapter.keda.trigger import parse_trigger
+from exporter.adapter.keda.trigger import INT64_MAX, parse_trigger
 from exporter.adapter.main import build_parser
 from exporter.adapter.provider import MetricInfo, MetricValue
 from exporter.adapter.rules import DEFAULT_RULES
@@ -40,7 +41,7 @@ from exporter.adapter.selector import Selector
 from exporter.backoff import Backoff
 from sim.apiserver import FakeApiServer, pod_json
 from sim.autoscaler import external_average_value_replicas
-from sim.certs import Pki, make_pki
+from sim.certs import Pki, issue_client, make_pki
 from sim.kubelet import FakeKubelet, PodDevices
 from sim.processes import adapter_args, free_port, spawn_adapter, spawn_agent, start_adapter
 from sim.prometheus import Prometheus
@@ -221,6 +222,8 @@ BAD_METADATA = [
     ({"targetAverageValue": "0"}, "targetAverageValue"),
     ({"targetAverageValue": "nan"}, "targetAverageValue"),
     ({"activationThreshold": "-1"}, "activationThreshold"),
+    ({"targetAverageValue": "1e300"}, "targetAverageValue"),  # no int64 targetSize carries it
+    ({"activationThreshold": "1e19"}, "activationThreshold"),
 ]
 
 
@@ -259,6 +262,8 @@ def test_a_client_without_a_certificate_of_the_ca_is_refused(node: Node, tmp_pat
         (["--keda-scaler-port", "70000", "--keda-scaler-insecure"], "--keda-scaler-port"),
         (["--keda-scaler-port", "7443", "--keda-scaler-client-ca-file", "/nonexistent/ca.crt"], "client-ca-file"),
         (["--keda-scaler-insecure"], "want --keda-scaler-port"),
+        (["--keda-scaler-allowed-names", "keda-operator"], "want --keda-scaler-port"),
+        (["--keda-scaler-port", "7443", "--keda-scaler-insecure", "--keda-scaler-allowed-names", "k"], "allowed-n"),
     ],
 )
 def test_a_bad_scaler_setting_is_one_line_and_exit_code_2(
@@ -273,9 +278,10 @@ def test_a_bad_scaler_setting_is_one_line_and_exit_code_2(
 class _Provider:
     """A provider whose pods' values block until released, or raise what it is given."""
 
-    def __init__(self) -> None:
+    def __init__(self, value: float = 30.0) -> None:
         self.fail: Exception | None = None
         self.release = threading.Event()
+        self.value = value
 
     def list_all_metrics(self) -> list[MetricInfo]:
         return [MetricInfo("pods", "duty_cycle_current", True)]
@@ -287,7 +293,7 @@ class _Provider:
         if self.fail is not None:
             raise self.fail
         self.release.wait(5)
-        return [MetricValue("Pod", namespace, "bert-a", info.metric, 30.0, time.time())]
+        return [MetricValue("Pod", namespace, "bert-a", info.metric, self.value, time.time())]
 
 
 def test_a_failing_call_is_a_status_and_a_stuck_one_a_deadline_and_the_server_serves_on() -> None:
@@ -322,6 +328,65 @@ def test_a_failing_call_is_a_status_and_a_stuck_one_a_deadline_and_the_server_se
         with pytest.raises(grpc.RpcError) as error:  # optional in the protocol: KEDA polls GetMetricSpec instead
             next(stub.StreamMetricSpec(ref(), timeout=5))
         assert error.value.code() == grpc.StatusCode.UNIMPLEMENTED
+    finally:
+        server.stop()
+
+
+def test_a_value_past_int64_is_clamped_not_an_error() -> None:
+    """Two pods at the float range's edge: their total is past it, and past int64 by far."""
+    provider = _Provider(value=1.5e308)
+    provider.release.set()
+    scaler = GpuScaler(provider, lambda namespace, selector: ["bert-a", "bert-b"], deadline_s=1, max_streams=1)
+    server = ScalerServer(("127.0.0.1", 0), scaler, None)
+    server.start()
+    try:
+        stub = pb_grpc.ExternalScalerStub(grpc.insecure_channel(f"127.0.0.1:{server.port}"))
+        (value,) = stub.GetMetrics(pb.GetMetricsRequest(scaledObjectRef=ref()), timeout=5).metricValues
+        assert (value.metricValue, value.metricValueFloat) == (INT64_MAX, float(INT64_MAX))
+        (spec,) = stub.GetMetricSpec(ref(targetAverageValue="9.2e18"), timeout=5).metricSpecs
+        assert spec.targetSize == 9_200_000_000_000_000_000
+    finally:
+        server.stop()
+
+
+def test_only_client_certificates_with_an_allowed_name_are_served(tmp_path: Path) -> None:
+    """Two client certificates from the one CA: KEDA's, named by its CN or by a subject alternative
+    name, is served; another team's is refused on every call."""
+    pki = make_pki(tmp_path)
+    provider = _Provider()
+    provider.release.set()
+    scaler = GpuScaler(
+        provider,
+        lambda namespace, selector: ["bert-a"],
+        deadline_s=1,
+        max_streams=2,
+        allowed_names=frozenset({"keda-operator", "keda-operator.keda.svc"}),
+    )
+    server = ScalerServer(("127.0.0.1", 0), scaler, ScalerTls(str(pki.server_cert), str(pki.server_key), str(pki.ca)))
+    server.start()
+
+    def stub(cert: tuple[Path, Path]) -> pb_grpc.ExternalScalerStub:
+        credentials = grpc.ssl_channel_credentials(pki.ca.read_bytes(), cert[1].read_bytes(), cert[0].read_bytes())
+        return pb_grpc.ExternalScalerStub(grpc.secure_channel(f"127.0.0.1:{server.port}", credentials))
+
+    try:
+        for keda in (
+            issue_client(pki, "keda-operator", []),
+            issue_client(pki, "keda-by-san", [x509.DNSName("keda-operator.keda.svc")]),
+        ):
+            assert stub(keda).GetMetricSpec(ref(), timeout=5).metricSpecs[0].targetSize == 20
+        other = stub(issue_client(pki, "another-team", [x509.DNSName("another-team.svc")]))
+        calls: tuple[Callable[[], object], ...] = (
+            lambda: other.GetMetricSpec(ref(), timeout=5),
+            lambda: other.GetMetrics(pb.GetMetricsRequest(scaledObjectRef=ref()), timeout=5),
+            lambda: other.IsActive(ref(), timeout=5),
+            lambda: next(other.StreamIsActive(ref(), timeout=5)),
+        )
+        for call in calls:
+            with pytest.raises(grpc.RpcError) as error:
+                call()
+            assert error.value.code() == grpc.StatusCode.PERMISSION_DENIED
+            assert "CN another-team" in str(error.value.details())
     finally:
         server.stop()
 

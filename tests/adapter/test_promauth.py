@@ -10,6 +10,7 @@ from __future__ import annotations
 import contextlib
 import os
 import socket
+import ssl
 import threading
 from collections.abc import Iterator
 from dataclasses import dataclass, field
@@ -20,7 +21,7 @@ import bcrypt
 import pytest
 import requests
 
-from exporter.adapter.promauth import PrometheusAccess, prometheus_session
+from exporter.adapter.promauth import PrometheusAccess, SettingError, prometheus_session, redacted
 from exporter.adapter.prometheus import PrometheusClient, PrometheusUnavailableError
 from sim.apiserver import FakeApiServer
 from sim.certs import Pki, make_pki
@@ -210,8 +211,10 @@ class Gate:
 
 
 @pytest.fixture(scope="module")
-def gate(victoria: str) -> Iterator[tuple[Gate, str]]:
+def gate(victoria: str, tmp_path_factory: pytest.TempPathFactory) -> Iterator[tuple[Gate, str, Path]]:
+    """The front end over TLS (its CA is the third item): credentials never travel in plain text."""
     front = Gate(victoria, "first-token")
+    pki = make_pki(tmp_path_factory.mktemp("gate"))
 
     class Handler(BaseHTTPRequestHandler):
         def do_GET(self) -> None:
@@ -230,9 +233,12 @@ def gate(victoria: str) -> Iterator[tuple[Gate, str]]:
             pass
 
     server = ThreadingHTTPServer(("127.0.0.1", 0), Handler)
+    tls = ssl.create_default_context(ssl.Purpose.CLIENT_AUTH)
+    tls.load_cert_chain(pki.server_cert, pki.server_key)
+    server.socket = tls.wrap_socket(server.socket, server_side=True)
     thread = threading.Thread(target=server.serve_forever, daemon=True)
     thread.start()
-    yield front, f"http://127.0.0.1:{server.server_address[1]}/select/0/prometheus"
+    yield front, f"https://127.0.0.1:{server.server_address[1]}/select/0/prometheus", pki.ca
     server.shutdown()
     server.server_close()
 
@@ -245,13 +251,14 @@ def write_token(path: Path, token: str) -> None:
 
 
 def test_a_token_and_a_tenant_through_a_front_end_with_the_token_rotated(
-    gate: tuple[Gate, str], tmp_path: Path
+    gate: tuple[Gate, str, Path], tmp_path: Path
 ) -> None:
-    front, url = gate
+    front, url, ca = gate
     front.token = "first-token"
     token_file = tmp_path / "token"
     write_token(token_file, front.token)
-    prometheus = client(url, "GET", token_file=str(token_file), headers=(f"X-Scope-OrgID={TENANT}",))
+    tenant = (f"X-Scope-OrgID={TENANT}",)
+    prometheus = client(url, "GET", token_file=str(token_file), headers=tenant, ca_file=str(ca))
     assert one(prometheus) == 1 and front.methods[-1] == "GET"
 
     front.token = "second-token"  # the issuer rotated it; the file has not caught up yet
@@ -261,17 +268,17 @@ def test_a_token_and_a_tenant_through_a_front_end_with_the_token_rotated(
     write_token(token_file, front.token)
     assert one(prometheus) == 1  # read again, without a restart
 
-    wrong_tenant = client(url, token_file=str(token_file), headers=("X-Scope-OrgID=another-team",))
+    wrong_tenant = client(url, token_file=str(token_file), headers=("X-Scope-OrgID=another-team",), ca_file=str(ca))
     with pytest.raises(PrometheusUnavailableError, match="HTTP 403"):
         wrong_tenant.query("vector(1)")
 
 
 def test_the_adapter_behind_the_front_end_answers_503_while_refused_and_never_shows_a_credential(
-    gate: tuple[Gate, str], tmp_path: Path
+    gate: tuple[Gate, str, Path], tmp_path: Path
 ) -> None:
     """The HPA gets a 503 while the front end refuses the adapter's token; the log says so once for
     the whole outage and once on recovery, and no token is in a log line, an answer or /readyz."""
-    front, url = gate
+    front, url, ca = gate
     front.token = "adapter-token-one"
     token_file = tmp_path / "token"
     write_token(token_file, front.token)
@@ -286,6 +293,8 @@ def test_the_adapter_behind_the_front_end_answers_503_while_refused_and_never_sh
         str(token_file),
         "--prometheus-header",
         f"X-Scope-OrgID={TENANT}",
+        "--prometheus-ca-file",
+        str(ca),
     )
     answers: list[str] = []
 
@@ -317,7 +326,53 @@ def test_the_adapter_behind_the_front_end_answers_503_while_refused_and_never_sh
         assert "adapter-token" not in text, text
 
 
+def test_the_pods_service_account_token_and_ca_reach_the_front_end_with_the_token_rotated(
+    gate: tuple[Gate, str, Path], tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """--prometheus-auth-incluster: the token and CA the kubelet mounts (here a directory laid out as
+    it lays it out) are what the front end sees and what TLS trusts."""
+    front, url, ca = gate
+    account = tmp_path / "serviceaccount"
+    account.mkdir()
+    (account / "ca.crt").write_bytes(ca.read_bytes())
+    front.token = "pod-token-one"
+    write_token(account / "token", front.token)
+    monkeypatch.setenv("KUBERNETES_SERVICE_HOST", "10.96.0.1")  # as in a pod
+    monkeypatch.setenv("KUBERNETES_SERVICE_PORT", "443")
+    tenant = (f"X-Scope-OrgID={TENANT}",)
+    prometheus = client(url, auth_in_cluster=True, service_account_dir=account, headers=tenant)
+    assert one(prometheus) == 1
+    front.token = "pod-token-two"
+    write_token(account / "token", front.token)  # the kubelet rotated it
+    assert one(prometheus) == 1
+
+    (account / "ca.crt").write_bytes(make_pki(tmp_path / "other").ca.read_bytes())  # the pod's CA did not sign it
+    with pytest.raises(PrometheusUnavailableError, match="SSLError"):
+        client(url, auth_in_cluster=True, service_account_dir=account, headers=tenant).query("vector(1)")
+
+
+def test_credentials_go_to_an_http_url_only_when_allowed_on_purpose(tmp_path: Path) -> None:
+    token_file = tmp_path / "token"
+    write_token(token_file, "s3cret")
+    with pytest.raises(SettingError, match=r"^--prometheus-token-file: credentials would cross the network"):
+        prometheus_session(PrometheusAccess("http://prometheus:9090", token_file=str(token_file)))
+    allowed = PrometheusAccess("http://prometheus:9090", token_file=str(token_file), allow_insecure_credentials=True)
+    assert prometheus_session(allowed).auth is not None
+    prometheus_session(PrometheusAccess("http://prometheus:9090", headers=("X-Scope-OrgID=a",)))  # no credentials
+
+
+@pytest.mark.parametrize(
+    "url", ["https://adapter:s3cr/et@prom:9090", "https://adapter:1234/s3cret@prom:9090", "http://a:b@c:d@prom/x?y#z"]
+)
+def test_a_password_holding_a_slash_is_redacted(url: str) -> None:
+    assert redacted(url) == url[: url.index("//") + 2] + url[url.rindex("@") + 1 :]
+
+
 kubeconfig = test_settings.kubeconfig  # its fixture: a kubeconfig the checks accept
+TOKEN_KUBECONFIG = (
+    "BAD:{apiVersion: v1, kind: Config, clusters: [{name: p, cluster: {}}], users: [{name: u, user: {token: s3cret}}],"
+    " contexts: [{name: c, context: {cluster: p, user: u}}], current-context: c}"
+)
 BAD_PEM = "BAD:-----BEGIN CERTIFICATE-----\nbm90IGEgY2VydA==\n-----END CERTIFICATE-----\n"
 CASES = [
     (["--prometheus-ca-file", "/nonexistent/ca.crt"], "--prometheus-ca-file: cannot read"),
@@ -339,6 +394,12 @@ CASES = [
     (["--prometheus-auth-incluster"], "--prometheus-auth-incluster: "),
     (["--prometheus-url", "http://u:s3cret@[::1/"], "--prometheus-url: want an http:// or https:// URL"),
     (["--prometheus-url", "http://u:s3cret@h:99999"], "--prometheus-url: want an http:// or https:// URL"),
+    (["--prometheus-url", "https://adapter:s3cret/x@prom:9090"], "--prometheus-url: want an http:// or https://"),
+    (["--prometheus-url", "https://adapter:1234/s3cret@prom:9090"], "--prometheus-url: an '@' outside the user"),
+    (["--prometheus-token-file", "BAD:s3cret"], "--prometheus-token-file: credentials would cross the network"),
+    (["--prometheus-url", "http://u:s3cret@prom:9090"], "--prometheus-url: credentials would cross the network"),
+    (["--prometheus-header", "Authorization=Bearer s3cret"], "--prometheus-header: credentials would cross"),
+    (["--prometheus-auth-config", TOKEN_KUBECONFIG], "--prometheus-auth-config: credentials would cross"),
 ]
 
 

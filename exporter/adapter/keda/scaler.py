@@ -15,14 +15,21 @@ from __future__ import annotations
 import logging
 import math
 import threading
-from collections.abc import Callable, Iterator
-from typing import TypeVar
+from collections.abc import Callable, Iterator, Mapping, Sequence
+from typing import TypeVar, cast
 
 import grpc
 
 from exporter.adapter.keda import externalscaler_pb2 as pb
 from exporter.adapter.keda import externalscaler_pb2_grpc as pb_grpc
-from exporter.adapter.keda.trigger import METRIC_NAME, POD_SELECTOR, MetadataError, Trigger, parse_trigger
+from exporter.adapter.keda.trigger import (
+    METRIC_NAME,
+    POD_SELECTOR,
+    MetadataError,
+    Trigger,
+    int64,
+    parse_trigger,
+)
 from exporter.adapter.provider import (
     BadRequestError,
     CustomMetricsProvider,
@@ -40,6 +47,7 @@ STREAM_PERIOD_S = 5.0  # how often a StreamIsActive stream re-reads the value; i
 SHARED_TRIGGERS = 10_000  # answers shared for a second, at most this many triggers
 
 T = TypeVar("T")
+_CERTIFICATE_NAMES = ("x509_common_name", "x509_subject_alternative_name")  # gRPC's auth context keys
 PodNames = Callable[[str, Selector], "list[str] | None"]
 
 
@@ -50,7 +58,9 @@ class _NoDataError(Exception):
 class GpuScaler(pb_grpc.ExternalScalerServicer):
     """``pod_names`` is the pod index the provider reads (namespace, selector -> names, None until
     synced); ``deadline_s`` bounds how long a call waits for an identical one in flight (the one in
-    flight is bounded by the Prometheus client's own timeout)."""
+    flight is bounded by the Prometheus client's own timeout). With ``allowed_names``, a client
+    certificate must carry one of them as its CN or a subject alternative name: the client CA may
+    sign certificates for others than KEDA, and any caller may name any namespace."""
 
     def __init__(
         self,
@@ -59,8 +69,10 @@ class GpuScaler(pb_grpc.ExternalScalerServicer):
         deadline_s: float,
         max_streams: int,
         stream_period_s: float = STREAM_PERIOD_S,
+        allowed_names: frozenset[str] = frozenset(),
     ) -> None:
         self._provider = provider
+        self._allowed_names = allowed_names
         self._pod_names = pod_names
         self._shared = SharedAnswers(SHARED_TRIGGERS, lambda _: 1, wait_s=deadline_s)
         self._streams = threading.BoundedSemaphore(max_streams)
@@ -69,9 +81,10 @@ class GpuScaler(pb_grpc.ExternalScalerServicer):
         self.stopping = threading.Event()
 
     def GetMetricSpec(self, request: pb.ScaledObjectRef, context: grpc.ServicerContext) -> pb.GetMetricSpecResponse:  # noqa: N802 (the proto's names)
+        self._admit(context)
         trigger = _answer(context, "GetMetricSpec", lambda: self._trigger(request))
         spec = pb.MetricSpec(
-            metricName=trigger.metric, targetSize=math.ceil(trigger.target), targetSizeFloat=trigger.target
+            metricName=trigger.metric, targetSize=int64(trigger.target, math.ceil), targetSizeFloat=trigger.target
         )
         return pb.GetMetricSpecResponse(metricSpecs=[spec])
 
@@ -81,19 +94,22 @@ class GpuScaler(pb_grpc.ExternalScalerServicer):
             average, pods = self._reading(trigger)
             return trigger, average * pods
 
+        self._admit(context)
         trigger, value = _answer(context, "GetMetrics", total)
         name = request.metricName or trigger.metric
         return pb.GetMetricsResponse(
-            metricValues=[pb.MetricValue(metricName=name, metricValue=round(value), metricValueFloat=value)]
+            metricValues=[pb.MetricValue(metricName=name, metricValue=int64(value), metricValueFloat=_finite(value))]
         )
 
     def IsActive(self, request: pb.ScaledObjectRef, context: grpc.ServicerContext) -> pb.IsActiveResponse:  # noqa: N802
+        self._admit(context)
         return pb.IsActiveResponse(result=_answer(context, "IsActive", lambda: self._active(request)))
 
     def StreamIsActive(  # noqa: N802
         self, request: pb.ScaledObjectRef, context: grpc.ServicerContext
     ) -> Iterator[pb.IsActiveResponse]:
         """Sends the state at once, then each change; an error ends the stream (KEDA reconnects)."""
+        self._admit(context)
         if not self._streams.acquire(blocking=False):
             context.abort(grpc.StatusCode.RESOURCE_EXHAUSTED, f"at most {self._max_streams} streams are served")
         try:
@@ -108,6 +124,19 @@ class GpuScaler(pb_grpc.ExternalScalerServicer):
                 ended.wait(self._stream_period_s)
         finally:
             self._streams.release()
+
+    def _admit(self, context: grpc.ServicerContext) -> None:
+        """Ends the call with PERMISSION_DENIED unless the client certificate carries an allowed name."""
+        if not self._allowed_names:
+            return
+        auth = cast("Mapping[str, Sequence[bytes]]", context.auth_context())  # grpc-stubs say bytes: a list
+        names = {n.decode() for key in _CERTIFICATE_NAMES for n in auth.get(key, ())}
+        if not names & self._allowed_names:
+            common_name = b"".join(auth.get("x509_common_name", ())).decode() or "none"
+            context.abort(
+                grpc.StatusCode.PERMISSION_DENIED,
+                f"the client certificate (CN {common_name}) has no name of --keda-scaler-allowed-names",
+            )
 
     def _trigger(self, ref: pb.ScaledObjectRef) -> Trigger:
         pod_metrics = frozenset(m.metric for m in self._provider.list_all_metrics() if m.resource == "pods")
@@ -135,6 +164,11 @@ class GpuScaler(pb_grpc.ExternalScalerServicer):
 
         reading: tuple[float, int] = self._shared.get(trigger.key, read)
         return reading
+
+
+def _finite(value: float) -> float:
+    """A sum past the float range clamped, as KEDA converts the float to int64 milli-units."""
+    return value if math.isfinite(value) else float(int64(value))
 
 
 def _answer(context: grpc.ServicerContext, call: str, compute: Callable[[], T]) -> T:

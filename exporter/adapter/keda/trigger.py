@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import math
 import re
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 
 from exporter.adapter.selector import Selector, SelectorError, parse_selector
@@ -21,6 +21,7 @@ ACTIVATION = "activationThreshold"
 # A ScaledObject reads its own namespace's pods only: a key that looks like it could name another is refused.
 NAMESPACE_KEYS = frozenset({"namespace", "podNamespace"})
 
+INT64_MAX = 2**63 - 1  # the proto's targetSize and metricValue are int64
 _DNS_LABEL = re.compile(r"[a-z0-9]([-a-z0-9]{0,61}[a-z0-9])?")
 
 
@@ -79,6 +80,15 @@ def _number(key: str, text: str) -> float:
         value = float(text)
     except ValueError:
         raise MetadataError(f"{key}: want a number, got {text!r}") from None
-    if not math.isfinite(value):
-        raise MetadataError(f"{key}: want a finite number, got {text!r}")
+    if not math.isfinite(value) or math.ceil(value) > INT64_MAX:
+        raise MetadataError(f"{key}: want a finite number of at most {INT64_MAX} (int64), got {text!r}")
     return value
+
+
+def int64(value: float, rounding: Callable[[float], int] = round) -> int:
+    """``value`` rounded, clamped to the int64 a proto field carries (a sum of large values may pass it)."""
+    if value >= INT64_MAX:
+        return INT64_MAX
+    if value <= -INT64_MAX - 1:
+        return -INT64_MAX - 1
+    return rounding(value)
