@@ -10,6 +10,7 @@ until it moves, and a pod that left meanwhile keeps its series until that settle
 
 from __future__ import annotations
 
+import functools
 import math
 import re
 from collections import Counter, defaultdict
@@ -264,7 +265,7 @@ def _gpu_fraction(gpu: DeviceReading, mig: DeviceReading) -> float | None:
     MIG_COMPUTE_SLICES."""
     slices = _slices(mig)
     if slices is not None:
-        gpu_slices = next((n for model, n in MIG_COMPUTE_SLICES if model.search(gpu.model)), None)
+        gpu_slices = _gpu_slices(gpu.model)
         return None if gpu_slices is None else slices / gpu_slices
     if mig.memory_total_bytes and gpu.memory_total_bytes:
         return mig.memory_total_bytes / gpu.memory_total_bytes
@@ -273,8 +274,19 @@ def _gpu_fraction(gpu: DeviceReading, mig: DeviceReading) -> float | None:
 
 def _slices(mig: DeviceReading) -> float | None:
     """A MIG device's compute slices, from its profile in the name NVML gives it (``… MIG 3g.40gb``)."""
-    match = _MIG_PROFILE.search(mig.model)
+    return _profile_slices(mig.model)
+
+
+# Names are few and fixed: each is matched once, not on every poll (the cache bounds the odd one out).
+@functools.lru_cache(maxsize=256)
+def _profile_slices(model: str) -> float | None:
+    match = _MIG_PROFILE.search(model)
     return float(match.group(1)) if match else None
+
+
+@functools.lru_cache(maxsize=256)
+def _gpu_slices(model: str) -> int | None:
+    return next((n for pattern, n in MIG_COMPUTE_SLICES if pattern.search(model)), None)
 
 
 def _sm_active(device: DeviceReading) -> float | None:
