@@ -8,7 +8,7 @@ from __future__ import annotations
 
 from collections.abc import Mapping
 from dataclasses import dataclass, field
-from typing import Any, NamedTuple
+from typing import Any, NamedTuple, Protocol
 
 
 class Sample(NamedTuple):
@@ -217,19 +217,24 @@ class CostLabels(NamedTuple):
     container: str
 
 
-@dataclass(frozen=True)
-class CostSeries:
+class CostSeries(Protocol):
     """What a series of the cost families was charged since the agent started; None: not measurable
-    on its device."""
-
-    labels: CostLabels
-    energy_millijoules: int = 0
-    allocated_gpu_seconds: float | None = None
-    busy_gpu_seconds: float | None = None
+    on its device. (Accounting's own immutable record provides it.)"""
 
     @property
-    def energy_joules(self) -> float:
-        return self.energy_millijoules / 1000.0
+    def labels(self) -> CostLabels: ...
+
+    @property
+    def energy_millijoules(self) -> int: ...
+
+    @property
+    def allocated_gpu_seconds(self) -> float | None: ...
+
+    @property
+    def busy_gpu_seconds(self) -> float | None: ...
+
+    @property
+    def energy_joules(self) -> float: ...
 
 
 @dataclass(frozen=True)

@@ -10,6 +10,7 @@ until it moves, and a pod that left meanwhile keeps its series until that settle
 
 from __future__ import annotations
 
+import functools
 import math
 import re
 from collections import Counter, defaultdict
@@ -37,13 +38,20 @@ MIG_COMPUTE_SLICES = (
 )
 
 
-@dataclass(frozen=True)
-class Account(CostSeries):
-    """A series' totals, and the share-seconds it earned that its GPU's counter has not paid yet."""
+class Account(NamedTuple):
+    """A series' totals (a CostSeries), and the share-seconds it earned that its GPU's counter has not
+    paid yet. A tuple: one is made for every series every poll."""
 
-    physical_uuid: str = ""  # the GPU whose counter pays it (a MIG device's parent)
+    labels: CostLabels
+    energy_millijoules: int = 0
+    allocated_gpu_seconds: float | None = None
+    busy_gpu_seconds: float | None = None
     unpaid_share_seconds: float = 0.0
     absent_polls: int = 0  # polls since attribution last listed it
+
+    @property
+    def energy_joules(self) -> float:
+        return self.energy_millijoules / 1000.0
 
 
 @dataclass(frozen=True)
@@ -58,18 +66,20 @@ class Meter:
 
 @dataclass(frozen=True)
 class Ledger:
-    accounts: Mapping[SeriesKey, Account] = field(default_factory=dict)
+    # By the physical GPU whose counter pays them (a MIG device's parent): each poll settles one
+    # GPU's accounts at a time, so they are kept apart rather than regrouped every poll.
+    accounts: Mapping[str, Mapping[SeriesKey, Account]] = field(default_factory=dict)
     meters: Mapping[str, Meter] = field(default_factory=dict)  # physical GPU uuid -> its meter
     started: bool = False  # a GPU has been read: one met later is new, not a restart
 
     def costs(self) -> tuple[CostSeries, ...]:
-        return tuple(self.accounts.values())
+        return tuple(account for on_gpu in self.accounts.values() for account in on_gpu.values())
 
 
 class _Charge(NamedTuple):
     """What one listed series earned over the poll's interval."""
 
-    labels: CostLabels
+    listed: GpuSeries  # its labels are made from it only when its account opens
     share_seconds: float  # to be paid in energy when the GPU's counter moves
     allocated_gpu_seconds: float | None
     busy_gpu_seconds: float | None
@@ -94,16 +104,14 @@ def step(ledger: Ledger, series: Sequence[GpuSeries]) -> tuple[Ledger, Counter[s
     gaps[MISSING_READING] += sum(
         1 for uuid, meter in ledger.meters.items() if uuid not in present and meter.millijoules is not None
     )
-    earlier: dict[str, dict[SeriesKey, Account]] = defaultdict(dict)  # by the GPU that pays them
-    for key, account in ledger.accounts.items():
-        earlier[account.physical_uuid][key] = account
-    accounts: dict[SeriesKey, Account] = {}
+    accounts: dict[str, dict[SeriesKey, Account]] = {}
     meters: dict[str, Meter] = {}
     for gpu in gpus:
         meter = ledger.meters.get(gpu.uuid)
         interval_s = gpu.sampled_at - meter.sampled_at if meter is not None else 0.0
         charges = _charges(gpu, migs.get(gpu.uuid, []), on_device, interval_s)
-        kept = {key: a for key, a in earlier[gpu.uuid].items() if key in charges or _still_owed(a)}
+        earlier = ledger.accounts.get(gpu.uuid, {})
+        kept = {key: a for key, a in earlier.items() if key in charges or _still_owed(a)}
         owed = {key: a.unpaid_share_seconds for key, a in kept.items()}
         for key, charge in charges.items():
             owed[key] = owed.get(key, 0.0) + charge.share_seconds
@@ -112,9 +120,10 @@ def step(ledger: Ledger, series: Sequence[GpuSeries]) -> tuple[Ledger, Counter[s
             gap = AGENT_START
         if gap is not None:
             gaps[gap] += 1
-        for key, still_owed in owed.items():
-            part = None if paid is None else paid.get(key, 0)
-            accounts[key] = _account(gpu.uuid, kept.get(key), charges.get(key), part, still_owed)
+        accounts[gpu.uuid] = {
+            key: _account(gpu, kept.get(key), charges.get(key), None if paid is None else paid.get(key, 0), still_owed)
+            for key, still_owed in owed.items()
+        }
     return Ledger(accounts, meters, started=ledger.started or bool(gpus)), +gaps
 
 
@@ -136,15 +145,15 @@ def _charges(
         listed = on_device[device.uuid]
         fraction = _gpu_fraction(gpu, device) if migs else 1.0
         pods = len(listed)
+        device_seconds = shares[device.uuid]
         for one, share in zip(listed, _pod_shares(listed), strict=True):
             allocated = busy = None
             if fraction is not None:
                 allocated = interval_s * fraction / pods
                 busy_ratio = _busy_ratio(one, pods)
                 busy = None if busy_ratio is None else interval_s * busy_ratio * fraction
-            labels = CostLabels(str(gpu.index), device.uuid, device.model, one.namespace, one.pod, one.container)
             charges[(device.uuid, one.namespace, one.pod, one.container)] = _Charge(
-                labels, shares[device.uuid] * share * interval_s, allocated, busy
+                one, device_seconds * share * interval_s, allocated, busy
             )
     return charges
 
@@ -172,13 +181,15 @@ def _settle(
 
 
 def _account(
-    gpu_uuid: str, earlier: Account | None, charge: _Charge | None, paid_millijoules: int | None, owed: float
+    gpu: DeviceReading, earlier: Account | None, charge: _Charge | None, paid_millijoules: int | None, owed: float
 ) -> Account:
     """A series' account after this poll (it is listed now, or was earlier): what it earned added,
     what it was paid (None: nothing yet, it is still owed)."""
     if earlier is None:
         assert charge is not None
-        earlier = Account(charge.labels, physical_uuid=gpu_uuid)
+        one = charge.listed
+        device = one.device
+        earlier = Account(CostLabels(str(gpu.index), device.uuid, device.model, one.namespace, one.pod, one.container))
     allocated, busy, absent = earlier.allocated_gpu_seconds, earlier.busy_gpu_seconds, earlier.absent_polls + 1
     if charge is not None:
         allocated = _add(allocated, charge.allocated_gpu_seconds)
@@ -187,7 +198,7 @@ def _account(
     energy = earlier.energy_millijoules
     if paid_millijoules is not None:
         energy, owed = energy + paid_millijoules, 0.0
-    return Account(earlier.labels, energy, allocated, busy, gpu_uuid, owed, absent)
+    return Account(earlier.labels, energy, allocated, busy, owed, absent)
 
 
 def _add(total: float | None, part: float | None) -> float | None:
@@ -254,7 +265,7 @@ def _gpu_fraction(gpu: DeviceReading, mig: DeviceReading) -> float | None:
     MIG_COMPUTE_SLICES."""
     slices = _slices(mig)
     if slices is not None:
-        gpu_slices = next((n for model, n in MIG_COMPUTE_SLICES if model.search(gpu.model)), None)
+        gpu_slices = _gpu_slices(gpu.model)
         return None if gpu_slices is None else slices / gpu_slices
     if mig.memory_total_bytes and gpu.memory_total_bytes:
         return mig.memory_total_bytes / gpu.memory_total_bytes
@@ -263,8 +274,19 @@ def _gpu_fraction(gpu: DeviceReading, mig: DeviceReading) -> float | None:
 
 def _slices(mig: DeviceReading) -> float | None:
     """A MIG device's compute slices, from its profile in the name NVML gives it (``… MIG 3g.40gb``)."""
-    match = _MIG_PROFILE.search(mig.model)
+    return _profile_slices(mig.model)
+
+
+# Names are few and fixed: each is matched once, not on every poll (the cache bounds the odd one out).
+@functools.lru_cache(maxsize=256)
+def _profile_slices(model: str) -> float | None:
+    match = _MIG_PROFILE.search(model)
     return float(match.group(1)) if match else None
+
+
+@functools.lru_cache(maxsize=256)
+def _gpu_slices(model: str) -> int | None:
+    return next((n for pattern, n in MIG_COMPUTE_SLICES if pattern.search(model)), None)
 
 
 def _sm_active(device: DeviceReading) -> float | None:
