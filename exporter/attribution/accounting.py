@@ -76,22 +76,23 @@ class Ledger:
         return tuple(account for on_gpu in self.accounts.values() for account in on_gpu.values())
 
 
-class _Charge(NamedTuple):
-    """What one listed series earned over the poll's interval."""
-
-    listed: GpuSeries  # its labels are made from it only when its account opens
-    share_seconds: float  # to be paid in energy when the GPU's counter moves
-    allocated_gpu_seconds: float | None
-    busy_gpu_seconds: float | None
+# What one listed series earned over the poll's interval: the series (its labels are made from it
+# only when its account opens), the share-seconds to be paid in energy when the GPU's counter moves,
+# and its allocated and busy GPU-seconds. A plain tuple: one is made for every series every poll.
+_Charge = tuple[GpuSeries, float, float | None, float | None]
 
 
 def step(ledger: Ledger, series: Sequence[GpuSeries]) -> tuple[Ledger, Counter[str]]:
     """Charges one poll's interval to the series attribution listed, and pays each GPU's energy
     increase to the series that earned it; returns the new ledger and the intervals skipped by reason."""
     gaps: Counter[str] = Counter()
-    on_device: dict[str, list[GpuSeries]] = defaultdict(list)
+    on_device: dict[str, list[GpuSeries]] = {}
     for one in series:
-        on_device[one.device.uuid].append(one)
+        listed = on_device.get(one.device.uuid)
+        if listed is None:
+            on_device[one.device.uuid] = [one]
+        else:
+            listed.append(one)
     migs: dict[str, list[DeviceReading]] = defaultdict(list)
     gpus = []
     for listed in on_device.values():
@@ -111,18 +112,24 @@ def step(ledger: Ledger, series: Sequence[GpuSeries]) -> tuple[Ledger, Counter[s
         interval_s = gpu.sampled_at - meter.sampled_at if meter is not None else 0.0
         charges = _charges(gpu, migs.get(gpu.uuid, []), on_device, interval_s)
         earlier = ledger.accounts.get(gpu.uuid, {})
-        kept = {key: a for key, a in earlier.items() if key in charges or _still_owed(a)}
-        owed = {key: a.unpaid_share_seconds for key, a in kept.items()}
+        owed: dict[SeriesKey, float] = {}
+        for key, account in earlier.items():
+            charge = charges.get(key)
+            if charge is not None:
+                owed[key] = account.unpaid_share_seconds + charge[1]
+            elif _still_owed(account):
+                owed[key] = account.unpaid_share_seconds
         for key, charge in charges.items():
-            owed[key] = owed.get(key, 0.0) + charge.share_seconds
+            if key not in owed:
+                owed[key] = charge[1]
         meters[gpu.uuid], paid, gap = _settle(gpu, meter, interval_s, owed)
         if gap is None and meter is None and not ledger.started:
             gap = AGENT_START
         if gap is not None:
             gaps[gap] += 1
         accounts[gpu.uuid] = {
-            key: _account(gpu, kept.get(key), charges.get(key), None if paid is None else paid.get(key, 0), still_owed)
-            for key, still_owed in owed.items()
+            key: _account(gpu, earlier.get(key), charges.get(key), None if paid is None else paid.get(key, 0), due)
+            for key, due in owed.items()
         }
     return Ledger(accounts, meters, started=ledger.started or bool(gpus)), +gaps
 
@@ -146,14 +153,17 @@ def _charges(
         fraction = _gpu_fraction(gpu, device) if migs else 1.0
         pods = len(listed)
         device_seconds = shares[device.uuid]
+        allocated = None if fraction is None else interval_s * fraction / pods
         for one, share in zip(listed, _pod_shares(listed), strict=True):
-            allocated = busy = None
+            busy = None
             if fraction is not None:
-                allocated = interval_s * fraction / pods
                 busy_ratio = _busy_ratio(one, pods)
                 busy = None if busy_ratio is None else interval_s * busy_ratio * fraction
-            charges[(device.uuid, one.namespace, one.pod, one.container)] = _Charge(
-                one, device_seconds * share * interval_s, allocated, busy
+            charges[(device.uuid, one.namespace, one.pod, one.container)] = (
+                one,
+                device_seconds * share * interval_s,
+                allocated,
+                busy,
             )
     return charges
 
@@ -187,13 +197,13 @@ def _account(
     what it was paid (None: nothing yet, it is still owed)."""
     if earlier is None:
         assert charge is not None
-        one = charge.listed
+        one = charge[0]
         device = one.device
         earlier = Account(CostLabels(str(gpu.index), device.uuid, device.model, one.namespace, one.pod, one.container))
     allocated, busy, absent = earlier.allocated_gpu_seconds, earlier.busy_gpu_seconds, earlier.absent_polls + 1
     if charge is not None:
-        allocated = _add(allocated, charge.allocated_gpu_seconds)
-        busy = _add(busy, charge.busy_gpu_seconds)
+        allocated = _add(allocated, charge[2])
+        busy = _add(busy, charge[3])
         absent = 0
     energy = earlier.energy_millijoules
     if paid_millijoules is not None:
@@ -236,10 +246,15 @@ def _busy_ratio(one: GpuSeries, pods: int) -> float | None:
     return one.duty_cycle_percent / 100.0
 
 
-def _pod_shares(listed: Sequence[GpuSeries]) -> list[float]:
+_WHOLE = (1.0,)  # a device's only series has all of it
+
+
+def _pod_shares(listed: Sequence[GpuSeries]) -> Sequence[float]:
     """Each series' share of its device: the measured shares duty_cycle_current shows, in proportion;
     equally when they cannot be measured or all are idle."""
-    if len(listed) > 1 and all(one.share_measured for one in listed):
+    if len(listed) == 1:
+        return _WHOLE
+    if all(one.share_measured for one in listed):
         duties = [one.duty_cycle_percent or 0.0 for one in listed]
         total = sum(duties)
         if total > 0:
