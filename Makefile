@@ -50,7 +50,7 @@ clean:
 
 # Side-by-side with nvitop-exporter on the same fake NVML scenarios; not part of make test (about an
 # hour): one point in detail (bench.compare; `--quick`, 8 GPUs only, takes about 9 minutes), what the
-# metric groups cost there (bench.groups: seed, seed,dcgm, seed,power and seed,power,cost, three rounds, about 15 minutes), then the cost
+# metric groups cost there (bench.groups: seed, seed,dcgm, seed,power and seed,power,cost side by side, about 9 minutes), then the cost
 # curve from 1 GPU to 56 MIG devices and 512 processes (bench.curve, about 30 minutes), then the cost
 # group's energy conservation while pods come and go (bench.conservation, 10 minutes).
 bench: install fake-nvml

@@ -6,8 +6,10 @@ are compared with. Writes groups.json and groups.md.
 
     python -m bench.groups [VARIANT ...] [--rounds N] [--quick] [--out bench/results]
 
-Each round measures every variant once, in turn, so drift on a shared machine touches them all
-alike; the table gives each variant's median over the rounds.
+Every variant's agent runs at once, each on a simulated node of its own, and their polling CPU is
+read over the same windows: a virtual machine's drift (±10 % between minutes here) then touches
+all of them alike instead of whichever ran in a slow minute. Scrape loads go to one agent at a
+time, in turn, each round. The table gives each variant's median over the rounds.
 
 The default variants: seed, seed,dcgm, seed,power and seed,power,cost.
 """
@@ -18,35 +20,54 @@ import argparse
 import json
 import statistics
 import sys
+import time
+from contextlib import ExitStack
 from pathlib import Path
 
 from bench.compare import EXPORTERS, SimulatedNode
 from bench.curve import scrape_size
-from bench.measure import run_hey
+from bench.measure import cpu_seconds, run_hey
 
 GPUS, PROCESSES, PODS = 8, 64, 32
 DEFAULT_VARIANTS = ("seed", "seed,dcgm", "seed,power", "seed,power,cost")
-POLLS_PER_MINUTE = 60  # SimulatedNode polls every second
+POLLS_PER_SECOND = 1  # SimulatedNode's agent polls every second
 
 
-def measure(metrics: str, window_s: float, load_s: int) -> dict[str, object]:
-    with SimulatedNode(EXPORTERS[0], GPUS, PROCESSES, PODS, ("--metrics", metrics)) as node:
-        cpu_s_per_min = node.cpu_per_minute(window_s)
-        bytes_plain, series = scrape_size(node.url, "identity")
-        bytes_gzip, _ = scrape_size(node.url, "gzip")
-        latency = run_hey(node.url, concurrency=10, duration_s=load_s)
-    return {
-        "metrics": metrics,
-        "gpus": GPUS,
-        "processes": PROCESSES,
-        "pods": PODS,
-        "cpu_ms_per_poll": cpu_s_per_min * 1000 / POLLS_PER_MINUTE,
-        "p99_ms": latency["p99_ms"],
-        "errors": latency["errors"],
-        "bytes_plain": bytes_plain,
-        "bytes_gzip": bytes_gzip,
-        "series": series,
-    }
+def measure(variants: list[str], rounds: int, window_s: float, load_s: int) -> dict[str, list[dict[str, object]]]:
+    """Each variant's figures, one dict per round."""
+    runs: dict[str, list[dict[str, object]]] = {variant: [] for variant in variants}
+    with ExitStack() as stack:
+        nodes = {
+            variant: stack.enter_context(SimulatedNode(EXPORTERS[0], GPUS, PROCESSES, PODS, ("--metrics", variant)))
+            for variant in variants
+        }
+        sizes = {
+            variant: (*scrape_size(node.url, "identity"), scrape_size(node.url, "gzip")[0])
+            for variant, node in nodes.items()
+        }
+        for _ in range(rounds):
+            before = {variant: cpu_seconds(node.process.pid) for variant, node in nodes.items()}
+            time.sleep(window_s)
+            cpu_s = {variant: cpu_seconds(node.process.pid) - before[variant] for variant, node in nodes.items()}
+            for variant, node in nodes.items():
+                latency = run_hey(node.url, concurrency=10, duration_s=load_s)
+                bytes_plain, series, bytes_gzip = sizes[variant]
+                runs[variant].append(
+                    {
+                        "metrics": variant,
+                        "gpus": GPUS,
+                        "processes": PROCESSES,
+                        "pods": PODS,
+                        "cpu_ms_per_poll": cpu_s[variant] * 1000 / (window_s * POLLS_PER_SECOND),
+                        "p99_ms": latency["p99_ms"],
+                        "errors": latency["errors"],
+                        "bytes_plain": bytes_plain,
+                        "bytes_gzip": bytes_gzip,
+                        "series": series,
+                    }
+                )
+                print(json.dumps(runs[variant][-1]), flush=True)
+    return runs
 
 
 def median_row(runs: list[dict[str, object]]) -> dict[str, object]:
@@ -71,7 +92,7 @@ def table(rows: list[dict[str, object]], rounds: int, window_s: float, load_s: i
 
     lines = [
         f"{GPUS} GPUs, {PROCESSES} processes, {PODS} pods; medians over {rounds} rounds of {window_s:.0f} s polling "
-        f"windows and {load_s} s scrape loads; ratios against `--metrics {rows[0]['metrics']}`.",
+        f"windows (all variants at once) and {load_s} s scrape loads; ratios against `--metrics {rows[0]['metrics']}`.",
         "",
         "| --metrics | CPU ms per poll | scrape p99 ms | bytes per scrape (plain) | bytes (gzip) | series |",
         "| --- | --- | --- | --- | --- | --- |",
@@ -89,16 +110,12 @@ def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("variants", nargs="*", default=list(DEFAULT_VARIANTS), help="--metrics values to compare")
     parser.add_argument("--out", type=Path, default=Path("bench/results"))
-    parser.add_argument("--rounds", type=int, default=3, help="times each variant is measured (median reported)")
+    parser.add_argument("--rounds", type=int, default=5, help="windows and loads per variant (median reported)")
     parser.add_argument("--quick", action="store_true", help="short windows: checks the benchmark runs, not a result")
     args = parser.parse_args()
     # CPU comes from per-thread schedstat (ns), so a 60 s window resolves per-poll CPU well below 0.1 ms.
     window_s, load_s = (5.0, 2) if args.quick else (60.0, 8)
-    runs: dict[str, list[dict[str, object]]] = {variant: [] for variant in args.variants}
-    for _ in range(args.rounds):
-        for variant in args.variants:
-            runs[variant].append(measure(variant, window_s, load_s))
-            print(json.dumps(runs[variant][-1]), flush=True)
+    runs = measure(args.variants, args.rounds, window_s, load_s)
     rows = [median_row(variant_runs) for variant_runs in runs.values()]
     args.out.mkdir(parents=True, exist_ok=True)
     (args.out / "groups.json").write_text(json.dumps(rows, indent=2) + "\n")
