@@ -23,12 +23,12 @@ from exporter.attribution import accounting
 from exporter.attribution.attribute import attribute
 from exporter.attribution.health import gpu_health
 from exporter.backoff import Backoff
-from exporter.catalogue import COST, DCGM
+from exporter.catalogue import COST, DCGM, SAMPLED_EVERY
 from exporter.config import Config, configure_logging, parse_config
 from exporter.exposition.collector import AgeCollector, SnapshotCollector
 from exporter.exposition.render import Exposition
 from exporter.exposition.server import MetricsServer
-from exporter.model import EMPTY_ATTRIBUTION, GpuSeries, Health, PodInfo, Snapshot
+from exporter.model import EMPTY_ATTRIBUTION, CostSeries, GpuSeries, Health, PodInfo, Snapshot
 from exporter.sources.nvml import NvmlReader
 from exporter.sources.podresources.client import PodResourcesClient
 from exporter.sources.podsources import PodSources
@@ -75,6 +75,9 @@ class Agent:
         self._last_success: float | None = None
         # Per-pod energy and GPU-time across polls (the cost group); None with the group off.
         self._ledger = accounting.Ledger() if COST in config.metric_groups else None
+        self._costs: tuple[CostSeries, ...] | None = () if self._ledger is not None else None
+        self._unaccounted: list[Sequence[GpuSeries]] = []  # polls' series the ledger has yet to take
+        self._counter_readings: Mapping[str, float] = {}  # the energy counters when it last took them
         self._accounting_gaps: Counter[str] = Counter()
         self._accounting_state = StateLog(log, "cost accounting")
 
@@ -135,7 +138,15 @@ class Agent:
             else ()
         )
         if self._ledger is not None:
-            self._account(attribution.series)
+            # The ledger's energy moves only when an energy counter does (read every SAMPLED_EVERY
+            # polls): the polls in between are taken together then, on warm caches (half the CPU of
+            # a step each poll on cold ones), and every scrape still sees the pods' energy add up to
+            # the counters it shows. GPU-seconds lag by those polls at most.
+            self._unaccounted.append(attribution.series)
+            readings = accounting.counter_readings(attribution.series)
+            if readings != self._counter_readings or len(self._unaccounted) >= SAMPLED_EVERY:
+                self._account(self._unaccounted)
+                self._unaccounted, self._counter_readings = [], readings
         finished = time.monotonic()
         if self.nvml.initialised:
             self._last_success = time.time()
@@ -156,21 +167,26 @@ class Agent:
             completed_at=finished,
             gpu_health=verdicts,
             driver_version=self.nvml.driver_version,
-            costs=self._ledger.costs() if self._ledger is not None else None,
+            costs=self._costs,
         )
         self._snapshot = snapshot
         self.exposition.invalidate()
         return snapshot
 
-    def _account(self, series: Sequence[GpuSeries]) -> None:
-        """Moves the cost ledger on by this poll. A fault in it costs the cost families their totals
-        (they start again from 0, a counter reset to Prometheus), never the poll."""
+    def _account(self, polls: Sequence[Sequence[GpuSeries]]) -> None:
+        """Moves the cost ledger on by these polls, in order. A fault in it costs the cost families
+        their totals (they start again from 0, a counter reset to Prometheus), never the poll."""
+        ledger = self._ledger or accounting.Ledger()
+        gaps: Counter[str] = Counter()
         try:
-            self._ledger, gaps = accounting.step(self._ledger or accounting.Ledger(), series)
+            for series in polls:
+                ledger, skipped = accounting.step(ledger, series)
+                gaps.update(skipped)
         except Exception as error:
-            self._ledger = accounting.Ledger()
+            self._ledger, self._costs = accounting.Ledger(), ()
             self._accounting_state.failed(describe(error), "the cost families start again from 0", exc_info=error)
             return
+        self._ledger, self._costs = ledger, ledger.costs()
         self._accounting_gaps.update(gaps)
         self._accounting_state.recovered()
 

@@ -209,6 +209,8 @@ def scraped(tmp_path_factory: pytest.TempPathFactory) -> Iterator[tuple[Promethe
             "count(gpu_exporter_gpu_sharing_pods) > 0 and count(kube_deployment_status_replicas) > 0"
             " and count(gpu_xid_errors_total) > 0 and count(gpu_sm_active_ratio) > 0"
             " and count(increase(gpu_energy_joules_total[1h])) > 0"  # two scrapes, for increase()
+            # and the pods' GPU-seconds moved between two scrapes (the ledger moves with the counter)
+            ' and count(increase(gpu_pod_allocated_gpu_seconds_total{pod!=""}[1h]) > 0) == 5'
         )
         yield prometheus, agent.url
     finally:

@@ -134,6 +134,12 @@ def step(ledger: Ledger, series: Sequence[GpuSeries]) -> tuple[Ledger, Counter[s
     return Ledger(accounts, meters, started=ledger.started or bool(gpus)), +gaps
 
 
+def counter_readings(series: Sequence[GpuSeries]) -> dict[str, float]:
+    """Each GPU's energy counter as this poll read it (GPUs without one are left out): what step pays
+    from, so its energy totals can only change when this does."""
+    return {one.device.uuid: samples[0].value for one in series if (samples := one.device.metrics.get(DEVICE_ENERGY))}
+
+
 def _still_owed(account: Account) -> bool:
     """A series listed last poll stays; one whose pod left stays until paid (shown once paid), or
     until its GPU's counter has been stuck too long."""
