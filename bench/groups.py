@@ -41,14 +41,16 @@ def measure(variants: list[str], rounds: int, window_s: float, load_s: int) -> d
             variant: stack.enter_context(SimulatedNode(EXPORTERS[0], GPUS, PROCESSES, PODS, ("--metrics", variant)))
             for variant in variants
         }
-        sizes = {
-            variant: (*scrape_size(node.url, "identity"), scrape_size(node.url, "gzip")[0])
-            for variant, node in nodes.items()
-        }
+        sizes: dict[str, tuple[int, int, int]] = {}
         for _ in range(rounds):
             before = {variant: cpu_seconds(node.process.pid) for variant, node in nodes.items()}
             time.sleep(window_s)
             cpu_s = {variant: cpu_seconds(node.process.pid) - before[variant] for variant, node in nodes.items()}
+            if not sizes:  # after a window: the cost series appear once the energy counters first move
+                sizes = {
+                    variant: (*scrape_size(node.url, "identity"), scrape_size(node.url, "gzip")[0])
+                    for variant, node in nodes.items()
+                }
             for variant, node in nodes.items():
                 latency = run_hey(node.url, concurrency=10, duration_s=load_s)
                 bytes_plain, series, bytes_gzip = sizes[variant]
