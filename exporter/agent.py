@@ -138,15 +138,7 @@ class Agent:
             else ()
         )
         if self._ledger is not None:
-            # The ledger's energy moves only when an energy counter does (read every SAMPLED_EVERY
-            # polls): the polls in between are taken together then, on warm caches (half the CPU of
-            # a step each poll on cold ones), and every scrape still sees the pods' energy add up to
-            # the counters it shows. GPU-seconds lag by those polls at most.
-            self._unaccounted.append(attribution.series)
-            readings = accounting.counter_readings(attribution.series)
-            if readings != self._counter_readings or len(self._unaccounted) >= SAMPLED_EVERY:
-                self._account(self._unaccounted)
-                self._unaccounted, self._counter_readings = [], readings
+            self._account(attribution.series)
         finished = time.monotonic()
         if self.nvml.initialised:
             self._last_success = time.time()
@@ -173,17 +165,26 @@ class Agent:
         self.exposition.invalidate()
         return snapshot
 
-    def _account(self, polls: Sequence[Sequence[GpuSeries]]) -> None:
-        """Moves the cost ledger on by these polls, in order. A fault in it costs the cost families
-        their totals (they start again from 0, a counter reset to Prometheus), never the poll."""
-        ledger = self._ledger or accounting.Ledger()
+    def _account(self, series: Sequence[GpuSeries]) -> None:
+        """Adds this poll to the cost ledger. Its energy moves only when an energy counter does (read
+        every SAMPLED_EVERY polls), so the polls in between are taken together then, on warm caches
+        (half the CPU of a step each poll on cold ones): every scrape still sees the pods' energy add
+        up to the counters it shows, and GPU-seconds lag by those polls at most. A fault in it costs
+        the cost families their totals (they start again from 0, a counter reset to Prometheus),
+        never the poll."""
+        self._unaccounted.append(series)
         gaps: Counter[str] = Counter()
         try:
-            for series in polls:
-                ledger, skipped = accounting.step(ledger, series)
+            readings = accounting.counter_readings(series)
+            if readings == self._counter_readings and len(self._unaccounted) < SAMPLED_EVERY:
+                return
+            polls, self._unaccounted, self._counter_readings = self._unaccounted, [], readings
+            ledger = self._ledger or accounting.Ledger()
+            for poll in polls:
+                ledger, skipped = accounting.step(ledger, poll)
                 gaps.update(skipped)
         except Exception as error:
-            self._ledger, self._costs = accounting.Ledger(), ()
+            self._ledger, self._costs, self._unaccounted = accounting.Ledger(), (), []
             self._accounting_state.failed(describe(error), "the cost families start again from 0", exc_info=error)
             return
         self._ledger, self._costs = ledger, ledger.costs()

@@ -171,20 +171,21 @@ def test_the_cost_group_turns_power_on_and_reads_nothing_of_its_own() -> None:
         assert reads_for(enabled_families(groups), mig) == reads_for(enabled_families({"seed", "power"}), mig)
 
 
+@pytest.mark.parametrize("part", ["step", "counter_readings"])
 def test_a_fault_in_accounting_restarts_the_cost_families_not_the_poll(
-    scenario_file: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture
+    part: str, scenario_file: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture
 ) -> None:
     Scenario(gpus=[Gpu(gpu_uuid(0), energy_rate=300_000, energy_since=time.time())]).write(scenario_file)
     args = ["--no-kubernetes", "--pod-resources-socket", str(tmp_path / "none.sock"), "--proc-root", str(tmp_path)]
     agent = Agent(parse_config(args, environ={}))
     try:
         assert agent.poll_once().costs
-        working = accounting.step
+        working = getattr(accounting, part)
 
         def broken(*args: object) -> None:
             raise ValueError("a bug")
 
-        monkeypatch.setattr(accounting, "step", broken)
+        monkeypatch.setattr(accounting, part, broken)
         with caplog.at_level(logging.WARNING):  # the ledger takes polls at least every SAMPLED_EVERY
             snapshots = [agent.poll_once() for _ in range(SAMPLED_EVERY)]
         assert all(s.attribution.series for s in snapshots)  # the poll goes on
@@ -192,7 +193,7 @@ def test_a_fault_in_accounting_restarts_the_cost_families_not_the_poll(
         assert [r.getMessage() for r in caplog.records if "cost accounting" in r.getMessage()] == [
             "cost accounting failing (ValueError: a bug); the cost families start again from 0"
         ]
-        monkeypatch.setattr(accounting, "step", working)
+        monkeypatch.setattr(accounting, part, working)
         assert [agent.poll_once() for _ in range(SAMPLED_EVERY)][-1].costs
     finally:
         agent.stop()
